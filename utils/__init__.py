@@ -1,0 +1,1 @@
+"""Shared machinery: config, distributed setup, data, I/O, the training loop."""

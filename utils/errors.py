@@ -1,0 +1,35 @@
+"""One exception type for problems the user can fix, and a `main` wrapper that reports them.
+
+Every command-line entry point runs through :func:`run_cli`, so bad input ends with a single line
+``error: <what is wrong>`` on stderr and exit status 2 instead of a traceback.
+"""
+import os
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, value, option) described in one line."""
+
+
+def run_cli(main, *args, **kwargs):
+    """Call ``main``; turn :class:`UserError` (and missing files) into one line and exit 2."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as exc:
+        message = str(exc)
+    except FileNotFoundError as exc:
+        message = f"file not found: {exc.filename or exc}"
+    except PermissionError as exc:
+        message = f"permission denied: {exc.filename or exc}"
+    except KeyboardInterrupt:
+        message = "interrupted"
+    rank = os.environ.get("RANK")
+    prefix = f"error (rank {rank})" if rank not in (None, "0") else "error"
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def require(condition, message):
+    """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise UserError(message)

@@ -1,0 +1,96 @@
+"""Atomic file output and safe loading.
+
+Outputs are written to a temporary file in the destination folder and renamed over the target, so
+an interrupted run never leaves a half-written model, checkpoint, feature file or result.
+"""
+import contextlib
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except PermissionError:
+        raise UserError(f"cannot create output folder {folder}: permission denied") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write to output folder {folder}: permission denied")
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kwargs):
+    """``open`` that writes to a temporary file and renames it over ``path`` on success."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
+        yield handle
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_np_save(path, array):
+    """``np.save`` written atomically (``path`` should end in ``.npy``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.asarray(array), allow_pickle=False)
+
+
+def atomic_np_savez(path, **arrays):
+    """``np.savez`` written atomically (``path`` should end in ``.npz``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def safe_torch_load(path, map_location="cpu"):
+    """Load a tensor-only file with ``weights_only=True``; pickled objects or corruption → UserError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"model/checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UserError(f"cannot load {path}: corrupt or truncated file ({type(exc).__name__})") from None
+    except Exception as exc:  # torch raises UnpicklingError for objects outside the allow-list
+        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
+            raise UserError(f"refusing to load {path}: it contains pickled Python objects, "
+                            "only tensors and plain containers are accepted") from None
+        raise
+
+
+def safe_np_load(path, mmap_mode=None):
+    """``np.load`` with ``allow_pickle=False``; missing, pickled or corrupt files → UserError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"file not found: {path}")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise UserError(f"refusing to load {path}: it contains pickled Python objects") from None
+        raise UserError(f"cannot read {path}: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read {path}: corrupt or truncated file ({exc})") from None
