@@ -40,7 +40,6 @@ config.lr_schedule = "poly"        # poly | step
 config.lr_power = 2.0              # poly schedule power
 config.lr_steps = ()               # step schedule: epochs where lr is multiplied by 0.1
 config.clip_grad = 5.0             # gradient-norm clip on the backbone (0 = off)
-config.gradient_acc = 1
 config.fp16 = True                 # AMP fp16 on CUDA (always off on CPU)
 config.seed = 666                  # each process uses seed + rank
 config.deterministic = False       # deterministic kernels (exact resume on CPU)

@@ -1,0 +1,15 @@
+"""Step 1: train the old model with ArcFace through Partial FC.
+
+    python train_old_arc.py configs/<config>.py                      # one process
+    torchrun --nproc_per_node=8 train_old_arc.py configs/<config>.py
+    python -m torch.distributed.launch --nproc_per_node=8 train_old_arc.py configs/<config>.py
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from utils.trainer import Method, main  # noqa: E402
+
+if __name__ == "__main__":
+    main(Method, classifier="arcface", description=__doc__.splitlines()[0])

@@ -1,0 +1,15 @@
+"""Step 1: train the old model with a linear classifier and softmax cross entropy.
+
+    python train_old_softmax.py configs/<config>.py                      # one process
+    torchrun --nproc_per_node=8 train_old_softmax.py configs/<config>.py
+    python -m torch.distributed.launch --nproc_per_node=8 train_old_softmax.py configs/<config>.py
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from utils.trainer import Method, main  # noqa: E402
+
+if __name__ == "__main__":
+    main(Method, classifier="softmax", description=__doc__.splitlines()[0])

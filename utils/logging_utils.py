@@ -1,0 +1,62 @@
+"""Training log: a file + console logger on rank 0 and the insightface-style speed line."""
+import logging
+import os
+import sys
+import time
+
+
+def setup_logger(output, rank, name="train"):
+    """Logger writing to ``<output>/training.log`` and stdout on rank 0; silent elsewhere."""
+    logger = logging.getLogger(f"bct.{name}.{rank}")
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank == 0:
+        logger.setLevel(logging.INFO)
+        fmt = logging.Formatter("Training: %(asctime)s-%(message)s")
+        os.makedirs(output, exist_ok=True)
+        for handler in (logging.FileHandler(os.path.join(output, "training.log")),
+                        logging.StreamHandler(sys.stdout)):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+    else:
+        logger.setLevel(logging.ERROR)
+    return logger
+
+
+class SpeedLogger:
+    """Every ``frequent`` steps: samples/s, loss (+ parts), lr, epoch, step, fp16 scale, ETA."""
+
+    def __init__(self, frequent, total_steps, global_batch, logger, writer=None):
+        self.frequent, self.total_steps, self.global_batch = frequent, total_steps, global_batch
+        self.logger, self.writer = logger, writer
+        self.tic, self.start_step, self.start_time = None, None, None
+        self.sums, self.count = {}, 0
+
+    def __call__(self, global_step, epoch, parts, lr, grad_scale=None):
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.count += 1
+        if self.writer is not None:
+            self.writer.add_scalar("learning_rate", lr, global_step)
+            for key, value in parts.items():
+                self.writer.add_scalar(f"loss/{key}", float(value), global_step)
+        now = time.time()
+        if self.tic is None:
+            self.tic, self.start_step, self.start_time = now, global_step, now
+            return
+        if global_step % self.frequent:
+            return
+        speed = self.frequent * self.global_batch / max(now - self.tic, 1e-9)
+        per_step = (now - self.start_time) / max(global_step - self.start_step, 1)
+        hours_left = per_step * (self.total_steps - global_step) / 3600
+        means = {k: v / self.count for k, v in self.sums.items()}
+        loss = means.pop("loss", 0.0)
+        detail = "".join(f" {k} {v:.4f}" for k, v in means.items())
+        scale = f"   Fp16 Grad Scale: {grad_scale:2.0f}" if grad_scale is not None else ""
+        self.logger.info(
+            f"Speed {speed:.2f} samples/sec   Loss {loss:.4f} ({detail.strip()})   "
+            f"LearningRate {lr:.6f}   Epoch: {epoch}   Global Step: {global_step}{scale}   "
+            f"Required: {hours_left:.2f} hours")
+        if self.writer is not None:
+            self.writer.add_scalar("speed_samples_per_sec", speed, global_step)
+        self.tic, self.sums, self.count = now, {}, 0
