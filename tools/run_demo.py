@@ -1,0 +1,219 @@
+"""The whole pipeline on synthetic data, on a CPU, ending with the comparison table.
+
+    python tools/run_demo.py [--quick] [--methods L2,BCT,…] [--scenario OPclass] [--out DIR] [--reuse]
+
+Stages (each the real stage script, run as a subprocess with its own log under ``<out>/logs/``):
+synthetic data → split → old model (softmax) → old features → prototypes → denoising →
+independent new model and each BCT method → IJB-C-style 1:1 and 1:N, self-test and cross-test.
+Writes ``<out>/results.md``, ``<out>/results.json`` and ``<out>/results.png``.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from utils.errors import UserError, require, run_cli  # noqa: E402
+from utils.io import atomic_open  # noqa: E402
+
+METHODS = ("L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT")
+SCENARIOS = ("OPclass", "OPdata", "EXclass", "EXdata")
+# (identities, images per identity, IJB identities) of the synthetic set
+DATA_SIZES = {"full": (500, 24, 120), "quick": (60, 12, 24)}
+METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
+
+
+class Pipeline:
+    """Runs stages in order, one log file each, timing them; ``--reuse`` skips finished stages."""
+
+    def __init__(self, out, env, reuse):
+        self.out, self.env, self.reuse = out, env, reuse
+        self.seconds = {}
+        self.logs = os.path.join(out, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+
+    def stage(self, name, command, done_when=()):
+        """Run ``command`` (argv list, python scripts relative to the repo root) unless its outputs exist."""
+        if self.reuse and done_when and all(os.path.exists(p) for p in done_when):
+            print(f"[{name}] reused ({', '.join(os.path.relpath(p, ROOT) for p in done_when)})", flush=True)
+            self.seconds[name] = 0.0
+            return
+        log = os.path.join(self.logs, f"{name}.log")
+        print(f"[{name}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
+        start = time.time()
+        with open(log, "w") as handle:
+            proc = subprocess.run([sys.executable, *command], cwd=ROOT, env=self.env,
+                                  stdout=handle, stderr=subprocess.STDOUT)
+        self.seconds[name] = round(time.time() - start, 1)
+        if proc.returncode != 0:
+            tail = _last_line(log)
+            raise UserError(f"stage '{name}' failed (exit {proc.returncode}): {tail} — see {log}")
+        print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
+
+
+def _last_line(path):
+    with open(path, errors="replace") as handle:
+        lines = [line.strip() for line in handle if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _method_config(method):
+    return os.path.join("BCT_methods", method, "configs", f"demo_{method}.py")
+
+
+def run_pipeline(args):
+    for method in args.methods:
+        require(method in METHODS, f"--methods: unknown method '{method}' (expected some of {', '.join(METHODS)})")
+    out = os.path.abspath(args.out)
+    data = os.path.abspath(args.data)
+    os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_SCENARIO=args.scenario,
+                      BCT_DEMO_QUICK="1" if args.quick else "0")
+    from configs.demo import settings  # reads the variables above, as every stage's config does
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    pipe = Pipeline(out, env, args.reuse)
+    started = time.time()
+
+    identities, per_identity, ijb = DATA_SIZES["quick" if args.quick else "full"]
+    pipe.stage("data", ["tools/synthetic/make_synthetic.py", "--out", data, "--identities", str(identities),
+                        "--images-per-identity", str(per_identity), "--ijb-identities", str(ijb)],
+               done_when=[os.path.join(data, "train.idx"), os.path.join(data, "IJBC", "meta")])
+    pipe.stage("split", ["tools/split_dataset/split_dataset_ms1mv3.py", "--root", data],
+               done_when=[os.path.join(data, f"{s}.idx") for s in
+                          ("train_part_30_class", "train_part_70_class", "train_part_30_data", "train_part_70_data")])
+    old_cfg = "configs/demo/old_softmax.py"
+    old_model = os.path.join(out, "old_softmax", "model.pt")
+    pipe.stage("old_model", ["train_old_softmax.py", old_cfg], done_when=[old_model])
+    feature_dir = os.path.join(out, "feature_save", args.scenario)
+    pipe.stage("features", ["tools/get_feature/get_feature.py", old_cfg, "--SD", settings.SD, "--output", feature_dir],
+               done_when=[settings.feature("feature"), settings.feature("label")])
+    pipe.stage("prototypes", ["tools/get_feature/get_avg_feature.py", "--SD", settings.SD, "--output", feature_dir],
+               done_when=[settings.feature("avg_feature")])
+    pipe.stage("denoise", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", settings.SD,
+                           "--output", feature_dir], done_when=[settings.feature("credible_ratio_90_feature")])
+
+    new_models = {"independent": ("train_old_arc.py", "configs/demo/independent.py")}
+    for method in args.methods:
+        new_models[method] = (os.path.join("BCT_methods", method, "train.py"), _method_config(method))
+    for name, (script, cfg) in new_models.items():
+        model = os.path.join(out, name, "model.pt")
+        pipe.stage(f"train_{name}", [script, cfg], done_when=[model])
+
+    rows = []
+    eval_dir = os.path.join(out, "eval")
+    common = ["-d", data, "--width", str(settings.WIDTH), "--input_size", str(settings.INPUT_SIZE),
+              "--old_width", str(settings.WIDTH), "--old_input_size", str(settings.INPUT_SIZE)]
+    evaluations = [("old", "self", old_model, settings.OLD_NETWORK, None)]
+    for name in new_models:
+        model = os.path.join(out, name, "model.pt")
+        evaluations.append((name, "self", model, settings.NEW_NETWORK, None))
+        evaluations.append((name, "cross", model, settings.NEW_NETWORK, old_model))
+    for name, test, model, network, old in evaluations:
+        for protocol in ("1:1", "1:N"):
+            tag = f"{name}_{test}_{'1N' if protocol == '1:N' else '11'}"
+            result = os.path.join(eval_dir, f"{tag}.npz")
+            command = ["tools/ijbc_eval/ijbc_eval.py", "-m", model, "-net", network, "-R", result, *common]
+            if old:
+                command += ["-m_old", old, "-old_net", settings.OLD_NETWORK]
+            if protocol == "1:N":
+                command.append("-N")
+            pipe.stage(f"eval_{tag}", command, done_when=[result[:-4] + ".json"])
+            with open(result[:-4] + ".json") as handle:
+                rows.extend(_rows(name, test, json.load(handle)))
+
+    pipe.seconds["total"] = round(time.time() - started, 1)
+    report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick)}
+    table = results_table(rows, args.scenario)
+    with atomic_open(os.path.join(out, "results.json")) as handle:
+        json.dump(report, handle, indent=1)
+    with atomic_open(os.path.join(out, "results.md")) as handle:
+        handle.write(table)
+    plot_results(rows, os.path.join(out, "results.png"))
+    print("\n" + table)
+    print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
+          f"{os.path.join(out, 'results.png')} ({pipe.seconds['total']:.0f} s)")
+    return report
+
+
+def _rows(method, test, result):
+    """The demo's metrics from one ijbc_eval JSON result."""
+    if result["protocol"] == "1:1":
+        values = {f"TAR@FAR={far}": result["TAR@FAR"][far] for far in ("1e-4", "1e-3", "1e-2")}
+    else:
+        values = {"top1": result["top1"], "TPIR@FPIR=1e-1": result["TPIR@FPIR"]["1e-1"]}
+    return [{"method": method, "test": test, "metric": k, "value": float(v)} for k, v in values.items()]
+
+
+def results_table(rows, scenario):
+    """Markdown table: one row per method and test, plus compatibility verdict and self-test cost."""
+    value = {(r["method"], r["test"], r["metric"]): r["value"] for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    old_self = value.get(("old", "self", "TAR@FAR=1e-3"))
+    indep_self = value.get(("independent", "self", "TAR@FAR=1e-3"))
+    lines = [f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old gallery)", "",
+             "| method | test | " + " | ".join(METRICS) + " | compatible | self-test vs independent |",
+             "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+    for method in methods:
+        for test in ("self", "cross"):
+            if (method, test, METRICS[1]) not in value:
+                continue
+            cells = [f"{value.get((method, test, m), float('nan')):.4f}" for m in METRICS]
+            compatible, cost = "", ""
+            if test == "cross" and old_self is not None:
+                beats = value[(method, test, "TAR@FAR=1e-3")] > old_self
+                compatible = "yes" if beats else "no"
+            if test == "self" and method not in ("old", "independent") and indep_self is not None:
+                cost = f"{value[(method, test, 'TAR@FAR=1e-3')] - indep_self:+.4f}"
+            lines.append(f"| {method} | {test} | " + " | ".join(cells) + f" | {compatible} | {cost} |")
+    lines += ["", "compatible: cross-test TAR@FAR=1e-3 above the old model's self-test "
+              f"({old_self:.4f}); self-test vs independent: TAR@FAR=1e-3 difference." if old_self is not None else ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(rows, path):
+    """Grouped bars of TAR@FAR=1e-3 (self and cross) per method, saved as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils.io import atomic_path
+
+    value = {(r["method"], r["test"]): r["value"] for r in rows if r["metric"] == "TAR@FAR=1e-3"}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 4))
+    for offset, test in ((-0.2, "self"), (0.2, "cross")):
+        xs = [i + offset for i, m in enumerate(methods) if (m, test) in value]
+        ys = [value[(m, test)] for m in methods if (m, test) in value]
+        ax.bar(xs, ys, width=0.4, label=f"{test}-test")
+    if ("old", "self") in value:
+        ax.axhline(value[("old", "self")], color="k", linestyle="--", linewidth=1, label="old self-test")
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel("TAR@FAR=1e-3")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (about 3 minutes)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated BCT methods to train")
+    parser.add_argument("--scenario", default="OPclass", choices=SCENARIOS)
+    parser.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "demo"))
+    parser.add_argument("--data", default=None, help="synthetic data folder (default: dataset/synthetic, "
+                                                      "dataset/synthetic_quick with --quick)")
+    parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist")
+    args = parser.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+    if args.data is None:
+        args.data = os.path.join(ROOT, "dataset", "synthetic_quick" if args.quick else "synthetic")
+    run_cli(run_pipeline, args)
+
+
+if __name__ == "__main__":
+    main()
