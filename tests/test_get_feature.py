@@ -1,0 +1,185 @@
+"""Steps 2–4 as users run them: get_feature.py, get_avg_feature.py, denoise_credible.py."""
+import importlib.util
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from helpers import ROOT, TINY_MODEL, make_tiny_rec, python, run, write_config
+from utils.errors import UserError
+
+SD = "f16_r18_softmax_class70"
+GET = "tools/get_feature/get_feature.py"
+AVG = "tools/get_feature/get_avg_feature.py"
+DENOISE = "tools/get_feature/denoise_credible.py"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A class70 split of 5 classes × 7 images (35: shares do not divide evenly), an old r18 model."""
+    from backbones import get_model
+
+    root = tmp_path_factory.mktemp("getfeat")
+    make_tiny_rec(str(root / "data"), num_classes=5, per_class=7, name="train_part_70_class")
+    torch.manual_seed(0)
+    model = get_model("r18", num_features=16, width=8, input_size=32)
+    os.makedirs(root / "old")
+    torch.save(model.state_dict(), root / "old" / "model.pt")
+    cfg = write_config(root / "old_cfg.py", **TINY_MODEL, rec=str(root / "data" / "train_part_30_class"),
+                       output=str(root / "old"), num_workers=0, fp16=False)
+    return root, cfg
+
+
+def _reference(root):
+    """Embeddings computed directly: the model on every image (no flip), in dataset order."""
+    from backbones import load_backbone
+    from utils.dataset import MXFaceDataset
+
+    dataset = MXFaceDataset(str(root / "data" / "train_part_70_class"), train=False, input_size=32)
+    model = load_backbone(str(root / "old" / "model.pt"), "r18", 8, 32)
+    images, labels, _ = dataset.get_batch(np.arange(len(dataset)))
+    with torch.no_grad():
+        return model(images).numpy(), labels.numpy()
+
+
+def _main_of(script):
+    """The ``main`` of a tool script, to call in-process."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _files(folder):
+    return {kind: os.path.join(folder, f"{SD}_{kind}.npy") for kind in
+            ("feature", "label", "avg_feature", "credible_ratio_90_feature")}
+
+
+def test_extract_average_denoise_cli(setup):
+    root, cfg = setup
+    out = str(root / "single")
+    proc = python(GET, cfg, "--SD", SD, "--output", out, "--batch_size", "8")
+    assert proc.returncode == 0, proc.stderr
+    files = _files(out)
+    features, labels = np.load(files["feature"]), np.load(files["label"])
+    expected, expected_labels = _reference(root)
+    assert features.dtype == np.float32 and features.shape == (35, 16)
+    assert labels.dtype == np.int64 and np.array_equal(labels, expected_labels)
+    np.testing.assert_allclose(features, expected, atol=1e-5)
+
+    _main_of(AVG)(["--SD", SD, "--output", out])
+    means = np.stack([expected[labels == c].mean(axis=0) for c in range(5)])
+    np.testing.assert_allclose(np.load(files["avg_feature"]),
+                               means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-5)
+
+    denoise = _main_of(DENOISE)
+    denoise(["--T", "0.9", "--SD", SD, "--output", out])
+    mask = np.load(files["credible_ratio_90_feature"])
+    assert mask.dtype == np.uint8 and mask.shape == (35,)
+    assert [int(mask[labels == c].sum()) for c in range(5)] == [7] * 5   # ceil(0.9·7) = 7
+    denoise(["--T", "0.5", "--SD", SD, "--output", out, "--column_norm"])
+    half = np.load(os.path.join(out, f"{SD}_credible_ratio_50_feature.npy"))
+    assert [int(half[labels == c].sum()) for c in range(5)] == [4] * 5   # ceil(3.5) = 4
+
+
+def test_torchrun_two_ranks_and_avg_with_config(setup):
+    root, cfg = setup
+    out = str(root / "torchrun")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", AVG, cfg, "--SD", SD, "--output", out,
+                "--batch_size", "4"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = _files(out)
+    expected, expected_labels = _reference(root)
+    np.testing.assert_allclose(np.load(files["feature"]), expected, atol=1e-5)
+    assert np.array_equal(np.load(files["label"]), expected_labels)
+    assert np.load(files["avg_feature"]).shape == (5, 16)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _embed_worker(rank, world, port, root, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from backbones import load_backbone
+    from utils import features as feats
+    from utils.dataset import MXFaceDataset
+    from utils.distributed import cleanup, init_distributed
+
+    feats.GATHER_ROWS = 4   # several gather rounds, the last one partly padded
+    info = init_distributed(device="cpu")
+    dataset = MXFaceDataset(os.path.join(root, "data", "train_part_70_class"), train=False, input_size=32)
+    model = load_backbone(os.path.join(root, "old", "model.pt"), "r18", 8, 32)
+    result = feats.embed_dataset(model, dataset, batch_size=5, dist_info=info, num_workers=0)
+    if rank == 0:
+        np.save(out_path, result)
+    else:
+        assert result is None
+    cleanup()
+
+
+def test_embed_dataset_two_gloo_ranks_equals_single(setup):
+    from backbones import load_backbone
+    from utils.dataset import MXFaceDataset
+    from utils.distributed import DistInfo
+    from utils.features import embed_dataset
+
+    root = setup[0]
+    dataset = MXFaceDataset(str(root / "data" / "train_part_70_class"), train=False, input_size=32)
+    model = load_backbone(str(root / "old" / "model.pt"), "r18", 8, 32)
+    single = embed_dataset(model, dataset, 5, DistInfo(0, 0, 1, torch.device("cpu")), num_workers=0)
+    assert single.shape == (35, 16) and single.dtype == np.float32
+    out = str(root / "embed_2.npy")
+    mp.spawn(_embed_worker, args=(2, _free_port(), str(root), out), nprocs=2, join=True)
+    double = np.load(out)
+    np.testing.assert_allclose(double, single, atol=1e-5)
+    np.testing.assert_allclose(single, _reference(root)[0], atol=1e-5)
+
+
+def test_bad_input_errors(setup, tmp_path):
+    root, cfg = setup
+    get_main, avg_main, denoise_main = _main_of(GET), _main_of(AVG), _main_of(DENOISE)
+    out = str(tmp_path / "features")
+    os.makedirs(out)
+    with pytest.raises(UserError, match="f32"):                      # model makes 16-d embeddings
+        get_main([cfg, "--SD", "f32_r18_softmax_class70", "--output", out])
+    with pytest.raises(UserError, match="--SD"):
+        get_main([cfg, "--SD", "f16_r18_softmax_class50", "--output", out])
+    missing = write_config(tmp_path / "missing.py", **TINY_MODEL, rec=cfg, output=str(tmp_path / "none"))
+    with pytest.raises(UserError, match="old model not found"):
+        get_main([missing, "--SD", SD, "--output", out])
+    with pytest.raises(UserError, match="training data not found"):
+        get_main([cfg, "--SD", "f16_r18_softmax_data70", "--output", out])
+    with pytest.raises(UserError, match="feature file not found"):
+        avg_main(["--SD", SD, "--output", out])
+    for T in ("1.2", "-0.5"):
+        with pytest.raises(UserError, match="--T must be in"):
+            denoise_main(["--T", T, "--SD", SD, "--output", out])
+
+    np.save(os.path.join(out, f"{SD}_feature.npy"), np.ones((4, 16), np.float32))
+    np.save(os.path.join(out, f"{SD}_label.npy"), np.zeros(3, np.int64))
+    with pytest.raises(UserError, match="has 4 rows but .* has 3 labels"):
+        denoise_main(["--SD", SD, "--output", out])
+    bad = np.ones((4, 16), np.float32)
+    bad[2, 5] = np.nan
+    np.save(os.path.join(out, f"{SD}_feature.npy"), bad)
+    np.save(os.path.join(out, f"{SD}_label.npy"), np.array([0, 0, 2, 2]))
+    with pytest.raises(UserError, match=f"{SD}_feature.npy: features row 2 contains NaN"):
+        denoise_main(["--SD", SD, "--output", out])
+    with pytest.raises(UserError, match="row 2 contains NaN"):
+        avg_main(["--SD", SD, "--output", out])
+    np.save(os.path.join(out, f"{SD}_feature.npy"), np.ones((4, 16), np.float32))
+    with pytest.raises(UserError, match="class 1"):                  # labels 0 and 2 only
+        avg_main(["--SD", SD, "--output", out])
+    assert sorted(os.listdir(out)) == [f"{SD}_feature.npy", f"{SD}_label.npy"]   # nothing written
+
+    proc = python(DENOISE, "--T", "2", "--SD", SD, "--output", out)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --T must be in [0, 1], got 2.0"

@@ -1,0 +1,36 @@
+"""Step 2: embed the new training split with the old model → ``<SD>_feature.npy``, ``<SD>_label.npy``.
+
+    python tools/get_feature/get_feature.py configs/f128_r18_softmax_class30.py --SD f128_r18_softmax_class70
+    torchrun --nproc_per_node=2 tools/get_feature/get_feature.py <old config> --SD <SD>
+
+The old model is ``work_dirs/<config name>/model.pt`` (the config's ``output``). The split comes from
+the SD suffix, beside the config's ``rec`` (class70 → ``train_part_70_class`` …, class100/data100 →
+the full ``train`` set); files go to ``feature_save/<scenario>/``. Raw (un-normalised) float32
+embeddings without flip, in dataset order; labels int64.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from utils.config import get_config  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.features import add_extract_args, add_sd_args, extract_features, parse_sd  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Extract old-model features of the new training split.")
+    parser.add_argument("config", help="config of the old model (work_dirs/<name>/model.pt)")
+    add_extract_args(add_sd_args(parser))
+    args = parser.parse_args(argv)
+    parse_sd(args.SD)
+    cfg = get_config(args.config)
+    paths = extract_features(cfg, args.SD, args.dataset, args.output, args.batch_size, args.num_workers,
+                             args.local_rank)
+    if paths:
+        print(f"saved {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
