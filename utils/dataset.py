@@ -1,0 +1,310 @@
+"""Training data: insightface RecordIO face datasets, a resumable distributed sampler, the loader.
+
+``rec`` is a folder holding ``train.rec``/``train.idx`` or a path prefix ``…/name`` for
+``name.rec``/``name.idx``. The class count comes from a property file ``num_classes,height,width``:
+``<prefix>.property`` (e.g. ``train_part_70_class.property``), or, for the ``train`` prefix, the
+folder's ``property`` file (insightface layout); without one it is ``max label + 1``.
+
+Record 0 convention (insightface): if record 0 has flag > 0, ``label[0]`` is one past the last image
+key and images are keys ``1 .. label[0]-1``; otherwise every key is an image (index order). The
+class label is the scalar label or ``label[0]``.
+
+The loader fetches whole batches: each image is decoded (OpenCV), resized to ``input_size`` with
+``INTER_AREA`` when needed, flipped, and split into RGB planes of a reused uint8 array; every 32
+images are normalised, ``(x/255 - 0.5)/0.5``, in one vectorised call straight into the batch.
+Flips depend only on (seed, epoch, index), so a resumed run sees the same images.
+"""
+import os
+import struct
+import threading
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from utils.errors import UserError
+from utils.recordio import IR_SIZE, MXIndexedRecordIO, decode_image, unpack
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_CHUNK = 32  # images decoded per normalisation call, so their planes are still in cache
+
+
+def resolve_rec(rec):
+    """``(rec_path, idx_path)`` for a folder (``train.rec``/``train.idx``) or a path prefix."""
+    if not rec:
+        raise UserError("training data path (rec) is not set")
+    rec = os.fspath(rec)
+    if os.path.isdir(rec):
+        prefix = os.path.join(rec, "train")
+    else:
+        prefix = rec[:-4] if rec.endswith((".rec", ".idx")) else rec
+    rec_path, idx_path = prefix + ".rec", prefix + ".idx"
+    missing = [p for p in (rec_path, idx_path) if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"training data not found: expected {rec_path} and {idx_path} (missing {', '.join(missing)}); "
+                        "rec is a folder holding train.rec/train.idx or a path prefix such as …/train_part_70_class")
+    return rec_path, idx_path
+
+
+def find_property(rec_path):
+    """Property file of a ``.rec``: ``<prefix>.property``, or the folder's ``property`` for ``train.rec``."""
+    prefix = rec_path[:-4]
+    candidates = [prefix + ".property"]
+    if os.path.basename(prefix) == "train":
+        candidates.append(os.path.join(os.path.dirname(prefix), "property"))
+    return next((p for p in candidates if os.path.isfile(p)), None)
+
+
+def read_property(path):
+    """``(num_classes, height, width)`` from a property file ``num_classes,height,width``."""
+    with open(path) as handle:
+        text = handle.read().strip()
+    fields = text.split(",")
+    if len(fields) != 3 or not all(f.strip().isdigit() for f in fields):
+        raise UserError(f"{path}: expected 'num_classes,height,width' (three integers), got {text[:60]!r}")
+    return tuple(int(f) for f in fields)
+
+
+def _mix(x):
+    """splitmix64 finaliser on a uint64 array."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash(*values):
+    """uint64 hash array of integers / integer arrays, combined left to right."""
+    h = np.zeros(1, np.uint64)
+    for value in values:
+        h = _mix(h ^ np.asarray(value, dtype=np.int64).astype(np.uint64))
+    return h
+
+
+def normalise(planes, out):
+    """``out = (planes/255 - 0.5)/0.5`` in one vectorised pass (uint8 → float32, same shape)."""
+    src, dst = planes.reshape(-1, planes.shape[-1]), out.reshape(-1, out.shape[-1])
+    result = cv2.addWeighted(src, 1 / 127.5, src, 0.0, -1.0, dst=dst, dtype=cv2.CV_32F)
+    if result is not dst:  # OpenCV allocated instead of writing in place
+        np.copyto(dst, result)
+    return out
+
+
+def flip_mask(seed, epoch, indices):
+    """Horizontal-flip decisions (bool array) for dataset ``indices``: a hash of (seed, epoch, index)."""
+    return (_hash(seed, epoch, indices) >> np.uint64(63)).astype(bool)
+
+
+class MXFaceDataset(Dataset):
+    """Face images of an insightface RecordIO set: ``ds[i] → (3×S×S float, int64 label, i)``.
+
+    ``labels`` (int64, dataset order) are read from the record headers only; ``num_classes`` from
+    the property file or ``max label + 1``; ``keys`` and ``offsets`` are the image records' keys and
+    byte offsets in dataset order.
+    ``train=True`` flips half of the images (deterministically per seed, epoch and index).
+    """
+
+    def __init__(self, rec, train=True, input_size=112, seed=0):
+        self.rec_path, self.idx_path = resolve_rec(rec)
+        if int(input_size) <= 0:
+            raise UserError(f"input_size must be positive, got {input_size}")
+        self.train, self.input_size, self.seed, self.epoch = bool(train), int(input_size), int(seed), 0
+        self._planes = None
+        self.record = MXIndexedRecordIO(self.idx_path, self.rec_path, "r")
+        self.keys = self._image_keys()
+        if not len(self.keys):
+            raise UserError(f"{self.rec_path}: the dataset holds no images")
+        self.offsets = self.record.offsets_of(self.keys)
+        raw = self.record.read_headers(self.offsets).label
+        with np.errstate(invalid="ignore"):
+            self.labels = raw.astype(np.int64)
+        bad = np.flatnonzero(self.labels != raw)
+        if bad.size:
+            raise UserError(f"{self.rec_path}: image key {self.keys[bad[0]]} has label {raw[bad[0]]}, "
+                            "expected an integer class id")
+        self.property_path = find_property(self.rec_path)
+        if self.property_path:
+            self.num_classes = read_property(self.property_path)[0]
+        else:
+            self.num_classes = int(self.labels.max()) + 1
+
+    def _image_keys(self):
+        all_keys = self.record.key_array
+        if not (all_keys == 0).any():
+            return all_keys
+        header, _ = unpack(self.record.read_idx(0), f"{self.rec_path}: record 0")
+        if header.flag == 0:
+            return all_keys
+        end = int(header.label[0])
+        keys = np.arange(1, max(end, 1), dtype=np.int64)
+        missing = np.setdiff1d(keys, all_keys)
+        if missing.size:
+            raise UserError(f"{self.rec_path}: record 0 says images are keys 1..{end - 1}, but key {missing[0]} "
+                            f"is not in {self.idx_path}")
+        return keys
+
+    def set_epoch(self, epoch):
+        """Epoch used for the flips (and by :func:`build_loader` for the shuffle); set before each ``iter``."""
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        images, labels, _ = self.get_batch([index])
+        return images[0], labels[0], int(index)
+
+    def get_batch(self, indices):
+        """Collated batch ``(images B×3×S×S float32, labels int64, indices int64)`` for dataset positions."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self.keys)):
+            raise IndexError(f"dataset index out of range 0..{len(self.keys) - 1}: {indices.min()}..{indices.max()}")
+        flips = flip_mask(self.seed, self.epoch, indices) if self.train else np.zeros(len(indices), bool)
+        images = np.empty((len(indices), 3, self.input_size, self.input_size), np.float32)
+        planes, targets = self._scratch()
+        for lo in range(0, len(indices), _CHUNK):
+            chunk = indices[lo:lo + _CHUNK].tolist()
+            for target, index, flip in zip(targets, chunk, flips[lo:lo + _CHUNK].tolist()):
+                self._decode_into(index, flip, target)
+            normalise(planes[:len(chunk)], images[lo:lo + len(chunk)])
+        return torch.from_numpy(images), torch.from_numpy(self.labels[indices]), torch.from_numpy(indices)
+
+    def _scratch(self):
+        """This thread's reusable uint8 RGB planes (_CHUNK×3×S×S) and, per image, its planes in B, G, R order."""
+        owner = (os.getpid(), threading.get_ident())
+        if self._planes is None or self._planes[0] != owner:
+            planes = np.empty((_CHUNK, 3, self.input_size, self.input_size), np.uint8)
+            self._planes = (owner, planes, [[p[2], p[1], p[0]] for p in planes])
+        return self._planes[1], self._planes[2]
+
+    def __getstate__(self):
+        return dict(self.__dict__, _planes=None)
+
+    def _decode_into(self, index, flip, target):
+        """Decode image ``index`` into ``target`` (S×S uint8 planes for OpenCV's B, G, R), resized and flipped."""
+        offset = int(self.offsets[index])
+        payload = self.record.read_at(offset, self.keys[index])
+        start = IR_SIZE + 4 * struct.unpack_from("<I", payload)[0]
+        try:
+            image = decode_image(np.frombuffer(payload, np.uint8, offset=start), rgb=False)
+        except (UserError, ValueError):
+            raise UserError(f"{self.rec_path}: image key {self.keys[index]} (offset {offset}) cannot be decoded "
+                            "(expected JPEG or PNG bytes after the header)") from None
+        size = self.input_size
+        if image.shape[0] != size or image.shape[1] != size:
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        if flip:
+            image = cv2.flip(image, 1)
+        cv2.split(image, target)
+
+
+class _Batches(Dataset):
+    """Map a list of dataset positions to a collated batch (the loader fetches whole batches)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices):
+        return self.dataset.get_batch(indices)
+
+
+class ResumableDistributedSampler(Sampler):
+    """``DistributedSampler``'s order that can start mid-epoch.
+
+    Shuffles with ``torch.randperm`` seeded by ``seed + epoch`` (identical to
+    ``torch.utils.data.DistributedSampler``); rank r takes every W-th index from position r.
+    ``drop_last`` drops the tail that does not divide over the replicas (else pads cyclically).
+    ``start_batch`` skips the first ``start_batch * batch_size`` indices of this rank's share, so
+    a resumed epoch continues with the next batch of the same order.
+    """
+
+    def __init__(self, dataset_size, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True,
+                 batch_size=1, start_batch=0):
+        if not 0 <= rank < num_replicas:
+            raise UserError(f"sampler: rank {rank} is not in 0..{num_replicas - 1}")
+        if batch_size <= 0:
+            raise UserError(f"sampler: batch_size must be positive, got {batch_size}")
+        self.dataset_size, self.num_replicas, self.rank = int(dataset_size), int(num_replicas), int(rank)
+        self.shuffle, self.seed, self.drop_last, self.batch_size = bool(shuffle), int(seed), bool(drop_last), batch_size
+        if self.drop_last:
+            self.num_samples = self.dataset_size // self.num_replicas
+        else:
+            self.num_samples = -(-self.dataset_size // self.num_replicas)
+        self.set_epoch(0, start_batch)
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Select the epoch's order and the first batch to yield (0 = from the start)."""
+        skip = int(start_batch) * self.batch_size
+        if start_batch < 0 or skip > self.num_samples:
+            raise UserError(f"sampler: start_batch {start_batch} is beyond this epoch's "
+                            f"{self.num_samples // self.batch_size} batches of {self.batch_size}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def indices(self):
+        """This rank's dataset positions for the current epoch, from ``start_batch`` on (int64 array)."""
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_size, generator=generator).numpy()
+        else:
+            order = np.arange(self.dataset_size)
+        total = self.num_samples * self.num_replicas
+        order = order[:total] if self.drop_last else np.resize(order, total)
+        return order[self.rank:total:self.num_replicas][self.start_batch * self.batch_size:]
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
+
+    def __len__(self):
+        return self.num_samples - self.start_batch * self.batch_size
+
+
+def _init_worker(_):
+    cv2.setNumThreads(0)  # one decoding thread per worker process
+
+
+def build_loader(dataset, batch_size, dist_info, seed, num_workers, shuffle=True, drop_last=True, start_batch=0):
+    """DataLoader of ``(images, labels, indices)`` batches for this rank, for the dataset's current epoch.
+
+    Call ``dataset.set_epoch(e)`` before building it; ``start_batch`` resumes an epoch. Workers are
+    seeded from (seed, epoch, rank); memory is pinned on CUDA; workers are not persistent.
+    """
+    if num_workers < 0:
+        raise UserError(f"num_workers must be >= 0, got {num_workers}")
+    epoch = getattr(dataset, "epoch", 0)
+    sampler = ResumableDistributedSampler(len(dataset), dist_info.world_size, dist_info.rank, shuffle, seed,
+                                          drop_last, batch_size)
+    sampler.set_epoch(epoch, start_batch)
+    generator = torch.Generator()
+    generator.manual_seed(int(_hash(seed, epoch, dist_info.rank)[0] >> np.uint64(1)))
+    return DataLoader(_Batches(dataset), batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
+                      num_workers=num_workers, pin_memory=dist_info.device.type == "cuda",
+                      worker_init_fn=_init_worker, generator=generator, persistent_workers=False)
+
+
+def check_data_config(cfg, dataset):
+    """Fill ``cfg.num_classes``/``cfg.num_image`` when ``None``; UserError when config and data disagree."""
+    name = f"config {cfg.get('config_path') or ''}".rstrip()
+    count = len(dataset)
+    if cfg.get("num_image") is None:
+        cfg.num_image = count
+    elif int(cfg.num_image) != count:
+        raise UserError(f"{name}: num_image = {cfg.num_image} but {dataset.rec_path} holds {count} images")
+    if cfg.get("num_classes") is None:
+        cfg.num_classes = dataset.num_classes
+        source = dataset.property_path or "the largest label + 1"
+    elif dataset.property_path and int(cfg.num_classes) != dataset.num_classes:
+        raise UserError(f"{name}: num_classes = {cfg.num_classes} but {dataset.property_path} says "
+                        f"{dataset.num_classes}")
+    else:
+        source = name
+    limit = int(cfg.num_classes)
+    bad = np.flatnonzero((dataset.labels < 0) | (dataset.labels >= limit))
+    if bad.size:
+        i = bad[0]
+        raise UserError(f"{dataset.rec_path}: image key {dataset.keys[i]} has label {dataset.labels[i]}, "
+                        f"outside 0..{limit - 1} (num_classes = {limit} from {source})")
+    return cfg
