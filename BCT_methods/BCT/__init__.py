@@ -1,0 +1,1 @@
+"""BCT: see losses.py (loss terms and the training hook) and docs/methods.md."""

@@ -1,0 +1,19 @@
+"""Step 5, BCT: train the new model with the influence loss through the old class prototypes.
+
+    cd BCT_methods/BCT
+    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/<config>.py
+    torchrun --nproc_per_node=8 train.py configs/<config>.py
+    python train.py configs/<config>.py                                   # one process (GPU or CPU)
+
+Also runs from the repository root: python BCT_methods/BCT/train.py BCT_methods/BCT/configs/<config>.py
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from BCT_methods.BCT.losses import BCT  # noqa: E402
+from utils.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(BCT, classifier="arcface", description=__doc__.splitlines()[0])

@@ -1,0 +1,1 @@
+"""L2: see losses.py (loss terms and the training hook) and docs/methods.md."""

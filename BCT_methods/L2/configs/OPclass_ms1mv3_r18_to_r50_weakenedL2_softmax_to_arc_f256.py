@@ -1,0 +1,29 @@
+"""weakened L2, OPclass: old r18 softmax f256 (trained on class30) → new r50 ArcFace f256 on class70 (identities disjoint from class30).
+
+Old features: feature_save/OPclass/f256_r18_softmax_class70_*.npy (steps 2–4, old model configs/f256_r18_softmax_class30.py).
+
+    cd BCT_methods/L2
+    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/OPclass_ms1mv3_r18_to_r50_weakenedL2_softmax_to_arc_f256.py
+"""
+from easydict import EasyDict as edict
+
+config = edict()
+config.network = "r50"
+config.embedding_size = 256
+config.margin_list = (1.0, 0.5, 0.0)
+config.sample_rate = 1.0
+config.fp16 = True
+config.batch_size = 128
+config.lr = 0.1
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.num_epoch = 35
+config.warmup_epoch = 0
+config.rec = "dataset/ms1m-retinaface-t1/train_part_70_class"
+config.num_classes = 65402
+config.num_image = 3598269
+config.num_workers = 4
+config.frequent = 10
+config.old_embedding = "feature_save/OPclass/f256_r18_softmax_class70_feature.npy"
+config.loss_weight = 10.0
+config.threshold = 0.2

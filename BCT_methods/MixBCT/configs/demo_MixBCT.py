@@ -1,0 +1,8 @@
+"""Demo MixBCT new model (CPU): the demo's network, data and old features (configs/demo/settings.py)."""
+from easydict import EasyDict as edict
+
+from configs.demo import settings
+
+config = settings.common(edict(), settings.NEW_NETWORK, settings.NEW_SPLIT, "MixBCT")
+config.old_embedding = settings.feature("feature")
+config.credible_old_feature = settings.feature("credible_ratio_90_feature")

@@ -1,0 +1,67 @@
+"""MixBCT: mixing denoised old features into the new model's classification batch.
+
+Liang et al., "MixBCT: Towards Self-Adapting Backward-Compatible Training". Each step, among the
+batch samples whose old feature is credible (the per-class denoising mask of step 4), ``k'`` =
+min(k, #credible) with k = int(batch_size · mix_ratio) are picked at random and their new
+embeddings are **replaced** by their L2-normalised old features n̂(o). The loss is the ordinary
+margin softmax on that mixed batch, ``L = L_cls(mix(f, n̂(o)), y)``: the classifier has to separate
+the old features together with the new ones, which bounds the new features by the spread of the
+old ones without a hand-set margin.
+"""
+import torch
+import torch.nn.functional as F
+
+from utils.errors import require
+from utils.old_features import open_features, open_mask, require_keys
+from utils.trainer import Method
+
+
+def choose_mixed(credible, k, generator=None):
+    """Boolean mask of ``min(k, credible.sum())`` rows drawn uniformly at random among the credible ones.
+
+    ``credible``: bool vector (one entry per batch sample). Uses the torch RNG (``generator`` or the
+    global one), so a resumed run draws the same rows.
+    """
+    scores = torch.rand(credible.shape[0], generator=generator, device=credible.device)
+    scores = torch.where(credible, scores, torch.full_like(scores, -1.0))
+    count = min(int(k), int(credible.sum()))
+    chosen = torch.zeros_like(credible)
+    chosen[torch.topk(scores, count).indices] = True
+    return chosen
+
+
+def mix_embeddings(embeddings, chosen, old_chosen):
+    """The batch with rows ``chosen`` replaced by n̂(o); ``old_chosen`` = the old features of those rows, in row order.
+
+    Replaced rows carry no gradient to the backbone.
+    """
+    mixed = embeddings.clone()
+    mixed[chosen] = F.normalize(old_chosen.float()).to(embeddings.dtype)
+    return mixed
+
+
+class MixBCT(Method):
+    """``L = L_cls(mixed batch)``; config keys ``old_embedding``, ``credible_old_feature``, ``mix_ratio``.
+
+    Logged parts: ``cls`` and ``mixed`` (rows replaced this step on this process).
+    """
+
+    name = "MixBCT"
+
+    def setup(self, ctx):
+        cfg = ctx.cfg
+        require_keys(cfg, self.name, "old_embedding", "credible_old_feature", "mix_ratio")
+        require(0.0 <= cfg.mix_ratio <= 1.0, f"config {cfg.config_path}: mix_ratio must be in [0, 1], got {cfg.mix_ratio}")
+        self.old = open_features(ctx)
+        self.mask = open_mask(ctx)
+        self.k = int(cfg.batch_size * cfg.mix_ratio)
+        ctx.logger.info(f"MixBCT: {self.mask.num_credible} of {len(self.mask)} old features credible; "
+                        f"up to {self.k} of {cfg.batch_size} embeddings per process replaced each step")
+
+    def compute_loss(self, embeddings, labels, indices, ctx):
+        indices = indices.cpu()
+        chosen = choose_mixed(self.mask.gather(indices), self.k)
+        old = self.old.gather(indices[chosen], ctx.device)
+        mixed = mix_embeddings(embeddings, chosen.to(ctx.device), old)
+        loss = ctx.classifier(mixed, labels)
+        return loss, {"cls": loss.detach(), "mixed": float(chosen.sum())}

@@ -1,0 +1,10 @@
+"""NCCL keys (merged over configs/base.py for every config in this folder); published defaults."""
+from easydict import EasyDict as edict
+
+config = edict()
+config.old_embedding = None          # <SD>_feature.npy: old features of the new training set (dataset order)
+config.credible_old_feature = None   # optional 0/1 highly-credible mask (None: every old feature is used)
+config.queue_size = 8192             # FIFO queue of old features, labels and old logits
+config.alpha = 1.0                   # weight of l1 (embedding level)
+config.beta = 0.01                   # weight of l2 (logit level)
+config.temperature = 1.0             # τ of both contrastive softmaxes

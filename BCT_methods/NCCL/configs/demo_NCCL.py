@@ -1,0 +1,7 @@
+"""Demo NCCL new model (CPU): the demo's network, data and old features (configs/demo/settings.py)."""
+from easydict import EasyDict as edict
+
+from configs.demo import settings
+
+config = settings.common(edict(), settings.NEW_NETWORK, settings.NEW_SPLIT, "NCCL")
+config.old_embedding = settings.feature("feature")

@@ -1,0 +1,192 @@
+"""NCCL: neighbourhood-consensus contrastive learning against a queue of old features.
+
+Wu et al., "Neighborhood Consensus Contrastive Learning for Backward-Compatible Representation",
+AAAI 2022. A FIFO queue (``queue_size`` = 8192) holds old embeddings q_j = n̂(o_j), their labels
+and their old logits ζ_j (the old embedding through the current classifier, detached, at enqueue
+time). The global batch is enqueued first, so every sample finds itself among its positives.
+For sample i with label y_i, positives P_i = {j : label_j = y_i} and consensus weights
+w_ij = (1 + n̂(o_i)·q_j) / 2:
+
+    l1 = −mean_i  Σ_{j∈P_i} w_ij · log softmax_j(n̂(f_i)·q_j / τ) / |P_i|
+    l2 = −mean_i  Σ_{j∈P_i} w_ij · log softmax_j(z_i·ζ_j / τ)   / |P_i|
+    L  = L_cls + α·l1 + β·l2           (α = 1, β = 0.01, τ = 1)
+
+z_i = the new embedding's cosine logits over all C classes. The classifier is sharded over the
+ranks, so each rank holds its columns of z and ζ: z_i·ζ_j is the sum over ranks of the shards' dot
+products (an all-reduce). Unlike the published code, whose gathered logits carried no gradient
+(so l2 trained nothing), l2 here back-propagates into the backbone and the classifier.
+Optional highly-credible filtering (``credible_old_feature``, off by default as in the published
+runs, which found almost every MS1MV3 sample credible): samples whose mask is 0 are neither
+enqueued nor used as anchors (mask e.g. from ``utils.feature_stats.nccl_feature_credible_mask``,
+entropy ≤ log(C)/2).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from utils.errors import require
+from utils.old_features import open_features, open_mask, require_keys
+from utils.trainer import Method
+
+
+def consensus_contrastive_loss(scores, labels, queue_labels, weights, tau=1.0, anchors=None):
+    """``−mean_i Σ_{j pos} w_ij log softmax_j(scores_ij / τ) / |pos_i|`` over the valid queue entries.
+
+    ``scores``, ``weights``: N×Q; ``labels``: N; ``queue_labels``: Q (−1 = empty slot, excluded from
+    the softmax). Rows without positives, or with ``anchors`` False, are left out of the mean
+    (0 if no row is left).
+    """
+    valid = queue_labels >= 0
+    logits = (scores / tau).masked_fill(~valid, float("-inf"))
+    log_prob = torch.log_softmax(logits, dim=1)
+    positive = (labels[:, None] == queue_labels[None, :]) & valid
+    count = positive.sum(dim=1)
+    per_row = -(weights * log_prob.masked_fill(~positive, 0.0)).sum(dim=1)
+    used = count > 0 if anchors is None else (count > 0) & anchors
+    if not bool(used.any()):
+        return scores.sum() * 0.0
+    return (per_row[used] / count[used]).mean()
+
+
+def consensus_weights(old_normalized, queue_features):
+    """``w_ij = (1 + n̂(o_i)·q_j) / 2`` (N×Q)."""
+    return (1.0 + old_normalized @ queue_features.t()) / 2.0
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(tensor):
+    rank, world = _world()
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class GatherRows(torch.autograd.Function):
+    """All-gather along dim 0. Backward: sum the gradient over ranks, keep this rank's rows, × world size
+    (DDP then averages the backbone gradient over ranks, giving the exact gradient of the global mean)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rows = tensor.shape[0]
+        return _gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = _world()
+        if world == 1:
+            return grad
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank * ctx.rows:(rank + 1) * ctx.rows] * world
+
+
+class SumOverRanks(torch.autograd.Function):
+    """All-reduce sum of per-rank partial results. Backward: the mean over ranks of the gradients, so a
+    classifier shard gets the gradient of the mean of the per-rank losses."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        if _world()[1] > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = _world()[1]
+        if world == 1:
+            return grad
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad / world
+
+
+class OldFeatureQueue:
+    """FIFO ring buffer of n̂(o), labels and this rank's shard of the old logits (empty slots: label −1).
+
+    Logits are kept in fp16 on CUDA (cosine logits lie in [−1, 1]) and fp32 on CPU.
+    """
+
+    def __init__(self, size, dim, num_logits, device):
+        logit_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.features = torch.zeros(size, dim, device=device)
+        self.logits = torch.zeros(size, num_logits, dtype=logit_dtype, device=device)
+        self.labels = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.pointer = 0
+
+    def push(self, features, labels, logits):
+        """Enqueue rows (oldest entries are overwritten first); keeps only the last ``size`` rows."""
+        size = self.labels.shape[0]
+        features, labels, logits = features[-size:], labels[-size:], logits[-size:]
+        slots = (self.pointer + torch.arange(len(labels), device=self.labels.device)) % size
+        self.features[slots] = features.to(self.features.dtype)
+        self.logits[slots] = logits.to(self.logits.dtype)
+        self.labels[slots] = labels
+        self.pointer = (self.pointer + len(labels)) % size
+
+    def state_dict(self):
+        return {"features": self.features.cpu(), "logits": self.logits.cpu(), "labels": self.labels.cpu(),
+                "pointer": self.pointer}
+
+    def load_state_dict(self, state):
+        for name in ("features", "logits", "labels"):
+            saved = state[name]
+            require(saved.shape == getattr(self, name).shape,
+                    f"NCCL queue in the checkpoint has {name} of shape {tuple(saved.shape)}, expected "
+                    f"{tuple(getattr(self, name).shape)} (queue_size, embedding_size and process count must match)")
+            getattr(self, name).copy_(saved)
+        self.pointer = int(state["pointer"])
+
+
+class NCCL(Method):
+    """``L = L_cls + alpha·l1 + beta·l2``; keys ``old_embedding``, ``queue_size``, ``alpha``, ``beta``,
+    ``temperature`` and optionally ``credible_old_feature``. The queue is method state."""
+
+    name = "NCCL"
+
+    def setup(self, ctx):
+        cfg = ctx.cfg
+        require_keys(cfg, self.name, "old_embedding", "queue_size", "alpha", "beta", "temperature")
+        global_batch = cfg.batch_size * ctx.dist.world_size
+        require(cfg.queue_size >= global_batch,
+                f"config {cfg.config_path}: queue_size {cfg.queue_size} is smaller than the global batch {global_batch}")
+        require(cfg.temperature > 0, f"config {cfg.config_path}: temperature must be positive, got {cfg.temperature}")
+        self.old = open_features(ctx)
+        self.mask = open_mask(ctx) if cfg.get("credible_old_feature") else None
+        self.queue = OldFeatureQueue(cfg.queue_size, cfg.embedding_size, ctx.classifier.num_local, ctx.device)
+
+    def compute_loss(self, embeddings, labels, indices, ctx):
+        cfg = ctx.cfg
+        rank, world = _world()
+        batch = embeddings.shape[0]
+        old = F.normalize(self.old.gather(indices, ctx.device))
+        anchors = self.mask.gather(indices).to(ctx.device) if self.mask is not None else torch.ones_like(labels, dtype=torch.bool)
+        with torch.no_grad():
+            all_old, all_labels, all_anchors = _gather(old), _gather(labels), _gather(anchors.to(torch.uint8))
+            all_old_logits = ctx.classifier.logits(all_old)
+            keep = all_anchors.nonzero().squeeze(1)
+            self.queue.push(all_old[keep], all_labels[keep], all_old_logits[keep])
+        cls = ctx.classifier(embeddings, labels)
+        weights = consensus_weights(old, self.queue.features)
+        l1 = consensus_contrastive_loss(F.normalize(embeddings) @ self.queue.features.t(), labels,
+                                        self.queue.labels, weights, cfg.temperature, anchors)
+        new_logits = ctx.classifier.logits(GatherRows.apply(embeddings))
+        partial = (new_logits.to(self.queue.logits.dtype) @ self.queue.logits.t()).float()
+        scores = SumOverRanks.apply(partial)[rank * batch:(rank + 1) * batch]
+        l2 = consensus_contrastive_loss(scores, labels, self.queue.labels, weights, cfg.temperature, anchors)
+        loss = cls + cfg.alpha * l1 + cfg.beta * l2
+        return loss, {"cls": cls.detach(), "l1": l1.detach(), "l2": l2.detach()}
+
+    def state_dict(self):
+        return {"queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state):
+        if "queue" in state:
+            self.queue.load_state_dict(state["queue"])

@@ -1,0 +1,19 @@
+"""Step 5, NCCL: train the new model with neighbourhood-consensus contrastive losses against a queue of old features.
+
+    cd BCT_methods/NCCL
+    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/<config>.py
+    torchrun --nproc_per_node=8 train.py configs/<config>.py
+    python train.py configs/<config>.py                                   # one process (GPU or CPU)
+
+Also runs from the repository root: python BCT_methods/NCCL/train.py BCT_methods/NCCL/configs/<config>.py
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from BCT_methods.NCCL.losses import NCCL  # noqa: E402
+from utils.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(NCCL, classifier="arcface", description=__doc__.splitlines()[0])

@@ -1,0 +1,1 @@
+"""UniBCT: see losses.py (loss terms and the training hook) and docs/methods.md."""

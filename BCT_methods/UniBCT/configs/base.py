@@ -1,0 +1,11 @@
+"""UniBCT keys (merged over configs/base.py for every config in this folder); published defaults."""
+from easydict import EasyDict as edict
+
+config = edict()
+config.old_prototype = None          # <SD>_avg_feature.npy: initial prototypes (step 3)
+config.old_embedding = None          # <SD>_feature.npy: old features propagated at the refine epochs
+config.loss_weight = 1.0             # influence-loss weight once the first refine epoch is reached (0 before)
+config.refine_epochs = (10, 20)      # epochs (from 0) at whose start the prototypes are refined
+config.refine_lambda = 0.9           # λ of Π = (1 − λ)(I − λA)⁻¹
+config.refine_tau = 0.05             # τ of the new-feature affinities S = n̂(f)·n̂(f)ᵀ / τ
+config.refine_normalize = True       # L2-normalise the refined prototypes (as the step-3 ones)
