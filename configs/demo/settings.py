@@ -56,3 +56,8 @@ def common(config, network, split, name):
     config.save_every_steps = 0
     config.keep_checkpoints = 1
     return config
+
+
+def scaled_epoch(epoch, num_epoch, published_epochs=35):
+    """An epoch of the published 35-epoch schedule mapped onto a shorter run (at least 1)."""
+    return max(1, round(epoch * num_epoch / published_epochs))

@@ -1,4 +1,7 @@
-"""Demo L2 new model (CPU): the demo's network, data and old features (configs/demo/settings.py)."""
+"""Demo L2: the demo's new model (see configs/demo/settings.py) trained with L2 on CPU.
+
+    python tools/run_demo.py --methods L2        # runs it inside the whole pipeline
+"""
 from easydict import EasyDict as edict
 
 from configs.demo import settings

@@ -1,4 +1,7 @@
-"""Demo MixBCT new model (CPU): the demo's network, data and old features (configs/demo/settings.py)."""
+"""Demo MixBCT: the demo's new model (see configs/demo/settings.py) trained with MixBCT on CPU.
+
+    python tools/run_demo.py --methods MixBCT        # runs it inside the whole pipeline
+"""
 from easydict import EasyDict as edict
 
 from configs.demo import settings

@@ -1,4 +1,7 @@
-"""Demo UniBCT new model (CPU): the demo's network, data and old features (configs/demo/settings.py)."""
+"""Demo UniBCT: the demo's new model (see configs/demo/settings.py) trained with UniBCT on CPU.
+
+    python tools/run_demo.py --methods UniBCT        # runs it inside the whole pipeline
+"""
 from easydict import EasyDict as edict
 
 from configs.demo import settings
@@ -6,7 +9,7 @@ from configs.demo import settings
 config = settings.common(edict(), settings.NEW_NETWORK, settings.NEW_SPLIT, "UniBCT")
 config.old_prototype = settings.feature("avg_feature")
 config.old_embedding = settings.feature("feature")
-# the published epochs (refine at 10 and 20, lr x0.1 at 20, 26, 32 of 35) scaled to the demo schedule
-config.refine_epochs = tuple(sorted({max(1, round(config.num_epoch * e / 35)) for e in (10, 20)}))
+# the published epochs 10/20 (refine) and 20/26/32 (lr ×0.1) of 35, scaled to the demo length
+config.refine_epochs = tuple(sorted({settings.scaled_epoch(e, config.num_epoch) for e in (10, 20)}))
 config.lr_schedule = "step"
-config.lr_steps = tuple(sorted({max(1, round(config.num_epoch * e / 35)) for e in (20, 26, 32)}))
+config.lr_steps = tuple(sorted({settings.scaled_epoch(e, config.num_epoch) for e in (20, 26, 32)}))
