@@ -9,7 +9,7 @@ import pytest
 
 from utils.errors import UserError
 from utils.recordio import (IRHeader, MAGIC, MXIndexedRecordIO, MXRecordIO, decode_image, encode_image, pack,
-                            unpack)
+                            relabel, unpack)
 
 M = bytes.fromhex("0a23d7ce")  # 0xced7230a little-endian
 
@@ -106,6 +106,13 @@ def test_header_pack_bytes_and_unpack():
         unpack(bytes.fromhex("03000000") + bytes(20) + bytes(4))
     with pytest.raises(UserError, match="shorter than the 24-byte"):
         unpack(b"short")
+
+
+def test_relabel_rewrites_only_the_class_label():
+    assert relabel(pack(IRHeader(0, 3.0, 7, 9), b"IMG"), 5) == pack(IRHeader(0, 5.0, 7, 9), b"IMG")
+    assert relabel(pack(IRHeader(0, [1.0, 2.0], 5, 0), b"X"), 4) == pack(IRHeader(0, [4.0, 2.0], 5, 0), b"X")
+    with pytest.raises(UserError, match="src: the header announces a label array"):
+        relabel(bytes.fromhex("02000000") + bytes(20), 1, "src")
 
 
 def test_read_headers_matches_unpack(tmp_path):

@@ -29,6 +29,7 @@ from utils.recordio import IR_SIZE, MXIndexedRecordIO, decode_image, unpack
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+_FLAG = struct.Struct("<I")
 _CHUNK = 32  # images decoded per normalisation call, so their planes are still in cache
 
 
@@ -114,10 +115,7 @@ class MXFaceDataset(Dataset):
         self.train, self.input_size, self.seed, self.epoch = bool(train), int(input_size), int(seed), 0
         self._planes = None
         self.record = MXIndexedRecordIO(self.idx_path, self.rec_path, "r")
-        self.keys = self._image_keys()
-        if not len(self.keys):
-            raise UserError(f"{self.rec_path}: the dataset holds no images")
-        self.offsets = self.record.offsets_of(self.keys)
+        self.keys, self.offsets = self._image_records()
         raw = self.record.read_headers(self.offsets).label
         with np.errstate(invalid="ignore"):
             self.labels = raw.astype(np.int64)
@@ -131,20 +129,21 @@ class MXFaceDataset(Dataset):
         else:
             self.num_classes = int(self.labels.max()) + 1
 
-    def _image_keys(self):
-        all_keys = self.record.key_array
-        if not (all_keys == 0).any():
-            return all_keys
-        header, _ = unpack(self.record.read_idx(0), f"{self.rec_path}: record 0")
-        if header.flag == 0:
-            return all_keys
-        end = int(header.label[0])
-        keys = np.arange(1, max(end, 1), dtype=np.int64)
-        missing = np.setdiff1d(keys, all_keys)
-        if missing.size:
-            raise UserError(f"{self.rec_path}: record 0 says images are keys 1..{end - 1}, but key {missing[0]} "
-                            f"is not in {self.idx_path}")
-        return keys
+    def _image_records(self):
+        """Keys and offsets of the image records (insightface record-0 convention)."""
+        keys, note = self.record.key_array, ""
+        if (keys == 0).any():
+            header, _ = unpack(self.record.read_idx(0), f"{self.rec_path}: record 0")
+            if header.flag > 0:
+                end = int(header.label[0])
+                keys = np.arange(1, max(end, 1), dtype=np.int64)
+                note = f"record 0 says images are keys 1..{end - 1}, but "
+        if not len(keys):
+            raise UserError(f"{self.rec_path}: the dataset holds no images")
+        try:
+            return keys, self.record.offsets_of(keys)
+        except UserError as exc:
+            raise UserError(f"{self.rec_path}: {note}{exc}") from None
 
     def set_epoch(self, epoch):
         """Epoch used for the flips (and by :func:`build_loader` for the shuffle); set before each ``iter``."""
@@ -166,9 +165,10 @@ class MXFaceDataset(Dataset):
         images = np.empty((len(indices), 3, self.input_size, self.input_size), np.float32)
         planes, targets = self._scratch()
         for lo in range(0, len(indices), _CHUNK):
-            chunk = indices[lo:lo + _CHUNK].tolist()
-            for target, index, flip in zip(targets, chunk, flips[lo:lo + _CHUNK].tolist()):
-                self._decode_into(index, flip, target)
+            chunk = indices[lo:lo + _CHUNK]
+            for target, key, offset, flip in zip(targets, self.keys[chunk].tolist(), self.offsets[chunk].tolist(),
+                                                 flips[lo:lo + _CHUNK].tolist()):
+                self._decode_into(key, offset, flip, target)
             normalise(planes[:len(chunk)], images[lo:lo + len(chunk)])
         return torch.from_numpy(images), torch.from_numpy(self.labels[indices]), torch.from_numpy(indices)
 
@@ -183,15 +183,13 @@ class MXFaceDataset(Dataset):
     def __getstate__(self):
         return dict(self.__dict__, _planes=None)
 
-    def _decode_into(self, index, flip, target):
-        """Decode image ``index`` into ``target`` (S×S uint8 planes for OpenCV's B, G, R), resized and flipped."""
-        offset = int(self.offsets[index])
-        payload = self.record.read_at(offset, self.keys[index])
-        start = IR_SIZE + 4 * struct.unpack_from("<I", payload)[0]
+    def _decode_into(self, key, offset, flip, target):
+        """Decode image ``key`` into ``target`` (S×S uint8 planes for OpenCV's B, G, R), resized and flipped."""
+        payload = self.record.read_at(offset, key)
         try:
-            image = decode_image(np.frombuffer(payload, np.uint8, offset=start), rgb=False)
-        except (UserError, ValueError):
-            raise UserError(f"{self.rec_path}: image key {self.keys[index]} (offset {offset}) cannot be decoded "
+            image = decode_image(memoryview(payload)[IR_SIZE + 4 * _FLAG.unpack_from(payload)[0]:], rgb=False)
+        except UserError:
+            raise UserError(f"{self.rec_path}: image key {key} (offset {offset}) cannot be decoded "
                             "(expected JPEG or PNG bytes after the header)") from None
         size = self.input_size
         if image.shape[0] != size or image.shape[1] != size:

@@ -32,14 +32,26 @@ LENGTH_MASK = (1 << 29) - 1
 IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)
 _RECORD_HEAD = struct.Struct("<II")
+_FLAG, _LABEL = struct.Struct("<I"), struct.Struct("<f")
 HEADER_DTYPE = np.dtype([("flag", "<u4"), ("label", "<f4"), ("id", "<u8"), ("id2", "<u8")])
 
+_IMREAD = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # pixels as stored, like MXNet's imdecode
 IRHeader = collections.namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 IRHeader.__doc__ = "Image record header: flag (label count, 0 = scalar), label, id, id2."
 
 
 def _padded(length):
     return (length + 3) & ~3
+
+
+_PID = [os.getpid()]  # this process's pid, refreshed in forked children (cheaper than os.getpid per read)
+
+
+def _refresh_pid():
+    _PID[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
 
 
 class MXRecordIO:
@@ -70,9 +82,9 @@ class MXRecordIO:
     # -- reading -------------------------------------------------------------------------------
     def _ensure_open(self):
         """(Re)open the memory map in this process (after a fork the parent's map is not used)."""
-        if self._pid == os.getpid():
+        if self._pid == _PID[0]:
             return
-        self._pid = os.getpid()
+        self._pid = _PID[0]
         self._data = b""
         if self._size:
             with open(self.path, "rb") as handle:
@@ -86,7 +98,7 @@ class MXRecordIO:
 
     def _record(self, offset, key=None):
         """Payload of the record starting at byte ``offset`` and the offset just past it."""
-        if self._pid != os.getpid():
+        if self._pid != _PID[0]:
             self._ensure_open()
         data, size = self._data, self._size
         if offset + 8 <= size:  # fast path: a whole (single-part) record
@@ -133,15 +145,19 @@ class MXRecordIO:
         length = len(buf)
         if length > LENGTH_MASK:
             raise UserError(f"{self.path}: record of {length} bytes exceeds the RecordIO limit of {LENGTH_MASK}")
-        aligned = np.frombuffer(buf, "<u4", count=length // 4)
-        cuts = (np.flatnonzero(aligned == MAGIC) * 4).tolist()
-        start, out = 0, []
-        for cut in cuts:
-            out += [MAGIC_BYTES, struct.pack("<I", (1 if start == 0 else 2) << 29 | (cut - start)), buf[start:cut]]
-            start = cut + 4
-        last = (3 if cuts else 0) << 29 | (length - start)
-        out += [MAGIC_BYTES, struct.pack("<I", last), buf[start:], b"\0" * (_padded(length) - length)]
-        self._handle.write(b"".join(out))
+        write = self._handle.write
+        start, pos = 0, buf.find(MAGIC_BYTES)
+        while pos >= 0:
+            if pos % 4:
+                pos = buf.find(MAGIC_BYTES, pos + 1)
+                continue
+            write(_RECORD_HEAD.pack(MAGIC, (2 if start else 1) << 29 | (pos - start)))
+            write(buf[start:pos])
+            start = pos + 4
+            pos = buf.find(MAGIC_BYTES, start)
+        write(_RECORD_HEAD.pack(MAGIC, (3 if start else 0) << 29 | (length - start)))
+        write(buf[start:] if start else buf)
+        write(b"\0" * (_padded(length) - length))
 
     # -- common --------------------------------------------------------------------------------
     def _require(self, flag, action):
@@ -170,7 +186,7 @@ class MXRecordIO:
                 self._handle = None
                 self._outputs.close()
         else:
-            if isinstance(self._data, mmap.mmap) and self._pid == os.getpid():
+            if isinstance(self._data, mmap.mmap) and self._pid == _PID[0]:
                 self._data.close()
             self._data, self._pid = b"", None
 
@@ -373,6 +389,16 @@ def unpack(record, source="record"):
     return header, bytes(record[start:])
 
 
+def relabel(record, label, source="record"):
+    """``record`` with its class label (the scalar label, or ``label[0]`` when flag > 0) set to ``label``."""
+    if len(record) < IR_SIZE:
+        raise UserError(f"{source}: {len(record)} bytes is shorter than the {IR_SIZE}-byte image header")
+    at = IR_SIZE if _FLAG.unpack_from(record)[0] > 0 else 4
+    if len(record) < at + 4:
+        raise UserError(f"{source}: the header announces a label array but the record ends at byte {len(record)}")
+    return record[:at] + _LABEL.pack(label) + record[at + 4:]
+
+
 def encode_image(image, quality=95):
     """JPEG bytes of an RGB (H×W×3) or grey (H×W) uint8 image."""
     image = np.asarray(image)
@@ -391,7 +417,7 @@ def decode_image(buf, rgb=True, source="image"):
     """H×W×3 uint8 image (RGB, or OpenCV's BGR with ``rgb=False``) from JPEG/PNG bytes."""
     data = np.frombuffer(buf, np.uint8)
     try:
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        image = cv2.imdecode(data, _IMREAD) if data.size else None
     except cv2.error:
         image = None
     if image is None:

@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from utils.dataset import MXFaceDataset, read_property  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.recordio import IRHeader, MXIndexedRecordIO, decode_image, pack, unpack  # noqa: E402
+from utils.recordio import IRHeader, MXIndexedRecordIO, decode_image, pack, relabel, unpack  # noqa: E402
 
 FLOAT32_EXACT = 1 << 24  # record 0 stores N+1 as float32
 
@@ -58,16 +58,7 @@ def split_plan(labels, num_classes, ratio):
             f"{100 - small}_data": (in_large_data, labels, num_classes)}
 
 
-def _relabelled(payload, label, source):
-    header, image = unpack(payload, source)
-    if header.flag > 0:
-        values = header.label.copy()
-        values[0] = label
-        return pack(header._replace(label=values), image)
-    return pack(header._replace(label=float(label)), image)
-
-
-def write_splits(dataset, plan, shape, staging):
+def write_splits(dataset, plan, shape, staging, chunk=65536):
     """Copy the records of every split into ``staging`` (one pass over the source, in dataset order)."""
     suffixes = list(plan)
     writers = []
@@ -80,18 +71,20 @@ def write_splits(dataset, plan, shape, staging):
             writers.append(MXIndexedRecordIO(prefix + ".idx", prefix + ".rec", "w"))
             writers[-1].write_idx(0, pack(IRHeader(2, [count + 1, count + 1], 0, 0), b""))
         member = np.stack([plan[s][0] for s in suffixes], axis=1)
+        codes = (member << np.arange(len(suffixes))).sum(axis=1)  # bit t: the image goes to split t
+        targets_of = [[t for t in range(len(suffixes)) if code >> t & 1] for code in range(1 << len(suffixes))]
         new_labels = np.stack([plan[s][1] for s in suffixes], axis=1)
         next_key = [1] * len(suffixes)
-        for index in tqdm(range(len(dataset)), desc="copying records", unit="img", disable=None):
-            targets = np.flatnonzero(member[index]).tolist()
-            if not targets:
-                continue
-            key = int(dataset.keys[index])
-            payload = dataset.record.read_at(int(dataset.offsets[index]), key)
-            for t in targets:
-                writers[t].write_idx(next_key[t], _relabelled(payload, new_labels[index, t],
-                                                              f"{dataset.rec_path}: key {key}"))
-                next_key[t] += 1
+        with tqdm(total=len(dataset), desc="copying records", unit="img", disable=None) as bar:
+            for lo in range(0, len(dataset), chunk):
+                part = slice(lo, lo + chunk)
+                for key, offset, code, labels in zip(dataset.keys[part].tolist(), dataset.offsets[part].tolist(),
+                                                     codes[part].tolist(), new_labels[part].tolist()):
+                    payload = dataset.record.read_at(offset, key)
+                    for t in targets_of[code]:
+                        writers[t].write_idx(next_key[t], relabel(payload, labels[t], f"{dataset.rec_path}: key {key}"))
+                        next_key[t] += 1
+                bar.update(min(chunk, len(dataset) - lo))
         for suffix, writer in zip(suffixes, writers):
             writer.close()
             with open(os.path.join(staging, f"train_part_{suffix}.property"), "w") as handle:
