@@ -89,8 +89,8 @@ def test_extract_average_denoise_cli(setup):
 def test_torchrun_two_ranks_and_avg_with_config(setup):
     root, cfg = setup
     out = str(root / "torchrun")
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", AVG, cfg, "--SD", SD, "--output", out,
-                "--batch_size", "4"])
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                AVG, cfg, "--SD", SD, "--output", out, "--batch_size", "4"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = _files(out)
     expected, expected_labels = _reference(root)
@@ -172,7 +172,7 @@ def test_bad_input_errors(setup, tmp_path):
     bad[2, 5] = np.nan
     np.save(os.path.join(out, f"{SD}_feature.npy"), bad)
     np.save(os.path.join(out, f"{SD}_label.npy"), np.array([0, 0, 2, 2]))
-    with pytest.raises(UserError, match=f"{SD}_feature.npy: features row 2 contains NaN"):
+    with pytest.raises(UserError, match=f"{SD}_feature.npy: row 2 contains NaN or inf"):
         denoise_main(["--SD", SD, "--output", out])
     with pytest.raises(UserError, match="row 2 contains NaN"):
         avg_main(["--SD", SD, "--output", out])

@@ -60,7 +60,7 @@ def _check_finite(block, start):
     if bad.any():
         rows = np.flatnonzero(bad & ~np.isfinite(block).all(axis=1))
         if len(rows):
-            raise UserError(f"features row {start + int(rows[0])} contains NaN or inf")
+            raise UserError(f"row {start + int(rows[0])} contains NaN or inf")
 
 
 def check_finite_rows(features, chunk_rows=None):
@@ -203,15 +203,17 @@ def credible_mask(features, labels, T, column_norm=False, num_classes=None, chun
 
 
 def _entropy_rows(scores, probs):
-    """Shannon entropy (nats, float64) of each row: ``softmax(scores)`` or ``scores`` as probabilities."""
-    scores = np.asarray(scores, dtype=np.float64)
+    """Shannon entropy (nats, float64) of each row: ``softmax(scores)`` or ``scores`` as probabilities.
+
+    For logits, with z = scores − row max and S = Σ e^z: H = log S − Σ e^z·z / S (one exp pass).
+    """
     if probs:
-        p = scores / scores.sum(axis=1, keepdims=True)
+        p = scores / scores.sum(axis=1, keepdims=True, dtype=np.float64)
         return -np.einsum("ij,ij->i", p, np.log(np.where(p > 0, p, 1)))
     z = scores - scores.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=1))
-    p = np.exp(z - lse[:, None])
-    return lse - np.einsum("ij,ij->i", p, z)
+    e = np.exp(z)
+    total = e.sum(axis=1, dtype=np.float64)
+    return np.log(total) - np.einsum("ij,ij->i", e, z, dtype=np.float64) / total
 
 
 def nccl_credible_mask(scores, probs=False, chunk_rows=None):
@@ -288,8 +290,10 @@ def advbct_class_stats(features, labels, num_classes=None, chunk_rows=None):
     q1 = np.where(big, ranked[np.minimum(starts + counts // 4, len(ranked) - 1)], -np.inf)
     q3 = np.where(big, ranked[np.minimum(starts + (3 * counts) // 4, len(ranked) - 1)], np.inf)
     iqr = np.where(big, q3 - q1, 0)
-    kept = (distances >= (q1 - 1.5 * iqr)[labels]) & (distances <= (q3 + 1.5 * iqr)[labels])
+    ranked_labels = labels[order]
+    kept = (ranked >= (q1 - 1.5 * iqr)[ranked_labels]) & (ranked <= (q3 + 1.5 * iqr)[ranked_labels])
     radii = np.zeros(num_classes, dtype=np.float64)
-    np.maximum.at(radii, labels[kept], distances[kept])
-    num_radii = np.bincount(labels[kept], minlength=num_classes).astype(np.int64)
+    present = counts > 0
+    radii[present] = np.maximum.reduceat(np.where(kept, ranked, 0.0), starts[present])
+    num_radii = np.bincount(ranked_labels[kept], minlength=num_classes).astype(np.int64)
     return AdvBCTStats(centres.astype(np.float32), radii.astype(np.float32), counts, num_radii)

@@ -20,11 +20,17 @@ import re
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Subset
 from tqdm import tqdm
 
+from backbones import load_backbone
 from utils.config import ROOT
+from utils.dataset import MXFaceDataset, _Batches, _init_worker
+from utils.distributed import add_launcher_args, cleanup, init_distributed
 from utils.errors import UserError
+from utils.feature_stats import check_finite_rows
+from utils.io import atomic_np_save, safe_np_load
 
 FEATURE_ROOT = os.path.join(ROOT, "feature_save")
 SCENARIOS = {"class70": "OPclass", "class30": "OPclass", "data70": "OPdata", "data30": "OPdata",
@@ -87,8 +93,6 @@ def about_file(path):
 
 def load_features(sd, root=None):
     """The SD's features (read-only memory map) and labels, checked to be N×d float and N integers."""
-    from utils.io import safe_np_load
-
     feature_file, label_file = feature_path(sd, "feature", root), feature_path(sd, "label", root)
     for path in (feature_file, label_file):
         if not os.path.isfile(path):
@@ -111,7 +115,6 @@ def _shard(num_rows, rank, world_size):
 
 def _loader(dataset, start, stop, batch_size, num_workers, pin_memory):
     if hasattr(dataset, "get_batch"):  # MXFaceDataset decodes whole batches at once
-        from utils.dataset import _Batches, _init_worker
         return DataLoader(_Batches(dataset), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                           sampler=BatchSampler(range(start, stop), batch_size, drop_last=False),
                           worker_init_fn=_init_worker)
@@ -125,7 +128,8 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
 
     Each rank embeds a contiguous share; rank 0 gathers the shares and returns one float32 N×d
     array in dataset order (checked: every index exactly once); other ranks return None. Items are
-    ``(image, label, index)``. AMP (fp16) is used on CUDA when ``amp``.
+    ``(image, label, index)``. AMP (fp16) is used on CUDA when ``amp``. A DDP-wrapped model is
+    unwrapped (its forward would synchronise ranks that may run different numbers of batches).
     """
     if batch_size < 1 or num_workers < 0:
         raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
@@ -133,6 +137,8 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
     start, stop = _shard(len(dataset), dist_info.rank, dist_info.world_size)
     loader = _loader(dataset, start, stop, batch_size, num_workers, device.type == "cuda")
     use_amp = amp and device.type == "cuda"
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     was_training = model.training
     model.eval()
     local, local_index, filled = None, np.full(stop - start, -1, np.int64), 0
@@ -206,8 +212,6 @@ def add_sd_args(parser):
 
 def add_extract_args(parser):
     """Options of the extraction (step 2): data override, batch size, loader workers, launcher."""
-    from utils.distributed import add_launcher_args
-
     parser.add_argument("--dataset", default=None,
                         help="rec prefix or folder to embed (default: the SD's split beside the config's rec)")
     parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass and process")
@@ -227,12 +231,6 @@ def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers
     Rank 0 writes ``<SD>_feature.npy`` (raw float32 embeddings) and ``<SD>_label.npy`` (int64) in
     dataset order and returns their paths; other ranks return None.
     """
-    from backbones import load_backbone
-    from utils.dataset import MXFaceDataset
-    from utils.distributed import cleanup, init_distributed
-    from utils.feature_stats import check_finite_rows
-    from utils.io import atomic_np_save
-
     dim, _ = parse_sd(sd)
     model_file = os.path.join(cfg.output, "model.pt")
     if not os.path.isfile(model_file):
