@@ -1,0 +1,7 @@
+"""IJB-C / IJB-B evaluation (SPEC §5): 1:1 verification and 1:N identification, self- and cross-test.
+
+Command line: ``python tools/ijbc_eval/ijbc_eval.py -m=MODEL.pt -net=r50 [-N] [-m_old=OLD.pt -old_net=r18]``;
+from Python: :func:`tools.ijbc_eval.ijbc_eval.evaluate`. Modules: ``meta`` (protocol files and
+their cache), ``align`` (Umeyama alignment, image dataset), ``embed`` (model runners, extraction),
+``metrics`` (template features, TAR@FAR, top-k, TPIR@FPIR), ``plots`` (ROC and DIR figures).
+"""

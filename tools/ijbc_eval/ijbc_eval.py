@@ -1,0 +1,278 @@
+"""IJB-C / IJB-B evaluation: 1:1 verification and 1:N identification, self-test and cross-test (SPEC §5).
+
+    python tools/ijbc_eval/ijbc_eval.py -m=NEW.pt -net=r50                              # self 1:1
+    python tools/ijbc_eval/ijbc_eval.py -m=NEW.pt -net=r50 -N                           # self 1:N
+    python tools/ijbc_eval/ijbc_eval.py -m=NEW.pt -net=r50 -m_old=OLD.pt -old_net=r18    # cross 1:1
+    python tools/ijbc_eval/ijbc_eval.py -m=NEW.pt -net=r50 -m_old=OLD.pt -old_net=r18 -N # cross 1:N
+
+Cross-test: the gallery side (1:1 ``template1``, 1:N galleries) uses the old model, the query side
+the new one. Prints a markdown table and writes a ROC (1:1) or DIR (1:N) figure; ``-R PATH.npz``
+also writes the scores or curves (and embeddings with ``-E``) and ``PATH.json``. See docs/evaluation.md.
+"""
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from tools.ijbc_eval import metrics  # noqa: E402
+from tools.ijbc_eval.embed import Embedder, extract  # noqa: E402
+from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta  # noqa: E402
+from utils.errors import UserError, require, run_cli  # noqa: E402
+from utils.io import atomic_np_savez, atomic_open, safe_np_load  # noqa: E402
+
+DEFAULT_DATA = os.path.join(ROOT, "dataset", "synthetic")
+RESULTS_DIR = os.path.join(ROOT, "work_dirs", "ijb_results")
+EMBEDDING_KEYS = ("embs", "embs_f", "embs_old", "embs_f_old")
+
+
+def _restore(path, num_images):
+    """``(new, old)`` embedding pairs from a saved result; ``old`` is None without ``embs_old``."""
+    with safe_np_load(path) as data:
+        require(hasattr(data, "files"), f"{path}: expected an .npz result saved with -E -R")
+        require("embs" in data.files and "embs_f" in data.files,
+                f"{path}: holds no 'embs'/'embs_f' arrays (save them with -E -R)")
+        arrays = {k: np.asarray(data[k], np.float32) for k in EMBEDDING_KEYS if k in data.files}
+    require(("embs_old" in arrays) == ("embs_f_old" in arrays), f"{path}: holds only one of embs_old/embs_f_old")
+    for key, value in arrays.items():
+        require(value.ndim == 2, f"{path}: '{key}' must be a 2-D array, got shape {value.shape}")
+        require(len(value) == num_images, f"{path}: '{key}' has {len(value)} rows but the image list has "
+                                          f"{num_images} images (embeddings of another data set?)")
+    require(arrays["embs_f"].shape == arrays["embs"].shape, f"{path}: 'embs_f' and 'embs' differ in shape")
+    new = (arrays["embs"], arrays["embs_f"])
+    old = (arrays["embs_old"], arrays["embs_f_old"]) if "embs_old" in arrays else None
+    if old is not None:
+        _check_sizes(old[0].shape[1], new[0].shape[1], f"{path}: embs_old", f"{path}: embs")
+    return new, old
+
+
+def _check_sizes(old_size, new_size, old_name, new_name):
+    require(old_size == new_size, f"cross-test needs equal embedding sizes: {old_name} gives {old_size}-d, "
+                                  f"{new_name} {new_size}-d")
+
+
+def _embed(meta, model_file, network, model_file_old, network_old, options):
+    """``(new, old)`` embedding pairs from the models (``old`` None for a self-test)."""
+    check_images(meta)
+    embedders = [Embedder(model_file, network, options["width"], options["input_size"], options["device"])]
+    if model_file_old:
+        embedders.append(Embedder(model_file_old, network_old, options["old_width"], options["old_input_size"],
+                                  options["device"]))
+        _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
+    outputs = extract(meta, embedders, options["batch_size"], options["num_workers"])
+    return outputs[0], (outputs[1] if model_file_old else None)
+
+
+def _verification(meta, templates, new, old, variants):
+    idx1, idx2 = templates.index(meta.pairs["t1"]), templates.index(meta.pairs["t2"])
+    summaries, curves, scores = {}, {}, []
+    for variant in variants:
+        feats_new = templates.features(*new, meta.scores, variant)
+        feats_old = templates.features(*old, meta.scores, variant) if old else feats_new
+        score = metrics.pair_scores(feats_old, feats_new, idx1, idx2)
+        require(np.isfinite(score).all(), "non-finite similarity scores: the embeddings contain NaN or inf")
+        summaries[variant], curves[variant] = metrics.verification(meta.pairs["labels"], score)
+        scores.append(score.astype(np.float32))
+    arrays = dict(scores=np.stack(scores), labels=meta.pairs["labels"])
+    return summaries, curves, arrays
+
+
+def _identification(meta, templates, new, old, variants):
+    summaries, curves = {}, {}
+    for variant in variants:
+        feats_new = templates.features(*new, meta.scores, variant)
+        feats_old = templates.features(*old, meta.scores, variant) if old else feats_new
+        require(np.isfinite(feats_new).all() and np.isfinite(feats_old).all(),
+                "non-finite template features: the embeddings contain NaN or inf")
+        galleries = {name: (feats_old[templates.index(g["templates"])], g["subjects"])
+                     for name, g in meta.galleries.items()}
+        probes = feats_new[templates.index(meta.probes["templates"])]
+        summaries[variant], curves[variant] = metrics.identification_report(galleries, probes,
+                                                                            meta.probes["subjects"])
+    arrays = dict(fpir=metrics.CURVE_FPIR, tpir=np.stack([curves[v]["mean"] for v in variants]),
+                  **{f"tpir_{name}": np.stack([curves[v][name] for v in variants]) for name in meta.galleries})
+    return summaries, curves, arrays
+
+
+def _pct(value):
+    return f"{100 * value:.2f}"
+
+
+def format_table(result):
+    """Markdown table of a result dict (values in %)."""
+    variants = result.get("variants") or {result["variant"]: result}
+    title = f"{result['subset']} {result['protocol']} {result['test']}-test (%)"
+    if result["protocol"] == "1:1":
+        lines = ["| variant | " + " | ".join(f"TAR@FAR={k}" for k in metrics.FAR_KEYS) + " | AUC |",
+                 "|---" * (len(metrics.FAR_KEYS) + 2) + "|"]
+        for name, r in variants.items():
+            lines.append(f"| {name} | " + " | ".join(_pct(r["TAR@FAR"][k]) for k in metrics.FAR_KEYS)
+                         + f" | {_pct(r['AUC'])} |")
+    else:
+        tops = [f"top{k}" for k in metrics.TOPK]
+        lines = ["| variant | gallery | " + " | ".join(tops) + " | "
+                 + " | ".join(f"TPIR@FPIR={k}" for k in metrics.FPIR_KEYS) + " |",
+                 "|---" * (len(tops) + len(metrics.FPIR_KEYS) + 2) + "|"]
+        galleries = SUBSETS[result["subset"]][1]
+        for name, r in variants.items():
+            for gallery, row in [(g, r[g]) for g in galleries] + [("mean", r), ("mixed", r["mixed"])]:
+                tpir = row.get("TPIR@FPIR", {})
+                lines.append(f"| {name} | {gallery} | " + " | ".join(_pct(row[t]) for t in tops) + " | "
+                             + " | ".join(_pct(tpir[k]) if k in tpir else "" for k in metrics.FPIR_KEYS) + " |")
+    return "\n".join([title, ""] + lines) + "\n"
+
+
+def _output_stem(save_result, subset, source, test, protocol):
+    if save_result:
+        return save_result[:-len(".npz")]
+    stem = os.path.splitext(os.path.basename(source))[0]
+    return os.path.join(RESULTS_DIR, f"{subset}_{stem}_{test}_{'1N' if protocol == '1:N' else '11'}")
+
+
+def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=False, model_file_old=None,
+             network_old="r18", subset="IJBC", batch_size=128, bunch=False, save_embeddings=False,
+             restore_embs=None, save_result=None, force_reload=False, width=64, input_size=112, old_width=None,
+             old_input_size=None, num_workers=None, device=None, plot=True, verbose=True):
+    """Evaluate a model (or saved embeddings) on IJB-C/IJB-B; returns the result dict written as JSON.
+
+    1:1 → ``{"protocol", "subset", "test", "TAR@FAR": {"1e-6"…"1e-1"}, "AUC", …}``;
+    1:N → ``{"protocol", "subset", "test", "top1", "top5", "top10", "TPIR@FPIR", "G1", "G2", "mixed", …}``.
+    With ``bunch`` all eight N/D/F variants are added under ``"variants"`` (top level: N0D1F1).
+    """
+    require((model_file is None) != (restore_embs is None),
+            "give a model (-m) or saved embeddings (--restore_embs), exactly one of them")
+    require(not (restore_embs and model_file_old),
+            "--restore_embs holds the old-model embeddings itself (embs_old); do not pass -m_old")
+    require(save_result is None or str(save_result).endswith(".npz"),
+            f"-R/--save_result must be a path ending in .npz, got {save_result}")
+    require(not save_embeddings or save_result, "-E/--save_embeddings needs -R/--save_result PATH.npz")
+    meta = load_meta(data_path, subset, one_to_n, force_reload)
+    if restore_embs:
+        new, old = _restore(restore_embs, len(meta))
+    else:
+        options = dict(width=width, input_size=input_size, device=device, batch_size=batch_size,
+                       old_width=width if old_width is None else old_width,
+                       old_input_size=input_size if old_input_size is None else old_input_size,
+                       num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers)
+        new, old = _embed(meta, model_file, network, model_file_old, network_old, options)
+    test = "cross" if old is not None else "self"
+    protocol = "1:N" if one_to_n else "1:1"
+    variants = metrics.VARIANTS if bunch else (metrics.DEFAULT_VARIANT,)
+    templates = metrics.Templates(meta.templates, meta.medias)
+    run = _identification if one_to_n else _verification
+    summaries, curves, arrays = run(meta, templates, new, old, variants)
+
+    result = {"protocol": protocol, "subset": subset, "test": test, **summaries[metrics.DEFAULT_VARIANT],
+              "variant": metrics.DEFAULT_VARIANT, "model": model_file or restore_embs, "network": network if model_file else None,
+              "model_old": model_file_old if old is not None and not restore_embs else None,
+              "network_old": network_old if old is not None else None,
+              "num_images": len(meta), "num_templates": len(templates.ids)}
+    if not one_to_n:
+        result["num_pairs"] = int(len(meta.pairs["labels"]))
+    if bunch:
+        result["variants"] = summaries
+    if verbose:
+        print(format_table(result), flush=True)
+
+    stem = _output_stem(save_result, subset, model_file or restore_embs, test, protocol)
+    if save_result:
+        extra = {}
+        if save_embeddings:
+            extra.update(embs=new[0], embs_f=new[1])
+            if old is not None:
+                extra.update(embs_old=old[0], embs_f_old=old[1])
+        atomic_np_savez(save_result, protocol=np.array(protocol), subset=np.array(subset), test=np.array(test),
+                        names=np.array(variants), **arrays, **extra)
+        with atomic_open(stem + ".json") as handle:
+            json.dump(result, handle, indent=1)
+        if verbose:
+            print(f"saved {save_result} and {stem}.json")
+    if plot:
+        from tools.ijbc_eval import plots  # matplotlib is loaded only when a figure is drawn
+
+        label = f"{test}-test"
+        if one_to_n:
+            figure = plots.plot_dir([(f"{label} {v}", metrics.CURVE_FPIR, curves[v]["mean"]) for v in variants],
+                                    stem + "_dir.png", title=f"{subset} 1:N {label}")
+        else:
+            figure = plots.plot_roc([(f"{label} {v}", *curves[v]) for v in variants], stem + "_roc.png",
+                                    title=f"{subset} 1:1 {label}")
+        if verbose:
+            print(f"figure: {figure}")
+    return result
+
+
+def plot_only(files, save_result=None):
+    """Draw the curves of saved ``-R`` results together; returns the written PNG paths."""
+    from tools.ijbc_eval import plots
+
+    roc_curves, dir_curves = [], []
+    for path in files:
+        with safe_np_load(path) as data:
+            require(hasattr(data, "files") and "protocol" in data.files and "names" in data.files,
+                    f"{path}: not a result saved with -R")
+            stem = os.path.splitext(os.path.basename(path))[0]
+            names = [str(n) for n in data["names"]]
+            for i, name in enumerate(names):
+                label = stem if len(names) == 1 else f"{stem} {name}"
+                if str(data["protocol"]) == "1:1":
+                    roc_curves.append((label, *metrics.roc(data["labels"], data["scores"][i])))
+                else:
+                    dir_curves.append((label, data["fpir"], data["tpir"][i]))
+    base = save_result[:-len(".npz")] if save_result else os.path.join(RESULTS_DIR, "compare")
+    written = []
+    if roc_curves:
+        written.append(plots.plot_roc(roc_curves, base + "_roc.png"))
+    if dir_curves:
+        written.append(plots.plot_dir(dir_curves, base + "_dir.png"))
+    return written
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model_file", help="new model: backbone state_dict (.pt) or ONNX file (.onnx)")
+    p.add_argument("-net", "--network", default="r50", help="backbone of -m (default r50)")
+    p.add_argument("-m_old", "--model_file_old", help="old model (cross-test: gallery side)")
+    p.add_argument("-old_net", "--network_old", default="r18", help="backbone of -m_old (default r18)")
+    p.add_argument("-d", "--data_path", default=DEFAULT_DATA, help="folder holding IJBC/ or IJBB/")
+    p.add_argument("-s", "--subset", default="IJBC", help="IJBC or IJBB")
+    p.add_argument("-b", "--batch_size", type=int, default=128)
+    p.add_argument("-N", "--is_one_2_N", action="store_true", help="1:N identification (default 1:1)")
+    p.add_argument("-B", "--is_bunch", action="store_true", help="all eight N/D/F variants")
+    p.add_argument("-E", "--save_embeddings", action="store_true", help="store embeddings in the -R file")
+    p.add_argument("--restore_embs", metavar="PATH", help="evaluate embeddings saved with -E -R")
+    p.add_argument("-R", "--save_result", metavar="PATH.npz", help="write PATH.npz and PATH.json")
+    p.add_argument("-P", "--plot_only", nargs="+", metavar="FILE", help="replot saved -R results together")
+    p.add_argument("-F", "--force_reload", action="store_true", help="re-parse the meta files")
+    p.add_argument("--width", type=int, default=64, help="backbone width of -m")
+    p.add_argument("--input_size", type=int, default=112, help="input size of -m")
+    p.add_argument("--old_width", type=int, default=None, help="backbone width of -m_old (default --width)")
+    p.add_argument("--old_input_size", type=int, default=None, help="input size of -m_old (default --input_size)")
+    p.add_argument("--num_workers", type=int, default=None, help="image loading workers (default min(8, CPUs))")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.plot_only:
+        for path in plot_only(args.plot_only, args.save_result):
+            print(f"figure: {path}")
+        return None
+    return evaluate(args.model_file, args.network, args.data_path, args.is_one_2_N, args.model_file_old,
+                    args.network_old, args.subset, args.batch_size, args.is_bunch, args.save_embeddings,
+                    args.restore_embs, args.save_result, args.force_reload, args.width, args.input_size,
+                    args.old_width, args.old_input_size, args.num_workers, args.device)
+
+
+if __name__ == "__main__":
+    run_cli(main)

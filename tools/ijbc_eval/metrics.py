@@ -1,0 +1,221 @@
+"""IJB metrics (SPEC §5): image → template features, 1:1 verification, 1:N identification.
+
+Everything is vectorised: templates are one sparse (templates × images) product, 1:1 scores are
+blocks of a template Gram matrix (or chunked gathers when pairs are sparse), 1:N ranks and
+thresholds are array operations on the probe × gallery similarity matrix. Template features and
+scores are float64, as in the insightface evaluation code.
+"""
+import math
+from fractions import Fraction
+
+import numpy as np
+import scipy.sparse
+from utils.errors import UserError
+
+FAR_KEYS = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")
+FPIR_KEYS = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
+TOPK = (1, 5, 10)
+VARIANTS = tuple(f"N{n}D{d}F{f}" for n in (0, 1) for d in (0, 1) for f in (0, 1))
+DEFAULT_VARIANT = "N0D1F1"
+CURVE_FPIR = np.logspace(-4, 0, 41)
+_CHUNK_ROWS = 1 << 16
+_BLOCK_BYTES = 1 << 27
+
+
+def variant_flags(variant):
+    """``"N0D1F1"`` → (normalise, detector score, flip) booleans."""
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant '{variant}' (expected one of {', '.join(VARIANTS)})")
+    return variant[1] == "1", variant[3] == "1", variant[5] == "1"
+
+
+def image_features(embs, embs_f, scores, variant=DEFAULT_VARIANT):
+    """float32 image features: (flip sum) → (L2-normalised) → (× detector score), per ``variant``."""
+    normalise, detector, flip = variant_flags(variant)
+    feats = np.asarray(embs, np.float32)
+    if flip:
+        feats = feats + np.asarray(embs_f, np.float32)
+    if normalise:
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        feats = feats / np.where(norms > 0, norms, 1)
+    if detector:
+        feats = feats * np.asarray(scores, np.float32)[:, None]
+    return feats
+
+
+class Templates:
+    """Template aggregation as one sparse matrix: weight of an image = 1 / frames of its media.
+
+    ``ids`` are the sorted template ids (rows); a template feature is the sum over its media of the
+    media's mean image feature, L2-normalised.
+    """
+
+    def __init__(self, templates, medias):
+        templates, medias = np.asarray(templates), np.asarray(medias)
+        self.ids, row = np.unique(templates, return_inverse=True)
+        _, media = np.unique(medias, return_inverse=True)
+        _, group, counts = np.unique(row.astype(np.int64) * (media.max() + 1) + media,
+                                     return_inverse=True, return_counts=True)
+        weights = 1.0 / counts[group]
+        self.matrix = scipy.sparse.csc_matrix((weights, (row, np.arange(len(row)))),
+                                              shape=(len(self.ids), len(row)))
+
+    def index(self, ids):
+        """Row of each template id (ids must be known)."""
+        return np.searchsorted(self.ids, ids)
+
+    def features(self, embs, embs_f, scores, variant=DEFAULT_VARIANT):
+        """L2-normalised float64 template features (len(ids) × d), streamed over image chunks."""
+        num_images = self.matrix.shape[1]
+        if len(embs) != num_images or (embs_f is not None and len(embs_f) != num_images):
+            raise UserError(f"embeddings hold {len(embs)} rows, the image list has {num_images} images")
+        out = np.zeros((len(self.ids), embs.shape[1]), np.float64)
+        for start in range(0, num_images, _CHUNK_ROWS):
+            part = slice(start, start + _CHUNK_ROWS)
+            feats = image_features(embs[part], None if embs_f is None else embs_f[part], scores[part], variant)
+            out += self.matrix[:, part] @ feats.astype(np.float64)
+        return normalise_rows(out)
+
+
+def normalise_rows(x):
+    """Rows divided by their L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1)
+
+
+def pair_scores(feats1, feats2, idx1, idx2):
+    """Cosine score ``feats1[idx1[i]] · feats2[idx2[i]]`` of every pair (rows already normalised).
+
+    Computed as row blocks of the Gram matrix of the templates that occur (gathering just the
+    needed entries) when the pairs cover at least 1/64 of that grid, else as chunked row gathers.
+    """
+    idx1, idx2 = np.asarray(idx1), np.asarray(idx2)
+    scores = np.empty(len(idx1), np.float64)
+    rows, r1 = np.unique(idx1, return_inverse=True)
+    cols, c2 = np.unique(idx2, return_inverse=True)
+    if len(rows) * len(cols) > 64 * len(idx1):
+        for start in range(0, len(idx1), _CHUNK_ROWS):
+            part = slice(start, start + _CHUNK_ROWS)
+            scores[part] = np.einsum("ij,ij->i", feats1[idx1[part]], feats2[idx2[part]])
+        return scores
+    right = np.ascontiguousarray(feats2[cols].T)
+    order = np.argsort(r1, kind="stable")
+    step = max(1, _BLOCK_BYTES // (8 * len(cols)))
+    bounds = np.searchsorted(r1[order], np.arange(0, len(rows) + step, step))
+    for block, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if lo == hi:
+            continue
+        first = block * step
+        gram = feats1[rows[first:first + step]] @ right
+        sel = order[lo:hi]
+        scores[sel] = gram[r1[sel] - first, c2[sel]]
+    return scores
+
+
+def roc(labels, scores):
+    """``(fpr, tpr)`` exactly as sklearn ``roc_curve(labels, scores)``, fed pre-sorted input.
+
+    ``roc_curve`` only depends on the counts of genuine and impostor scores at each distinct score,
+    so the scores are sorted once (a fast value sort, not an argsort), the genuine labels are
+    placed inside their tie groups, and ``roc_curve`` receives the arrays in descending order.
+    """
+    from sklearn.metrics import roc_curve  # imported here: sklearn is slow to import and 1:N does not need it
+
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, np.float64)
+    num_pos = int(labels.sum())
+    if num_pos == 0 or num_pos == len(labels):
+        raise UserError("1:1 evaluation needs both genuine (label 1) and impostor (label 0) pairs")
+    ordered = np.sort(scores)
+    genuine = np.sort(scores[labels])
+    within_ties = np.arange(num_pos) - np.searchsorted(genuine, genuine, "left")
+    sorted_labels = np.zeros(len(ordered), np.int8)
+    sorted_labels[np.searchsorted(ordered, genuine, "left") + within_ties] = 1
+    fpr, tpr, _ = roc_curve(sorted_labels[::-1], ordered[::-1])
+    return fpr, tpr
+
+
+def tar_at_far(fpr, tpr, keys=FAR_KEYS):
+    """TAR at each FAR: reverse the arrays, take tpr at argmin |fpr − FAR| (largest tpr on ties)."""
+    fpr_r, tpr_r = fpr[::-1], tpr[::-1]
+    return {key: float(tpr_r[np.argmin(np.abs(fpr_r - float(key)))]) for key in keys}
+
+
+def verification(labels, scores):
+    """``{"TAR@FAR": {...}, "AUC": …}`` and the ROC ``(fpr, tpr)``."""
+    from sklearn.metrics import auc
+
+    fpr, tpr = roc(labels, scores)
+    return {"TAR@FAR": tar_at_far(fpr, tpr), "AUC": float(auc(fpr, tpr))}, (fpr, tpr)
+
+
+def _threshold(sorted_desc, fraction):
+    """SPEC §5.6 threshold: sorted[max(floor(n·f) − 1, 0)] (−inf without non-mated probes)."""
+    n = len(sorted_desc)
+    if n == 0:
+        return -np.inf
+    return sorted_desc[max(math.floor(n * fraction) - 1, 0)]
+
+
+def identification(gallery, gallery_subjects, probes, probe_subjects, ks=TOPK, fpir=True):
+    """1:N search of ``probes`` in ``gallery`` (normalised rows, float64).
+
+    A probe is mated when its subject has a gallery template; its target is the subject's first
+    gallery template. Rank = place of the target when the gallery is sorted by decreasing
+    similarity, ties kept in gallery order. TPIR@FPIR f: a mated probe counts when its target
+    score is above every other subject's score and above the threshold from the non-mated probes'
+    best scores (:func:`_threshold`). Returns (summary dict, top-k hit counts, TPIR curve on
+    ``CURVE_FPIR``).
+    """
+    if len(gallery) == 0:
+        raise UserError("1:N evaluation: empty gallery")
+    sims = probes @ gallery.T
+    subjects, first = np.unique(gallery_subjects, return_index=True)
+    pos = np.minimum(np.searchsorted(subjects, probe_subjects), len(subjects) - 1)
+    mated = subjects[pos] == probe_subjects
+    target = first[pos[mated]]
+    mated_sims = sims[mated]
+    score = mated_sims[np.arange(len(target)), target][:, None]
+    columns = np.arange(gallery.shape[0])[None, :]
+    rank = (mated_sims > score).sum(1) + ((mated_sims == score) & (columns < target[:, None])).sum(1)
+    hits = {k: int((rank < k).sum()) for k in ks}
+    num_mated = int(mated.sum())
+    summary = {f"top{k}": hits[k] / num_mated if num_mated else float("nan") for k in ks}
+    summary.update(num_gallery=int(gallery.shape[0]), num_mated=num_mated,
+                   num_nonmated=int(len(mated) - num_mated))
+    if not fpir:
+        return summary, hits, None
+    same = gallery_subjects[None, :] == probe_subjects[mated][:, None]
+    correct = score[:, 0] > np.where(same, -np.inf, mated_sims).max(1, initial=-np.inf)
+    impostor = -np.sort(-sims[~mated].max(1, initial=-np.inf))
+    score = score[:, 0]
+
+    def tpir(fraction):
+        return float(np.mean(correct & (score > _threshold(impostor, fraction)))) if num_mated else float("nan")
+
+    summary["TPIR@FPIR"] = {key: tpir(Fraction(key)) for key in FPIR_KEYS}
+    return summary, hits, np.array([tpir(f) for f in CURVE_FPIR])
+
+
+def identification_report(galleries, probes, probe_subjects, mixed=True):
+    """SPEC §5.6 report over galleries ``{name: (features, subjects)}`` searched by ``probes``.
+
+    Overall top-k = hits in all galleries / probes; overall TPIR = mean over galleries; ``mixed`` =
+    top-k against the union of the galleries. Returns (report dict, {name: TPIR curve}).
+    """
+    report, hits, curves = {}, {k: 0 for k in TOPK}, {}
+    for name, (feats, subjects) in galleries.items():
+        report[name], found, curves[name] = identification(feats, subjects, probes, probe_subjects)
+        for k in TOPK:
+            hits[k] += found[k]
+    overall = {f"top{k}": hits[k] / len(probe_subjects) for k in TOPK}
+    overall["TPIR@FPIR"] = {key: float(np.mean([report[n]["TPIR@FPIR"][key] for n in galleries]))
+                            for key in FPIR_KEYS}
+    result = dict(overall, **report)
+    if mixed:
+        union = np.concatenate([g[0] for g in galleries.values()])
+        union_subjects = np.concatenate([g[1] for g in galleries.values()])
+        union_report = identification(union, union_subjects, probes, probe_subjects, fpir=False)[0]
+        result["mixed"] = {f"top{k}": union_report[f"top{k}"] for k in TOPK}
+    curves["mean"] = np.mean([curves[n] for n in galleries], axis=0)
+    return result, curves
