@@ -59,7 +59,8 @@ def method_config(tmp_path, method, rec, paths, name="cfg", **overrides):
     folder.mkdir(exist_ok=True)
     (folder / "base.py").write_text(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
     keys = dict(method_keys(method, paths), **overrides)
-    return tiny_train_config(folder / f"{name}.py", rec, str(tmp_path / f"out_{name}"), **keys), str(tmp_path / f"out_{name}")
+    output = str(tmp_path / f"out_{name}")
+    return tiny_train_config(folder / f"{name}.py", rec, output, **keys), output
 
 
 def assert_trained(output, part):
@@ -136,7 +137,8 @@ def test_resume_restores_method_state(tmp_path, tiny, method):
     train_in_process(method, cfg, resume=True)
     resumed_log = open(os.path.join(out, "training.log")).read()[len(first_log):]
     assert "resumed from step 8" in resumed_log and "prototypes refined" not in resumed_log
-    assert _max_diff(safe_torch_load(os.path.join(out_ref, "model.pt")), safe_torch_load(os.path.join(out, "model.pt"))) <= 1e-6
+    reference, resumed = (safe_torch_load(os.path.join(o, "model.pt")) for o in (out_ref, out))
+    assert _max_diff(reference, resumed) <= 1e-6
 
 
 def test_bad_old_feature_files_stop_before_training(tmp_path, tiny):
@@ -170,3 +172,60 @@ def test_missing_file_and_missing_keys_give_one_line(tmp_path, tiny):
     no_keys = write_config(tmp_path / "nokeys.py", rec=rec, output=str(tmp_path / "nokeys"), network="r18",
                            network_width=8, input_size=32, embedding_size=16, batch_size=8, num_workers=0)
     _one_line_error(python(os.path.join("BCT_methods", "L2", "train.py"), no_keys), "L2 needs old_embedding")
+
+
+def _nccl_steps(rank, world, folder, labels, batch):
+    """Three NCCL steps of a global batch of ``2·batch`` split over ``world`` gloo ranks; saves the gradients."""
+    import types
+
+    import torch.distributed as dist
+    from easydict import EasyDict as edict
+
+    from BCT_methods.NCCL.losses import NCCL
+    from losses import ArcFace, PartialFC
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "store"), rank=rank,
+                                world_size=world)
+    torch.manual_seed(1)
+    centres = torch.randn(5, 6)
+    classifier = PartialFC(ArcFace(), 6, 5)
+    with torch.no_grad():
+        classifier.weight.copy_(centres[classifier.class_start:classifier.class_start + classifier.num_local])
+    local = 2 * batch // world
+    cfg = edict(config_path="nccl.py", embedding_size=6, batch_size=local, queue_size=16, alpha=1.0, beta=0.5,
+                temperature=0.7, credible_old_feature=None, old_embedding=os.path.join(folder, "old.npy"))
+    ctx = types.SimpleNamespace(cfg=cfg, classifier=classifier, device=torch.device("cpu"), dataset=labels,
+                                dist=types.SimpleNamespace(world_size=world, rank=rank),
+                                logger=types.SimpleNamespace(info=lambda *a: None))
+    method = NCCL(cfg)
+    method.setup(ctx)
+    generator = torch.Generator().manual_seed(5)
+    grads = []
+    for _ in range(3):
+        indices = torch.randperm(len(labels), generator=generator)[:2 * batch][rank * local:(rank + 1) * local]
+        embeddings = torch.randn(2 * batch, 6, generator=generator)[rank * local:(rank + 1) * local].requires_grad_()
+        classifier.zero_grad()
+        loss, _ = method.compute_loss(embeddings, torch.from_numpy(labels[indices.numpy()]), indices, ctx)
+        loss.backward()
+        grads.append((embeddings.grad, classifier.weight.grad.clone()))
+    torch.save(grads, os.path.join(folder, f"grads_{world}_{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_nccl_two_ranks_give_the_one_process_gradients(tmp_path):
+    """Sharded logits, all-reduced logit products, gathered queue: with DDP's averaging the backbone and the
+    classifier get exactly the gradients of one process holding the whole batch."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 16)
+    np.save(tmp_path / "old.npy", rng.normal(size=(16, 6)).astype(np.float32))
+    _nccl_steps(0, 1, str(tmp_path), labels, 4)
+    torch.multiprocessing.spawn(_nccl_steps, args=(2, str(tmp_path), labels, 4), nprocs=2)
+    single = torch.load(tmp_path / "grads_1_0.pt")
+    ranks = [torch.load(tmp_path / f"grads_2_{r}.pt") for r in range(2)]
+    for step, (embedding_grad, weight_grad) in enumerate(single):
+        averaged = torch.cat([ranks[0][step][0], ranks[1][step][0]]) / 2  # DDP averages over the 2 ranks
+        assert torch.allclose(averaged, embedding_grad, atol=1e-5)
+        assert torch.allclose(torch.cat([ranks[0][step][1], ranks[1][step][1]]), weight_grad, atol=1e-5)

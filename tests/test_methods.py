@@ -17,7 +17,7 @@ from BCT_methods.BCT.losses import BCT, influence_loss
 from BCT_methods.L2.losses import L2, weakened_l2_loss
 from BCT_methods.MixBCT.losses import MixBCT, choose_mixed, mix_embeddings
 from BCT_methods.NCCL.losses import NCCL, OldFeatureQueue, consensus_contrastive_loss, consensus_weights
-from BCT_methods.UniBCT.losses import UniBCT, propagate_class, refine_prototypes
+from BCT_methods.UniBCT.losses import UniBCT, propagation_weights, refine_prototypes
 from losses import ArcFace, PartialFC
 from tests.helpers import ROOT
 from utils.config import get_config
@@ -139,7 +139,10 @@ def test_unibct_refinement_matches_direct_per_class_computation():
         got = refine_prototypes(new, old, labels, len(sizes), 0.9, 0.5, normalize, max_elements=64).numpy()
         for c in range(len(sizes)):
             rows = labels == c
-            expected = old[rows][0] if sizes[c] == 1 else _refine_numpy(new[rows].astype(np.float64), old[rows], 0.9, 0.5)
+            if sizes[c] == 1:
+                expected = old[rows][0]
+            else:
+                expected = _refine_numpy(new[rows].astype(np.float64), old[rows], 0.9, 0.5)
             if normalize:
                 expected = expected / np.linalg.norm(expected)
             np.testing.assert_allclose(got[c], expected, rtol=1e-4, atol=1e-5)
@@ -153,8 +156,7 @@ def test_unibct_lambda_zero_gives_plain_mean_and_rows_sum_to_one():
     for c in range(3):
         np.testing.assert_allclose(got[c], old[labels == c].mean(axis=0), rtol=1e-5, atol=1e-6)
     assert not got[3].any()  # a class without images stays zero
-    ones = torch.ones(2, 5, 1)
-    assert torch.allclose(propagate_class(torch.randn(2, 5, 4), ones, 0.9, 0.05), ones, atol=1e-5)
+    assert torch.allclose(propagation_weights(torch.randn(2, 5, 4), 0.9, 0.05).sum(dim=1), torch.ones(2), atol=1e-5)
 
 
 def test_unibct_influence_weight_and_state(tmp_path):
@@ -194,8 +196,8 @@ def test_consensus_contrastive_loss_hand_computed():
     empty = consensus_contrastive_loss(scores, labels, torch.tensor([7, -1, -1]), weights)
     log_p = 0.0  # only one valid slot: softmax over it is 1
     assert empty.item() == pytest.approx(-0.5 * log_p, abs=1e-6)
-    assert consensus_contrastive_loss(scores, labels, queue_labels, weights, anchors=torch.tensor([False, True])).item() \
-        == pytest.approx(row1, abs=1e-6)
+    only_second = consensus_contrastive_loss(scores, labels, queue_labels, weights, anchors=torch.tensor([False, True]))
+    assert only_second.item() == pytest.approx(row1, abs=1e-6)
 
 
 def test_queue_is_fifo_and_positives_include_self():
@@ -255,6 +257,15 @@ def test_nccl_method_matches_direct_formulas(tmp_path):
     restored.setup(ctx)
     restored.load_state_dict(method.state_dict())
     assert torch.equal(restored.queue.labels, queue.labels) and restored.queue.pointer == queue.pointer
+
+
+def test_nccl_credible_filter_skips_uncredible_samples(tmp_path):
+    ctx, _, mask, _, labels = fake_ctx(tmp_path, queue_size=16, alpha=1.0, beta=0.01, temperature=1.0)
+    method = NCCL(ctx.cfg)
+    method.setup(ctx)
+    indices = torch.tensor([0, 1, 2, 3, 4, 5])
+    method.compute_loss(torch.randn(6, 4), torch.from_numpy(labels[:6]), indices, ctx)
+    assert int((method.queue.labels >= 0).sum()) == int(mask[:6].sum()) == 3
 
 
 # L2 ----------------------------------------------------------------------------------------------

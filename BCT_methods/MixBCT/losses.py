@@ -51,7 +51,8 @@ class MixBCT(Method):
     def setup(self, ctx):
         cfg = ctx.cfg
         require_keys(cfg, self.name, "old_embedding", "credible_old_feature", "mix_ratio")
-        require(0.0 <= cfg.mix_ratio <= 1.0, f"config {cfg.config_path}: mix_ratio must be in [0, 1], got {cfg.mix_ratio}")
+        require(0.0 <= cfg.mix_ratio <= 1.0,
+                f"config {cfg.config_path}: mix_ratio must be in [0, 1], got {cfg.mix_ratio}")
         self.old = open_features(ctx)
         self.mask = open_mask(ctx)
         self.k = int(cfg.batch_size * cfg.mix_ratio)

@@ -53,14 +53,8 @@ def consensus_weights(old_normalized, queue_features):
     return (1.0 + old_normalized @ queue_features.t()) / 2.0
 
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(tensor):
-    rank, world = _world()
+def gather_rows(tensor, world):
+    """Concatenation over ranks of ``tensor`` along dim 0 (no gradient)."""
     if world == 1:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(world)]
@@ -73,18 +67,17 @@ class GatherRows(torch.autograd.Function):
     (DDP then averages the backbone gradient over ranks, giving the exact gradient of the global mean)."""
 
     @staticmethod
-    def forward(ctx, tensor):
-        ctx.rows = tensor.shape[0]
-        return _gather(tensor)
+    def forward(ctx, tensor, rank, world):
+        ctx.rows, ctx.rank, ctx.world = tensor.shape[0], rank, world
+        return gather_rows(tensor, world)
 
     @staticmethod
     def backward(ctx, grad):
-        rank, world = _world()
-        if world == 1:
-            return grad
+        if ctx.world == 1:
+            return grad, None, None
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[rank * ctx.rows:(rank + 1) * ctx.rows] * world
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows] * ctx.world, None, None
 
 
 class SumOverRanks(torch.autograd.Function):
@@ -92,20 +85,20 @@ class SumOverRanks(torch.autograd.Function):
     classifier shard gets the gradient of the mean of the per-rank losses."""
 
     @staticmethod
-    def forward(ctx, tensor):
+    def forward(ctx, tensor, world):
+        ctx.world = world
         tensor = tensor.clone()
-        if _world()[1] > 1:
+        if world > 1:
             dist.all_reduce(tensor)
         return tensor
 
     @staticmethod
     def backward(ctx, grad):
-        world = _world()[1]
-        if world == 1:
-            return grad
+        if ctx.world == 1:
+            return grad, None
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad / world
+        return grad / ctx.world, None
 
 
 class OldFeatureQueue:
@@ -156,7 +149,8 @@ class NCCL(Method):
         require_keys(cfg, self.name, "old_embedding", "queue_size", "alpha", "beta", "temperature")
         global_batch = cfg.batch_size * ctx.dist.world_size
         require(cfg.queue_size >= global_batch,
-                f"config {cfg.config_path}: queue_size {cfg.queue_size} is smaller than the global batch {global_batch}")
+                f"config {cfg.config_path}: queue_size {cfg.queue_size} is smaller than the global batch "
+                f"{global_batch}")
         require(cfg.temperature > 0, f"config {cfg.config_path}: temperature must be positive, got {cfg.temperature}")
         self.old = open_features(ctx)
         self.mask = open_mask(ctx) if cfg.get("credible_old_feature") else None
@@ -164,12 +158,16 @@ class NCCL(Method):
 
     def compute_loss(self, embeddings, labels, indices, ctx):
         cfg = ctx.cfg
-        rank, world = _world()
+        rank, world = ctx.dist.rank, ctx.dist.world_size
         batch = embeddings.shape[0]
         old = F.normalize(self.old.gather(indices, ctx.device))
-        anchors = self.mask.gather(indices).to(ctx.device) if self.mask is not None else torch.ones_like(labels, dtype=torch.bool)
+        if self.mask is None:
+            anchors = torch.ones_like(labels, dtype=torch.bool)
+        else:
+            anchors = self.mask.gather(indices).to(ctx.device)
         with torch.no_grad():
-            all_old, all_labels, all_anchors = _gather(old), _gather(labels), _gather(anchors.to(torch.uint8))
+            all_old, all_labels = gather_rows(old, world), gather_rows(labels, world)
+            all_anchors = gather_rows(anchors.to(torch.uint8), world)
             all_old_logits = ctx.classifier.logits(all_old)
             keep = all_anchors.nonzero().squeeze(1)
             self.queue.push(all_old[keep], all_labels[keep], all_old_logits[keep])
@@ -177,9 +175,9 @@ class NCCL(Method):
         weights = consensus_weights(old, self.queue.features)
         l1 = consensus_contrastive_loss(F.normalize(embeddings) @ self.queue.features.t(), labels,
                                         self.queue.labels, weights, cfg.temperature, anchors)
-        new_logits = ctx.classifier.logits(GatherRows.apply(embeddings))
+        new_logits = ctx.classifier.logits(GatherRows.apply(embeddings, rank, world))
         partial = (new_logits.to(self.queue.logits.dtype) @ self.queue.logits.t()).float()
-        scores = SumOverRanks.apply(partial)[rank * batch:(rank + 1) * batch]
+        scores = SumOverRanks.apply(partial, world)[rank * batch:(rank + 1) * batch]
         l2 = consensus_contrastive_loss(scores, labels, self.queue.labels, weights, cfg.temperature, anchors)
         loss = cls + cfg.alpha * l1 + cfg.beta * l2
         return loss, {"cls": cls.detach(), "l1": l1.detach(), "l2": l2.detach()}

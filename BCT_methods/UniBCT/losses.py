@@ -9,6 +9,8 @@ every class c with n images, the old features O_c (n×d) are propagated over the
 
 (τ = 0.05, λ = 0.9). A is row-stochastic, so every row of Π sums to 1: each refined old feature is
 a weighted average of its class's old features, weighted by how the *new* model relates them.
+Only the mean is needed, so it is computed as wᵀO_c with w = Πᵀ1/n (one solve with one right-hand
+side per class).
 The prototype is L2-normalised (``refine_normalize``), like the step-3 prototypes it replaces, so
 λ → 0 gives back exactly the step-3 prototype. A one-image class keeps its old feature (Π = 1).
 The influence loss is that of BCT with weight 0 before the first refine epoch and 1 after.
@@ -26,22 +28,27 @@ from utils.features import embed_dataset
 from utils.old_features import compute_on_main, open_features, require_keys
 
 
-def propagate_class(new, old, lam, tau):
-    """Refined old features ``Π·O`` of a batch of classes of equal size: ``new``, ``old`` are G×n×d (n ≥ 2)."""
+def propagation_weights(new, lam, tau):
+    """Weights w (G×n) with ``mean of the rows of Π·O = Σ_j w_j O_j``; ``new``: G classes × n images × d (n ≥ 2).
+
+    w = Πᵀ1/n = (1 − λ)(I − λA)⁻ᵀ 1/n: one linear solve per class instead of n×d right-hand sides.
+    """
     unit = F.normalize(new.float(), dim=-1)
     scores = unit @ unit.transpose(1, 2) / tau
     scores.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
     affinity = torch.softmax(scores, dim=-1)
-    eye = torch.eye(new.shape[1], dtype=affinity.dtype, device=affinity.device)
-    return torch.linalg.solve(eye - lam * affinity, (1 - lam) * old.float())
+    count = new.shape[1]
+    eye = torch.eye(count, dtype=affinity.dtype, device=affinity.device)
+    ones = torch.full((new.shape[0], count, 1), (1 - lam) / count, dtype=affinity.dtype, device=affinity.device)
+    return torch.linalg.solve((eye - lam * affinity).transpose(1, 2), ones).squeeze(2)
 
 
 def refine_prototypes(new_features, old_features, labels, num_classes, lam=0.9, tau=0.05, normalize=True,
                       device="cpu", max_elements=1 << 24):
     """UniBCT prototypes (C×d float32 tensor on ``device``) from N×d new and old features in dataset order.
 
-    Classes are processed in batches of equal size (``torch.linalg.solve`` on G×n×n blocks, at most
-    about ``max_elements`` values per block). A class without images gets a zero row.
+    Classes are processed in batches of equal size (G×n×n blocks, at most about ``max_elements``
+    values per block). A class without images gets a zero row.
     """
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=num_classes)
@@ -54,17 +61,18 @@ def refine_prototypes(new_features, old_features, labels, num_classes, lam=0.9, 
         step = max(1, max_elements // (int(size) * max(int(size), dim)))
         for first in range(0, len(classes), step):
             group = classes[first:first + step]
-            rows = order[starts[group][:, None] + np.arange(size)]
-            take = np.sort(rows.reshape(-1))
-            position = np.searchsorted(take, rows.reshape(-1))
+            rows = order[starts[group][:, None] + np.arange(size)].reshape(-1)
+            take = np.sort(rows)
+            position = np.searchsorted(take, rows)
             old = torch.from_numpy(np.asarray(old_features[take], dtype=np.float32)[position]).to(device)
             old = old.view(len(group), size, dim)
             if size == 1:
-                refined = old
+                refined = old[:, 0]
             else:
                 new = torch.from_numpy(np.asarray(new_features[take], dtype=np.float32)[position]).to(device)
-                refined = propagate_class(new.view(len(group), size, dim), old, lam, tau)
-            prototypes[torch.from_numpy(group).to(device)] = refined.mean(dim=1)
+                weights = propagation_weights(new.view(len(group), size, dim), lam, tau)
+                refined = (weights.unsqueeze(1) @ old).squeeze(1)
+            prototypes[torch.from_numpy(group).to(device)] = refined
     return F.normalize(prototypes) if normalize else prototypes
 
 
@@ -84,7 +92,8 @@ class UniBCT(BCT):
         require_keys(cfg, self.name, "old_embedding", "refine_epochs", "refine_lambda", "refine_tau")
         self.refine_epochs = sorted(int(e) for e in cfg.refine_epochs)
         require(all(0 <= e < cfg.num_epoch for e in self.refine_epochs),
-                f"config {cfg.config_path}: refine_epochs {tuple(cfg.refine_epochs)} must lie in [0, num_epoch={cfg.num_epoch})")
+                f"config {cfg.config_path}: refine_epochs {tuple(cfg.refine_epochs)} must lie in "
+                f"[0, num_epoch={cfg.num_epoch})")
         require(0 <= cfg.refine_lambda < 1 and cfg.refine_tau > 0,
                 f"config {cfg.config_path}: refine_lambda must be in [0, 1) and refine_tau > 0, "
                 f"got {cfg.refine_lambda} and {cfg.refine_tau}")

@@ -1,6 +1,8 @@
-"""AdvBCT, OPclass: old r18 softmax f256 (trained on class30) → new r50 ArcFace f256 on class70 (identities disjoint from class30).
+"""AdvBCT, OPclass, softmax → ArcFace, 256-d.
 
-Old features: feature_save/OPclass/f256_r18_softmax_class70_*.npy (steps 2–4, old model configs/f256_r18_softmax_class30.py).
+Old model: r18 softmax trained on class30 (configs/f256_r18_softmax_class30.py).
+New model: r50 ArcFace trained on class70 (identities disjoint from class30).
+Old features: feature_save/OPclass/f256_r18_softmax_class70_*.npy (steps 2–4).
 
     cd BCT_methods/AdvBCT
     python -m torch.distributed.launch --nproc_per_node=8 train.py configs/OPclass_ms1mv3_r18_to_r50_AdvBCT_softmax_to_arc_f256.py

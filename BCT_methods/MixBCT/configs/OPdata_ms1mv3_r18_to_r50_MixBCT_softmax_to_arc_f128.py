@@ -1,6 +1,8 @@
-"""MixBCT, OPdata: old r18 softmax f128 (trained on data30) → new r50 ArcFace f128 on data70 (same identities, images disjoint from data30).
+"""MixBCT, OPdata, softmax → ArcFace, 128-d.
 
-Old features: feature_save/OPdata/f128_r18_softmax_data70_*.npy (steps 2–4, old model configs/f128_r18_softmax_data30.py).
+Old model: r18 softmax trained on data30 (configs/f128_r18_softmax_data30.py).
+New model: r50 ArcFace trained on data70 (same identities, other images).
+Old features: feature_save/OPdata/f128_r18_softmax_data70_*.npy (steps 2–4).
 
     cd BCT_methods/MixBCT
     python -m torch.distributed.launch --nproc_per_node=8 train.py configs/OPdata_ms1mv3_r18_to_r50_MixBCT_softmax_to_arc_f128.py

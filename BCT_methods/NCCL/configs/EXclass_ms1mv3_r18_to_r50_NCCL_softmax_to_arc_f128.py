@@ -1,6 +1,8 @@
-"""NCCL, EXclass: old r18 softmax f128 (trained on class30) → new r50 ArcFace f128 on the full set.
+"""NCCL, EXclass, softmax → ArcFace, 128-d.
 
-Old features: feature_save/EXclass/f128_r18_softmax_class100_*.npy (steps 2–4, old model configs/f128_r18_softmax_class30.py).
+Old model: r18 softmax trained on class30 (configs/f128_r18_softmax_class30.py).
+New model: r50 ArcFace trained on the full set.
+Old features: feature_save/EXclass/f128_r18_softmax_class100_*.npy (steps 2–4).
 
     cd BCT_methods/NCCL
     python -m torch.distributed.launch --nproc_per_node=8 train.py configs/EXclass_ms1mv3_r18_to_r50_NCCL_softmax_to_arc_f128.py
