@@ -240,8 +240,7 @@ def nccl_feature_credible_mask(features, labels, num_classes=None, chunk_rows=No
     Class centres ``c_k`` = mean of the n̂ rows of class k; ``d_ik = ‖n̂(o_i) − c_k‖``; ``σ²_c`` = the
     variance of the distances of class c's members to ``c_c`` (+1e-10). Each row gets the class
     distribution ``p_ik = softmax_k(−d_ik / σ²_{y_i})`` over all C centres and is kept (1) when its
-    entropy is ≤ log(C)/2. Cost is an N×C×d product (chunked; about 30 min for 3.6M×65k×128 on
-    2 CPU cores).
+    entropy is ≤ log(C)/2. Cost is an N×C×d product (chunked): about 2 CPU-hours for 3.6M × 65k × 128.
     """
     labels, num_classes = check_inputs(features, labels, num_classes)
     if num_classes < 2:
