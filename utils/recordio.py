@@ -414,7 +414,7 @@ def encode_image(image, quality=95):
 
 
 def decode_image(buf, rgb=True, source="image"):
-    """H×W×3 uint8 image (RGB, or OpenCV's BGR with ``rgb=False``) from JPEG/PNG bytes."""
+    """H×W×3 uint8 image (RGB, or OpenCV's BGR with ``rgb=False``) from JPEG/PNG bytes; EXIF orientation ignored."""
     data = np.frombuffer(buf, np.uint8)
     try:
         image = cv2.imdecode(data, _IMREAD) if data.size else None
