@@ -202,8 +202,8 @@ def test_identification_matches_brute_force_with_ties(seed):
     gallery_subjects = rng.integers(0, 10, 15)          # some subjects have several gallery templates
     probes = _unit_rows_with_ties(rng, 60)
     probe_subjects = rng.integers(0, 14, 60)            # subjects 10..13 are never in the gallery
-    summary, hits, curve = metrics.identification(gallery, gallery_subjects, probes, probe_subjects)
     sims = probes @ gallery.T
+    summary, hits, curve = metrics.identification(sims, gallery_subjects, probe_subjects)
     for key in metrics.FPIR_KEYS:
         want_hits, num_mated, want_tpir = _brute_force_1n(sims, gallery_subjects, probe_subjects, Fraction(key))
         assert summary["TPIR@FPIR"][key] == pytest.approx(want_tpir, abs=1e-12)
@@ -221,7 +221,7 @@ def test_tpir_threshold_rule_by_hand():
     mated = np.array([[0.95, 0.1], [0.85, 0.2], [0.5, 0.6], [0.05, 0.0]])  # subject 0: wins, wins, loses, wins
     probes = np.vstack([np.c_[impostor_scores, np.zeros(10)], mated])
     subjects = np.r_[np.full(10, 7), np.zeros(4, int)]
-    summary, hits, _ = metrics.identification(gallery, gallery_subjects, probes, subjects)
+    summary, hits, _ = metrics.identification(probes @ gallery.T, gallery_subjects, subjects)
     # FPIR 1e-1: floor(10·0.1) − 1 = 0 → threshold 0.9 → only 0.95 passes → 1/4
     # FPIR 1e-2, 1e-3, 1e-4: index max(0 − 1, 0) = 0 → 0.9 → 1/4;  FPIR 1: index 9 → 0.0 → 0.95, 0.85, 0.05 → 3/4
     assert summary["TPIR@FPIR"] == {"1e-4": 0.25, "1e-3": 0.25, "1e-2": 0.25, "1e-1": 0.25, "1": 0.75}
@@ -236,9 +236,9 @@ def test_identification_report_overall_and_mixed():
     probes = _unit_rows_with_ties(rng, 40)
     subjects = rng.integers(0, 11, 40)
     report, curves = metrics.identification_report({"G1": (g1, s1), "G2": (g2, s2)}, probes, subjects)
-    r1, h1, _ = metrics.identification(g1, s1, probes, subjects)
-    r2, h2, _ = metrics.identification(g2, s2, probes, subjects)
-    rm, hm, _ = metrics.identification(np.vstack([g1, g2]), np.r_[s1, s2], probes, subjects, fpir=False)
+    r1, h1, _ = metrics.identification(probes @ g1.T, s1, subjects)
+    r2, h2, _ = metrics.identification(probes @ g2.T, s2, subjects)
+    rm, hm, _ = metrics.identification(probes @ np.vstack([g1, g2]).T, np.r_[s1, s2], subjects, fpir=False)
     for k in metrics.TOPK:
         assert report[f"top{k}"] == pytest.approx((h1[k] + h2[k]) / 40)
         assert report["mixed"][f"top{k}"] == pytest.approx(hm[k] / 40)

@@ -119,7 +119,7 @@ def format_table(result):
                  "|---" * (len(tops) + len(metrics.FPIR_KEYS) + 2) + "|"]
         galleries = SUBSETS[result["subset"]][1]
         for name, r in variants.items():
-            for gallery, row in [(g, r[g]) for g in galleries] + [("mean", r), ("mixed", r["mixed"])]:
+            for gallery, row in [(g, r[g]) for g in galleries] + [("overall", r), ("mixed", r["mixed"])]:
                 tpir = row.get("TPIR@FPIR", {})
                 lines.append(f"| {name} | {gallery} | " + " | ".join(_pct(row[t]) for t in tops) + " | "
                              + " | ".join(_pct(tpir[k]) if k in tpir else "" for k in metrics.FPIR_KEYS) + " |")
