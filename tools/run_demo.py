@@ -8,6 +8,7 @@ independent new model and each BCT method → IJB-C-style 1:1 and 1:N, self-test
 Writes ``<out>/results.md``, ``<out>/results.json`` and ``<out>/results.png``.
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -18,12 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from utils.errors import UserError, require, run_cli  # noqa: E402
-from utils.io import atomic_open  # noqa: E402
+from utils.io import atomic_np_savez, atomic_open, safe_np_load  # noqa: E402
 
 METHODS = ("L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT")
 SCENARIOS = ("OPclass", "OPdata", "EXclass", "EXdata")
 # (identities, images per identity, IJB identities) of the synthetic set
-DATA_SIZES = {"full": (500, 24, 120), "quick": (60, 12, 24)}
+DATA_SIZES = {"full": (400, 20, 120), "quick": (40, 10, 24)}
 METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
 
 
@@ -53,6 +54,48 @@ class Pipeline:
             tail = _last_line(log)
             raise UserError(f"stage '{name}' failed (exit {proc.returncode}): {tail} — see {log}")
         print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
+
+
+    def evaluate(self, name, model, old_model, data, settings):
+        """IJB-C 1:1 and 1:N of one model, self-test and (new models) cross-test against the old model.
+
+        The models embed the images once (``ijbc_eval.evaluate`` with saved embeddings); the other
+        protocols are computed from those embeddings (``restore_embs``), as a user would with -E.
+        """
+        from tools.ijbc_eval.ijbc_eval import evaluate
+
+        folder = os.path.join(self.out, "eval")
+        os.makedirs(folder, exist_ok=True)
+        stage, log = f"eval_{name}", os.path.join(self.logs, f"eval_{name}.log")
+        print(f"[{stage}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
+        start = time.time()
+        sizes = dict(width=settings.WIDTH, input_size=settings.INPUT_SIZE, old_width=settings.WIDTH,
+                     old_input_size=settings.INPUT_SIZE, data_path=data, num_workers=1)
+        cross = name != "old"
+        results = []
+        try:
+            with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+                first = os.path.join(folder, f"{name}_{'cross' if cross else 'self'}_11.npz")
+                network = settings.NEW_NETWORK if cross else settings.OLD_NETWORK
+                result = evaluate(model, network, model_file_old=old_model if cross else None,
+                                  network_old=settings.OLD_NETWORK, save_embeddings=True, save_result=first, **sizes)
+                results.append(("cross" if cross else "self", "1:1", result))
+                embeddings = dict(safe_np_load(first))
+                self_embs = os.path.join(folder, f"{name}_self_embs.npz")
+                atomic_np_savez(self_embs, embs=embeddings["embs"], embs_f=embeddings["embs_f"])
+                runs = [("self", False, self_embs), ("self", True, self_embs)] if cross else [("self", True, self_embs)]
+                if cross:
+                    runs.append(("cross", True, first))
+                for test, one_to_n, source in runs:
+                    tag = f"{name}_{test}_{'1N' if one_to_n else '11'}.npz"
+                    results.append((test, "1:N" if one_to_n else "1:1", evaluate(
+                        restore_embs=source, one_to_n=one_to_n, data_path=data,
+                        save_result=os.path.join(folder, tag))))
+        except (UserError, OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"stage '{stage}' failed: {exc} — see {log}") from None
+        self.seconds[stage] = round(time.time() - start, 1)
+        print(f"[{stage}] done in {self.seconds[stage]:.1f} s", flush=True)
+        return results
 
 
 def _last_line(path):
@@ -103,26 +146,9 @@ def run_pipeline(args):
         pipe.stage(f"train_{name}", [script, cfg], done_when=[model])
 
     rows = []
-    eval_dir = os.path.join(out, "eval")
-    common = ["-d", data, "--width", str(settings.WIDTH), "--input_size", str(settings.INPUT_SIZE),
-              "--old_width", str(settings.WIDTH), "--old_input_size", str(settings.INPUT_SIZE)]
-    evaluations = [("old", "self", old_model, settings.OLD_NETWORK, None)]
-    for name in new_models:
-        model = os.path.join(out, name, "model.pt")
-        evaluations.append((name, "self", model, settings.NEW_NETWORK, None))
-        evaluations.append((name, "cross", model, settings.NEW_NETWORK, old_model))
-    for name, test, model, network, old in evaluations:
-        for protocol in ("1:1", "1:N"):
-            tag = f"{name}_{test}_{'1N' if protocol == '1:N' else '11'}"
-            result = os.path.join(eval_dir, f"{tag}.npz")
-            command = ["tools/ijbc_eval/ijbc_eval.py", "-m", model, "-net", network, "-R", result, *common]
-            if old:
-                command += ["-m_old", old, "-old_net", settings.OLD_NETWORK]
-            if protocol == "1:N":
-                command.append("-N")
-            pipe.stage(f"eval_{tag}", command, done_when=[result[:-4] + ".json"])
-            with open(result[:-4] + ".json") as handle:
-                rows.extend(_rows(name, test, json.load(handle)))
+    for name, model in [("old", old_model)] + [(n, os.path.join(out, n, "model.pt")) for n in new_models]:
+        for test, protocol, result in pipe.evaluate(name, model, old_model, data, settings):
+            rows.extend(_rows(name, test, result))
 
     pipe.seconds["total"] = round(time.time() - started, 1)
     report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick)}

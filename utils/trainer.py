@@ -34,7 +34,7 @@ class TrainContext:
     """What a method hook may look at: config, process info, models, data and progress."""
     cfg: Any
     dist: DistInfo
-    backbone: torch.nn.Module          # DDP-wrapped backbone (call it to embed images)
+    backbone: torch.nn.Module          # the training backbone (DDP-wrapped when several processes run)
     classifier: PartialFC
     dataset: MXFaceDataset
     steps_per_epoch: int
@@ -177,8 +177,9 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     backbone = build_backbone(cfg).to(device)
-    ddp_backbone = DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
-                                           broadcast_buffers=False, bucket_cap_mb=16)
+    ddp_backbone = backbone if world == 1 else DistributedDataParallel(
+        backbone, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False, bucket_cap_mb=16)
     margin = CombinedMarginLoss(cfg.scale, *cfg.margin_list, cfg.interclass_filtering_threshold) \
         if classifier == "arcface" else None
     pfc = PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate).to(device)

@@ -13,7 +13,7 @@ QUICK = os.environ.get("BCT_DEMO_QUICK", "0") == "1"
 
 EMBEDDING_SIZE = 128
 OLD_NETWORK, NEW_NETWORK = "r18", "r34"
-WIDTH, INPUT_SIZE = 16, 32
+WIDTH, INPUT_SIZE = 8, 32
 
 # scenario: (old model's training split, new model's training split, split the features are extracted on)
 SCENARIOS = {
@@ -48,7 +48,7 @@ def common(config, network, split, name):
     config.output = os.path.join(OUT, name)
     config.batch_size = 64
     config.lr = 0.1
-    config.num_epoch = 2 if QUICK else 8
+    config.num_epoch = 2 if QUICK else 6
     config.warmup_epoch = 0
     config.fp16 = False
     config.num_workers = 1
