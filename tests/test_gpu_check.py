@@ -1,0 +1,14 @@
+"""The GPU readiness script runs its whole code path on the CPU with --cpu-smoke."""
+import json
+
+from tests.helpers import python
+
+
+def test_gpu_check_cpu_smoke():
+    proc = python("tools/benchmark/gpu_check.py", "--cpu-smoke", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report["methods"]) == {"ArcFace", "MixBCT", "BCT", "UniBCT", "NCCL", "L2", "AdvBCT"}
+    assert all(v["samples_per_s"] > 0 for v in report["methods"].values())
+    assert set(report["arcface_variants"]) == {"default", "channels_last"}
+    assert report["ijb_embedding_images_per_s"] > 0

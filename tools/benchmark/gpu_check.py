@@ -1,0 +1,174 @@
+"""One-command CUDA readiness check: AMP training steps per method, layout/compile variants, IJB
+embedding throughput and a 2-rank NCCL check.
+
+    python tools/benchmark/gpu_check.py                 # on a GPU machine (about 5 minutes on one H100)
+    python tools/benchmark/gpu_check.py --cpu-smoke     # the same code paths, tiny sizes, on the CPU
+
+1. Training steps of r50 at 112 px, batch 128, AMP fp16, for plain ArcFace and every BCT method
+   (``bench_methods``: backbone forward, the method's loss through Partial FC over 65,402 classes,
+   backward, clipping, SGD): samples/s and peak memory.
+2. Plain ArcFace steps with the backbone in ``channels_last`` and under ``torch.compile``.
+3. IJB embedding throughput of r50 (AMP inference, image + flipped image, as ijbc_eval does).
+4. With two or more GPUs: two NCCL processes run Partial FC steps and check that the loss matches
+   one process on the same global batch.
+The last output line is a JSON object of the figures.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import bench_methods  # noqa: E402
+from backbones import get_model  # noqa: E402
+from losses import ArcFace, PartialFC  # noqa: E402
+from utils.errors import require, run_cli  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def arcface_variants(device, sizes, steps, compile_ok):
+    """ms/step of plain ArcFace training: default layout, channels_last, torch.compile."""
+    amp = device.type == "cuda"
+    results = {}
+    variants = ["default", "channels_last"] + (["compile"] if compile_ok else [])
+    for variant in variants:
+        torch.manual_seed(0)
+        backbone = get_model(sizes["network"], num_features=512, width=sizes["width"],
+                             input_size=sizes["input_size"]).to(device)
+        images = torch.randn(sizes["batch"], 3, sizes["input_size"], sizes["input_size"], device=device)
+        if variant == "channels_last":
+            backbone = backbone.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        model = torch.compile(backbone) if variant == "compile" else backbone
+        pfc = PartialFC(ArcFace(), 512, sizes["classes"]).to(device)
+        labels = torch.randint(0, sizes["classes"], (sizes["batch"],), device=device)
+        optimizer = torch.optim.SGD([*backbone.parameters(), *pfc.parameters()], lr=0.1, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        times = []
+        for step in range(steps + 3):
+            _sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                embeddings = model(images)
+            loss = pfc(embeddings.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
+            scaler.step(optimizer)
+            scaler.update()
+            _sync(device)
+            if step >= 3:
+                times.append(time.perf_counter() - start)
+        best = min(times) * 1000
+        results[variant] = {"ms_per_step": round(best, 2), "samples_per_s": round(sizes["batch"] * 1000 / best, 1)}
+        print(f"ArcFace {variant:13s} {best:8.1f} ms/step  {sizes['batch'] * 1000 / best:9.1f} samples/s", flush=True)
+    return results
+
+
+def embedding_throughput(device, sizes, batches):
+    """Images/s of IJB-style embedding (image + flip, AMP on CUDA)."""
+    amp = device.type == "cuda"
+    model = get_model(sizes["network"], num_features=512, width=sizes["width"], input_size=sizes["input_size"])
+    model = model.to(device).eval()
+    images = torch.randn(sizes["eval_batch"], 3, sizes["input_size"], sizes["input_size"], device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        model(images)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(batches):
+            (model(images) + model(torch.flip(images, dims=[3]))).float()
+        _sync(device)
+    rate = batches * sizes["eval_batch"] / (time.perf_counter() - start)
+    print(f"IJB embedding ({sizes['network']}, image + flip): {rate:.1f} images/s", flush=True)
+    return round(rate, 1)
+
+
+def _nccl_worker(rank, world, store, result_file, classes):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method="file://" + store, rank=rank, world_size=world)
+    device = torch.device("cuda", rank)
+    torch.manual_seed(0)
+    embeddings = torch.randn(world * 64, 512, device=device)
+    labels = torch.randint(0, classes, (world * 64,), device=device)
+    pfc = PartialFC(ArcFace(), 512, classes).to(device)
+    full = torch.empty(classes, 512, device=device).normal_(0, 0.01, generator=torch.Generator(device).manual_seed(1))
+    pfc.weight.data.copy_(full[pfc.class_start:pfc.class_start + pfc.num_local])
+    loss = pfc(embeddings[rank * 64:(rank + 1) * 64], labels[rank * 64:(rank + 1) * 64])
+    if rank == 0:
+        single = torch.nn.functional.cross_entropy(
+            ArcFace()(torch.nn.functional.normalize(embeddings) @ torch.nn.functional.normalize(full).t(), labels), labels)
+        with open(result_file, "w") as handle:
+            json.dump({"distributed": loss.item(), "single": single.item()}, handle)
+    dist.destroy_process_group()
+
+
+def nccl_check(classes=10000):
+    """Partial FC loss over 2 NCCL ranks vs one process on the same global batch."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = os.path.join(folder, "result.json")
+        mp.spawn(_nccl_worker, args=(2, os.path.join(folder, "store"), result, classes), nprocs=2)
+        with open(result) as handle:
+            values = json.load(handle)
+    values["abs_diff"] = abs(values["distributed"] - values["single"])
+    values["ok"] = values["abs_diff"] < 1e-3
+    print(f"NCCL 2-rank Partial FC loss {values['distributed']:.6f} vs one process {values['single']:.6f}: "
+          f"{'ok' if values['ok'] else 'MISMATCH'}", flush=True)
+    return values
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script itself)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    require(cuda or args.cpu_smoke, "no CUDA device: run on a GPU machine, or pass --cpu-smoke")
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        sizes = dict(network="r50", width=64, input_size=112, batch=128, classes=65402, eval_batch=256)
+        method_args = ["--device", "cuda"]
+        steps, eval_batches = 20, 20
+    else:
+        sizes = dict(network="r18", width=8, input_size=32, batch=8, classes=200, eval_batch=16)
+        method_args = ["--device", "cpu", "--network", "r18", "--width", "8", "--input-size", "32",
+                       "--batch-size", "8", "--num-classes", "200", "--embedding-size", "64",
+                       "--steps", "1", "--warmup", "1", "--rounds", "1"]
+        steps, eval_batches = 2, 2
+    start = time.time()
+    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "torch": torch.__version__}
+    print(f"== training steps per method ({sizes['network']}, {sizes['input_size']} px, batch {sizes['batch']})", flush=True)
+    methods = bench_methods.main(method_args)
+    report["methods"] = {name: {"ms_per_step": ms, "samples_per_s": round(sizes["batch"] * 1000 / ms, 1),
+                                "relative_to_arcface": methods["relative_to_arcface"].get(name, 1.0),
+                                "peak_memory_gib": methods.get("peak_memory_gib", {}).get(name)}
+                         for name, ms in methods["step_ms"].items()}
+    print("== ArcFace layout / compile variants", flush=True)
+    report["arcface_variants"] = arcface_variants(device, sizes, steps, compile_ok=cuda and not args.no_compile)
+    print("== IJB embedding throughput", flush=True)
+    report["ijb_embedding_images_per_s"] = embedding_throughput(device, sizes, eval_batches)
+    if cuda and torch.cuda.device_count() >= 2:
+        print("== NCCL", flush=True)
+        report["nccl_2_rank"] = nccl_check()
+    else:
+        report["nccl_2_rank"] = "skipped: fewer than 2 GPUs"
+    report["seconds"] = round(time.time() - start, 1)
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)
