@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backbones import get_model
-from helpers import ROOT, python
+from helpers import python
 from tools.ijbc_eval import metrics
 from tools.ijbc_eval.ijbc_eval import build_parser, evaluate, main
 from tools.ijbc_eval.meta import load_meta

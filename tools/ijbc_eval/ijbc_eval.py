@@ -167,7 +167,8 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
     summaries, curves, arrays = run(meta, templates, new, old, variants)
 
     result = {"protocol": protocol, "subset": subset, "test": test, **summaries[metrics.DEFAULT_VARIANT],
-              "variant": metrics.DEFAULT_VARIANT, "model": model_file or restore_embs, "network": network if model_file else None,
+              "variant": metrics.DEFAULT_VARIANT, "model": model_file or restore_embs,
+              "network": network if model_file else None,
               "model_old": model_file_old if old is not None and not restore_embs else None,
               "network_old": network_old if old is not None else None,
               "num_images": len(meta), "num_templates": len(templates.ids)}
