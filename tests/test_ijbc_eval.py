@@ -199,8 +199,11 @@ def test_bad_embeddings_and_options(ijb, tmp_path):
     short = str(tmp_path / "short.npz")
     meta = load_meta(ijb.data)
     np.savez(short, embs=np.zeros((len(meta) - 1, 16), np.float32), embs_f=np.zeros((len(meta) - 1, 16), np.float32))
+    pickled = str(tmp_path / "pickled.npz")
+    np.savez(pickled, embs=np.array([{"a": 1}], dtype=object), embs_f=np.zeros((1, 16), np.float32))
     cases = [
         (dict(restore_embs=short), f"has {len(meta) - 1} rows but the image list has {len(meta)} images"),
+        (dict(restore_embs=pickled), "contains pickled Python objects"),
         (dict(model_file=ijb.new, model_file_old=ijb.wide, **TINY), "equal embedding sizes"),
         (dict(model_file=ijb.new, save_result=str(tmp_path / "x.json"), **TINY), "must be a path ending in .npz"),
         (dict(model_file=ijb.new, data_path=str(tmp_path / "nowhere"), **TINY), "is not a folder"),

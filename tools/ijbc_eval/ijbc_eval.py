@@ -10,9 +10,11 @@ the new one. Prints a markdown table and writes a ROC (1:1) or DIR (1:N) figure;
 also writes the scores or curves (and embeddings with ``-E``) and ``PATH.json``. See docs/evaluation.md.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -30,13 +32,40 @@ RESULTS_DIR = os.path.join(ROOT, "work_dirs", "ijb_results")
 EMBEDDING_KEYS = ("embs", "embs_f", "embs_old", "embs_f_old")
 
 
+@contextlib.contextmanager
+def _open_npz(path):
+    """A saved ``.npz`` result; pickled, corrupt or non-numeric arrays read inside raise UserError."""
+    data = safe_np_load(path)
+    require(hasattr(data, "files"), f"{path}: expected an .npz result saved with -R")
+    try:
+        with data:
+            yield data
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise UserError(f"refusing to load {path}: it contains pickled Python objects") from None
+        raise UserError(f"cannot read {path}: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read {path}: corrupt or truncated file ({exc})") from None
+
+
+def _array(data, key, path):
+    """``data[key]`` of an opened ``.npz``; pickled or corrupt members raise UserError."""
+    try:
+        return data[key]
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise UserError(f"refusing to load '{key}' from {path}: it contains pickled Python objects") from None
+        raise UserError(f"cannot read '{key}' from {path}: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read '{key}' from {path}: corrupt or truncated file ({exc})") from None
+
+
 def _restore(path, num_images):
     """``(new, old)`` embedding pairs from a saved result; ``old`` is None without ``embs_old``."""
-    with safe_np_load(path) as data:
-        require(hasattr(data, "files"), f"{path}: expected an .npz result saved with -E -R")
+    with _open_npz(path) as data:
         require("embs" in data.files and "embs_f" in data.files,
                 f"{path}: holds no 'embs'/'embs_f' arrays (save them with -E -R)")
-        arrays = {k: np.asarray(data[k], np.float32) for k in EMBEDDING_KEYS if k in data.files}
+        arrays = {k: np.asarray(_array(data, k, path), np.float32) for k in EMBEDDING_KEYS if k in data.files}
     require(("embs_old" in arrays) == ("embs_f_old" in arrays), f"{path}: holds only one of embs_old/embs_f_old")
     for key, value in arrays.items():
         require(value.ndim == 2, f"{path}: '{key}' must be a 2-D array, got shape {value.shape}")
@@ -213,17 +242,22 @@ def plot_only(files, save_result=None):
 
     roc_curves, dir_curves = [], []
     for path in files:
-        with safe_np_load(path) as data:
-            require(hasattr(data, "files") and "protocol" in data.files and "names" in data.files,
+        with _open_npz(path) as data:
+            require("protocol" in data.files and "names" in data.files,
                     f"{path}: not a result saved with -R")
             stem = os.path.splitext(os.path.basename(path))[0]
-            names = [str(n) for n in data["names"]]
+            names = [str(n) for n in _array(data, "names", path)]
+            one_to_one = str(_array(data, "protocol", path)) == "1:1"
+            keys = ("labels", "scores") if one_to_one else ("fpir", "tpir")
+            require(all(k in data.files for k in keys), f"{path}: a {'1:1' if one_to_one else '1:N'} result "
+                                                        f"needs arrays {', '.join(keys)}")
+            first, second = (_array(data, k, path) for k in keys)
             for i, name in enumerate(names):
                 label = stem if len(names) == 1 else f"{stem} {name}"
-                if str(data["protocol"]) == "1:1":
-                    roc_curves.append((label, *metrics.roc(data["labels"], data["scores"][i])))
+                if one_to_one:
+                    roc_curves.append((label, *metrics.roc(first, second[i])))
                 else:
-                    dir_curves.append((label, data["fpir"], data["tpir"][i]))
+                    dir_curves.append((label, first, second[i]))
     base = save_result[:-len(".npz")] if save_result else os.path.join(RESULTS_DIR, "compare")
     written = []
     if roc_curves:
