@@ -231,7 +231,7 @@ def main(argv=None):
         for name in names:
             cfg = method_config(folder, name, args, paths)
             runs[name] = build_method(name, cfg, device, labels, args)
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
             for name in names:
                 method, ctx, backbone, optimizer = runs[name]
                 if amp:
@@ -241,6 +241,8 @@ def main(argv=None):
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     embeddings = backbone(batch[0])
                 heads[name] += time_head(method, ctx, embeddings, batch[1], batch[2], 5 * args.steps)
+                print(f"round {round_index + 1}/{args.rounds} {name}: {min(times[name][-args.steps:]) * 1000:.1f} ms/step",
+                      flush=True)
                 if amp:
                     memory[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         step_ms = {n: float(np.min(t)) * 1000 for n, t in times.items()}
