@@ -4,6 +4,8 @@ import os
 import sys
 import time
 
+from utils.errors import UserError
+
 
 def setup_logger(output, rank, name="train"):
     """Logger writing to ``<output>/training.log`` and stdout on rank 0; silent elsewhere."""
@@ -13,7 +15,10 @@ def setup_logger(output, rank, name="train"):
     if rank == 0:
         logger.setLevel(logging.INFO)
         fmt = logging.Formatter("Training: %(asctime)s-%(message)s")
-        os.makedirs(output, exist_ok=True)
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create output folder {output}: {exc.strerror}") from None
         for handler in (logging.FileHandler(os.path.join(output, "training.log")),
                         logging.StreamHandler(sys.stdout)):
             handler.setFormatter(fmt)

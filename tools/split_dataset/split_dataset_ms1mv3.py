@@ -136,8 +136,11 @@ def main(argv=None):
                             f"of {num_classes} classes")
     print(f"{source.rec_path}: {len(source)} images, {num_classes} classes; ratio {args.ratio}")
 
-    os.makedirs(out, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-split-", dir=out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".tmp-split-", dir=out)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out}: {exc.strerror}") from None
     try:
         write_splits(source, plan, shape, staging)
         verify(staging, plan)

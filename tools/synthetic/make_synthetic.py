@@ -289,8 +289,8 @@ def main(argv=None):
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent)
-    except PermissionError:
-        raise UserError(f"--out {out}: cannot write to {parent} (permission denied)") from None
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write to {parent}: {exc.strerror}") from None
     start = time.time()
     pool = start_pool(args.workers) if args.workers > 0 else None
     mapper = pool.imap if pool is not None else map
