@@ -39,22 +39,38 @@ class Pipeline:
 
     def stage(self, name, command, done_when=()):
         """Run ``command`` (argv list, python scripts relative to the repo root) unless its outputs exist."""
-        if self.reuse and done_when and all(os.path.exists(p) for p in done_when):
-            print(f"[{name}] reused ({', '.join(os.path.relpath(p, ROOT) for p in done_when)})", flush=True)
-            self.seconds[name] = 0.0
-            return
-        log = os.path.join(self.logs, f"{name}.log")
-        print(f"[{name}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
-        start = time.time()
-        with open(log, "w") as handle:
-            proc = subprocess.run([sys.executable, *command], cwd=ROOT, env=self.env,
-                                  stdout=handle, stderr=subprocess.STDOUT)
-        self.seconds[name] = round(time.time() - start, 1)
-        if proc.returncode != 0:
-            tail = _last_line(log)
-            raise UserError(f"stage '{name}' failed (exit {proc.returncode}): {tail} — see {log}")
-        print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
+        self.parallel([(name, command, done_when)], jobs=1)
 
+    def parallel(self, stages, jobs):
+        """Run independent stages, up to ``jobs`` at a time, each with an equal share of the CPU threads."""
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env = dict(self.env, OMP_NUM_THREADS=threads) if jobs > 1 else self.env
+        pending, running = list(stages), {}
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, command, done_when = pending.pop(0)
+                if self.reuse and done_when and all(os.path.exists(p) for p in done_when):
+                    print(f"[{name}] reused ({', '.join(os.path.relpath(p, ROOT) for p in done_when)})", flush=True)
+                    self.seconds[name] = 0.0
+                    continue
+                log = os.path.join(self.logs, f"{name}.log")
+                print(f"[{name}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
+                handle = open(log, "w")
+                proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env,
+                                        stdout=handle, stderr=subprocess.STDOUT)
+                running[name] = (proc, handle, log, time.time())
+            time.sleep(0.2)
+            for name, (proc, handle, log, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                del running[name]
+                self.seconds[name] = round(time.time() - start, 1)
+                if proc.returncode != 0:
+                    for other, *_ in running.values():
+                        other.terminate()
+                    raise UserError(f"stage '{name}' failed (exit {proc.returncode}): {_last_line(log)} — see {log}")
+                print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
 
     def evaluate(self, name, model, old_model, data, settings):
         """IJB-C 1:1 and 1:N of one model, self-test and (new models) cross-test against the old model.
@@ -69,9 +85,10 @@ class Pipeline:
         stage, log = f"eval_{name}", os.path.join(self.logs, f"eval_{name}.log")
         print(f"[{stage}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
         start = time.time()
-        sizes = dict(width=settings.WIDTH, input_size=settings.INPUT_SIZE, old_width=settings.WIDTH,
-                     old_input_size=settings.INPUT_SIZE, data_path=data, num_workers=1)
         cross = name != "old"
+        sizes = dict(width=settings.NEW_WIDTH if cross else settings.OLD_WIDTH, input_size=settings.INPUT_SIZE,
+                     old_width=settings.OLD_WIDTH,
+                     old_input_size=settings.INPUT_SIZE, data_path=data, num_workers=1)
         results = []
         try:
             with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
@@ -109,6 +126,7 @@ def _method_config(method):
 
 
 def run_pipeline(args):
+    require(args.jobs >= 1, f"--jobs must be at least 1, got {args.jobs}")
     for method in args.methods:
         require(method in METHODS, f"--methods: unknown method '{method}' (expected some of {', '.join(METHODS)})")
     out = os.path.abspath(args.out)
@@ -141,9 +159,8 @@ def run_pipeline(args):
     new_models = {"independent": ("train_old_arc.py", "configs/demo/independent.py")}
     for method in args.methods:
         new_models[method] = (os.path.join("BCT_methods", method, "train.py"), _method_config(method))
-    for name, (script, cfg) in new_models.items():
-        model = os.path.join(out, name, "model.pt")
-        pipe.stage(f"train_{name}", [script, cfg], done_when=[model])
+    pipe.parallel([(f"train_{name}", [script, cfg], [os.path.join(out, name, "model.pt")])
+                   for name, (script, cfg) in new_models.items()], jobs=args.jobs)
 
     rows = []
     for name, model in [("old", old_model)] + [(n, os.path.join(out, n, "model.pt")) for n in new_models]:
@@ -234,6 +251,8 @@ def main():
     parser.add_argument("--data", default=None, help="synthetic data folder (default: dataset/synthetic, "
                                                       "dataset/synthetic_quick with --quick)")
     parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="new models trained at the same time (default: 2, each with half the CPU threads)")
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     if args.data is None:

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -177,9 +178,12 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     backbone = build_backbone(cfg).to(device)
-    ddp_backbone = backbone if world == 1 else DistributedDataParallel(
-        backbone, device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False, bucket_cap_mb=16)
+    ddp_backbone = backbone
+    if world > 1:
+        with warnings.catch_warnings():  # newer torch renames broadcast_buffers; the behaviour is the same
+            warnings.simplefilter("ignore", FutureWarning)
+            ddp_backbone = DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   broadcast_buffers=False, bucket_cap_mb=16)
     margin = CombinedMarginLoss(cfg.scale, *cfg.margin_list, cfg.interclass_filtering_threshold) \
         if classifier == "arcface" else None
     pfc = PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate).to(device)

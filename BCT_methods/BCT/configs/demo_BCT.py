@@ -6,5 +6,5 @@ from easydict import EasyDict as edict
 
 from configs.demo import settings
 
-config = settings.common(edict(), settings.NEW_NETWORK, settings.NEW_SPLIT, "BCT")
+config = settings.new_model(edict(), "BCT")
 config.old_prototype = settings.feature("avg_feature")

@@ -6,5 +6,5 @@ from easydict import EasyDict as edict
 
 from configs.demo import settings
 
-config = settings.common(edict(), settings.NEW_NETWORK, settings.NEW_SPLIT, "L2")
+config = settings.new_model(edict(), "L2")
 config.old_embedding = settings.feature("feature")

@@ -6,6 +6,6 @@ from easydict import EasyDict as edict
 
 from configs.demo import settings
 
-config = settings.common(edict(), settings.NEW_NETWORK, settings.NEW_SPLIT, "MixBCT")
+config = settings.new_model(edict(), "MixBCT")
 config.old_embedding = settings.feature("feature")
 config.credible_old_feature = settings.feature("credible_ratio_90_feature")

@@ -6,5 +6,5 @@ from easydict import EasyDict as edict
 
 from configs.demo import settings
 
-config = settings.common(edict(), settings.NEW_NETWORK, settings.NEW_SPLIT, "NCCL")
+config = settings.new_model(edict(), "NCCL")
 config.old_embedding = settings.feature("feature")

@@ -6,7 +6,7 @@ from easydict import EasyDict as edict
 
 from configs.demo import settings
 
-config = settings.common(edict(), settings.NEW_NETWORK, settings.NEW_SPLIT, "UniBCT")
+config = settings.new_model(edict(), "UniBCT")
 config.old_prototype = settings.feature("avg_feature")
 config.old_embedding = settings.feature("feature")
 # the published epochs 10/20 (refine) and 20/26/32 (lr ×0.1) of 35, scaled to the demo length
