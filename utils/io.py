@@ -24,8 +24,8 @@ def atomic_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-    except PermissionError:
-        raise UserError(f"cannot create output folder {folder}: permission denied") from None
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write to output folder {folder}: permission denied")
     suffix = os.path.splitext(path)[1]

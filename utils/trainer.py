@@ -160,7 +160,6 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
     info = init_distributed(local_rank, cfg.device)
     device, rank, world = info.device, info.rank, info.world_size
     cfg.output = os.path.abspath(cfg.output)
-    logger = setup_logger(cfg.output, rank)
     _seed_everything(cfg.seed + rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -178,6 +177,7 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     backbone = build_backbone(cfg).to(device)
+    logger = setup_logger(cfg.output, rank)
     ddp_backbone = backbone
     if world > 1:
         with warnings.catch_warnings():  # newer torch renames broadcast_buffers; the behaviour is the same
@@ -271,14 +271,7 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     embeddings = ddp_backbone(images)
                 loss, parts = method.compute_loss(embeddings.float(), labels, indices, ctx)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                _average_gradients(extra_params, world)
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(loss, optimizer, scaler, backbone.parameters(), cfg.clip_grad, extra_params, world)
                 scheduler.step()
                 global_step += 1
                 batch += 1
@@ -314,6 +307,22 @@ def _any_rank(flag, device):
     if dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def optimizer_step(loss, optimizer, scaler, clipped_params, clip_grad=5.0, replicated_params=(), world_size=1):
+    """Backward of ``loss`` and one optimiser step through the AMP ``scaler``.
+
+    Gradients of ``replicated_params`` (method modules outside DDP) are averaged over the
+    processes, those of ``clipped_params`` (the backbone) clipped to norm ``clip_grad`` (0 = off).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    _average_gradients(replicated_params, world_size)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(clipped_params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _average_gradients(params, world):

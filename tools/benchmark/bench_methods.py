@@ -40,7 +40,7 @@ from losses import CombinedMarginLoss, PartialFC  # noqa: E402
 from utils.config import get_config  # noqa: E402
 from utils.errors import require, run_cli  # noqa: E402
 from utils.feature_stats import class_prototypes, credible_mask  # noqa: E402
-from utils.trainer import Method, TrainContext  # noqa: E402
+from utils.trainer import Method, TrainContext, optimizer_step  # noqa: E402
 
 METHODS = ("MixBCT", "BCT", "UniBCT", "NCCL", "L2", "AdvBCT")
 TARGETS = {"MixBCT": 1.05, "BCT": 1.05, "L2": 1.05, "NCCL": 1.3, "AdvBCT": 1.3, "UniBCT": 1.05}
@@ -129,12 +129,7 @@ def time_steps(method, ctx, backbone, optimizer, batch, steps, amp):
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             embeddings = backbone(images)
         loss, _ = method.compute_loss(embeddings.float(), labels, indices, ctx)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, backbone.parameters())
         sync()
         times.append(time.perf_counter() - start)
     return times

@@ -32,6 +32,7 @@ import bench_methods  # noqa: E402
 from backbones import get_model  # noqa: E402
 from losses import ArcFace, PartialFC  # noqa: E402
 from utils.errors import require, run_cli  # noqa: E402
+from utils.trainer import optimizer_step  # noqa: E402
 
 
 def _sync(device):
@@ -64,12 +65,7 @@ def arcface_variants(device, sizes, steps, compile_ok):
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 embeddings = model(images)
             loss = pfc(embeddings.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler, backbone.parameters())
             _sync(device)
             if step >= 3:
                 times.append(time.perf_counter() - start)
