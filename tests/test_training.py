@@ -55,27 +55,31 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-RESUME_KEYS = dict(num_epoch=3, save_every_steps=1, keep_checkpoints=3, input_size=48, num_workers=1)
+RESUME_KEYS = dict(num_epoch=4, save_every_steps=1, keep_checkpoints=3, input_size=48, num_workers=1)
 
 
-def test_resume_after_max_steps_equals_uninterrupted(tmp_path, tiny_rec):
-    cfg_ref, out_ref = _train(tmp_path, tiny_rec, "ref", **RESUME_KEYS)
-    assert python("train_old_arc.py", cfg_ref).returncode == 0
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_rec):
+    """Weights of an uninterrupted run with RESUME_KEYS."""
+    folder = tmp_path_factory.mktemp("reference")
+    cfg, out = _train(folder, tiny_rec, "ref", **RESUME_KEYS)
+    assert python("train_old_arc.py", cfg).returncode == 0
+    return assert_model(out)
+
+
+def test_resume_after_max_steps_equals_uninterrupted(tmp_path, tiny_rec, reference):
     cfg, out = _train(tmp_path, tiny_rec, "cut", max_steps=7, **RESUME_KEYS)
     assert python("train_old_arc.py", cfg).returncode == 0
     cfg_full = tiny_train_config(tmp_path / "cut.py", tiny_rec, out, **RESUME_KEYS)
     proc = python("train_old_arc.py", cfg_full, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from step 7 (epoch 1, batch 1)" in proc.stdout
-    assert _max_diff(assert_model(out_ref), assert_model(out)) <= 1e-6
+    assert _max_diff(reference, assert_model(out)) <= 1e-6
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_rec, sig):
-    keys = dict(RESUME_KEYS, num_epoch=6)
-    cfg_ref, out_ref = _train(tmp_path, tiny_rec, "ref", **keys)
-    assert python("train_old_arc.py", cfg_ref).returncode == 0
-    cfg, out = _train(tmp_path, tiny_rec, "killed", **keys)
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_rec, reference, sig):
+    cfg, out = _train(tmp_path, tiny_rec, "killed", **RESUME_KEYS)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "train_old_arc.py", cfg], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -96,7 +100,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_rec, sig):
     resumed = python("train_old_arc.py", cfg, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step" in resumed.stdout
-    assert _max_diff(assert_model(out_ref), assert_model(out)) <= 1e-6
+    assert _max_diff(reference, assert_model(out)) <= 1e-6
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_rec):
@@ -127,7 +131,6 @@ def test_bad_inputs_give_one_line(tmp_path, tiny_rec):
         (dict(num_classes=4), ["num_classes"]),
     ]
     for i, (keys, fragments) in enumerate(cases):
-        cfg = tiny_train_config(tmp_path / f"bad{i}.py", tiny_rec, str(tmp_path / f"bad{i}"))
         cfg = tiny_train_config(tmp_path / f"bad{i}.py", keys.pop("rec", tiny_rec), str(tmp_path / f"bad{i}"), **keys)
         _one_line_error(python("train_old_arc.py", cfg), *fragments)
         assert not os.path.exists(tmp_path / f"bad{i}" / "model.pt")
