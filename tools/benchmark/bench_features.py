@@ -89,8 +89,8 @@ def _class_runs(labels):
 
 
 def _load_sorted(feat_path, label_path, normalize):
-    data = np.load(feat_path)
-    labels = np.load(label_path)
+    data = np.load(feat_path, allow_pickle=False)
+    labels = np.load(label_path, allow_pickle=False)
     order = np.argsort(labels, kind="stable")
     data = data[order]
     if normalize:

@@ -94,10 +94,10 @@ def build(folder, dim, scale, pairs_layout, seed):
 
 
 def load(folder):
-    with np.load(os.path.join(folder, "meta.npz")) as meta:
+    with np.load(os.path.join(folder, "meta.npz"), allow_pickle=False) as meta:
         meta = {k: meta[k] for k in meta.files}
-    return meta, np.load(os.path.join(folder, "embs.npy"), mmap_mode="r"), \
-        np.load(os.path.join(folder, "embs_f.npy"), mmap_mode="r")
+    return meta, np.load(os.path.join(folder, "embs.npy"), mmap_mode="r", allow_pickle=False), \
+        np.load(os.path.join(folder, "embs_f.npy"), mmap_mode="r", allow_pickle=False)
 
 
 # --------------------------------------------------------------------------------------------- toolkit
@@ -288,8 +288,8 @@ def main():
             stages = ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())
             print(f"{kind:9s}: {stages}; peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
         fast, slow = results["toolkit"], results["baseline"]
-        score_diff = float(np.abs(np.load(os.path.join(folder, "scores_toolkit.npy"))
-                                  - np.load(os.path.join(folder, "scores_baseline.npy"))).max())
+        score_diff = float(np.abs(np.load(os.path.join(folder, "scores_toolkit.npy"), allow_pickle=False)
+                                  - np.load(os.path.join(folder, "scores_baseline.npy"), allow_pickle=False)).max())
     diff = max(compare(fast["one_to_one"], slow["one_to_one"]), compare(fast["one_to_n"], slow["one_to_n"]))
     figures = dict(
         sizes=sizes, threads=os.environ.get("OMP_NUM_THREADS"), cpus=os.cpu_count(),
