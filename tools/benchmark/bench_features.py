@@ -231,8 +231,8 @@ def measure_tools(folder, dim):
 
 
 def compare(op, folder):
-    a = np.load(os.path.join(folder, f"{op}_ours.npy"))
-    b = np.load(os.path.join(folder, f"{op}_loop.npy"))
+    a = np.load(os.path.join(folder, f"{op}_ours.npy"), allow_pickle=False)
+    b = np.load(os.path.join(folder, f"{op}_loop.npy"), allow_pickle=False)
     if op in ("avg", "advbct"):
         return {"max_abs_diff": float(np.abs(a.astype(np.float64) - b).max())}
     return {"mask_diff_fraction": float(np.mean(a != b)), "kept_fraction": float(a.mean())}
