@@ -8,3 +8,5 @@ from configs.demo import settings
 
 config = settings.new_model(edict(), "BCT")
 config.old_prototype = settings.feature("avg_feature")
+# the influence logits are raw cosines (scale 1); the demo weighs them like the classifier's scale
+config.loss_weight = settings.NEW_SCALE

@@ -13,3 +13,5 @@ config.old_embedding = settings.feature("feature")
 config.refine_epochs = tuple(sorted({settings.scaled_epoch(e, config.num_epoch) for e in (10, 20)}))
 config.lr_schedule = "step"
 config.lr_steps = tuple(sorted({settings.scaled_epoch(e, config.num_epoch) for e in (20, 26, 32)}))
+# the influence logits are raw cosines (scale 1); the demo weighs them like the classifier's scale
+config.loss_weight = settings.NEW_SCALE
