@@ -10,3 +10,5 @@ config = settings.new_model(edict(), "AdvBCT")
 config.old_embedding = settings.feature("feature")
 # the published adversarial weight (4) overwhelms the classifier of a network this small; a tenth of it
 config.adv_weight = 0.4
+# the point-to-set penalty on cosine-scale distances, weighed like the classifier's scale
+config.p2s_weight = settings.NEW_SCALE
