@@ -1,5 +1,5 @@
 """Margin losses on cosine logits and the model-parallel Partial FC classifier."""
 from losses.margin import ArcFace, CombinedMarginLoss, CosFace
-from losses.partial_fc import PartialFC
+from losses.partial_fc import AllGatherRows, PartialFC, all_gather_rows
 
-__all__ = ["ArcFace", "CombinedMarginLoss", "CosFace", "PartialFC"]
+__all__ = ["AllGatherRows", "ArcFace", "CombinedMarginLoss", "CosFace", "PartialFC", "all_gather_rows"]

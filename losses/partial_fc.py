@@ -38,7 +38,7 @@ def _all_reduce(tensor, op):
     return tensor
 
 
-def _all_gather(tensor):
+def all_gather_rows(tensor):
     """Concatenation of every rank's ``tensor`` along dim 0 (same shape on every rank)."""
     world = _world()[1]
     if world == 1:
@@ -48,14 +48,14 @@ def _all_gather(tensor):
     return torch.cat(parts)
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
+class AllGatherRows(torch.autograd.Function):
     """All-gather along dim 0; backward sums the gradient over ranks and returns this rank's slice
     multiplied by the world size (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, tensor):
         ctx.batch = tensor.shape[0]
-        return _all_gather(tensor)
+        return all_gather_rows(tensor)
 
     @staticmethod
     def backward(ctx, grad):
@@ -177,16 +177,16 @@ class PartialFC(nn.Module):
         if local_labels.shape[0] != local_embeddings.shape[0]:
             raise UserError(f"PartialFC got {local_embeddings.shape[0]} embeddings but {local_labels.shape[0]} labels")
         if self.world_size > 1:
-            sizes = _all_gather(torch.tensor([local_labels.shape[0]], device=local_labels.device))
+            sizes = all_gather_rows(torch.tensor([local_labels.shape[0]], device=local_labels.device))
             if (sizes != sizes[0]).any():
                 raise UserError(f"PartialFC needs the same batch size on every process, got {sizes.tolist()} "
                                 "(use drop_last=True)")
-        labels = _all_gather(local_labels)
+        labels = all_gather_rows(local_labels)
         invalid = (labels < 0) | (labels >= self.num_classes)
         if invalid.any():
             bad = labels[invalid][0].item()
             raise UserError(f"label {bad} is outside [0, {self.num_classes}) (num_classes of the classifier)")
-        embeddings = _AllGatherWithGrad.apply(local_embeddings.float())
+        embeddings = AllGatherRows.apply(local_embeddings.float())
 
         in_shard = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
         local = torch.where(in_shard, labels - self.class_start, torch.full_like(labels, -1))

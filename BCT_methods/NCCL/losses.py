@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from losses import AllGatherRows, all_gather_rows
 from utils.errors import require
 from utils.old_features import open_features, open_mask, require_keys
 from utils.trainer import Method
@@ -51,33 +52,6 @@ def consensus_contrastive_loss(scores, labels, queue_labels, weights, tau=1.0, a
 def consensus_weights(old_normalized, queue_features):
     """``w_ij = (1 + n̂(o_i)·q_j) / 2`` (N×Q)."""
     return (1.0 + old_normalized @ queue_features.t()) / 2.0
-
-
-def gather_rows(tensor, world):
-    """Concatenation over ranks of ``tensor`` along dim 0 (no gradient)."""
-    if world == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-class GatherRows(torch.autograd.Function):
-    """All-gather along dim 0. Backward: sum the gradient over ranks, keep this rank's rows, × world size
-    (DDP then averages the backbone gradient over ranks, giving the exact gradient of the global mean)."""
-
-    @staticmethod
-    def forward(ctx, tensor, rank, world):
-        ctx.rows, ctx.rank, ctx.world = tensor.shape[0], rank, world
-        return gather_rows(tensor, world)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.world == 1:
-            return grad, None, None
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows] * ctx.world, None, None
 
 
 class SumOverRanks(torch.autograd.Function):
@@ -166,8 +140,8 @@ class NCCL(Method):
         else:
             anchors = self.mask.gather(indices).to(ctx.device)
         with torch.no_grad():
-            all_old, all_labels = gather_rows(old, world), gather_rows(labels, world)
-            all_anchors = gather_rows(anchors.to(torch.uint8), world)
+            all_old, all_labels = all_gather_rows(old), all_gather_rows(labels)
+            all_anchors = all_gather_rows(anchors.to(torch.uint8))
             all_old_logits = ctx.classifier.logits(all_old)
             keep = all_anchors.nonzero().squeeze(1)
             self.queue.push(all_old[keep], all_labels[keep], all_old_logits[keep])
@@ -175,7 +149,7 @@ class NCCL(Method):
         weights = consensus_weights(old, self.queue.features)
         l1 = consensus_contrastive_loss(F.normalize(embeddings) @ self.queue.features.t(), labels,
                                         self.queue.labels, weights, cfg.temperature, anchors)
-        new_logits = ctx.classifier.logits(GatherRows.apply(embeddings, rank, world))
+        new_logits = ctx.classifier.logits(AllGatherRows.apply(embeddings))
         partial = (new_logits.to(self.queue.logits.dtype) @ self.queue.logits.t()).float()
         scores = SumOverRanks.apply(partial, world)[rank * batch:(rank + 1) * batch]
         l2 = consensus_contrastive_loss(scores, labels, self.queue.labels, weights, cfg.temperature, anchors)
