@@ -6,9 +6,8 @@ import sys
 import time
 
 import pytest
-import torch
 
-from tests.helpers import ROOT, make_tiny_rec, python, run, tiny_train_config
+from tests.helpers import ROOT, make_tiny_rec, python, tiny_train_config
 from utils.io import safe_torch_load
 
 

@@ -9,7 +9,6 @@ import dataclasses
 import os
 import random
 import signal
-import time
 import warnings
 from typing import Any
 
