@@ -10,7 +10,6 @@ the new one. Prints a markdown table and writes a ROC (1:1) or DIR (1:N) figure;
 also writes the scores or curves (and embeddings with ``-E``) and ``PATH.json``. See docs/evaluation.md.
 """
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -32,20 +31,11 @@ RESULTS_DIR = os.path.join(ROOT, "work_dirs", "ijb_results")
 EMBEDDING_KEYS = ("embs", "embs_f", "embs_old", "embs_f_old")
 
 
-@contextlib.contextmanager
 def _open_npz(path):
-    """A saved ``.npz`` result; pickled, corrupt or non-numeric arrays read inside raise UserError."""
+    """A saved ``.npz`` result (read its members with :func:`_array`)."""
     data = safe_np_load(path)
     require(hasattr(data, "files"), f"{path}: expected an .npz result saved with -R")
-    try:
-        with data:
-            yield data
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise UserError(f"refusing to load {path}: it contains pickled Python objects") from None
-        raise UserError(f"cannot read {path}: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read {path}: corrupt or truncated file ({exc})") from None
+    return data
 
 
 def _array(data, key, path):
@@ -56,7 +46,7 @@ def _array(data, key, path):
         if "pickle" in str(exc).lower():
             raise UserError(f"refusing to load '{key}' from {path}: it contains pickled Python objects") from None
         raise UserError(f"cannot read '{key}' from {path}: {exc}") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read '{key}' from {path}: corrupt or truncated file ({exc})") from None
 
 
