@@ -278,9 +278,15 @@ def build_loader(dataset, batch_size, dist_info, seed, num_workers, shuffle=True
     sampler.set_epoch(epoch, start_batch)
     generator = torch.Generator()
     generator.manual_seed(int(_hash(seed, epoch, dist_info.rank)[0] >> np.uint64(1)))
-    return DataLoader(_Batches(dataset), batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
-                      num_workers=num_workers, pin_memory=dist_info.device.type == "cuda",
-                      worker_init_fn=_init_worker, generator=generator, persistent_workers=False)
+    return batch_loader(dataset, sampler, batch_size, num_workers, dist_info.device.type == "cuda",
+                        drop_last, generator)
+
+
+def batch_loader(dataset, indices, batch_size, num_workers, pin_memory, drop_last=False, generator=None):
+    """DataLoader that decodes whole batches of ``indices`` (a sampler or sequence) with ``dataset.get_batch``."""
+    return DataLoader(_Batches(dataset), batch_size=None, sampler=BatchSampler(indices, batch_size, drop_last),
+                      num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_init_worker,
+                      generator=generator, persistent_workers=False)
 
 
 def check_data_config(cfg, dataset):

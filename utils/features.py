@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from backbones import load_backbone
 from utils.config import ROOT
-from utils.dataset import MXFaceDataset, _Batches, _init_worker
+from utils.dataset import MXFaceDataset, batch_loader
 from utils.distributed import add_launcher_args, cleanup, init_distributed
 from utils.errors import UserError
 from utils.feature_stats import check_finite_rows
@@ -115,9 +115,7 @@ def _shard(num_rows, rank, world_size):
 
 def _loader(dataset, start, stop, batch_size, num_workers, pin_memory):
     if hasattr(dataset, "get_batch"):  # MXFaceDataset decodes whole batches at once
-        return DataLoader(_Batches(dataset), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                          sampler=BatchSampler(range(start, stop), batch_size, drop_last=False),
-                          worker_init_fn=_init_worker)
+        return batch_loader(dataset, range(start, stop), batch_size, num_workers, pin_memory)
     return DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, num_workers=num_workers,
                       pin_memory=pin_memory)
 
