@@ -114,11 +114,11 @@ def _embed_worker(rank, world, port, root, out_path):
     from utils.dataset import MXFaceDataset
     from utils.distributed import cleanup, init_distributed
 
-    feats.GATHER_ROWS = 4   # several gather rounds, the last one partly padded
     info = init_distributed(device="cpu")
     dataset = MXFaceDataset(os.path.join(root, "data", "train_part_70_class"), train=False, input_size=32)
     model = load_backbone(os.path.join(root, "old", "model.pt"), "r18", 8, 32)
-    result = feats.embed_dataset(model, dataset, batch_size=5, dist_info=info, num_workers=0)
+    # chunks of 4 rows: several gather rounds, the last one partly padded and one rank idle
+    result = feats.embed_dataset(model, dataset, batch_size=5, dist_info=info, num_workers=0, chunk_rows=4)
     if rank == 0:
         np.save(out_path, result)
     else:
@@ -183,3 +183,88 @@ def test_bad_input_errors(setup, tmp_path):
 
     proc = python(DENOISE, "--T", "2", "--SD", SD, "--output", out)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --T must be in [0, 1], got 2.0"
+
+
+class _CrashAfter(torch.nn.Module):
+    """Wraps a model; counts forward passes and raises on pass number ``crash_at`` (None: never)."""
+
+    def __init__(self, model, crash_at=None):
+        super().__init__()
+        self.model, self.crash_at, self.calls, self.images = model, crash_at, 0, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt("simulated preemption")
+        self.images += len(x)
+        return self.model(x)
+
+
+def _extract_with(monkeypatch, wrapper, cfg, out, cache, *extra):
+    """get_feature.py in-process with the loaded old model wrapped by ``wrapper``."""
+    from utils import features as feats
+
+    real = feats.load_backbone
+    monkeypatch.setattr(feats, "load_backbone", lambda *a, **k: wrapper(real(*a, **k)))
+    try:
+        _main_of(GET)([cfg, "--SD", SD, "--output", out, "--batch_size", "3", "--chunk_size", "8",
+                       "--cache_dir", cache, *extra])
+    finally:
+        monkeypatch.setattr(feats, "load_backbone", real)
+
+
+def _chunk_files(cache):
+    return sorted(name for _, _, names in os.walk(cache) for name in names if name.startswith("chunk_"))
+
+
+def test_interrupted_extraction_resumes_from_cached_chunks(setup, tmp_path, monkeypatch, capsys):
+    root, cfg = setup
+    out, cache = str(tmp_path / "features"), str(tmp_path / "cache")
+    crashed = []
+    with pytest.raises(KeyboardInterrupt):
+        # forward 1 probes the embedding size, 2 the row dimension; 3.. embed batches of 3 rows
+        _extract_with(monkeypatch, lambda m: crashed.append(_CrashAfter(m, crash_at=9)) or crashed[-1],
+                      cfg, out, cache)
+    assert not os.path.exists(out)                                  # no feature file yet
+    assert _chunk_files(cache) == ["chunk_000000.npz", "chunk_000001.npz"]   # 6 batches = 18 rows → 2 of 5 chunks
+
+    resumed = []
+    _extract_with(monkeypatch, lambda m: resumed.append(_CrashAfter(m)) or resumed[-1], cfg, out, cache)
+    assert "resuming: 2 of 5 chunks already done" in capsys.readouterr().out
+    assert resumed[0].images == 3 + 19    # the probes (2 + 1 images), then rows 16..34 only
+    files = _files(out)
+    expected, labels = _reference(root)
+    np.testing.assert_allclose(np.load(files["feature"]), expected, atol=1e-5)
+    assert np.array_equal(np.load(files["label"]), labels)
+    assert _chunk_files(cache) == []                                 # removed once the output is written
+
+
+def test_resume_under_torchrun_and_unusable_chunks(setup, tmp_path, monkeypatch):
+    """Chunks left by a single-process run are reused by 2 ranks; a corrupt chunk is embedded again;
+    a rewritten model never reuses the chunks of the old one."""
+    root, cfg = setup
+    out, cache = str(tmp_path / "features"), str(tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        _extract_with(monkeypatch, lambda m: _CrashAfter(m, crash_at=12), cfg, out, cache)
+    chunks = [os.path.join(dirpath, name) for dirpath, _, names in os.walk(cache) for name in names
+              if name.startswith("chunk_")]
+    assert len(chunks) == 3
+    with open(sorted(chunks)[1], "r+b") as handle:                  # truncate chunk 1
+        handle.truncate(100)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                GET, cfg, "--SD", SD, "--output", out, "--batch_size", "3", "--chunk_size", "8",
+                "--cache_dir", cache])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming: 2 of 5 chunks already done" in proc.stdout
+    np.testing.assert_allclose(np.load(_files(out)["feature"]), _reference(root)[0], atol=1e-5)
+    assert _chunk_files(cache) == []
+
+    with pytest.raises(KeyboardInterrupt):
+        _extract_with(monkeypatch, lambda m: _CrashAfter(m, crash_at=6), cfg, out, cache)
+    assert len(_chunk_files(cache)) == 1
+    model_file = root / "old" / "model.pt"
+    stat = os.stat(model_file)
+    os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))   # "retrained"
+    fresh = []
+    _extract_with(monkeypatch, lambda m: fresh.append(_CrashAfter(m)) or fresh[-1], cfg, out, cache)
+    assert fresh[0].images == 3 + 35

@@ -126,6 +126,37 @@ def test_ijbb_layout_and_cache(ijb, tmp_path):
     assert result["subset"] == "IJBB" and {"S1", "S2"} <= set(result)
 
 
+def test_interrupted_embedding_resumes_from_cached_chunks(ijb, tmp_path, monkeypatch, capsys):
+    from tools.ijbc_eval import embed
+
+    cache, calls = str(tmp_path / "cache"), []
+    real = embed.Embedder.__call__
+
+    def counting(self, images, crash_at=None):
+        calls.append(len(images))
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt("simulated preemption")
+        return real(self, images)
+
+    run = dict(TINY, data_path=ijb.data, model_file_old=ijb.old, network_old="r18", batch_size=4, chunk_size=8,
+               cache_dir=cache)
+    expected = evaluate(ijb.new, **dict(run, cache_dir=str(tmp_path / "other")))
+    num_images = len(load_meta(ijb.data))
+    assert num_images > 24
+    monkeypatch.setattr(embed.Embedder, "__call__", lambda self, images: counting(self, images, crash_at=11))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ijb.new, **run)
+    chunks = [n for _, _, names in os.walk(cache) for n in names if n.startswith("chunk_")]
+    assert len(chunks) == 2      # calls 1–2 probe the sizes; 3–10 are 4 batches (both models) = 16 images
+    calls.clear()
+    monkeypatch.setattr(embed.Embedder, "__call__", lambda self, images: counting(self, images))
+    resumed = evaluate(ijb.new, **run)
+    assert "resuming: 2 of" in capsys.readouterr().out
+    assert sum(calls) == 2 * (1 + num_images - 16)    # both models: size probe, then the images after chunk 2
+    assert _metrics_of(resumed) == _metrics_of(expected)
+    assert not [n for _, _, names in os.walk(cache) for n in names if n.startswith("chunk_")]
+
+
 # --------------------------------------------------------------------------------------------- command line
 @pytest.mark.parametrize("argv", [
     ["-m=NEW.pt", "-net=r50"],

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from backbones import load_backbone
+from utils.chunk_cache import ChunkCache, chunk_ranges, file_stamp, regroup, resume_message
 from utils.config import ROOT
 from utils.dataset import MXFaceDataset, batch_loader
 from utils.distributed import add_launcher_args, cleanup, init_distributed
 from utils.errors import UserError
-from utils.feature_stats import check_finite_rows
 from utils.io import atomic_np_save, safe_np_load
 
 FEATURE_ROOT = os.path.join(ROOT, "feature_save")
@@ -39,7 +39,7 @@ SPLITS = {"class70": "train_part_70_class", "class30": "train_part_30_class",
           "data70": "train_part_70_data", "data30": "train_part_30_data",
           "class100": "train", "data100": "train"}
 _KIND = re.compile(r"(feature|label|avg_feature|credible_ratio_\d+)")
-GATHER_ROWS = 1 << 16     # rows per rank sent to rank 0 in one collective
+CHUNK_ROWS = 16384        # rows per chunk: the unit of gathering to rank 0 and of resuming
 
 
 def parse_sd(sd):
@@ -109,94 +109,106 @@ def load_features(sd, root=None):
     return features, labels
 
 
-def _shard(num_rows, rank, world_size):
-    return num_rows * rank // world_size, num_rows * (rank + 1) // world_size
-
-
-def _loader(dataset, start, stop, batch_size, num_workers, pin_memory):
+def _loader(dataset, indices, batch_size, num_workers, pin_memory):
     if hasattr(dataset, "get_batch"):  # MXFaceDataset decodes whole batches at once
-        return batch_loader(dataset, range(start, stop), batch_size, num_workers, pin_memory)
-    return DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, num_workers=num_workers,
+        return batch_loader(dataset, indices, batch_size, num_workers, pin_memory)
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
                       pin_memory=pin_memory)
 
 
-@torch.no_grad()
-def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True, desc="embedding"):
-    """Embed every item of ``dataset`` with ``model`` (eval mode, raw outputs).
+def _pending(cache, num_chunks, dist_info):
+    """Chunks still to embed: rank 0 asks the cache, every rank gets the same list."""
+    done = np.zeros(num_chunks, np.uint8)
+    if cache is not None and dist_info.rank == 0:
+        finished = cache.finished()
+        done[finished] = 1
+        if finished:
+            print(resume_message(cache, finished), flush=True)
+    if dist_info.world_size > 1:
+        mask = torch.from_numpy(done).to(_comm_device(dist_info))
+        dist.broadcast(mask, 0)
+        done = mask.cpu().numpy()
+    return np.flatnonzero(done == 0).tolist()
 
-    Each rank embeds a contiguous share; rank 0 gathers the shares and returns one float32 N×d
-    array in dataset order (checked: every index exactly once); other ranks return None. Items are
-    ``(image, label, index)``. AMP (fp16) is used on CUDA when ``amp``. A DDP-wrapped model is
+
+def _comm_device(dist_info):
+    return dist_info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True, desc="embedding", cache=None,
+                  chunk_rows=CHUNK_ROWS, require_finite=None):
+    """Embed every item of ``dataset`` (``(image, label, index)`` items) with ``model`` in eval mode.
+
+    Rows go in chunks of consecutive dataset positions, dealt round-robin to the ranks; after each
+    round rank 0 receives that round's chunks (each row checked to arrive exactly once, in order).
+    Without ``cache`` rank 0 returns one float32 N×d array in dataset order. With a
+    :class:`~utils.chunk_cache.ChunkCache` rank 0 saves each chunk as ``embedding`` on arrival, and
+    chunks saved by an earlier run are not embedded again; rank 0 returns the cache (all chunks
+    saved). Other ranks return None. ``require_finite`` (a description of the model and data, or
+    None): a row with NaN/inf stops the run with a UserError starting with it, before its chunk is kept. AMP (fp16) is used on CUDA when ``amp``. A DDP-wrapped model is
     unwrapped (its forward would synchronise ranks that may run different numbers of batches).
     """
     if batch_size < 1 or num_workers < 0:
         raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-    device = dist_info.device
-    start, stop = _shard(len(dataset), dist_info.rank, dist_info.world_size)
-    loader = _loader(dataset, start, stop, batch_size, num_workers, device.type == "cuda")
+    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    spans = cache.ranges if cache is not None else chunk_ranges(len(dataset), chunk_rows)
+    pending = _pending(cache, len(spans), dist_info)
+    mine = pending[rank::world]
+    indices = np.concatenate([np.arange(*spans[k]) for k in mine]).tolist() if mine else []
     use_amp = amp and device.type == "cuda"
     if isinstance(model, DistributedDataParallel):
         model = model.module
     was_training = model.training
     model.eval()
-    local, local_index, filled = None, np.full(stop - start, -1, np.int64), 0
-    for images, _, index in tqdm(loader, desc=desc, disable=not dist_info.is_main, mininterval=5):
+
+    def embed(images):
         with torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext():
-            embeddings = model(images.to(device, non_blocking=True)).float().cpu().numpy()
-        if local is None:
-            local = np.empty((stop - start, embeddings.shape[1]), np.float32)
-        local[filled:filled + len(embeddings)] = embeddings
-        local_index[filled:filled + len(embeddings)] = np.asarray(index, dtype=np.int64)
-        filled += len(embeddings)
+            return model(images.to(device, non_blocking=True)).float().cpu().numpy()
+
+    dim = embed(dataset[0][0][None]).shape[1] if len(dataset) else 0
+    loader = _loader(dataset, indices, batch_size, num_workers, device.type == "cuda")
+    progress = tqdm(loader, desc=desc, disable=not dist_info.is_main, mininterval=5)
+    chunks = regroup(((index, {"embedding": embed(images)}) for images, _, index in progress),
+                     [spans[k] for k in mine])
+    out = np.empty((len(dataset), dim), np.float32) if cache is None and rank == 0 else None
+    for _ in range((len(pending) + world - 1) // world):
+        item = next(chunks, None)
+        local = (mine[item[0]], item[1]["embedding"]) if item else None
+        for k, rows in _gather_chunk(local, max(b - a for a, b in spans), dim, dist_info):
+            start, stop = spans[k]
+            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1)) if require_finite else ()
+            if len(bad):
+                raise UserError(f"{require_finite}: row {start + int(bad[0])} contains NaN or inf")
+            if out is not None:
+                out[start:stop] = rows
+            elif rank == 0:
+                cache.save(k, embedding=rows)
+    next(chunks, None)  # lets the loader finish and regroup check that every row came
     model.train(was_training)
-    if local is None:
-        local = np.zeros((0, 0), np.float32)
-    return _gather_rows(local, local_index, len(dataset), dist_info)
-
-
-def _gather_rows(local, local_index, num_rows, dist_info):
-    """Rows of every rank placed at their dataset indices on rank 0 (None elsewhere)."""
-    if dist_info.world_size == 1:
-        out, seen = local, np.bincount(local_index[local_index >= 0], minlength=num_rows)
-    else:
-        out, seen = _gather_blocks(local, local_index, num_rows, dist_info)
-    if dist_info.rank != 0:
+    if rank != 0:
         return None
-    bad = np.flatnonzero(seen != 1)
-    if len(bad):
-        raise RuntimeError(f"embedding is incomplete: dataset index {bad[0]} was embedded {seen[bad[0]]} times")
-    if dist_info.world_size == 1 and (local_index != np.arange(num_rows)).any():
-        out = out[np.argsort(local_index)]
-    return out
+    return out if cache is None else cache
 
 
-def _gather_blocks(local, local_index, num_rows, dist_info):
-    """Gather (rows, indices) to rank 0 in blocks of GATHER_ROWS per rank; rank 0 scatters them."""
-    world, rank = dist_info.world_size, dist_info.rank
-    comm = dist_info.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    maxima = torch.tensor([len(local), local.shape[1]], dtype=torch.int64, device=comm)
-    dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-    longest, dim = int(maxima[0]), int(maxima[1])
-    out = np.empty((num_rows, dim), np.float32) if rank == 0 else None
-    seen = np.zeros(num_rows, np.int64) if rank == 0 else None
-    for begin in range(0, longest, GATHER_ROWS):
-        rows = min(GATHER_ROWS, longest - begin)
-        part, where = local[begin:begin + rows], local_index[begin:begin + rows]
-        block = torch.zeros((rows, dim), dtype=torch.float32, device=comm)
-        ids = torch.full((rows,), -1, dtype=torch.int64, device=comm)
-        block[:len(part)] = torch.from_numpy(np.ascontiguousarray(part)).to(comm)
-        ids[:len(where)] = torch.from_numpy(where).to(comm)
-        blocks = [torch.empty_like(block) for _ in range(world)] if rank == 0 else None
-        id_lists = [torch.empty_like(ids) for _ in range(world)] if rank == 0 else None
-        dist.gather(block, blocks, dst=0)
-        dist.gather(ids, id_lists, dst=0)
-        if rank == 0:
-            for values, where in zip(blocks, id_lists):
-                where = where.cpu().numpy()
-                valid = where >= 0
-                out[where[valid]] = values.cpu().numpy()[valid]
-                seen += np.bincount(where[valid], minlength=num_rows)
-    return out, seen
+def _gather_chunk(local, chunk_rows, dim, dist_info):
+    """``[(chunk id, rows), …]`` of this round from every rank, on rank 0 (``[]`` elsewhere)."""
+    if dist_info.world_size == 1:
+        return [local] if local is not None else []
+    comm = _comm_device(dist_info)
+    block = torch.zeros((chunk_rows, dim), dtype=torch.float32, device=comm)
+    header = torch.tensor([-1, 0], dtype=torch.int64, device=comm)
+    if local is not None:
+        block[:len(local[1])] = torch.from_numpy(np.ascontiguousarray(local[1])).to(comm)
+        header[0], header[1] = local[0], len(local[1])
+    rank0 = dist_info.rank == 0
+    blocks = [torch.empty_like(block) for _ in range(dist_info.world_size)] if rank0 else None
+    headers = [torch.empty_like(header) for _ in range(dist_info.world_size)] if rank0 else None
+    dist.gather(block, blocks, dst=0)
+    dist.gather(header, headers, dst=0)
+    if not rank0:
+        return []
+    return [(int(h[0]), b[:int(h[1])].cpu().numpy()) for h, b in zip(headers, blocks) if int(h[0]) >= 0]
 
 
 def add_sd_args(parser):
@@ -209,12 +221,23 @@ def add_sd_args(parser):
 
 
 def add_extract_args(parser):
-    """Options of the extraction (step 2): data override, batch size, loader workers, launcher."""
+    """Options of the extraction (step 2): data override, batch size, loader workers, cache, launcher."""
     parser.add_argument("--dataset", default=None,
                         help="rec prefix or folder to embed (default: the SD's split beside the config's rec)")
     parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass and process")
     parser.add_argument("--num_workers", type=int, default=None, help="loader workers (default: the config's)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="where finished chunks are kept so a rerun resumes (default: $BCT_CACHE_DIR or "
+                             "work_dirs/cache)")
+    parser.add_argument("--chunk_size", type=int, default=CHUNK_ROWS,
+                        help=f"images per saved chunk (default {CHUNK_ROWS})")
     return add_launcher_args(parser)
+
+
+def extract_from_args(cfg, args):
+    """:func:`extract_features` with the options of :func:`add_sd_args` and :func:`add_extract_args`."""
+    return extract_features(cfg, args.SD, args.dataset, args.output, args.batch_size, args.num_workers,
+                            args.local_rank, args.cache_dir, args.chunk_size)
 
 
 def _embedding_size(model, input_size, device):
@@ -222,12 +245,15 @@ def _embedding_size(model, input_size, device):
         return int(model(torch.zeros(2, 3, input_size, input_size, device=device)).shape[1])
 
 
-def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers=None, local_rank=None):
+def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers=None, local_rank=None,
+                     cache_dir=None, chunk_size=CHUNK_ROWS):
     """Step 2: embed the SD's split with the config's old model (``<cfg.output>/model.pt``).
 
-    Works single-process and under torchrun / torch.distributed.launch (each rank embeds a share).
-    Rank 0 writes ``<SD>_feature.npy`` (raw float32 embeddings) and ``<SD>_label.npy`` (int64) in
-    dataset order and returns their paths; other ranks return None.
+    Works single-process and under torchrun / torch.distributed.launch (chunks are dealt to the
+    ranks). Finished chunks are kept in a :class:`~utils.chunk_cache.ChunkCache` under
+    ``cache_dir``, so an interrupted run resumes where it stopped. Rank 0 then writes
+    ``<SD>_feature.npy`` (raw float32 embeddings) and ``<SD>_label.npy`` (int64) in dataset order,
+    removes the cache and returns their paths; other ranks return None.
     """
     dim, _ = parse_sd(sd)
     model_file = os.path.join(cfg.output, "model.pt")
@@ -243,15 +269,20 @@ def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers
         if size != dim:
             raise UserError(f"{model_file} makes {size}-d embeddings but --SD {sd} says f{dim}")
         dataset = MXFaceDataset(rec, train=False, input_size=cfg.input_size)
+        precision = "fp16" if cfg.fp16 and dist_info.device.type == "cuda" else "fp32"
+        inputs = dict(model=file_stamp(model_file), rec=file_stamp(dataset.rec_path),
+                      idx=file_stamp(dataset.idx_path), network=cfg.network, width=cfg.network_width,
+                      input_size=cfg.input_size, precision=precision)
+        cache = ChunkCache(f"get_feature/{sd}", inputs, len(dataset), chunk_size, cache_dir)
         workers = cfg.num_workers if num_workers is None else num_workers
-        features = embed_dataset(model, dataset, batch_size, dist_info, workers, amp=cfg.fp16,
-                                 desc=f"embedding {os.path.basename(dataset.rec_path)}")
+        embed_dataset(model, dataset, batch_size, dist_info, workers, amp=cfg.fp16,
+                      desc=f"embedding {os.path.basename(dataset.rec_path)}", cache=cache,
+                      require_finite=f"old model {model_file} on {dataset.rec_path}")
         if not dist_info.is_main:
             return None
-        with about_file(f"old model {model_file} on {dataset.rec_path}"):
-            check_finite_rows(features)
-        atomic_np_save(paths[0], features)
+        cache.write_npy(paths[0], "embedding")
         atomic_np_save(paths[1], dataset.labels.astype(np.int64))
+        cache.clear()
         return paths
     finally:
         cleanup()

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import UserError, require
+from utils.feature_stats import check_finite_rows
 from utils.io import safe_np_load
 
 
@@ -58,6 +59,7 @@ class PerImageArray:
 class OldFeatures(PerImageArray):
     """Old embeddings ``o`` (``old_embedding``): N×d float, d = the new ``embedding_size``.
 
+    Every row is checked to be finite when the file is opened (a chunked pass over the memory map).
     ``gather`` returns float32 rows as stored (un-normalised).
     """
 
@@ -68,6 +70,10 @@ class OldFeatures(PerImageArray):
         require(self.array.shape[1] == dim,
                 f"{path} (`{key}`): features have dimension {self.array.shape[1]} but embedding_size is {dim} "
                 "(old and new embedding sizes must be equal)")
+        try:
+            check_finite_rows(self.array)
+        except UserError as exc:
+            raise UserError(f"{path} (`{key}`): {exc} (extract the old features again)") from None
 
     def gather(self, indices, device=None):
         return super().gather(indices).float().to(device)

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from utils.config import get_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.feature_stats import class_prototypes  # noqa: E402
-from utils.features import (about_file, add_extract_args, add_sd_args, extract_features, feature_path,  # noqa: E402
+from utils.features import (about_file, add_extract_args, add_sd_args, extract_from_args, feature_path,  # noqa: E402
                             load_features, parse_sd)
 from utils.io import atomic_np_save  # noqa: E402
 
@@ -34,8 +34,7 @@ def main(argv=None):
     sources = [feature_path(args.SD, kind, args.output) for kind in ("feature", "label")]
     if args.config and not all(os.path.isfile(p) for p in sources):
         cfg = get_config(args.config)
-        if not extract_features(cfg, args.SD, args.dataset, args.output, args.batch_size, args.num_workers,
-                                args.local_rank):
+        if not extract_from_args(cfg, args):
             return
     elif int(os.environ.get("RANK", "0")) != 0:
         return

@@ -6,7 +6,9 @@
 The old model is ``work_dirs/<config name>/model.pt`` (the config's ``output``). The split comes from
 the SD suffix, beside the config's ``rec`` (class70 → ``train_part_70_class`` …, class100/data100 →
 the full ``train`` set); files go to ``feature_save/<scenario>/``. Raw (un-normalised) float32
-embeddings without flip, in dataset order; labels int64.
+embeddings without flip, in dataset order; labels int64. Finished chunks of images are kept in
+``work_dirs/cache/get_feature/`` (``$BCT_CACHE_DIR``, ``--cache_dir``), so rerunning an interrupted
+command embeds only what is missing (docs/features.md).
 """
 import argparse
 import os
@@ -16,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from utils.config import get_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.features import add_extract_args, add_sd_args, extract_features, parse_sd  # noqa: E402
+from utils.features import add_extract_args, add_sd_args, extract_from_args, parse_sd  # noqa: E402
 
 
 def main(argv=None):
@@ -26,8 +28,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     parse_sd(args.SD)
     cfg = get_config(args.config)
-    paths = extract_features(cfg, args.SD, args.dataset, args.output, args.batch_size, args.num_workers,
-                             args.local_rank)
+    paths = extract_from_args(cfg, args)
     if paths:
         print(f"saved {paths[0]} and {paths[1]}")
 

@@ -8,13 +8,16 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from backbones import load_backbone
 from tools.ijbc_eval.align import AlignedFaces, init_worker, umeyama
 from tools.ijbc_eval.meta import line_of
+from utils.chunk_cache import chunk_ranges, file_stamp, regroup, resume_message
 from utils.errors import UserError
+
+CHUNK_IMAGES = 8192   # images per chunk: the unit of resuming an interrupted embedding
 
 
 def default_device():
@@ -29,7 +32,7 @@ class Embedder:
     """
 
     def __init__(self, path, network, width=64, input_size=112, device=None):
-        self.path, self.input_size = os.fspath(path), input_size
+        self.path, self.network, self.width, self.input_size = os.fspath(path), network, width, input_size
         self.device = torch.device(device or default_device())
         if not os.path.isfile(self.path):
             raise UserError(f"model file not found: {self.path}")
@@ -38,6 +41,13 @@ class Embedder:
         else:
             self.session, self.model = None, load_backbone(self.path, network, width, input_size, self.device)
         self.embedding_size = self(torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8))[0].shape[1]
+
+    def describe(self):
+        """What its embeddings depend on (for a :class:`~utils.chunk_cache.ChunkCache` key)."""
+        onnx = self.session is not None
+        return dict(model=file_stamp(self.path), network=None if onnx else self.network,
+                    width=None if onnx else self.width, input_size=self.input_size,
+                    runtime="onnx" if onnx else "torch", device=self.device.type)
 
     def _onnx_session(self):
         import onnxruntime
@@ -82,24 +92,51 @@ def alignment_matrices(meta):
     return matrices
 
 
-def extract(meta, embedders, batch_size=128, num_workers=2):
-    """``[(embs, embs_f), …]`` (float32, image order) for each embedder, in one pass over the images."""
+def extract(meta, embedders, batch_size=128, num_workers=2, cache=None):
+    """``[(embs, embs_f), …]`` (float32, image order) for each embedder, in one pass over the images.
+
+    Images go in chunks (``cache.ranges``, or CHUNK_IMAGES per chunk without a cache). With a
+    :class:`~utils.chunk_cache.ChunkCache` each finished chunk is saved, and chunks saved by an
+    earlier run are read back instead of being embedded again.
+    """
     if batch_size < 1 or num_workers < 0:
         raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     sizes = sorted({e.input_size for e in embedders})
     dataset = AlignedFaces(meta.image_folder, meta.names, alignment_matrices(meta), sizes)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        worker_init_fn=init_worker, pin_memory=any(e.device.type == "cuda" for e in embedders))
+    spans = cache.ranges if cache is not None else chunk_ranges(len(dataset), CHUNK_IMAGES)
     outputs = [(np.empty((len(dataset), e.embedding_size), np.float32),
                 np.empty((len(dataset), e.embedding_size), np.float32)) for e in embedders]
-    for crops, index, readable in tqdm(loader, desc="embedding", unit="batch", mininterval=5):
-        if not bool(readable.all()):
-            row = int(index[~readable][0])
-            path = meta.files["tid_mid"]
-            raise UserError(f"cannot read image {os.path.join(meta.image_folder, meta.names[row])} "
-                            f"(listed in {path} line {line_of(path, row)})")
-        index = index.numpy()
-        for embedder, (embs, embs_f) in zip(embedders, outputs):
-            plain, flipped = embedder(crops[sizes.index(embedder.input_size)])
-            embs[index], embs_f[index] = plain, flipped
+    done = cache.finished() if cache is not None else []
+    if done:
+        print(resume_message(cache, done), flush=True)
+    for k in done:
+        _place(outputs, spans[k], cache.load(k))
+    pending = sorted(set(range(len(spans))) - set(done))
+    indices = [i for k in pending for i in range(*spans[k])]
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=init_worker, pin_memory=any(e.device.type == "cuda" for e in embedders))
+
+    def batches():
+        for crops, index, readable in tqdm(loader, desc="embedding", unit="batch", mininterval=5):
+            if not bool(readable.all()):
+                row = int(index[~readable][0])
+                path = meta.files["tid_mid"]
+                raise UserError(f"cannot read image {os.path.join(meta.image_folder, meta.names[row])} "
+                                f"(listed in {path} line {line_of(path, row)})")
+            arrays = {}
+            for i, embedder in enumerate(embedders):
+                arrays[f"embs{i}"], arrays[f"embs_f{i}"] = embedder(crops[sizes.index(embedder.input_size)])
+            yield index.numpy(), arrays
+
+    for position, arrays in regroup(batches(), [spans[k] for k in pending]):
+        if cache is not None:
+            cache.save(pending[position], **arrays)
+        _place(outputs, spans[pending[position]], arrays)
     return outputs
+
+
+def _place(outputs, span, arrays):
+    """Copy one chunk's ``embs<i>``/``embs_f<i>`` arrays into the full per-embedder outputs."""
+    start, stop = span
+    for i, (embs, embs_f) in enumerate(outputs):
+        embs[start:stop], embs_f[start:stop] = arrays[f"embs{i}"], arrays[f"embs_f{i}"]

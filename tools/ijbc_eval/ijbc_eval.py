@@ -21,8 +21,9 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from tools.ijbc_eval import metrics  # noqa: E402
-from tools.ijbc_eval.embed import Embedder, extract  # noqa: E402
+from tools.ijbc_eval.embed import CHUNK_IMAGES, Embedder, extract  # noqa: E402
 from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta  # noqa: E402
+from utils.chunk_cache import ChunkCache, file_stamp  # noqa: E402
 from utils.errors import UserError, require, run_cli  # noqa: E402
 from utils.io import atomic_np_savez, atomic_open, safe_np_load  # noqa: E402
 
@@ -75,15 +76,22 @@ def _check_sizes(old_size, new_size, old_name, new_name):
 
 
 def _embed(meta, model_file, network, model_file_old, network_old, options):
-    """``(new, old)`` embedding pairs from the models (``old`` None for a self-test)."""
+    """``(new, old)`` embedding pairs from the models (``old`` None for a self-test), and the chunk cache.
+
+    Finished chunks of images are kept in a :class:`ChunkCache` (removed by the caller once the
+    results are written), so an interrupted evaluation resumes its embedding.
+    """
     check_images(meta)
     embedders = [Embedder(model_file, network, options["width"], options["input_size"], options["device"])]
     if model_file_old:
         embedders.append(Embedder(model_file_old, network_old, options["old_width"], options["old_input_size"],
                                   options["device"]))
         _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
-    outputs = extract(meta, embedders, options["batch_size"], options["num_workers"])
-    return outputs[0], (outputs[1] if model_file_old else None)
+    inputs = dict(images=os.path.abspath(meta.image_folder), models=[e.describe() for e in embedders],
+                  meta=[file_stamp(meta.files[key]) for key in ("tid_mid", "landmarks")])
+    cache = ChunkCache(f"ijb_embed/{meta.subset}", inputs, len(meta), options["chunk_size"], options["cache_dir"])
+    outputs = extract(meta, embedders, options["batch_size"], options["num_workers"], cache)
+    return outputs[0], (outputs[1] if model_file_old else None), cache
 
 
 def _verification(meta, templates, new, old, variants):
@@ -155,7 +163,8 @@ def _output_stem(save_result, subset, source, test, protocol):
 def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=False, model_file_old=None,
              network_old="r18", subset="IJBC", batch_size=128, bunch=False, save_embeddings=False,
              restore_embs=None, save_result=None, force_reload=False, width=64, input_size=112, old_width=None,
-             old_input_size=None, num_workers=None, device=None, plot=True, verbose=True):
+             old_input_size=None, num_workers=None, device=None, plot=True, verbose=True, cache_dir=None,
+             chunk_size=CHUNK_IMAGES):
     """Evaluate a model (or saved embeddings) on IJB-C/IJB-B; returns the result dict written as JSON.
 
     1:1 → ``{"protocol", "subset", "test", "TAR@FAR": {"1e-6"…"1e-1"}, "AUC", …}``;
@@ -170,14 +179,16 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
             f"-R/--save_result must be a path ending in .npz, got {save_result}")
     require(not save_embeddings or save_result, "-E/--save_embeddings needs -R/--save_result PATH.npz")
     meta = load_meta(data_path, subset, one_to_n, force_reload)
+    cache = None
     if restore_embs:
         new, old = _restore(restore_embs, len(meta))
     else:
         options = dict(width=width, input_size=input_size, device=device, batch_size=batch_size,
                        old_width=width if old_width is None else old_width,
                        old_input_size=input_size if old_input_size is None else old_input_size,
-                       num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers)
-        new, old = _embed(meta, model_file, network, model_file_old, network_old, options)
+                       num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers,
+                       cache_dir=cache_dir, chunk_size=chunk_size)
+        new, old, cache = _embed(meta, model_file, network, model_file_old, network_old, options)
     test = "cross" if old is not None else "self"
     protocol = "1:N" if one_to_n else "1:1"
     variants = metrics.VARIANTS if bunch else (metrics.DEFAULT_VARIANT,)
@@ -223,6 +234,8 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
                                     title=f"{subset} 1:1 {label}")
         if verbose:
             print(f"figure: {figure}")
+    if cache is not None:
+        cache.clear()
     return result
 
 
@@ -284,6 +297,10 @@ def build_parser():
     p.add_argument("--old_input_size", type=int, default=None, help="input size of -m_old (default --input_size)")
     p.add_argument("--num_workers", type=int, default=None, help="image loading workers (default min(8, CPUs))")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--cache_dir", default=None, help="where finished chunks of embeddings are kept so a rerun "
+                                                     "resumes (default: $BCT_CACHE_DIR or work_dirs/cache)")
+    p.add_argument("--chunk_size", type=int, default=CHUNK_IMAGES,
+                   help=f"images per saved chunk (default {CHUNK_IMAGES})")
     return p
 
 
@@ -296,7 +313,8 @@ def main(argv=None):
     return evaluate(args.model_file, args.network, args.data_path, args.is_one_2_N, args.model_file_old,
                     args.network_old, args.subset, args.batch_size, args.is_bunch, args.save_embeddings,
                     args.restore_embs, args.save_result, args.force_reload, args.width, args.input_size,
-                    args.old_width, args.old_input_size, args.num_workers, args.device)
+                    args.old_width, args.old_input_size, args.num_workers, args.device,
+                    cache_dir=args.cache_dir, chunk_size=args.chunk_size)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Each parsed file is cached as an ``.npz`` keyed by the file's path, size and mod
 an edited file is parsed again; ``force`` re-parses anyway.
 """
 import glob
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from utils.chunk_cache import cache_key, file_stamp
 from utils.config import ROOT
 from utils.errors import UserError
 from utils.io import atomic_np_savez, safe_np_load
@@ -144,17 +144,14 @@ def _cache_folder(subset_root):
             return folder
     except OSError:
         pass
-    digest = hashlib.sha1(os.path.abspath(subset_root).encode()).hexdigest()[:12]
-    return os.path.join(ROOT, "work_dirs", "ijb_cache", digest)
+    return os.path.join(ROOT, "work_dirs", "ijb_cache", cache_key(os.path.abspath(subset_root)))
 
 
 def load_cached(path, parser, cache_folder, force=False):
     """``parser(path)`` (dict of arrays), cached in ``cache_folder`` by path, size and mtime."""
     if not os.path.isfile(path):
         raise UserError(f"meta file not found: {path}")
-    stat = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}|"
-                       f"{parser.__name__}".encode()).hexdigest()[:16]
+    key = cache_key(file_stamp(path), CACHE_VERSION, parser.__name__, length=16)
     base = os.path.basename(path)
     cached = os.path.join(cache_folder, f"{base}.{key}.npz")
     if not force and os.path.isfile(cached):
