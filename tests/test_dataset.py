@@ -9,7 +9,7 @@ from easydict import EasyDict as edict
 from torch.utils.data import DistributedSampler
 
 from utils.dataset import (MXFaceDataset, ResumableDistributedSampler, build_loader, check_data_config,
-                           find_property, flip_mask, resolve_rec)
+                           find_property, flip_mask, resolve_rec, to_model_input)
 from utils.distributed import DistInfo
 from utils.errors import UserError
 from utils.recordio import IRHeader, MXIndexedRecordIO, pack
@@ -122,6 +122,26 @@ def test_flips_are_deterministic_per_seed_epoch_index(tmp_path):
     expected = images[i][:, ::-1] if flips1[i] else images[i]
     assert torch.allclose(ds[i][0], normalised(np.ascontiguousarray(expected)), atol=1e-6)
 
+
+
+def test_uint8_batches_are_the_exact_pixels_and_normalise_like_the_float_path(tmp_path):
+    prefix = str(tmp_path / "u")
+    images = make_rec(prefix, list(range(40)), size=16)
+    floats = MXFaceDataset(prefix, train=True, input_size=8, seed=3)
+    raw = MXFaceDataset(prefix, train=True, input_size=8, seed=3, uint8=True)
+    flips = flip_mask(3, 0, np.arange(40))
+    order = [int(np.argmax(flips)), int(np.argmin(flips)), 7, 39, 0]
+    batch, labels, indices = raw.get_batch(order)
+    assert batch.dtype == torch.uint8 and batch.shape == (5, 3, 8, 8) and batch.is_contiguous()
+    for row, i in zip(batch, order):
+        expected = cv2.resize(images[i], (8, 8), interpolation=cv2.INTER_AREA)
+        expected = np.ascontiguousarray(expected[:, ::-1] if flips[i] else expected)
+        assert np.array_equal(row.permute(1, 2, 0).numpy(), expected)          # RGB planes, byte for byte
+    reference, reference_labels, _ = floats.get_batch(order)
+    assert torch.equal(labels, reference_labels) and indices.tolist() == order
+    assert torch.allclose(to_model_input(batch), reference, atol=1e-6, rtol=0)
+    assert to_model_input(reference) is reference                              # float input passes through
+    assert torch.equal(to_model_input(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
 
 @pytest.mark.parametrize("size, world, drop_last", [(23, 2, True), (23, 2, False), (24, 3, True), (5, 4, False)])
 def test_sampler_matches_distributed_sampler(size, world, drop_last):

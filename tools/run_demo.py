@@ -133,6 +133,7 @@ def run_pipeline(args):
     data = os.path.abspath(args.data)
     os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_SCENARIO=args.scenario,
                       BCT_DEMO_QUICK="1" if args.quick else "0")
+    os.environ.setdefault("BCT_CACHE_DIR", os.path.join(out, "cache"))   # resume caches of the stages
     from configs.demo import settings  # reads the variables above, as every stage's config does
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     pipe = Pipeline(out, env, args.reuse)

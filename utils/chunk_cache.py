@@ -11,6 +11,7 @@ folder says what it belongs to. The caller removes the folder once its final out
 Root: ``$BCT_CACHE_DIR`` when set, else ``work_dirs/cache`` in the repository. Deleting the root
 (or one ``<name>-<key>`` folder) is always safe; it only loses the work saved there.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -108,8 +109,10 @@ class ChunkCache:
             del out
 
     def clear(self):
-        """Remove the folder and everything saved in it."""
+        """Remove the folder and everything saved in it (and its parent when that is left empty)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.folder))
 
 
 def regroup(batches, spans):

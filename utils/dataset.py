@@ -10,9 +10,12 @@ key and images are keys ``1 .. label[0]-1``; otherwise every key is an image (in
 class label is the scalar label or ``label[0]``.
 
 The loader fetches whole batches: each image is decoded (OpenCV), resized to ``input_size`` with
-``INTER_AREA`` when needed, flipped, and split into RGB planes of a reused uint8 array; every 32
-images are normalised, ``(x/255 - 0.5)/0.5``, in one vectorised call straight into the batch.
-Flips depend only on (seed, epoch, index), so a resumed run sees the same images.
+``INTER_AREA`` when needed, flipped, and split into RGB planes. With ``uint8=True`` (training)
+the planes are written straight into a uint8 batch, which is a quarter of the bytes to pin and
+copy to the GPU, and :func:`to_model_input` normalises it on the device. Otherwise the planes go
+to a reused uint8 array and every 32 images are normalised, ``(x/255 - 0.5)/0.5``, in one
+vectorised call straight into a float32 batch. Flips depend only on (seed, epoch, index), so a
+resumed run sees the same images.
 """
 import os
 import struct
@@ -94,6 +97,16 @@ def normalise(planes, out):
     return out
 
 
+def to_model_input(images):
+    """A uint8 batch (from ``MXFaceDataset(uint8=True)``) as the model's float input ``x/127.5 − 1``.
+
+    Float batches pass through unchanged. Equals :func:`normalise` to float32 rounding.
+    """
+    if images.dtype != torch.uint8:
+        return images
+    return images.float().mul_(1 / 127.5).sub_(1.0)
+
+
 def flip_mask(seed, epoch, indices):
     """Horizontal-flip decisions (bool array) for dataset ``indices``: a hash of (seed, epoch, index)."""
     return (_hash(seed, epoch, indices) >> np.uint64(63)).astype(bool)
@@ -102,17 +115,20 @@ def flip_mask(seed, epoch, indices):
 class MXFaceDataset(Dataset):
     """Face images of an insightface RecordIO set: ``ds[i] → (3×S×S float, int64 label, i)``.
 
+    ``uint8=True``: images are 3×S×S uint8 RGB instead (normalise with :func:`to_model_input`).
+
     ``labels`` (int64, dataset order) are read from the record headers only; ``num_classes`` from
     the property file or ``max label + 1``; ``keys`` and ``offsets`` are the image records' keys and
     byte offsets in dataset order.
     ``train=True`` flips half of the images (deterministically per seed, epoch and index).
     """
 
-    def __init__(self, rec, train=True, input_size=112, seed=0):
+    def __init__(self, rec, train=True, input_size=112, seed=0, uint8=False):
         self.rec_path, self.idx_path = resolve_rec(rec)
         if int(input_size) <= 0:
             raise UserError(f"input_size must be positive, got {input_size}")
         self.train, self.input_size, self.seed, self.epoch = bool(train), int(input_size), int(seed), 0
+        self.uint8 = bool(uint8)
         self._planes = None
         self.record = MXIndexedRecordIO(self.idx_path, self.rec_path, "r")
         self.keys, self.offsets = self._image_records()
@@ -157,17 +173,22 @@ class MXFaceDataset(Dataset):
         return images[0], labels[0], int(index)
 
     def get_batch(self, indices):
-        """Collated batch ``(images B×3×S×S float32, labels int64, indices int64)`` for dataset positions."""
+        """Collated batch ``(images B×3×S×S float32 (uint8), labels int64, indices int64)`` for dataset positions."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self.keys)):
             raise IndexError(f"dataset index out of range 0..{len(self.keys) - 1}: {indices.min()}..{indices.max()}")
         flips = flip_mask(self.seed, self.epoch, indices) if self.train else np.zeros(len(indices), bool)
+        records = list(zip(self.keys[indices].tolist(), self.offsets[indices].tolist(), flips.tolist()))
+        if self.uint8:
+            images = np.empty((len(indices), 3, self.input_size, self.input_size), np.uint8)
+            for image, (key, offset, flip) in zip(images, records):
+                self._decode_into(key, offset, flip, [image[2], image[1], image[0]])
+            return torch.from_numpy(images), torch.from_numpy(self.labels[indices]), torch.from_numpy(indices)
         images = np.empty((len(indices), 3, self.input_size, self.input_size), np.float32)
         planes, targets = self._scratch()
         for lo in range(0, len(indices), _CHUNK):
-            chunk = indices[lo:lo + _CHUNK]
-            for target, key, offset, flip in zip(targets, self.keys[chunk].tolist(), self.offsets[chunk].tolist(),
-                                                 flips[lo:lo + _CHUNK].tolist()):
+            chunk = records[lo:lo + _CHUNK]
+            for target, (key, offset, flip) in zip(targets, chunk):
                 self._decode_into(key, offset, flip, target)
             normalise(planes[:len(chunk)], images[lo:lo + len(chunk)])
         return torch.from_numpy(images), torch.from_numpy(self.labels[indices]), torch.from_numpy(indices)

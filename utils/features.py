@@ -27,7 +27,7 @@ from tqdm import tqdm
 from backbones import load_backbone
 from utils.chunk_cache import ChunkCache, chunk_ranges, file_stamp, regroup, resume_message
 from utils.config import ROOT
-from utils.dataset import MXFaceDataset, batch_loader
+from utils.dataset import MXFaceDataset, batch_loader, to_model_input
 from utils.distributed import add_launcher_args, cleanup, init_distributed
 from utils.errors import UserError
 from utils.io import atomic_np_save, safe_np_load
@@ -140,6 +140,8 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
                   chunk_rows=CHUNK_ROWS, require_finite=None):
     """Embed every item of ``dataset`` (``(image, label, index)`` items) with ``model`` in eval mode.
 
+    Images may be float model input or uint8 (normalised on the device by ``to_model_input``).
+
     Rows go in chunks of consecutive dataset positions, dealt round-robin to the ranks; after each
     round rank 0 receives that round's chunks (each row checked to arrive exactly once, in order).
     Without ``cache`` rank 0 returns one float32 N×d array in dataset order. With a
@@ -164,7 +166,7 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
 
     def embed(images):
         with torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext():
-            return model(images.to(device, non_blocking=True)).float().cpu().numpy()
+            return model(to_model_input(images.to(device, non_blocking=True))).float().cpu().numpy()
 
     dim = embed(dataset[0][0][None]).shape[1] if len(dataset) else 0
     loader = _loader(dataset, indices, batch_size, num_workers, device.type == "cuda")
@@ -268,7 +270,7 @@ def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers
         size = _embedding_size(model, cfg.input_size, dist_info.device)
         if size != dim:
             raise UserError(f"{model_file} makes {size}-d embeddings but --SD {sd} says f{dim}")
-        dataset = MXFaceDataset(rec, train=False, input_size=cfg.input_size)
+        dataset = MXFaceDataset(rec, train=False, input_size=cfg.input_size, uint8=True)
         precision = "fp16" if cfg.fp16 and dist_info.device.type == "cuda" else "fp32"
         inputs = dict(model=file_stamp(model_file), rec=file_stamp(dataset.rec_path),
                       idx=file_stamp(dataset.idx_path), network=cfg.network, width=cfg.network_width,

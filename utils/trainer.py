@@ -21,7 +21,7 @@ from backbones import build_backbone
 from losses import CombinedMarginLoss, PartialFC
 from utils.checkpoint import CheckpointManager
 from utils.config import get_config
-from utils.dataset import MXFaceDataset, build_loader, check_data_config
+from utils.dataset import MXFaceDataset, build_loader, check_data_config, to_model_input
 from utils.distributed import DistInfo, add_launcher_args, cleanup, init_distributed
 from utils.errors import UserError, require, run_cli
 from utils.io import atomic_torch_save
@@ -167,7 +167,7 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
         torch.backends.cudnn.benchmark = True
     amp = device.type == "cuda" and bool(cfg.fp16)
 
-    dataset = MXFaceDataset(cfg.rec, train=True, input_size=cfg.input_size, seed=cfg.seed)
+    dataset = MXFaceDataset(cfg.rec, train=True, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
     check_data_config(cfg, dataset)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     require(steps_per_epoch > 0, f"{cfg.rec}: {len(dataset)} images are fewer than one global batch "
@@ -263,7 +263,7 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
             rng = None
             batch = first_batch
             for images, labels, indices in batches:
-                images = images.to(device, non_blocking=True)
+                images = to_model_input(images.to(device, non_blocking=True))
                 labels = labels.to(device, non_blocking=True)
                 indices = indices.to(device, non_blocking=True)
                 ctx.global_step = global_step

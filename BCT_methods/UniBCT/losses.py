@@ -113,7 +113,7 @@ class UniBCT(BCT):
         """Embed the training set with the current backbone (all ranks) and refine on rank 0."""
         cfg = ctx.cfg
         ctx.logger.info(f"UniBCT: embedding {len(ctx.dataset)} images to refine the prototypes (epoch {ctx.epoch})")
-        dataset = MXFaceDataset(cfg.rec, train=False, input_size=cfg.input_size, seed=cfg.seed)
+        dataset = MXFaceDataset(cfg.rec, train=False, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
         model = getattr(ctx.backbone, "module", ctx.backbone)
         new = embed_dataset(model, dataset, cfg.batch_size, ctx.dist, num_workers=cfg.num_workers,
                             amp=bool(cfg.fp16) and ctx.device.type == "cuda")

@@ -2,12 +2,14 @@
 
 Writes ``--images`` JPEG records (insightface layout) to a temporary folder, then measures:
   raw_decode_per_s  ``cv2.imdecode`` of the same JPEG bytes already in memory (one thread);
-  samples_per_s     the path one loader worker runs: read record → decode → flip → normalise →
-                    collated batch (``MXFaceDataset.get_batch``), in one process;
+  samples_per_s     the path one training loader worker runs: read record → decode → flip → uint8
+                    collated batch (``MXFaceDataset(uint8=True).get_batch``; the trainer normalises
+                    on the device), in one process;
+  float_samples_per_s  the same with the float32 normalisation in the worker (feature extraction);
   loader_*          a real ``build_loader`` DataLoader with ``--workers`` processes, end to end.
-Raw decoding and the worker path run back to back on each batch, in alternating order, for
+Raw decoding and the worker paths run back to back on each batch, in rotating order, for
 ``--rounds`` rounds; each batch's fastest time counts, so load from other programs disturbs the
-ratio less. The last output line is a JSON object of the figures.
+ratios less. The last output line is a JSON object of the figures.
 """
 import argparse
 import json
@@ -62,33 +64,34 @@ def write_records(folder, count, seed):
 
 
 def measure(folder, batch_size, workers, rounds):
-    dataset = MXFaceDataset(folder, train=True, input_size=SIZE, seed=0)
-    jpegs = [np.frombuffer(dataset.record.read_idx(int(k)), np.uint8)[IR_SIZE:] for k in dataset.keys]
-    batches = [np.arange(i, i + batch_size) for i in range(0, len(dataset) - batch_size + 1, batch_size)]
+    raw_set = MXFaceDataset(folder, train=True, input_size=SIZE, seed=0, uint8=True)
+    float_set = MXFaceDataset(folder, train=True, input_size=SIZE, seed=0)
+    jpegs = [np.frombuffer(raw_set.record.read_idx(int(k)), np.uint8)[IR_SIZE:] for k in raw_set.keys]
+    batches = [np.arange(i, i + batch_size) for i in range(0, len(raw_set) - batch_size + 1, batch_size)]
     if not batches:
-        raise UserError(f"--images {len(dataset)} is fewer than one batch of {batch_size}")
+        raise UserError(f"--images {len(raw_set)} is fewer than one batch of {batch_size}")
     used = len(batches) * batch_size
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
-    raw, path = np.full(len(batches), np.inf), np.full(len(batches), np.inf)
+
+    def decode(batch):
+        for i in batch.tolist():
+            cv2.imdecode(jpegs[i], cv2.IMREAD_COLOR)
+
+    steps = (decode, raw_set.get_batch, float_set.get_batch)
+    times = np.full((len(steps), len(batches)), np.inf)
     for round_ in tqdm(range(rounds), desc="single-process rounds", leave=False, disable=None):
         for b, batch in enumerate(batches):
-            for step in ((0, 1) if (round_ + b) % 2 else (1, 0)):
+            for step in np.roll(np.arange(len(steps)), round_ + b).tolist():
                 start = time.perf_counter()
-                if step == 0:
-                    for i in batch.tolist():
-                        cv2.imdecode(jpegs[i], cv2.IMREAD_COLOR)
-                else:
-                    dataset.get_batch(batch)
-                elapsed = time.perf_counter() - start
-                times = raw if step == 0 else path
-                times[b] = min(times[b], elapsed)
+                steps[step](batch)
+                times[step, b] = min(times[step, b], time.perf_counter() - start)
 
     info = DistInfo(0, 0, 1, torch.device("cpu"))
     loader_rates = []
     for epoch in range(2):
-        dataset.set_epoch(epoch)
-        loader = build_loader(dataset, batch_size, info, seed=0, num_workers=workers)
+        raw_set.set_epoch(epoch)
+        loader = build_loader(raw_set, batch_size, info, seed=0, num_workers=workers)
         start, seen = None, 0
         for images, _, _ in loader:
             if start is None:  # the first batch includes the workers' start-up
@@ -98,7 +101,8 @@ def measure(folder, batch_size, workers, rounds):
         if seen:
             loader_rates.append(seen / (time.perf_counter() - start))
     mean_bytes = float(np.mean([j.size for j in jpegs]))
-    return used / raw.sum(), used / path.sum(), max(loader_rates, default=0.0), mean_bytes
+    raw, path, float_path = (used / t.sum() for t in times)
+    return raw, path, float_path, max(loader_rates, default=0.0), mean_bytes
 
 
 def main(argv=None):
@@ -113,14 +117,17 @@ def main(argv=None):
         raise UserError("--images, --batch-size and --rounds must be positive and --workers >= 0")
     with tempfile.TemporaryDirectory(prefix="bench-dataloader-") as folder:
         write_records(folder, args.images, args.seed)
-        raw, path, loader, mean_bytes = measure(folder, args.batch_size, args.workers, args.rounds)
+        raw, path, float_path, loader, mean_bytes = measure(folder, args.batch_size, args.workers, args.rounds)
     figures = {"samples_per_s": round(path, 1), "raw_decode_per_s": round(raw, 1), "ratio": round(path / raw, 3),
+               "float_samples_per_s": round(float_path, 1), "float_ratio": round(float_path / raw, 3),
                "loader_samples_per_s": round(loader, 1), "workers": args.workers, "images": args.images,
                "mean_jpeg_bytes": round(mean_bytes, 1)}
     print(f"images: {args.images} synthetic {SIZE}x{SIZE} JPEGs, mean {mean_bytes:.0f} bytes, batch {args.batch_size}")
     print(f"raw cv2.imdecode:             {raw:9.1f} images/s (one thread)")
-    print(f"training path, one worker:    {path:9.1f} samples/s (read, decode, flip, normalise, collate)")
-    print(f"ratio:                        {path / raw:9.3f}")
+    print(f"training path, one worker:    {path:9.1f} samples/s (read, decode, flip, uint8 collate)  "
+          f"ratio {path / raw:.3f}")
+    print(f"float32 path, one worker:     {float_path:9.1f} samples/s (… and normalise in the worker)  "
+          f"ratio {float_path / raw:.3f}")
     print(f"DataLoader, {args.workers} worker(s):      {loader:9.1f} samples/s end to end "
           f"({loader / max(args.workers, 1):.1f} per worker)")
     print(json.dumps(figures))
