@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_tiny_rec(folder, num_classes=6, per_class=8, size=32, seed=0, name="train"):
-    """Write ``<folder>/<name>.rec/.idx`` (+ ``property``): class-coloured noisy images, labels by class.
+    """Write ``<folder>/<name>.rec/.idx`` and its property file (``<folder>/property`` for ``train``,
+    else ``<folder>/<name>.property``): class-coloured noisy images, labels by class.
 
     Returns the rec argument a config takes (the folder for ``train``, else the path prefix).
     """
@@ -28,7 +29,7 @@ def make_tiny_rec(folder, num_classes=6, per_class=8, size=32, seed=0, name="tra
                 image = np.clip(colours[label] + noise, 0, 255).astype(np.uint8)
                 writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), encode_image(image)))
                 key += 1
-    with open(os.path.join(folder, "property"), "w") as handle:
+    with open(os.path.join(folder, "property") if name == "train" else prefix + ".property", "w") as handle:
         handle.write(f"{num_classes},{size},{size}\n")
     return folder if name == "train" else prefix
 

@@ -12,3 +12,6 @@ def test_gpu_check_cpu_smoke():
     assert all(v["samples_per_s"] > 0 for v in report["methods"].values())
     assert set(report["arcface_variants"]) == {"default", "channels_last"}
     assert report["ijb_embedding_images_per_s"] > 0
+    two_ranks = report["nccl_2_rank"]
+    assert two_ranks["backend"] == "gloo" and two_ranks["ok"], two_ranks
+    assert abs(two_ranks["distributed"] - two_ranks["single"]) < 1e-3

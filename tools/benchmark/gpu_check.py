@@ -9,8 +9,8 @@ embedding throughput and a 2-rank NCCL check.
    backward, clipping, SGD): samples/s and peak memory.
 2. Plain ArcFace steps with the backbone in ``channels_last`` and under ``torch.compile``.
 3. IJB embedding throughput of r50 (AMP inference, image + flipped image, as ijbc_eval does).
-4. With two or more GPUs: two NCCL processes run Partial FC steps and check that the loss matches
-   one process on the same global batch.
+4. With two or more GPUs: two NCCL processes run a Partial FC step and check that the loss matches
+   one process on the same global batch (``--cpu-smoke``: the same check with two gloo processes).
 The last output line is a JSON object of the figures.
 """
 import argparse
@@ -93,10 +93,11 @@ def embedding_throughput(device, sizes, batches):
     return round(rate, 1)
 
 
-def _nccl_worker(rank, world, store, result_file, classes):
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method="file://" + store, rank=rank, world_size=world)
-    device = torch.device("cuda", rank)
+def _partial_fc_worker(rank, world, store, result_file, classes, backend):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method="file://" + store, rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     torch.manual_seed(0)
     embeddings = torch.randn(world * 64, 512, device=device)
     labels = torch.randint(0, classes, (world * 64,), device=device)
@@ -112,16 +113,17 @@ def _nccl_worker(rank, world, store, result_file, classes):
     dist.destroy_process_group()
 
 
-def nccl_check(classes=10000):
-    """Partial FC loss over 2 NCCL ranks vs one process on the same global batch."""
+def two_rank_check(backend="nccl", classes=10000):
+    """Partial FC loss over 2 ranks (``nccl`` on 2 GPUs, ``gloo`` on the CPU) vs one process, same global batch."""
     with tempfile.TemporaryDirectory() as folder:
         result = os.path.join(folder, "result.json")
-        mp.spawn(_nccl_worker, args=(2, os.path.join(folder, "store"), result, classes), nprocs=2)
+        mp.spawn(_partial_fc_worker, args=(2, os.path.join(folder, "store"), result, classes, backend), nprocs=2)
         with open(result) as handle:
             values = json.load(handle)
+    values["backend"] = backend
     values["abs_diff"] = abs(values["distributed"] - values["single"])
     values["ok"] = values["abs_diff"] < 1e-3
-    print(f"NCCL 2-rank Partial FC loss {values['distributed']:.6f} vs one process {values['single']:.6f}: "
+    print(f"{backend} 2-rank Partial FC loss {values['distributed']:.6f} vs one process {values['single']:.6f}: "
           f"{'ok' if values['ok'] else 'MISMATCH'}", flush=True)
     return values
 
@@ -158,9 +160,12 @@ def main():
     report["ijb_embedding_images_per_s"] = embedding_throughput(device, sizes, eval_batches)
     if cuda and torch.cuda.device_count() >= 2:
         print("== NCCL", flush=True)
-        report["nccl_2_rank"] = nccl_check()
-    else:
+        report["nccl_2_rank"] = two_rank_check("nccl")
+    elif cuda:
         report["nccl_2_rank"] = "skipped: fewer than 2 GPUs"
+    else:
+        print("== 2 ranks (gloo: the NCCL check's code on the CPU)", flush=True)
+        report["nccl_2_rank"] = two_rank_check("gloo", classes=sizes["classes"])
     report["seconds"] = round(time.time() - start, 1)
     print(json.dumps(report))
     return report
