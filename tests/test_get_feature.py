@@ -268,3 +268,43 @@ def test_resume_under_torchrun_and_unusable_chunks(setup, tmp_path, monkeypatch)
     fresh = []
     _extract_with(monkeypatch, lambda m: fresh.append(_CrashAfter(m)) or fresh[-1], cfg, out, cache)
     assert fresh[0].images == 3 + 35
+
+
+def test_sigkilled_extraction_resumes_to_the_same_file(tmp_path):
+    """A real get_feature.py process killed with SIGKILL mid-way; the rerun reuses its chunks and
+    writes the same file as an uninterrupted run."""
+    import signal
+    import subprocess
+    import time
+
+    from backbones import get_model
+
+    make_tiny_rec(str(tmp_path / "data"), num_classes=40, per_class=30, name="train_part_70_class")
+    torch.manual_seed(0)
+    os.makedirs(tmp_path / "old")
+    torch.save(get_model("r18", num_features=16, width=8, input_size=32).state_dict(), tmp_path / "old" / "model.pt")
+    cfg = write_config(tmp_path / "old_cfg.py", **TINY_MODEL, rec=str(tmp_path / "data" / "train_part_30_class"),
+                       output=str(tmp_path / "old"), num_workers=0, fp16=False)
+    cache = str(tmp_path / "cache")
+    argv = [sys.executable, GET, cfg, "--SD", SD, "--batch_size", "2", "--chunk_size", "60", "--cache_dir", cache]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv + ["--output", str(tmp_path / "killed")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(_chunk_files(cache)) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the extraction ended before it could be killed"
+    saved = len(_chunk_files(cache))
+    assert 3 <= saved < 20 and not os.path.exists(tmp_path / "killed" / f"{SD}_feature.npy")
+
+    resumed = run(argv + ["--output", str(tmp_path / "killed")], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming: {saved} of 20 chunks already done" in resumed.stdout
+    uninterrupted = run(argv + ["--output", str(tmp_path / "fresh"), "--cache_dir", str(tmp_path / "cache2")],
+                        timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    killed, fresh = (tmp_path / name / f"{SD}_feature.npy" for name in ("killed", "fresh"))
+    assert killed.read_bytes() == fresh.read_bytes()
+    assert _chunk_files(cache) == []

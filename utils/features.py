@@ -148,8 +148,9 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
     :class:`~utils.chunk_cache.ChunkCache` rank 0 saves each chunk as ``embedding`` on arrival, and
     chunks saved by an earlier run are not embedded again; rank 0 returns the cache (all chunks
     saved). Other ranks return None. ``require_finite`` (a description of the model and data, or
-    None): a row with NaN/inf stops the run with a UserError starting with it, before its chunk is kept. AMP (fp16) is used on CUDA when ``amp``. A DDP-wrapped model is
-    unwrapped (its forward would synchronise ranks that may run different numbers of batches).
+    None): a row with NaN/inf stops the run with a UserError starting with it, before its chunk is
+    kept. AMP (fp16) is used on CUDA when ``amp``. A DDP-wrapped model is unwrapped (its forward
+    would synchronise ranks that may run different numbers of batches).
     """
     if batch_size < 1 or num_workers < 0:
         raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
