@@ -4,12 +4,13 @@ import os
 import numpy as np
 import pytest
 
-from utils.chunk_cache import ChunkCache, cache_key, chunk_ranges, file_stamp, regroup
+from utils.chunk_cache import ChunkCache, cache_key, chunk_ranges, file_stamp, regroup, span_rows
 from utils.errors import UserError
 
 
-def test_chunk_ranges():
+def test_chunk_ranges_and_their_rows():
     assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert span_rows([(4, 6), (9, 10)]) == [4, 5, 9] and span_rows([]) == []
     assert chunk_ranges(8, 4) == [(0, 4), (4, 8)]
     assert chunk_ranges(0, 4) == []
     with pytest.raises(UserError, match="--chunk_size .* must be >= 1"):
@@ -56,6 +57,9 @@ def test_cache_save_find_assemble(tmp_path):
         cache.save(1, embedding=full[:3])
     again = ChunkCache("job/a", inputs, num_rows=10, chunk_rows=4, root=tmp_path)
     assert again.folder == cache.folder and again.finished() == [0, 2]
+    seen = {}
+    assert again.finished(use=lambda k, arrays: seen.update({k: arrays["embedding"]})) == [0, 2]
+    assert sorted(seen) == [0, 2] and np.array_equal(seen[2], full[8:10])
     assert os.path.isfile(os.path.join(cache.folder, "inputs.json"))
     # other inputs, row or chunk counts → another folder
     assert ChunkCache("job/a", {"model": "n.pt"}, 10, 4, root=tmp_path).finished() == []

@@ -63,8 +63,11 @@ class ChunkCache:
         start, stop = self.ranges[k]
         return stop - start
 
-    def finished(self):
-        """Chunks saved by an earlier run and still readable; unreadable ones are deleted."""
+    def finished(self, use=None):
+        """Chunks saved by an earlier run and still readable; unreadable ones are deleted.
+
+        Each chunk is read in full to check it; ``use(k, arrays)``, when given, receives what was read.
+        """
         done = []
         for k in range(len(self.ranges)):
             path = self._path(k)
@@ -74,6 +77,8 @@ class ChunkCache:
                 arrays = self.load(k)
                 if arrays and all(a.shape[:1] == (self._rows(k),) for a in arrays.values()):
                     done.append(k)
+                    if use is not None:
+                        use(k, arrays)
                     continue
             except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
                 pass
@@ -113,6 +118,11 @@ class ChunkCache:
         shutil.rmtree(self.folder, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(self.folder))
+
+
+def span_rows(spans):
+    """The row indices of ``(start, stop)`` spans, one span after the other."""
+    return [row for start, stop in spans for row in range(start, stop)]
 
 
 def regroup(batches, spans):

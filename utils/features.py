@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from backbones import load_backbone
-from utils.chunk_cache import ChunkCache, chunk_ranges, file_stamp, regroup, resume_message
+from utils.chunk_cache import ChunkCache, chunk_ranges, file_stamp, regroup, resume_message, span_rows
 from utils.config import ROOT
 from utils.dataset import MXFaceDataset, batch_loader, to_model_input
 from utils.distributed import add_launcher_args, cleanup, init_distributed
@@ -158,7 +158,6 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
     spans = cache.ranges if cache is not None else chunk_ranges(len(dataset), chunk_rows)
     pending = _pending(cache, len(spans), dist_info)
     mine = pending[rank::world]
-    indices = np.concatenate([np.arange(*spans[k]) for k in mine]).tolist() if mine else []
     use_amp = amp and device.type == "cuda"
     if isinstance(model, DistributedDataParallel):
         model = model.module
@@ -170,7 +169,7 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
             return model(to_model_input(images.to(device, non_blocking=True))).float().cpu().numpy()
 
     dim = embed(dataset[0][0][None]).shape[1] if len(dataset) else 0
-    loader = _loader(dataset, indices, batch_size, num_workers, device.type == "cuda")
+    loader = _loader(dataset, span_rows(spans[k] for k in mine), batch_size, num_workers, device.type == "cuda")
     progress = tqdm(loader, desc=desc, disable=not dist_info.is_main, mininterval=5)
     chunks = regroup(((index, {"embedding": embed(images)}) for images, _, index in progress),
                      [spans[k] for k in mine])
