@@ -34,6 +34,12 @@ def make_tiny_rec(folder, num_classes=6, per_class=8, size=32, seed=0, name="tra
     return folder if name == "train" else prefix
 
 
+def chunk_files(cache):
+    """Sorted paths of the saved chunks (``chunk_*.npz``) anywhere under a resume-cache root."""
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(cache) for name in names
+                  if name.startswith("chunk_"))
+
+
 def write_config(path, **keys):
     """Write an easydict config module setting ``keys``."""
     lines = ["from easydict import EasyDict as edict", "config = edict()"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import ROOT, TINY_MODEL, make_tiny_rec, python, run, write_config
+from helpers import ROOT, TINY_MODEL, chunk_files, make_tiny_rec, python, run, write_config
 from utils.errors import UserError
 
 SD = "f16_r18_softmax_class70"
@@ -213,10 +213,6 @@ def _extract_with(monkeypatch, wrapper, cfg, out, cache, *extra):
         monkeypatch.setattr(feats, "load_backbone", real)
 
 
-def _chunk_files(cache):
-    return sorted(name for _, _, names in os.walk(cache) for name in names if name.startswith("chunk_"))
-
-
 def test_interrupted_extraction_resumes_from_cached_chunks(setup, tmp_path, monkeypatch, capsys):
     root, cfg = setup
     out, cache = str(tmp_path / "features"), str(tmp_path / "cache")
@@ -226,7 +222,8 @@ def test_interrupted_extraction_resumes_from_cached_chunks(setup, tmp_path, monk
         _extract_with(monkeypatch, lambda m: crashed.append(_CrashAfter(m, crash_at=9)) or crashed[-1],
                       cfg, out, cache)
     assert not os.path.exists(out)                                  # no feature file yet
-    assert _chunk_files(cache) == ["chunk_000000.npz", "chunk_000001.npz"]   # 6 batches = 18 rows → 2 of 5 chunks
+    # 6 batches = 18 rows → 2 of 5 chunks saved
+    assert [os.path.basename(p) for p in chunk_files(cache)] == ["chunk_000000.npz", "chunk_000001.npz"]
 
     resumed = []
     _extract_with(monkeypatch, lambda m: resumed.append(_CrashAfter(m)) or resumed[-1], cfg, out, cache)
@@ -236,7 +233,7 @@ def test_interrupted_extraction_resumes_from_cached_chunks(setup, tmp_path, monk
     expected, labels = _reference(root)
     np.testing.assert_allclose(np.load(files["feature"]), expected, atol=1e-5)
     assert np.array_equal(np.load(files["label"]), labels)
-    assert _chunk_files(cache) == []                                 # removed once the output is written
+    assert chunk_files(cache) == []                                 # removed once the output is written
 
 
 def test_resume_under_torchrun_and_unusable_chunks(setup, tmp_path, monkeypatch):
@@ -246,10 +243,9 @@ def test_resume_under_torchrun_and_unusable_chunks(setup, tmp_path, monkeypatch)
     out, cache = str(tmp_path / "features"), str(tmp_path / "cache")
     with pytest.raises(KeyboardInterrupt):
         _extract_with(monkeypatch, lambda m: _CrashAfter(m, crash_at=12), cfg, out, cache)
-    chunks = [os.path.join(dirpath, name) for dirpath, _, names in os.walk(cache) for name in names
-              if name.startswith("chunk_")]
+    chunks = chunk_files(cache)
     assert len(chunks) == 3
-    with open(sorted(chunks)[1], "r+b") as handle:                  # truncate chunk 1
+    with open(chunks[1], "r+b") as handle:                  # truncate chunk 1
         handle.truncate(100)
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 GET, cfg, "--SD", SD, "--output", out, "--batch_size", "3", "--chunk_size", "8",
@@ -257,11 +253,11 @@ def test_resume_under_torchrun_and_unusable_chunks(setup, tmp_path, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming: 2 of 5 chunks already done" in proc.stdout
     np.testing.assert_allclose(np.load(_files(out)["feature"]), _reference(root)[0], atol=1e-5)
-    assert _chunk_files(cache) == []
+    assert chunk_files(cache) == []
 
     with pytest.raises(KeyboardInterrupt):
         _extract_with(monkeypatch, lambda m: _CrashAfter(m, crash_at=6), cfg, out, cache)
-    assert len(_chunk_files(cache)) == 1
+    assert len(chunk_files(cache)) == 1
     model_file = root / "old" / "model.pt"
     stat = os.stat(model_file)
     os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))   # "retrained"
@@ -291,12 +287,12 @@ def test_sigkilled_extraction_resumes_to_the_same_file(tmp_path):
     proc = subprocess.Popen(argv + ["--output", str(tmp_path / "killed")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(_chunk_files(cache)) < 3 and proc.poll() is None and time.time() < deadline:
+    while len(chunk_files(cache)) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the extraction ended before it could be killed"
-    saved = len(_chunk_files(cache))
+    saved = len(chunk_files(cache))
     assert 3 <= saved < 20 and not os.path.exists(tmp_path / "killed" / f"{SD}_feature.npy")
 
     resumed = run(argv + ["--output", str(tmp_path / "killed")], timeout=300)
@@ -307,4 +303,4 @@ def test_sigkilled_extraction_resumes_to_the_same_file(tmp_path):
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     killed, fresh = (tmp_path / name / f"{SD}_feature.npy" for name in ("killed", "fresh"))
     assert killed.read_bytes() == fresh.read_bytes()
-    assert _chunk_files(cache) == []
+    assert chunk_files(cache) == []

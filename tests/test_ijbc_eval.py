@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backbones import get_model
-from helpers import python
+from helpers import chunk_files, python
 from tools.ijbc_eval import metrics
 from tools.ijbc_eval.ijbc_eval import build_parser, evaluate, main
 from tools.ijbc_eval.meta import load_meta
@@ -146,15 +146,14 @@ def test_interrupted_embedding_resumes_from_cached_chunks(ijb, tmp_path, monkeyp
     monkeypatch.setattr(embed.Embedder, "__call__", lambda self, images: counting(self, images, crash_at=11))
     with pytest.raises(KeyboardInterrupt):
         evaluate(ijb.new, **run)
-    chunks = [n for _, _, names in os.walk(cache) for n in names if n.startswith("chunk_")]
-    assert len(chunks) == 2      # calls 1–2 probe the sizes; 3–10 are 4 batches (both models) = 16 images
+    assert len(chunk_files(cache)) == 2      # calls 1–2 probe the sizes; 3–10 are 4 batches (both models) = 16 images
     calls.clear()
     monkeypatch.setattr(embed.Embedder, "__call__", lambda self, images: counting(self, images))
     resumed = evaluate(ijb.new, **run)
     assert "resuming: 2 of" in capsys.readouterr().out
     assert sum(calls) == 2 * (1 + num_images - 16)    # both models: size probe, then the images after chunk 2
     assert _metrics_of(resumed) == _metrics_of(expected)
-    assert not [n for _, _, names in os.walk(cache) for n in names if n.startswith("chunk_")]
+    assert not chunk_files(cache)
 
 
 # --------------------------------------------------------------------------------------------- command line
