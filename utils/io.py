@@ -84,16 +84,27 @@ def safe_torch_load(path, map_location="cpu"):
         raise
 
 
+@contextlib.contextmanager
+def numpy_read_errors(what):
+    """Turn numpy's errors while reading ``what`` (a file, or a member of an ``.npz``) into a UserError:
+    pickled objects are refused, corrupt or truncated data is named."""
+    try:
+        yield
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise UserError(f"refusing to load {what}: it contains pickled Python objects") from None
+        raise UserError(f"cannot read {what}: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read {what}: corrupt or truncated file ({exc})") from None
+
+
 def safe_np_load(path, mmap_mode=None):
-    """``np.load`` with ``allow_pickle=False``; missing, pickled or corrupt files → UserError."""
+    """``np.load`` with ``allow_pickle=False``; missing, pickled or corrupt files → UserError.
+
+    Members of an ``.npz`` are read lazily: read them inside :func:`numpy_read_errors`.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
-    try:
+    with numpy_read_errors(path):
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise UserError(f"refusing to load {path}: it contains pickled Python objects") from None
-        raise UserError(f"cannot read {path}: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read {path}: corrupt or truncated file ({exc})") from None

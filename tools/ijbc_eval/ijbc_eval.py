@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -25,7 +24,7 @@ from tools.ijbc_eval.embed import CHUNK_IMAGES, Embedder, extract  # noqa: E402
 from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta  # noqa: E402
 from utils.chunk_cache import ChunkCache, file_stamp  # noqa: E402
 from utils.errors import UserError, require, run_cli  # noqa: E402
-from utils.io import atomic_np_savez, atomic_open, safe_np_load  # noqa: E402
+from utils.io import atomic_np_savez, atomic_open, numpy_read_errors, safe_np_load  # noqa: E402
 
 DEFAULT_DATA = os.path.join(ROOT, "dataset", "synthetic")
 RESULTS_DIR = os.path.join(ROOT, "work_dirs", "ijb_results")
@@ -41,14 +40,8 @@ def _open_npz(path):
 
 def _array(data, key, path):
     """``data[key]`` of an opened ``.npz``; pickled or corrupt members raise UserError."""
-    try:
+    with numpy_read_errors(f"'{key}' from {path}"):
         return data[key]
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise UserError(f"refusing to load '{key}' from {path}: it contains pickled Python objects") from None
-        raise UserError(f"cannot read '{key}' from {path}: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read '{key}' from {path}: corrupt or truncated file ({exc})") from None
 
 
 def _restore(path, num_images):
