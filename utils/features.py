@@ -174,10 +174,11 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
     chunks = regroup(((index, {"embedding": embed(images)}) for images, _, index in progress),
                      [spans[k] for k in mine])
     out = np.empty((len(dataset), dim), np.float32) if cache is None and rank == 0 else None
+    longest = max((stop - start for start, stop in spans), default=0)
     for _ in range((len(pending) + world - 1) // world):
         item = next(chunks, None)
         local = (mine[item[0]], item[1]["embedding"]) if item else None
-        for k, rows in _gather_chunk(local, max(b - a for a, b in spans), dim, dist_info):
+        for k, rows in _gather_chunk(local, longest, dim, dist_info):
             start, stop = spans[k]
             bad = np.flatnonzero(~np.isfinite(rows).all(axis=1)) if require_finite else ()
             if len(bad):
