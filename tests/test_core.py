@@ -116,3 +116,29 @@ def test_run_cli_prints_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: bad value 7 (expected < 5)"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to list threads")
+def test_cleanup_stops_the_gloo_threads_after_ddp():
+    """A DDP-wrapped run must not leave the process group (and its gloo threads) alive for interpreter
+    shutdown, where a thread finishing its last collective aborts the process."""
+    code = textwrap.dedent("""
+        import os
+        import torch
+        from utils.distributed import cleanup, init_distributed
+        def gloo_threads():
+            names = (open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
+            return sum("gloo" in name for name in names)
+        init_distributed(device="cpu")
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        model(torch.randn(4, 3)).sum().backward()
+        running = gloo_threads()
+        del model
+        cleanup()
+        print(running, gloo_threads())
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    running, left = map(int, proc.stdout.split())
+    assert running > 0 and left == 0

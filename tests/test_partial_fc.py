@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses import ArcFace, CosFace, PartialFC
+from utils.distributed import cleanup
 from utils.errors import UserError
 
 WORLD, BATCH, DIM, CLASSES, IN_DIM = 2, 4, 6, 7, 5
@@ -51,47 +52,52 @@ def _reference(margin, emb, labels, weight, bias=None):
     return loss.detach(), emb.grad, weight.grad, None if bias is None else bias.grad
 
 
+def _results(rank):
+    """Every distributed quantity the tests compare, for this rank."""
+    data = _data()
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = {}
+    for name, margin in (("arcface", ArcFace()), ("softmax", None)):
+        pfc = _sharded(margin, data)
+        emb = data["emb"][mine].clone().requires_grad_()
+        loss = pfc(emb, data["labels"][mine])
+        loss.backward()
+        out[name] = {"loss": loss.detach(), "emb_grad": emb.grad, "weight_grad": pfc.weight.grad,
+                     "bias_grad": None if pfc.bias is None else pfc.bias.grad,
+                     "class_start": pfc.class_start, "num_local": pfc.num_local}
+
+    torch.manual_seed(0)  # the same replicated "backbone" on both ranks
+    backbone = nn.Linear(IN_DIM, DIM)
+    ddp = nn.parallel.DistributedDataParallel(backbone)
+    pfc = _sharded(ArcFace(), data)
+    pfc(ddp(data["inputs"][mine]), data["labels"][mine]).backward()
+    out["ddp"] = {"weight": backbone.weight.grad, "bias": backbone.bias.grad}
+
+    torch.manual_seed(100 + rank)
+    pfc = _sharded(CosFace(), data, num_classes=20, sample_rate=0.3, weight_key="weight20")
+    labels = torch.tensor([1, 12, 12, 1, 1, 12, 12, 12])
+    loss = pfc(data["emb"][mine], labels[mine])
+    loss.backward()
+    out["sampled"] = {"loss": loss.detach(), "weight_grad": pfc.weight.grad, "class_start": pfc.class_start,
+                      "num_sample": pfc.num_sample}
+
+    errors = []
+    for emb, lab in ((data["emb"][mine][:BATCH - rank], data["labels"][mine][:BATCH - rank]),
+                     (data["emb"][mine], data["labels"][mine] + (CLASSES - 6) * rank)):
+        try:
+            _sharded(ArcFace(), data)(emb, lab)
+        except UserError as exc:
+            errors.append(str(exc))
+    out["errors"] = errors
+    return out
+
+
 def _worker(rank, folder):
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD)
     try:
-        data = _data()
-        mine = slice(rank * BATCH, (rank + 1) * BATCH)
-        out = {}
-        for name, margin in (("arcface", ArcFace()), ("softmax", None)):
-            pfc = _sharded(margin, data)
-            emb = data["emb"][mine].clone().requires_grad_()
-            loss = pfc(emb, data["labels"][mine])
-            loss.backward()
-            out[name] = {"loss": loss.detach(), "emb_grad": emb.grad, "weight_grad": pfc.weight.grad,
-                         "bias_grad": None if pfc.bias is None else pfc.bias.grad,
-                         "class_start": pfc.class_start, "num_local": pfc.num_local}
-
-        torch.manual_seed(0)  # the same replicated "backbone" on both ranks
-        backbone = nn.Linear(IN_DIM, DIM)
-        ddp = nn.parallel.DistributedDataParallel(backbone)
-        pfc = _sharded(ArcFace(), data)
-        pfc(ddp(data["inputs"][mine]), data["labels"][mine]).backward()
-        out["ddp"] = {"weight": backbone.weight.grad, "bias": backbone.bias.grad}
-
-        torch.manual_seed(100 + rank)
-        pfc = _sharded(CosFace(), data, num_classes=20, sample_rate=0.3, weight_key="weight20")
-        labels = torch.tensor([1, 12, 12, 1, 1, 12, 12, 12])
-        loss = pfc(data["emb"][mine], labels[mine])
-        loss.backward()
-        out["sampled"] = {"loss": loss.detach(), "weight_grad": pfc.weight.grad, "class_start": pfc.class_start,
-                          "num_sample": pfc.num_sample}
-
-        errors = []
-        for emb, lab in ((data["emb"][mine][:BATCH - rank], data["labels"][mine][:BATCH - rank]),
-                         (data["emb"][mine], data["labels"][mine] + (CLASSES - 6) * rank)):
-            try:
-                _sharded(ArcFace(), data)(emb, lab)
-            except UserError as exc:
-                errors.append(str(exc))
-        out["errors"] = errors
-        torch.save(out, f"{folder}/rank{rank}.pt")
+        torch.save(_results(rank), f"{folder}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        cleanup()
 
 
 @pytest.fixture(scope="module")

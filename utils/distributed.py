@@ -15,6 +15,13 @@ import torch.distributed as dist
 
 from utils.errors import UserError
 
+if dist.is_available():
+    # torch.distributed.nn binds the default process group into function defaults when it is first
+    # imported, and DDP imports it lazily. Imported after init_process_group, it keeps the group
+    # alive past destroy_process_group, and a gloo worker thread finishing its last collective
+    # while the interpreter shuts down aborts the process (SIGABRT after a successful run).
+    import torch.distributed.nn  # noqa: F401
+
 
 @dataclasses.dataclass
 class DistInfo:

@@ -31,6 +31,7 @@ import torch.multiprocessing as mp  # noqa: E402
 import bench_methods  # noqa: E402
 from backbones import get_model  # noqa: E402
 from losses import ArcFace, PartialFC  # noqa: E402
+from utils.distributed import cleanup  # noqa: E402
 from utils.errors import require, run_cli  # noqa: E402
 from utils.trainer import optimizer_step  # noqa: E402
 
@@ -110,7 +111,7 @@ def _partial_fc_worker(rank, world, store, result_file, classes, backend):
             ArcFace()(torch.nn.functional.normalize(embeddings) @ torch.nn.functional.normalize(full).t(), labels), labels)
         with open(result_file, "w") as handle:
             json.dump({"distributed": loss.item(), "single": single.item()}, handle)
-    dist.destroy_process_group()
+    cleanup()
 
 
 def two_rank_check(backend="nccl", classes=10000):
