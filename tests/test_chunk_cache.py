@@ -44,7 +44,7 @@ def test_regroup_rejects_wrong_rows(rows, message):
         list(regroup(_batches(rows, 2), [(0, 4)]))
 
 
-def test_cache_save_find_assemble(tmp_path):
+def test_cache_save_find_assemble(tmp_path, capsys):
     inputs = {"model": "m.pt"}
     cache = ChunkCache("job/a", inputs, num_rows=10, chunk_rows=4, root=tmp_path)
     assert cache.folder.startswith(str(tmp_path / "job" / "a-"))
@@ -60,6 +60,9 @@ def test_cache_save_find_assemble(tmp_path):
     seen = {}
     assert again.finished(use=lambda k, arrays: seen.update({k: arrays["embedding"]})) == [0, 2]
     assert sorted(seen) == [0, 2] and np.array_equal(seen[2], full[8:10])
+    capsys.readouterr()
+    assert again.pending() == [1]
+    assert capsys.readouterr().out == f"resuming: 2 of 3 chunks already done in {cache.folder}\n"
     assert os.path.isfile(os.path.join(cache.folder, "inputs.json"))
     # other inputs, row or chunk counts → another folder
     assert ChunkCache("job/a", {"model": "n.pt"}, 10, 4, root=tmp_path).finished() == []

@@ -85,6 +85,14 @@ class ChunkCache:
             os.remove(path)
         return done
 
+    def pending(self, use=None):
+        """Chunks still to compute (see :meth:`finished` for ``use``); prints a ``resuming: …`` line
+        when an earlier run left some."""
+        done = self.finished(use)
+        if done:
+            print(f"resuming: {len(done)} of {len(self.ranges)} chunks already done in {self.folder}", flush=True)
+        return sorted(set(range(len(self.ranges))) - set(done))
+
     def save(self, k, **arrays):
         """Save chunk ``k`` (arrays with one row per row of the chunk) atomically."""
         for name, array in arrays.items():
@@ -149,9 +157,3 @@ def regroup(batches, spans):
                 parts, filled, position = [], 0, position + 1
     if position != len(spans):
         raise RuntimeError(f"the loader stopped after {position} of {len(spans)} chunks")
-
-
-def resume_message(cache, done):
-    """One line for the log: how many chunks an earlier run left, and where."""
-    return f"resuming: {len(done)} of {len(cache.ranges)} chunks already done in {cache.folder}"
-

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from backbones import load_backbone
-from utils.chunk_cache import ChunkCache, chunk_ranges, file_stamp, regroup, resume_message, span_rows
+from utils.chunk_cache import ChunkCache, chunk_ranges, file_stamp, regroup, span_rows
 from utils.config import ROOT
 from utils.dataset import MXFaceDataset, batch_loader, to_model_input
 from utils.distributed import add_launcher_args, cleanup, init_distributed
@@ -118,17 +118,14 @@ def _loader(dataset, indices, batch_size, num_workers, pin_memory):
 
 def _pending(cache, num_chunks, dist_info):
     """Chunks still to embed: rank 0 asks the cache, every rank gets the same list."""
-    done = np.zeros(num_chunks, np.uint8)
+    todo = np.ones(num_chunks, np.uint8)
     if cache is not None and dist_info.rank == 0:
-        finished = cache.finished()
-        done[finished] = 1
-        if finished:
-            print(resume_message(cache, finished), flush=True)
+        todo = np.isin(np.arange(num_chunks), cache.pending()).astype(np.uint8)
     if dist_info.world_size > 1:
-        mask = torch.from_numpy(done).to(_comm_device(dist_info))
+        mask = torch.from_numpy(todo).to(_comm_device(dist_info))
         dist.broadcast(mask, 0)
-        done = mask.cpu().numpy()
-    return np.flatnonzero(done == 0).tolist()
+        todo = mask.cpu().numpy()
+    return np.flatnonzero(todo).tolist()
 
 
 def _comm_device(dist_info):

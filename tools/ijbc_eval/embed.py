@@ -14,7 +14,7 @@ from tqdm import tqdm
 from backbones import load_backbone
 from tools.ijbc_eval.align import AlignedFaces, init_worker, umeyama
 from tools.ijbc_eval.meta import line_of
-from utils.chunk_cache import chunk_ranges, file_stamp, regroup, resume_message, span_rows
+from utils.chunk_cache import chunk_ranges, file_stamp, regroup, span_rows
 from utils.errors import UserError
 
 CHUNK_IMAGES = 8192   # images per chunk: the unit of resuming an interrupted embedding
@@ -106,12 +106,9 @@ def extract(meta, embedders, batch_size=128, num_workers=2, cache=None):
     spans = cache.ranges if cache is not None else chunk_ranges(len(dataset), CHUNK_IMAGES)
     outputs = [(np.empty((len(dataset), e.embedding_size), np.float32),
                 np.empty((len(dataset), e.embedding_size), np.float32)) for e in embedders]
-    done = []
+    pending = list(range(len(spans)))
     if cache is not None:   # chunks of an earlier run go straight into the outputs as they are checked
-        done = cache.finished(use=lambda k, arrays: _place(outputs, spans[k], arrays))
-    if done:
-        print(resume_message(cache, done), flush=True)
-    pending = sorted(set(range(len(spans))) - set(done))
+        pending = cache.pending(use=lambda k, arrays: _place(outputs, spans[k], arrays))
     loader = DataLoader(Subset(dataset, span_rows(spans[k] for k in pending)), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, worker_init_fn=init_worker,
                         pin_memory=any(e.device.type == "cuda" for e in embedders))
