@@ -54,16 +54,16 @@ class CombinedMarginLoss(nn.Module):
 
     def forward(self, logits, labels):
         labels = labels.reshape(-1)
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows]
+        labelled = (labels != -1).unsqueeze(1)
+        cols = labels.clamp(min=0).unsqueeze(1)  # masked ops, no index list: no wait for the device
         if self.interclass_filtering_threshold > 0:
             with torch.no_grad():
                 dirty = logits > self.interclass_filtering_threshold
-                dirty[rows, cols] = False
+                dirty.scatter_(1, cols, dirty.gather(1, cols) & ~labelled)
             logits = logits.masked_fill(dirty, 0.0)
         out = logits * self.s
-        out[rows, cols] = self.target_logit(logits[rows, cols]) * self.s
-        return out
+        target = self.target_logit(logits.gather(1, cols)) * self.s
+        return out.scatter(1, cols, torch.where(labelled, target, out.gather(1, cols)))
 
 
 class ArcFace(CombinedMarginLoss):

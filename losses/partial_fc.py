@@ -18,34 +18,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from utils.distributed import all_gather_rows, all_reduce, world
 from utils.errors import UserError
-
-
-def _world():
-    """(rank, world size) of the default process group; (0, 1) when none is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _all_reduce(tensor, op):
-    if _world()[1] > 1:
-        dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def all_gather_rows(tensor):
-    """Concatenation of every rank's ``tensor`` along dim 0 (same shape on every rank)."""
-    world = _world()[1]
-    if world == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 
 class AllGatherRows(torch.autograd.Function):
@@ -59,11 +37,11 @@ class AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        rank, world = _world()
-        if world == 1:
+        rank, size = world()
+        if size == 1:
             return grad
-        grad = _all_reduce(grad.contiguous(), dist.ReduceOp.SUM)
-        return grad[rank * ctx.batch:(rank + 1) * ctx.batch] * world
+        grad = all_reduce(grad.contiguous(), dist.ReduceOp.SUM)
+        return grad[rank * ctx.batch:(rank + 1) * ctx.batch] * size
 
 
 class _DistSoftmaxCrossEntropy(torch.autograd.Function):
@@ -77,24 +55,23 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels):
-        n = logits.shape[0]
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        row_max = _all_reduce(logits.max(dim=1, keepdim=True)[0], dist.ReduceOp.MAX)
+        in_shard = (labels != -1).unsqueeze(1)
+        columns = labels.clamp(min=0).unsqueeze(1)
+        row_max = all_reduce(logits.max(dim=1, keepdim=True)[0], dist.ReduceOp.MAX)
         probs = (logits - row_max).exp_()
-        row_sum = _all_reduce(probs.sum(dim=1, keepdim=True), dist.ReduceOp.SUM)
+        row_sum = all_reduce(probs.sum(dim=1, keepdim=True), dist.ReduceOp.SUM)
         probs.div_(row_sum)
-        target = torch.zeros(n, 1, dtype=logits.dtype, device=logits.device)
-        target[rows, 0] = logits[rows, labels[rows]]
-        target = _all_reduce(target, dist.ReduceOp.SUM)
+        target = torch.where(in_shard, logits.gather(1, columns), torch.zeros((), dtype=logits.dtype,
+                                                                                device=logits.device))
+        target = all_reduce(target, dist.ReduceOp.SUM)
         loss = (row_max + row_sum.log() - target).mean()
-        ctx.save_for_backward(probs, rows, labels)
+        ctx.save_for_backward(probs, in_shard, columns)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        probs, rows, labels = ctx.saved_tensors
-        grad = probs.clone()
-        grad[rows, labels[rows]] -= 1.0
+        probs, in_shard, columns = ctx.saved_tensors
+        grad = probs.scatter_add(1, columns, -in_shard.to(probs.dtype))
         return grad * (grad_loss / probs.shape[0]), None
 
 
@@ -108,11 +85,13 @@ class PartialFC(nn.Module):
     all classes present in the global batch plus random others up to ``max(1,
     int(sample_rate·num_local))`` (only those rows get a gradient). Logits and the loss are
     computed in fp32 also under AMP. The module must not be wrapped in DDP (it is model-parallel).
+    ``check_inputs`` (default True) checks batch sizes and labels on every call; the training loop,
+    which has checked every label of the data set and drops the last partial batch, turns it off.
     """
 
     def __init__(self, margin_loss, embedding_size, num_classes, sample_rate=1.0):
         super().__init__()
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         if margin_loss is not None and not callable(margin_loss):
             raise UserError(f"PartialFC margin_loss must be callable or None, got {type(margin_loss).__name__}")
         if not _is_int(num_classes) or num_classes < self.world_size:
@@ -133,6 +112,9 @@ class PartialFC(nn.Module):
         self.num_sample = max(1, int(self.sample_rate * self.num_local))
         self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)))
         self.bias = nn.Parameter(torch.zeros(self.num_local)) if margin_loss is None else None
+        # Each forward checks that every process has the same batch size and every label lies in
+        # [0, num_classes); both wait for the device. A caller that guarantees both sets this False.
+        self.check_inputs = True
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -176,16 +158,17 @@ class PartialFC(nn.Module):
         local_labels = local_labels.reshape(-1).long()
         if local_labels.shape[0] != local_embeddings.shape[0]:
             raise UserError(f"PartialFC got {local_embeddings.shape[0]} embeddings but {local_labels.shape[0]} labels")
-        if self.world_size > 1:
+        if self.check_inputs and self.world_size > 1:
             sizes = all_gather_rows(torch.tensor([local_labels.shape[0]], device=local_labels.device))
             if (sizes != sizes[0]).any():
                 raise UserError(f"PartialFC needs the same batch size on every process, got {sizes.tolist()} "
                                 "(use drop_last=True)")
         labels = all_gather_rows(local_labels)
-        invalid = (labels < 0) | (labels >= self.num_classes)
-        if invalid.any():
-            bad = labels[invalid][0].item()
-            raise UserError(f"label {bad} is outside [0, {self.num_classes}) (num_classes of the classifier)")
+        if self.check_inputs:
+            invalid = (labels < 0) | (labels >= self.num_classes)
+            if invalid.any():
+                bad = labels[invalid][0].item()
+                raise UserError(f"label {bad} is outside [0, {self.num_classes}) (num_classes of the classifier)")
         embeddings = AllGatherRows.apply(local_embeddings.float())
 
         in_shard = (labels >= self.class_start) & (labels < self.class_start + self.num_local)

@@ -21,9 +21,9 @@ from BCT_methods.UniBCT.losses import UniBCT, propagation_weights, refine_protot
 from losses import ArcFace, PartialFC
 from tests.helpers import ROOT
 from utils.config import get_config
+from utils.distributed import compute_on_main
 from utils.errors import UserError
-from utils.old_features import (CredibleMask, OldFeatures, compute_on_main, load_prototypes, open_features,
-                                require_keys)
+from utils.old_features import CredibleMask, OldFeatures, load_prototypes, open_features, require_keys
 
 
 def fake_ctx(tmp_path, num_images=12, num_classes=3, dim=4, batch_size=6, **keys):

@@ -1,8 +1,12 @@
-"""Process-group setup for every launcher.
+"""Process-group setup for every launcher, and every helper that talks across processes.
 
 Works under ``python -m torch.distributed.launch`` (``--local_rank``/``--local-rank``), ``torchrun``
 (env vars, multi-node) and a plain ``python script.py config.py`` (world size 1: a private file
-store, so no port is ever taken). NCCL on CUDA, gloo on CPU.
+store, so no port is ever taken). NCCL on CUDA, gloo on CPU; gloo also on CUDA when this node runs
+more processes than it has GPUs (NCCL cannot put two processes on one GPU) or when
+``BCT_DIST_BACKEND=gloo`` is set.
+
+The helpers below work with or without an initialised process group (one process: no-ops).
 """
 import argparse
 import dataclasses
@@ -14,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import UserError
+
+BACKEND_VARIABLE = "BCT_DIST_BACKEND"
 
 if dist.is_available():
     # torch.distributed.nn binds the default process group into function defaults when it is first
@@ -56,6 +62,19 @@ def choose_device(requested=None, local_rank=0):
     return torch.device("cpu")
 
 
+def choose_backend(device):
+    """``$BCT_DIST_BACKEND`` if set; else NCCL for CUDA unless this node has more processes than GPUs; else gloo."""
+    requested = os.environ.get(BACKEND_VARIABLE)
+    if requested:
+        if requested not in ("nccl", "gloo"):
+            raise UserError(f"{BACKEND_VARIABLE}={requested!r}: expected nccl or gloo")
+        return requested
+    if device.type != "cuda":
+        return "gloo"
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return "nccl" if local_processes <= torch.cuda.device_count() else "gloo"
+
+
 def init_distributed(local_rank=None, device=None, timeout_minutes=30):
     """Initialise (once) the default process group and return this process's :class:`DistInfo`."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,7 +85,7 @@ def init_distributed(local_rank=None, device=None, timeout_minutes=30):
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = choose_backend(dev)
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if world_size > 1 or "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, init_method="env://", rank=rank,
@@ -82,3 +101,100 @@ def cleanup():
     """Destroy the process group if one is initialised."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def world():
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def comm_device(device):
+    """Where tensors for a collective must live: ``device`` under NCCL, the CPU under gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device(device)
+    return torch.device("cpu")
+
+
+def all_reduce(tensor, op=None):
+    """In-place all-reduce of ``tensor`` (sum by default) when several processes run; returns it."""
+    if world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+    return tensor
+
+
+def all_gather_rows(tensor):
+    """Concatenation of every rank's ``tensor`` along dim 0 (same shape on every rank)."""
+    size = world()[1]
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def _agree(flag, op, device):
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device(device))
+    return bool(all_reduce(tensor, op).item())
+
+
+def any_rank(flag, device="cpu"):
+    """True on every rank if ``flag`` is true on any rank."""
+    return _agree(flag, dist.ReduceOp.MAX, device) if world()[1] > 1 else bool(flag)
+
+
+def every_rank(flag, device="cpu"):
+    """True on every rank if ``flag`` is true on every rank."""
+    return _agree(flag, dist.ReduceOp.MIN, device) if world()[1] > 1 else bool(flag)
+
+
+def common_to_all_ranks(values):
+    """The values present on every rank (each rank passes its own collection), sorted, largest first."""
+    if world()[1] == 1:
+        return sorted(set(values), reverse=True)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(set(values)))
+    return sorted(set(gathered[0]).intersection(*map(set, gathered[1:])), reverse=True)
+
+
+def average_gradients(params):
+    """Average the gradients of ``params`` (replicated modules outside DDP) over the processes."""
+    size = world()[1]
+    if size == 1:
+        return
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= size
+
+
+def compute_on_main(fn, device):
+    """Run ``fn() -> list of tensors`` on rank 0 only and return those tensors, on ``device``, on every rank.
+
+    A :class:`UserError` raised by ``fn`` on rank 0 is raised on every rank (no rank waits forever).
+    """
+    rank, size = world()
+    tensors, message = None, None
+    if rank == 0:
+        try:
+            tensors = [torch.as_tensor(t) for t in fn()]
+        except UserError as exc:
+            message = str(exc)
+    if size > 1:
+        comm = comm_device(device)
+        meta = [message if message else [(tuple(t.shape), t.dtype) for t in tensors] if rank == 0 else None]
+        dist.broadcast_object_list(meta, src=0, device=comm if comm.type == "cuda" else None)
+        if isinstance(meta[0], str):
+            message = meta[0]
+        elif rank != 0:
+            tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in meta[0]]
+    if message:
+        raise UserError(message)
+    out = []
+    for tensor in tensors:
+        if size > 1:
+            tensor = tensor.to(comm).contiguous()
+            dist.broadcast(tensor, 0)
+        out.append(tensor.to(device).contiguous())
+    return out

@@ -28,7 +28,7 @@ from backbones import load_backbone
 from utils.chunk_cache import ChunkCache, chunk_ranges, file_stamp, regroup, span_rows
 from utils.config import ROOT
 from utils.dataset import MXFaceDataset, batch_loader, to_model_input
-from utils.distributed import add_launcher_args, cleanup, init_distributed
+from utils.distributed import add_launcher_args, cleanup, comm_device, init_distributed
 from utils.errors import UserError
 from utils.io import atomic_np_save, safe_np_load
 
@@ -122,14 +122,10 @@ def _pending(cache, num_chunks, dist_info):
     if cache is not None and dist_info.rank == 0:
         todo = np.isin(np.arange(num_chunks), cache.pending()).astype(np.uint8)
     if dist_info.world_size > 1:
-        mask = torch.from_numpy(todo).to(_comm_device(dist_info))
+        mask = torch.from_numpy(todo).to(comm_device(dist_info.device))
         dist.broadcast(mask, 0)
         todo = mask.cpu().numpy()
     return np.flatnonzero(todo).tolist()
-
-
-def _comm_device(dist_info):
-    return dist_info.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -195,7 +191,7 @@ def _gather_chunk(local, chunk_rows, dim, dist_info):
     """``[(chunk id, rows), …]`` of this round from every rank, on rank 0 (``[]`` elsewhere)."""
     if dist_info.world_size == 1:
         return [local] if local is not None else []
-    comm = _comm_device(dist_info)
+    comm = comm_device(dist_info.device)
     block = torch.zeros((chunk_rows, dim), dtype=torch.float32, device=comm)
     header = torch.tensor([-1, 0], dtype=torch.int64, device=comm)
     if local is not None:

@@ -6,13 +6,9 @@ order (``<SD>_feature.npy``, ``<SD>_credible_ratio_<100T>_feature.npy``) or one 
 a whole 3.6M×512 file. Everything is validated before training starts: a missing file, a row count
 that differs from the training set, a dimension that differs from ``embedding_size`` or a mask
 without any credible sample stops the run with one :class:`~utils.errors.UserError` line.
-
-:func:`compute_on_main` runs a one-off computation (class statistics, prototype refinement) on
-rank 0 and hands the resulting tensors to every rank; an error on rank 0 is raised on every rank.
 """
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from utils.errors import UserError, require
 from utils.feature_stats import check_finite_rows
@@ -125,38 +121,3 @@ def open_prototypes(ctx, key="old_prototype"):
     """Prototypes of config key ``key`` on the training device, checked against the classifier."""
     return load_prototypes(ctx.cfg.get(key), ctx.classifier.num_classes, ctx.cfg.embedding_size, key).to(ctx.device)
 
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def compute_on_main(fn, device):
-    """Run ``fn() -> list of tensors`` on rank 0 only and return those tensors, on ``device``, on every rank.
-
-    A :class:`UserError` raised by ``fn`` on rank 0 is raised on every rank (no rank waits forever).
-    """
-    rank, world = _world()
-    tensors, message = None, None
-    if rank == 0:
-        try:
-            tensors = [torch.as_tensor(t) for t in fn()]
-        except UserError as exc:
-            message = str(exc)
-    if world > 1:
-        meta = [message if message else [(tuple(t.shape), t.dtype) for t in tensors] if rank == 0 else None]
-        dist.broadcast_object_list(meta, src=0, device=device if device.type == "cuda" else None)
-        if isinstance(meta[0], str):
-            message = meta[0]
-        elif rank != 0:
-            tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in meta[0]]
-    if message:
-        raise UserError(message)
-    out = []
-    for tensor in tensors:
-        tensor = tensor.to(device).contiguous()
-        if world > 1:
-            dist.broadcast(tensor, 0)
-        out.append(tensor)
-    return out

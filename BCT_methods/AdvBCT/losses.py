@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.distributed import compute_on_main
 from utils.errors import require
 from utils.feature_stats import advbct_class_stats
-from utils.old_features import compute_on_main, open_features, require_keys
+from utils.old_features import open_features, require_keys
 from utils.trainer import Method
 
 

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from BCT_methods.BCT.losses import BCT
 from utils.dataset import MXFaceDataset
+from utils.distributed import compute_on_main
 from utils.errors import require
 from utils.features import embed_dataset
-from utils.old_features import compute_on_main, open_features, require_keys
+from utils.old_features import open_features, require_keys
 
 
 def propagation_weights(new, lam, tau):
