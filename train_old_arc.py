@@ -9,7 +9,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from backbones import build_backbone  # noqa: E402
+from losses import arcface_classifier  # noqa: E402
 from utils.trainer import Method, main  # noqa: E402
 
 if __name__ == "__main__":
-    main(Method, classifier="arcface", description=__doc__.splitlines()[0])
+    main(Method, build_backbone, arcface_classifier, description=__doc__.splitlines()[0])

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from losses.margin import CombinedMarginLoss
 from utils.distributed import all_gather_rows, all_reduce, world
 from utils.errors import UserError
 
@@ -182,3 +183,15 @@ class PartialFC(nn.Module):
         if self.margin_loss is not None:
             logits = self.margin_loss(logits, local)
         return _DistSoftmaxCrossEntropy.apply(logits, local)
+
+
+def arcface_classifier(cfg):
+    """The Partial FC of a margin-softmax training config: ``CombinedMarginLoss(scale, *margin_list,
+    interclass_filtering_threshold)`` over ``embedding_size``/``num_classes``/``sample_rate``."""
+    margin = CombinedMarginLoss(cfg.scale, *cfg.margin_list, cfg.interclass_filtering_threshold)
+    return PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate)
+
+
+def softmax_classifier(cfg):
+    """The Partial FC of a plain softmax training config: linear classifier with bias, no margin."""
+    return PartialFC(None, cfg.embedding_size, cfg.num_classes, cfg.sample_rate)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from backbones import build_backbone
+from losses import arcface_classifier
 from tests.helpers import ROOT, make_tiny_rec, python, tiny_train_config, write_config
 from utils.config import get_config
 from utils.distributed import cleanup
@@ -79,7 +81,7 @@ def train_in_process(method, cfg_path, resume=False):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(cfg, method_class(cfg), "arcface", None, resume)
+        return train(cfg, method_class(cfg), build_backbone, arcface_classifier, None, resume)
     finally:
         cleanup()
         torch.use_deterministic_algorithms(False)

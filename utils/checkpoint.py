@@ -2,16 +2,23 @@
 
 ``<output>/checkpoints/step_<step>_rank<r>.pt`` holds everything a process needs to continue
 exactly: model, classifier shard, optimiser, scaler, scheduler, method state, RNG states and the
-position in the epoch. Resuming picks the newest step whose files load on every rank; a corrupt or
-partial file is reported and the previous checkpoint is used instead.
+position in the epoch. Each process reads only its own file, so a multi-node run whose nodes write
+to their own disks resumes too. Resuming picks the newest step whose file every rank has and can
+load; a corrupt or partial file is reported and the previous checkpoint is used instead.
+
+Beside them, what a checkpoint needs from the process: its RNG states (:func:`rng_state`,
+:func:`set_rng_state`) and the stop request of a signal (:class:`StopFlag`).
 """
 import glob
 import os
+import random
 import re
+import signal
 
+import numpy as np
 import torch
-import torch.distributed as dist
 
+from utils.distributed import common_to_all_ranks, every_rank
 from utils.errors import UserError
 from utils.io import atomic_torch_save, safe_torch_load
 
@@ -19,9 +26,10 @@ _NAME = re.compile(r"step_(\d+)_rank(\d+)\.pt$")
 
 
 class CheckpointManager:
-    def __init__(self, output, rank, world_size, keep=2, log=print):
+    def __init__(self, output, rank, world_size, keep=2, log=print, device="cpu"):
         self.folder = os.path.join(output, "checkpoints")
         self.rank, self.world_size, self.keep, self.log = rank, world_size, max(int(keep), 1), log
+        self.device = device
 
     def path(self, step, rank=None):
         return os.path.join(self.folder, f"step_{step:09d}_rank{self.rank if rank is None else rank}.pt")
@@ -46,31 +54,70 @@ class CheckpointManager:
                 pass
 
     def load_latest(self):
-        """Newest checkpoint that every rank can load (this rank's state), or ``None`` if none exist."""
-        candidates = [s for s in self.steps() if all(os.path.isfile(self.path(s, r)) for r in range(self.world_size))]
-        candidates = _agree(candidates)
-        for step in candidates:
+        """This rank's state of the newest step that every rank can load, or ``None`` if there is none.
+
+        Each rank looks only at its own files (other ranks' files may sit on other nodes' disks).
+        """
+        for step in common_to_all_ranks(self.steps()):
             try:
                 state = safe_torch_load(self.path(step))
-                ok = 1
             except UserError as exc:
                 self.log(f"warning: checkpoint {self.path(step)} is unusable ({exc}); trying the previous one")
-                state, ok = None, 0
-            flag = torch.tensor([ok], dtype=torch.int64)
-            if dist.is_initialized() and dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            if dist.is_initialized():
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() == 1:
+                state = None
+            if every_rank(state is not None, self.device):
                 return state
         return None
 
 
-def _agree(steps):
-    """Steps present on every process (they may see different folders on multi-node runs)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return steps
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, steps)
-    common = set(gathered[0]).intersection(*map(set, gathered[1:]))
-    return sorted(common, reverse=True)
+def rng_state(device):
+    """Python, numpy and torch CPU RNG states, plus that of ``device`` when it is a GPU."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached": float(np_state[4])}
+    device = torch.device(device)
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    """Restore :func:`rng_state`; the GPU state goes to ``device`` (whichever GPU this process has now)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached"]))
+    device = torch.device(device)
+    if device.type == "cuda" and "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif device.type == "cuda" and (device.index or 0) < len(state.get("cuda", ())):  # older checkpoints: every GPU
+        torch.cuda.set_rng_state(state["cuda"][device.index or 0], device)
+
+
+def seed_everything(seed):
+    """Seed Python, numpy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT while the context is active; the loop polls ``raised``."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -4,6 +4,8 @@ import os
 import sys
 import time
 
+import torch
+
 from utils.errors import UserError
 
 
@@ -29,7 +31,12 @@ def setup_logger(output, rank, name="train"):
 
 
 class SpeedLogger:
-    """Every ``frequent`` steps: samples/s, loss (+ parts), lr, epoch, step, fp16 scale, ETA."""
+    """Every ``frequent`` steps: samples/s, loss (+ parts), lr, epoch, step, fp16 scale, ETA; the same
+    window means (and the lr) go to TensorBoard.
+
+    Loss parts may be tensors on the GPU: they are summed where they are and read only on logging
+    steps, so the other steps never wait for the device.
+    """
 
     def __init__(self, frequent, total_steps, global_batch, logger, writer=None):
         self.frequent, self.total_steps, self.global_batch = frequent, total_steps, global_batch
@@ -38,13 +45,11 @@ class SpeedLogger:
         self.sums, self.count = {}, 0
 
     def __call__(self, global_step, epoch, parts, lr, grad_scale=None):
+        """Add one step's ``parts``; ``grad_scale``: the AMP scale or a function returning it (or None)."""
         for key, value in parts.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            value = value.detach() if torch.is_tensor(value) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
         self.count += 1
-        if self.writer is not None:
-            self.writer.add_scalar("learning_rate", lr, global_step)
-            for key, value in parts.items():
-                self.writer.add_scalar(f"loss/{key}", float(value), global_step)
         now = time.time()
         if self.tic is None:
             self.tic, self.start_step, self.start_time = now, global_step, now
@@ -54,14 +59,18 @@ class SpeedLogger:
         speed = self.frequent * self.global_batch / max(now - self.tic, 1e-9)
         per_step = (now - self.start_time) / max(global_step - self.start_step, 1)
         hours_left = per_step * (self.total_steps - global_step) / 3600
-        means = {k: v / self.count for k, v in self.sums.items()}
+        means = {k: float(v) / self.count for k, v in self.sums.items()}
+        if self.writer is not None:
+            self.writer.add_scalar("learning_rate", lr, global_step)
+            for key, value in means.items():
+                self.writer.add_scalar(f"loss/{key}", value, global_step)
+            self.writer.add_scalar("speed_samples_per_sec", speed, global_step)
         loss = means.pop("loss", 0.0)
         detail = "".join(f" {k} {v:.4f}" for k, v in means.items())
+        grad_scale = grad_scale() if callable(grad_scale) else grad_scale
         scale = f"   Fp16 Grad Scale: {grad_scale:2.0f}" if grad_scale is not None else ""
         self.logger.info(
             f"Speed {speed:.2f} samples/sec   Loss {loss:.4f} ({detail.strip()})   "
             f"LearningRate {lr:.6f}   Epoch: {epoch}   Global Step: {global_step}{scale}   "
             f"Required: {hours_left:.2f} hours")
-        if self.writer is not None:
-            self.writer.add_scalar("speed_samples_per_sec", speed, global_step)
         self.tic, self.sums, self.count = now, {}, 0

@@ -60,7 +60,6 @@ class MixBCT(Method):
                         f"up to {self.k} of {cfg.batch_size} embeddings per process replaced each step")
 
     def compute_loss(self, embeddings, labels, indices, ctx):
-        indices = indices.cpu()
         chosen = choose_mixed(self.mask.gather(indices), self.k)
         old = self.old.gather(indices[chosen], ctx.device)
         mixed = mix_embeddings(embeddings, chosen.to(ctx.device), old)
