@@ -1,0 +1,153 @@
+"""CUDA/multi-process paths of the training loop that a CPU can check: cuBLAS determinism set-up,
+per-device RNG state, AMP overflow agreement over ranks, resume with per-node checkpoint folders."""
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import utils.trainer as trainer
+from tests.helpers import tiny_train_config
+from utils.checkpoint import CheckpointManager, rng_state, set_rng_state
+from utils.config import get_config
+from utils.distributed import cleanup
+
+
+class _Reached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("user_value", [None, ":16:8"])
+def test_deterministic_sets_cublas_workspace_before_cuda(tmp_path, monkeypatch, user_value):
+    """The variable must be set before the process group (the first CUDA call); a user's value is kept."""
+    if user_value is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", user_value)
+    seen = {}
+
+    def first_cuda_call(*args, **kwargs):
+        seen["value"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        raise _Reached
+
+    monkeypatch.setattr(trainer, "init_distributed", first_cuda_call)
+    cfg = get_config(tiny_train_config(tmp_path / "det.py", "unused", str(tmp_path / "out"), deterministic=True))
+    try:
+        with pytest.raises(_Reached):
+            trainer.train(cfg, trainer.Method(cfg), None, None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen["value"] == (user_value or ":4096:8")
+
+
+class _FakeCuda:
+    """torch.cuda's RNG functions over ``count`` visible devices (each state a distinct tensor)."""
+
+    def __init__(self, count):
+        self.states = {i: torch.full((4,), i, dtype=torch.uint8) for i in range(count)}
+
+    def device_count(self):
+        return len(self.states)
+
+    def _index(self, device):
+        index = torch.device(device).index or 0 if not isinstance(device, int) else device
+        if index not in self.states:
+            raise IndexError(f"device {index} is not visible ({len(self.states)} devices)")
+        return index
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self._index(device)] = state.clone()
+
+    def get_rng_state_all(self):
+        return [self.get_rng_state(i) for i in range(len(self.states))]
+
+    def set_rng_state_all(self, states):
+        for i, state in enumerate(states):
+            self.set_rng_state(state, i)
+
+
+def test_rng_state_is_the_rank_own_gpu(monkeypatch):
+    """Rank 2 of a 4-GPU node saves its GPU's state; resumed with one visible GPU it restores it there."""
+    saving = _FakeCuda(4)
+    for name in ("device_count", "get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(saving, name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    state = rng_state(torch.device("cuda", 2))
+    cpu_state = torch.get_rng_state()
+    resuming = _FakeCuda(1)
+    for name in ("device_count", "get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(resuming, name))
+    set_rng_state(state, torch.device("cuda", 0))
+    assert resuming.states[0].tolist() == [2, 2, 2, 2]
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+
+
+def _overflow(rank, folder):
+    """One AMP step where only rank 1's method-module gradient is infinite."""
+    torch.manual_seed(0)
+    backbone = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
+    extra = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD([*backbone.parameters(), *extra.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    inputs = torch.ones(2, 3)
+    blow_up = torch.tensor(float("inf") if rank == 1 else 1.0)
+    loss = backbone(inputs).sum() + (extra(inputs) * blow_up).sum()
+    trainer.optimizer_step(loss, optimizer, scaler, backbone.parameters(), clip_grad=0,
+                           replicated_params=list(extra.parameters()))
+    return {"scale": scaler.get_scale(), "extra": extra.weight.detach().tolist(),
+            "finite": bool(torch.isfinite(extra.weight).all())}
+
+
+def _per_node_checkpoints(rank, folder):
+    """Each rank writes to its own folder (a node's local disk) and resumes from it."""
+    own = os.path.join(folder, f"node{rank}")
+    manager = CheckpointManager(own, rank, 2, keep=3)
+    for step in (1, 2, 3):
+        manager.save(step, {"step": step, "rank": rank})
+    latest = manager.load_latest()
+    if rank == 1:
+        os.remove(manager.path(3))  # rank 1 lost step 3: both must fall back to step 2
+    dist.barrier()
+    fallback = manager.load_latest()
+    return {"latest": latest, "fallback": fallback}
+
+
+def _worker(rank, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1")
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "store"), rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        result = {"overflow": _overflow(rank, folder), "checkpoints": _per_node_checkpoints(rank, folder)}
+    finally:
+        cleanup()
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("two_ranks"))
+    mp.spawn(_worker, args=(folder,), nprocs=2)
+    results = []
+    for rank in range(2):
+        with open(os.path.join(folder, f"rank{rank}.json")) as handle:
+            results.append(json.load(handle))
+    return results
+
+
+def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(two_ranks):
+    first, second = (result["overflow"] for result in two_ranks)
+    assert first["scale"] == second["scale"] == 32768.0
+    assert first["finite"] and second["finite"]
+    assert first["extra"] == second["extra"]
+
+
+def test_resume_with_per_node_checkpoint_folders(two_ranks):
+    for rank, result in enumerate(two_ranks):
+        assert result["checkpoints"]["latest"] == {"step": 3, "rank": rank}
+        assert result["checkpoints"]["fallback"] == {"step": 2, "rank": rank}
