@@ -4,7 +4,10 @@
 
 One optimiser step = backbone forward (AMP fp16 on CUDA), the method's ``compute_loss`` (old
 features memory-mapped from a temporary ``.npy``, as in training), backward, gradient clipping and
-the SGD step, on one process; data loading is excluded (the batch stays on the device). Defaults:
+the SGD step, on one process; data loading is excluded (the batch stays on the device, its dataset
+indices on the CPU, as the training loop hands them to the method). Each method's run (backbone,
+classifier, optimiser, method state) is built for its turn and freed after it, so the peak GPU
+memory printed for a method is its own. Defaults:
 CPU r18 at 112 px, batch 32, 10,000 classes, 512-d; CUDA r50, batch 128, 65,402 classes (MS1MV3
 class70), 512-d. Every method (and the ArcFace baseline) is timed for ``--steps`` steps after
 ``--warmup`` steps, in ``--rounds`` interleaved rounds; the per-step figure is the fastest step
@@ -20,6 +23,7 @@ Targets: MixBCT, BCT, L2 ≤ 1.05× ArcFace; NCCL, AdvBCT ≤ 1.3×; UniBCT refi
 The last output line is a JSON object of the figures.
 """
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -97,6 +101,7 @@ def build_method(name, cfg, device, labels, args):
     backbone = get_model(args.network, num_features=args.embedding_size, width=args.width,
                          input_size=args.input_size).to(device)
     classifier = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), args.embedding_size, args.num_classes).to(device)
+    classifier.check_inputs = False  # as the training loop, which checks the labels once
     logger = types.SimpleNamespace(info=lambda *a: None)
     dist_info = types.SimpleNamespace(rank=0, local_rank=0, world_size=1, device=device, is_main=True)
     ctx = TrainContext(cfg, dist_info, backbone, classifier, _Data(labels), 1000, 35000, logger, epoch=25)
@@ -221,16 +226,16 @@ def main(argv=None):
         generator = torch.Generator().manual_seed(0)
         indices = torch.randperm(len(labels), generator=generator)[:args.batch_size]
         batch = (torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=generator).to(device),
-                 torch.from_numpy(labels[indices.numpy()]).to(device), indices.to(device))
-        runs, times, heads, memory = {}, {n: [] for n in names}, {n: [] for n in names}, {}
-        for name in names:
-            cfg = method_config(folder, name, args, paths)
-            runs[name] = build_method(name, cfg, device, labels, args)
+                 torch.from_numpy(labels[indices.numpy()]).to(device), indices)  # indices stay on the CPU, as in training
+        configs = {name: method_config(folder, name, args, paths) for name in names}
+        times, heads, memory = {n: [] for n in names}, {n: [] for n in names}, {}
         for round_index in range(args.rounds):
             for name in names:
-                method, ctx, backbone, optimizer = runs[name]
-                if amp:
+                if amp:  # one run resident at a time, so each peak is that method's own
+                    gc.collect()
+                    torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
+                method, ctx, backbone, optimizer = build_method(name, configs[name], device, labels, args)
                 time_steps(method, ctx, backbone, optimizer, batch, args.warmup, amp)
                 times[name] += time_steps(method, ctx, backbone, optimizer, batch, args.steps, amp)
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -239,7 +244,8 @@ def main(argv=None):
                 print(f"round {round_index + 1}/{args.rounds} {name}: {min(times[name][-args.steps:]) * 1000:.1f} ms/step",
                       flush=True)
                 if amp:
-                    memory[name] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                    memory[name] = max(memory.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2 ** 30)
+                del method, ctx, backbone, optimizer, embeddings
         step_ms = {n: float(np.min(t)) * 1000 for n, t in times.items()}
         relative = {n: step_ms[n] / step_ms["ArcFace"] for n in args.methods}
         head_ms = {n: float(np.min(t)) * 1000 for n, t in heads.items()}
