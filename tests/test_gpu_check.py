@@ -15,3 +15,5 @@ def test_gpu_check_cpu_smoke():
     two_ranks = report["nccl_2_rank"]
     assert two_ranks["backend"] == "gloo" and two_ranks["ok"], two_ranks
     assert abs(two_ranks["distributed"] - two_ranks["single"]) < 1e-3
+    pipeline = report["pipeline_2_processes"]
+    assert pipeline["ok"] and pipeline["old_model"]["resumed"] and pipeline["old_model"]["backend"] == "gloo", pipeline

@@ -8,6 +8,7 @@ is run on a random batch and the largest absolute difference from PyTorch is pri
 above ``--tolerance``).
 """
 import argparse
+import inspect
 import os
 import sys
 import warnings
@@ -27,9 +28,11 @@ def export(model_file, network, output, width=64, input_size=112, opset=17):
     """Write ``output`` (atomically); returns the eval-mode PyTorch model that was exported."""
     model = load_backbone(model_file, network, width=width, input_size=input_size)
     example = torch.zeros(2, 3, input_size, input_size)
+    # the TorchScript exporter: the default before torch 2.5 (no ``dynamo`` argument), asked for by name since
+    torchscript = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with atomic_path(output) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
+        torch.onnx.export(model, (example,), tmp, **torchscript, opset_version=opset, input_names=["input"],
                           output_names=["embedding"],
                           dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}})
     return model

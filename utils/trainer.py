@@ -265,7 +265,7 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
         logger.info(f"config {cfg.config_path}: {len(dataset)} images, {cfg.num_classes} classes, "
-                    f"{world} process(es) on {device}, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+                    f"{world} process(es) on {device} ({dist.get_backend()}), {steps_per_epoch} steps/epoch, {total_steps} steps, "
                     f"method {method.name}")
         speed = SpeedLogger(cfg.frequent, total_steps, cfg.batch_size * world, logger, writer)
 

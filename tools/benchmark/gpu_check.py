@@ -11,11 +11,19 @@ embedding throughput and a 2-rank NCCL check.
 3. IJB embedding throughput of r50 (AMP inference, image + flipped image, as ijbc_eval does).
 4. With two or more GPUs: two NCCL processes run a Partial FC step and check that the loss matches
    one process on the same global batch (``--cpu-smoke``: the same check with two gloo processes).
+5. What users run, through the real scripts with ``torchrun --nproc_per_node=2`` on a small synthetic
+   set: the old model trained with AMP, stopped after 3 steps and finished with ``--resume``; its
+   features extracted by 2 processes (the embedding gather); AdvBCT (old features, method modules
+   averaged over ranks) trained with AMP. NCCL with two GPUs; with one GPU the two processes share it
+   over gloo (NCCL cannot); ``--cpu-smoke``: gloo on the CPU.
 The last output line is a JSON object of the figures.
 """
 import argparse
 import json
 import os
+import re
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,12 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import bench_methods  # noqa: E402
 from backbones import get_model  # noqa: E402
+from tools.synthetic import make_synthetic  # noqa: E402
 from losses import ArcFace, PartialFC  # noqa: E402
 from utils.distributed import cleanup  # noqa: E402
 from utils.errors import require, run_cli  # noqa: E402
@@ -129,6 +139,75 @@ def two_rank_check(backend="nccl", classes=10000):
     return values
 
 
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(path, method=None, **keys):
+    """Write a config module; a method's config gets a ``base.py`` beside it declaring the method's keys."""
+    if method:
+        with open(os.path.join(os.path.dirname(path), "base.py"), "w") as handle:
+            handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
+    lines = ["from easydict import EasyDict as edict", "config = edict()"] + [f"config.{k} = {v!r}" for k, v in keys.items()]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+def _two_processes(script, *args, cuda):
+    """Run ``torchrun --nproc_per_node=2 script args``; returns (seconds, stdout), raises on failure."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1" if not cuda else os.environ.get("OMP_NUM_THREADS", "4"))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return round(time.time() - start, 1), proc.stdout
+
+
+def pipeline_check(folder, cuda):
+    """Old model (AMP, cut and resumed) → 2-rank feature extraction → AdvBCT, each with 2 processes."""
+    data = os.path.join(folder, "data")
+    make_synthetic.main(["--out", data, "--identities", "16", "--images-per-identity", "8", "--ijb-identities", "2",
+                         "--workers", "0"])
+    model = dict(network="r18", network_width=64 if cuda else 8, input_size=112 if cuda else 32, embedding_size=64,
+                 batch_size=16 if cuda else 8, num_epoch=1, lr=0.05, fp16=True, frequent=1, num_workers=0,
+                 seed=3, rec=data)
+    old = os.path.join(folder, "old")
+    report = {}
+    cut = _config(os.path.join(folder, "old_cut.py"), output=old, max_steps=3, save_every_steps=1, **model)
+    full = _config(os.path.join(folder, "old_model.py"), output=old, save_every_steps=1, **model)
+    seconds, _ = _two_processes("train_old_arc.py", cut, cuda=cuda)
+    resumed_seconds, stdout = _two_processes("train_old_arc.py", full, "--resume", cuda=cuda)
+    log = open(os.path.join(old, "training.log")).read()
+    found = re.search(r"2 process\(es\) on (\S+) \((\w+)\)", log)
+    report["old_model"] = {"seconds": seconds + resumed_seconds, "resumed": "resumed from step 3" in stdout,
+                           "device": found.group(1) if found else None, "backend": found.group(2) if found else None,
+                           "amp": "Fp16 Grad Scale" in log}
+    features = os.path.join(folder, "features")
+    seconds, _ = _two_processes("tools/get_feature/get_feature.py", full, "--SD", "f64_r18_arc_class100",
+                                "--dataset", data, "--output", features, "--cache_dir", os.path.join(folder, "cache"),
+                                "--batch_size", "16", cuda=cuda)
+    embedding = np.load(os.path.join(features, "f64_r18_arc_class100_feature.npy"))
+    report["features"] = {"seconds": seconds, "rows": int(embedding.shape[0]),
+                          "finite": bool(np.isfinite(embedding).all())}
+    os.makedirs(os.path.join(folder, "method"))
+    method = _config(os.path.join(folder, "method", "advbct.py"), method="AdvBCT", output=os.path.join(folder, "advbct"),
+                     max_steps=3, old_embedding=os.path.join(features, "f64_r18_arc_class100_feature.npy"), **model)
+    seconds, _ = _two_processes("BCT_methods/AdvBCT/train.py", method, cuda=cuda)
+    report["AdvBCT"] = {"seconds": seconds, "model": os.path.isfile(os.path.join(folder, "advbct", "model.pt"))}
+    report["ok"] = (report["old_model"]["resumed"] and report["old_model"]["amp"] == cuda
+                    and report["features"]["rows"] == 16 * 8 and report["features"]["finite"] and report["AdvBCT"]["model"])
+    print(f"2-process pipeline over {report['old_model']['backend']} on {report['old_model']['device']}: old model "
+          f"{report['old_model']['seconds']} s (resumed: {report['old_model']['resumed']}), features "
+          f"{report['features']['seconds']} s ({report['features']['rows']} rows), AdvBCT {report['AdvBCT']['seconds']} s: "
+          f"{'ok' if report['ok'] else 'FAILED'}", flush=True)
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script itself)")
@@ -167,6 +246,9 @@ def main():
     else:
         print("== 2 ranks (gloo: the NCCL check's code on the CPU)", flush=True)
         report["nccl_2_rank"] = two_rank_check("gloo", classes=sizes["classes"])
+    print("== 2-process pipeline: old model (AMP, cut + --resume), feature extraction, AdvBCT", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
+        report["pipeline_2_processes"] = pipeline_check(folder, cuda)
     report["seconds"] = round(time.time() - start, 1)
     print(json.dumps(report))
     return report
