@@ -122,37 +122,38 @@ class TrainingRun:
         self.backbone, self.model, self.classifier, self.extra = backbone, model, classifier, extra
         self.optimizer, self.scheduler, self.scaler, self.method = optimizer, scheduler, scaler, method
         self.device = device
+        self.replicated_params = trainable_params(extra.values())
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.pending_rng = None
 
+    def _parts(self):
+        """The checkpointed objects, by checkpoint key (each has state_dict/load_state_dict)."""
+        return {"backbone": self.backbone, "classifier": self.classifier, "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "scaler": self.scaler, "method": self.method}
+
     def state_dict(self):
-        return {"backbone": self.backbone.state_dict(), "classifier": self.classifier.state_dict(),
-                "extra": {name: module.state_dict() for name, module in self.extra.items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "method": self.method.state_dict(),
-                "rng": rng_state(self.device), "epoch": self.epoch, "batch": self.batch,
-                "global_step": self.global_step}
+        state = {key: part.state_dict() for key, part in self._parts().items()}
+        state["extra"] = {name: module.state_dict() for name, module in self.extra.items()}
+        state.update(rng=rng_state(self.device), epoch=self.epoch, batch=self.batch, global_step=self.global_step)
+        return state
 
     def load_state_dict(self, state):
-        self.backbone.load_state_dict(state["backbone"])
-        self.classifier.load_state_dict(state["classifier"])
+        for key, part in self._parts().items():
+            part.load_state_dict(state[key])
         for name, module in self.extra.items():
             module.load_state_dict(state["extra"][name])
-        for key in ("optimizer", "scheduler", "scaler", "method"):
-            getattr(self, key).load_state_dict(state[key])
         self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
         self.pending_rng = state["rng"]
-
-    @property
-    def replicated_params(self):
-        """Trainable parameters of the method's modules (replicated on every rank, outside DDP)."""
-        return [p for module in self.extra.values() for p in module.parameters() if p.requires_grad]
 
     def restore_rng(self):
         """Put back the loaded RNG states (once)."""
         if self.pending_rng is not None:
             set_rng_state(self.pending_rng, self.device)
             self.pending_rng = None
+
+
+def trainable_params(modules):
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
 
 
 def set_determinism(deterministic):
@@ -184,9 +185,8 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
         module.to(device)
         for param in module.parameters():
             dist.broadcast(param.data, 0)
-    param_groups = [{"params": [p for p in backbone.parameters() if p.requires_grad]},
-                    {"params": list(classifier.parameters())}]
-    extra_params = [p for m in extra.values() for p in m.parameters() if p.requires_grad]
+    param_groups = [{"params": trainable_params([backbone])}, {"params": list(classifier.parameters())}]
+    extra_params = trainable_params(extra.values())
     if extra_params:
         param_groups.append({"params": extra_params})
     optimizer = _build_optimizer(cfg, param_groups)
