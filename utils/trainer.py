@@ -71,6 +71,10 @@ class Method:
     def extra_modules(self):
         return {}
 
+    def clipped_with_backbone(self):
+        """Parameters of the extra modules clipped to one gradient norm together with the backbone."""
+        return []
+
     def on_epoch_start(self, epoch, ctx: TrainContext):
         pass
 
@@ -123,6 +127,7 @@ class TrainingRun:
         self.optimizer, self.scheduler, self.scaler, self.method = optimizer, scheduler, scaler, method
         self.device = device
         self.replicated_params = trainable_params(extra.values())
+        self.clipped_params = [*backbone.parameters(), *method.clipped_with_backbone()]
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.pending_rng = None
 
@@ -210,7 +215,7 @@ def train_one_epoch(run, ctx, loader, last_step, checkpoints, speed, stop):
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             embeddings = run.model(images)
         loss, parts = run.method.compute_loss(embeddings.float(), labels, indices, ctx)
-        optimizer_step(loss, run.optimizer, run.scaler, run.backbone.parameters(), cfg.clip_grad, run.replicated_params)
+        optimizer_step(loss, run.optimizer, run.scaler, run.clipped_params, cfg.clip_grad, run.replicated_params)
         run.scheduler.step()
         run.global_step += 1
         run.batch += 1
@@ -307,8 +312,8 @@ def optimizer_step(loss, optimizer, scaler, clipped_params, clip_grad=5.0, repli
 
     Gradients of ``replicated_params`` (method modules outside DDP) are averaged over the processes
     before the scaler looks for inf/NaN, so every rank sees the same gradients and all ranks skip an
-    overflowing step together; those of ``clipped_params`` (the backbone) are clipped to norm
-    ``clip_grad`` (0 = off).
+    overflowing step together; those of ``clipped_params`` (the backbone, and the method
+    modules clipped with it) are clipped to norm ``clip_grad`` (0 = off).
     """
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
