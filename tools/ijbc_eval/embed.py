@@ -50,7 +50,11 @@ class Embedder:
                     runtime="onnx" if onnx else "torch", device=self.device.type)
 
     def _onnx_session(self):
-        import onnxruntime
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError(f"{self.path} is an ONNX model, which needs onnxruntime (not installed): "
+                            f"pip install onnxruntime (or onnxruntime-gpu for CUDA)") from None
 
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():

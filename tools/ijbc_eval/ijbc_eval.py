@@ -26,7 +26,7 @@ from utils.chunk_cache import ChunkCache, file_stamp  # noqa: E402
 from utils.errors import UserError, require, run_cli  # noqa: E402
 from utils.io import atomic_np_savez, atomic_open, numpy_read_errors, safe_np_load  # noqa: E402
 
-DEFAULT_DATA = os.path.join(ROOT, "dataset", "synthetic")
+DEFAULT_DATA = os.path.join(ROOT, "dataset", "IJB_release")
 RESULTS_DIR = os.path.join(ROOT, "work_dirs", "ijb_results")
 EMBEDDING_KEYS = ("embs", "embs_f", "embs_old", "embs_f_old")
 
@@ -126,6 +126,8 @@ def format_table(result):
     """Markdown table of a result dict (values in %)."""
     variants = result.get("variants") or {result["variant"]: result}
     title = f"{result['subset']} {result['protocol']} {result['test']}-test (%)"
+    if result.get("data"):
+        title += f" on {result['data']}"
     if result["protocol"] == "1:1":
         lines = ["| variant | " + " | ".join(f"TAR@FAR={k}" for k in metrics.FAR_KEYS) + " | AUC |",
                  "|---" * (len(metrics.FAR_KEYS) + 2) + "|"]
@@ -194,7 +196,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
               "network": network if model_file else None,
               "model_old": model_file_old if old is not None and not restore_embs else None,
               "network_old": network_old if old is not None else None,
-              "num_images": len(meta), "num_templates": len(templates.ids)}
+              "data": meta.root, "num_images": len(meta), "num_templates": len(templates.ids)}
     if not one_to_n:
         result["num_pairs"] = int(len(meta.pairs["labels"]))
     if bunch:
@@ -274,7 +276,8 @@ def build_parser():
     p.add_argument("-net", "--network", default="r50", help="backbone of -m (default r50)")
     p.add_argument("-m_old", "--model_file_old", help="old model (cross-test: gallery side)")
     p.add_argument("-old_net", "--network_old", default="r18", help="backbone of -m_old (default r18)")
-    p.add_argument("-d", "--data_path", default=DEFAULT_DATA, help="folder holding IJBC/ or IJBB/")
+    p.add_argument("-d", "--data_path", default=DEFAULT_DATA,
+                   help="folder holding IJBC/ or IJBB/ (default dataset/IJB_release; the demo's: dataset/synthetic)")
     p.add_argument("-s", "--subset", default="IJBC", help="IJBC or IJBB")
     p.add_argument("-b", "--batch_size", type=int, default=128)
     p.add_argument("-N", "--is_one_2_N", action="store_true", help="1:N identification (default 1:1)")
