@@ -4,7 +4,6 @@ Works under ``python -m torch.distributed.launch`` (``--local_rank``/``--local-r
 (env vars, multi-node) and a plain ``python script.py config.py`` (world size 1: a private file
 store, so no port is ever taken). NCCL on CUDA, gloo on CPU.
 """
-import argparse
 import dataclasses
 import datetime
 import os
@@ -13,6 +12,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from utils.config import add_launcher_args  # noqa: F401  (torch-free, for commands that may not launch)
 from utils.errors import UserError
 
 if dist.is_available():
@@ -33,13 +33,6 @@ class DistInfo:
     @property
     def is_main(self):
         return self.rank == 0
-
-
-def add_launcher_args(parser: argparse.ArgumentParser):
-    """Accept the ``--local_rank``/``--local-rank`` argument that torch.distributed.launch passes."""
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-                        help=argparse.SUPPRESS)
-    return parser
 
 
 def choose_device(requested=None, local_rank=0):
@@ -82,3 +75,8 @@ def cleanup():
     """Destroy the process group if one is initialised."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def comm_device(dist_info):
+    """Where tensors for a collective must live: the rank's GPU under NCCL, else the CPU."""
+    return dist_info.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from BCT_methods.BCT.losses import BCT
 from utils.dataset import MXFaceDataset
 from utils.errors import require
-from utils.features import embed_dataset
+from utils.embedding import embed_dataset
 from utils.old_features import compute_on_main, open_features, require_keys
 
 
