@@ -142,6 +142,17 @@ def test_roc_is_exactly_sklearn_roc_curve_with_ties():
         metrics.roc(np.ones(4), np.arange(4.0))
 
 
+def test_verification_auc_is_sklearn_auc_with_ties():
+    from sklearn.metrics import auc
+
+    rng = np.random.default_rng(4)
+    for trial in range(10):
+        labels = (rng.random(3000) < 0.2).astype(np.int8)
+        scores = np.round(rng.normal(size=3000) + labels, 1 + trial % 3)
+        fpr, tpr, _ = roc_curve(labels, scores)
+        assert metrics.verification(labels, scores)[0]["AUC"] == auc(fpr, tpr)
+
+
 def test_tar_at_far_reverse_argmin_rule_by_hand():
     fpr = np.array([0.0, 0.0, 1e-4, 1e-4, 0.015, 0.2, 1.0])
     tpr = np.array([0.0, 0.3, 0.4, 0.6, 0.7, 0.9, 1.0])

@@ -8,7 +8,8 @@ and ``probe_mixed``. Images are under ``<data>/<subset>/loose_crop/``.
 
 Each parsed file is cached as an ``.npz`` keyed by the file's path, size and modification time
 (under ``<data>/<subset>/.cache/``, or ``work_dirs/ijb_cache/`` when that folder is read-only), so
-an edited file is parsed again; ``force`` re-parses anyway.
+an edited file is parsed again; ``force`` re-parses anyway. pandas (the parser) is imported only
+when a file is parsed.
 """
 import glob
 import os
@@ -16,7 +17,6 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from utils.chunk_cache import cache_key, file_stamp
 from utils.config import ROOT
@@ -46,6 +46,8 @@ def _read_rows(path, fields, sep=r"\s+", header_rows=0, at_least=False, named=Tr
     ``at_least``: rows may hold more fields (only the first ``fields`` are kept); ``named``: the
     first column is an image name (read as text).
     """
+    import pandas as pd
+
     names = list(range(fields if at_least else fields + 1))
     try:
         frame = pd.read_csv(path, sep=sep, header=None, names=names, index_col=False, skiprows=header_rows,
@@ -76,6 +78,8 @@ def _read_rows(path, fields, sep=r"\s+", header_rows=0, at_least=False, named=Tr
 
 def _numbers(frame, path, columns, what, integer=False, header_rows=0, fields=None):
     """The columns as a float64 (or int64) array; a missing or non-numeric value raises UserError."""
+    import pandas as pd
+
     values = np.stack([pd.to_numeric(frame[c], errors="coerce").to_numpy(np.float64, na_value=np.nan)
                        for c in columns], axis=1)
     bad = ~np.isfinite(values).all(1)
@@ -194,6 +198,8 @@ def _match_landmarks(tid, marks, tid_path, marks_path):
     """Landmark rows reordered to the image order of ``face_tid_mid``."""
     if len(tid["names"]) == len(marks["names"]) and np.array_equal(tid["names"], marks["names"]):
         return marks["landmarks"], marks["scores"]
+    import pandas as pd
+
     index = pd.Index(marks["names"])
     if not index.is_unique:
         duplicated = index[index.duplicated()][0]
@@ -207,9 +213,20 @@ def _match_landmarks(tid, marks, tid_path, marks_path):
 
 
 def check_templates(known, ids, path, header_rows=0, what="template"):
-    """Raise UserError naming the line of the first id in ``ids`` missing from sorted ``known``."""
-    pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
-    bad = known[pos] != ids
+    """Raise UserError naming the line of the first id in ``ids`` missing from sorted ``known``.
+
+    Compact non-negative ids (as IJB's) are looked up in a presence table (one pass over the
+    millions of pair ids), others by binary search.
+    """
+    ids = np.asarray(ids)
+    if len(known) and known[0] >= 0 and known[-1] < 8 * len(known) + (1 << 20):
+        present = np.zeros(int(known[-1]) + 1, bool)
+        present[known] = True
+        clipped = np.clip(ids, 0, len(present) - 1)
+        bad = ~present[clipped] | (clipped != ids)
+    else:
+        pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        bad = known[pos] != ids
     if bad.any():
         row = int(np.argmax(bad))
         raise UserError(f"{path} line {line_of(path, row, header_rows)}: unknown {what} {ids[row]} "

@@ -80,7 +80,10 @@ class Templates:
         for start in range(0, num_images, _CHUNK_ROWS):
             part = slice(start, start + _CHUNK_ROWS)
             feats = image_features(embs[part], None if embs_f is None else embs_f[part], scores[part], variant)
-            out += self.matrix[:, part] @ feats.astype(np.float64)
+            weights = self.matrix[:, part]
+            if weights.nnz:   # only the templates of these images (a narrow band when images come by template)
+                low, high = int(weights.indices.min()), int(weights.indices.max()) + 1
+                out[low:high] += weights[low:high] @ feats.astype(np.float64)
         return normalise_rows(out)
 
 
@@ -128,26 +131,34 @@ def pair_scores(feats1, feats2, idx1, idx2):
 
 
 def roc(labels, scores):
-    """``(fpr, tpr)`` exactly as sklearn ``roc_curve(labels, scores)``, fed pre-sorted input.
+    """``(fpr, tpr)`` exactly as sklearn ``roc_curve(labels, scores)`` (with ``drop_intermediate``).
 
-    ``roc_curve`` only depends on the counts of genuine and impostor scores at each distinct score,
-    so the scores are sorted once (a fast value sort, not an argsort), the genuine labels are
-    placed inside their tie groups, and ``roc_curve`` receives the arrays in descending order.
+    The ROC only depends on how many genuine and impostor scores are ≥ each distinct score, so it
+    is read off one value sort of the scores (no argsort): for each distinct value, from high to
+    low, the count of scores at or above it (its first position in the sorted array) and the count
+    of genuine ones (a search in the few sorted genuine scores). Counts are float64, as in sklearn.
     """
-    from sklearn.metrics import roc_curve  # imported here: sklearn is slow to import and 1:N does not need it
-
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, np.float64)
     num_pos = int(labels.sum())
     if num_pos == 0 or num_pos == len(labels):
         raise UserError("1:1 evaluation needs both genuine (label 1) and impostor (label 0) pairs")
     ordered = np.sort(scores)
-    genuine = np.sort(scores[labels])
-    within_ties = np.arange(num_pos) - np.searchsorted(genuine, genuine, "left")
-    sorted_labels = np.zeros(len(ordered), np.int8)
-    sorted_labels[np.searchsorted(ordered, genuine, "left") + within_ties] = 1
-    fpr, tpr, _ = roc_curve(sorted_labels[::-1], ordered[::-1])
-    return fpr, tpr
+    first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])[::-1]   # distinct values, high to low
+    values = ordered[first]
+    tps = (num_pos - np.searchsorted(np.sort(scores[labels]), values, "left")).astype(np.float64)
+    fps = (len(ordered) - first) - tps
+    if len(fps) > 2:   # drop points collinear with their neighbours, as sklearn does
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        fps, tps = fps[keep], tps[keep]
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    return fps / fps[-1], tps / tps[-1]
+
+
+def auc(fpr, tpr):
+    """Area under the ROC (trapezoids over increasing ``fpr``), as sklearn ``auc``."""
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    return float(trapezoid(tpr, fpr))
 
 
 def tar_at_far(fpr, tpr, keys=FAR_KEYS):
@@ -158,10 +169,8 @@ def tar_at_far(fpr, tpr, keys=FAR_KEYS):
 
 def verification(labels, scores):
     """``{"TAR@FAR": {...}, "AUC": …}`` and the ROC ``(fpr, tpr)``."""
-    from sklearn.metrics import auc
-
     fpr, tpr = roc(labels, scores)
-    return {"TAR@FAR": tar_at_far(fpr, tpr), "AUC": float(auc(fpr, tpr))}, (fpr, tpr)
+    return {"TAR@FAR": tar_at_far(fpr, tpr), "AUC": auc(fpr, tpr)}, (fpr, tpr)
 
 
 def _threshold(sorted_desc, fraction):
