@@ -142,6 +142,19 @@ def test_roc_is_exactly_sklearn_roc_curve_with_ties():
         metrics.roc(np.ones(4), np.arange(4.0))
 
 
+def test_roc_is_exactly_sklearn_roc_curve_with_few_distinct_scores():
+    rng = np.random.default_rng(5)
+    for trial in range(300):                      # 1–5 distinct values: every branch of the point dropping
+        n = int(rng.integers(2, 40))
+        labels = (rng.random(n) < rng.uniform(0.05, 0.9)).astype(np.int8)
+        labels[:2] = (1, 0)
+        scores = rng.integers(0, 1 + trial % 5, n) * 0.5 + labels * (trial % 2)
+        fpr, tpr, _ = roc_curve(labels, scores)
+        got_fpr, got_tpr = metrics.roc(labels, scores)
+        np.testing.assert_array_equal(got_fpr, fpr)
+        np.testing.assert_array_equal(got_tpr, tpr)
+
+
 def test_verification_auc_is_sklearn_auc_with_ties():
     from sklearn.metrics import auc
 

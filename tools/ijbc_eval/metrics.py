@@ -133,10 +133,13 @@ def pair_scores(feats1, feats2, idx1, idx2):
 def roc(labels, scores):
     """``(fpr, tpr)`` exactly as sklearn ``roc_curve(labels, scores)`` (with ``drop_intermediate``).
 
-    The ROC only depends on how many genuine and impostor scores are ≥ each distinct score, so it
-    is read off one value sort of the scores (no argsort): for each distinct value, from high to
-    low, the count of scores at or above it (its first position in the sorted array) and the count
-    of genuine ones (a search in the few sorted genuine scores). Counts are float64, as in sklearn.
+    The ROC only depends on how many scores, and how many genuine ones, are ≥ each distinct score,
+    so it is read off one value sort of the scores (no argsort). sklearn keeps the first and last
+    points and every point where the step to the next one differs, in false or true accepts; the
+    step at a distinct value is (its count − its genuine count, its genuine count), so a point is
+    kept where the count of its value differs from the next lower value's, or where one of the two
+    holds genuine scores (only the few values with genuine scores need a closer look). Counts are
+    exact integers, divided in float64 as sklearn does.
     """
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, np.float64)
@@ -144,14 +147,27 @@ def roc(labels, scores):
     if num_pos == 0 or num_pos == len(labels):
         raise UserError("1:1 evaluation needs both genuine (label 1) and impostor (label 0) pairs")
     ordered = np.sort(scores)
-    first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])[::-1]   # distinct values, high to low
-    values = ordered[first]
-    tps = (num_pos - np.searchsorted(np.sort(scores[labels]), values, "left")).astype(np.float64)
-    fps = (len(ordered) - first) - tps
-    if len(fps) > 2:   # drop points collinear with their neighbours, as sklearn does
-        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
-        fps, tps = fps[keep], tps[keep]
-    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    starts = np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1]      # distinct values, ascending
+    last = len(starts) - 1
+    genuine = np.sort(scores[labels])
+    if last >= 2:
+        counts = np.diff(np.r_[starts, len(ordered)])
+        kept = [np.flatnonzero(counts[1:last] != counts[:last - 1]) + 1]       # interior a: count(a) ≠ count(a−1)
+        value, num = np.unique(np.searchsorted(starts, np.searchsorted(ordered, genuine)), return_counts=True)
+        near = np.unique(np.r_[value, value + 1])
+        near = near[(near >= 1) & (near < last)]
+
+        def genuine_at(a):
+            pos = np.minimum(np.searchsorted(value, a), len(value) - 1)
+            return np.where(value[pos] == a, num[pos], 0)
+
+        kept.append(near[genuine_at(near) != genuine_at(near - 1)])
+        keep = np.unique(np.concatenate([[0, last], *kept]))[::-1]                # high to low
+    else:
+        keep = np.arange(last, -1, -1)
+    tps = num_pos - np.searchsorted(genuine, ordered[starts[keep]], "left")      # genuine scores ≥ the value
+    fps = (len(ordered) - starts[keep]) - tps                                  # all scores ≥ it, minus those
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps].astype(np.float64)
     return fps / fps[-1], tps / tps[-1]
 
 
@@ -181,6 +197,16 @@ def _threshold(sorted_desc, fraction):
     return sorted_desc[max(math.floor(n * fraction) - 1, 0)]
 
 
+def _subject_columns(gallery_subjects, subjects):
+    """``(row, column)`` of every gallery column whose subject is ``subjects[row]``."""
+    order = np.argsort(gallery_subjects, kind="stable")
+    ordered = np.asarray(gallery_subjects)[order]
+    low, high = np.searchsorted(ordered, subjects, "left"), np.searchsorted(ordered, subjects, "right")
+    row = np.repeat(np.arange(len(subjects)), high - low)
+    offset = np.arange(len(row)) - np.repeat(np.cumsum(high - low) - (high - low), high - low)
+    return row, order[np.repeat(low, high - low) + offset]
+
+
 def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
     """1:N search results from ``sims`` (probes × gallery cosine similarities).
 
@@ -197,20 +223,25 @@ def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
     pos = np.minimum(np.searchsorted(subjects, probe_subjects), len(subjects) - 1)
     mated = subjects[pos] == probe_subjects
     target = first[pos[mated]]
-    mated_sims = sims if mated.all() else sims[mated]
-    score = mated_sims[np.arange(len(target)), target][:, None]
-    columns = np.arange(sims.shape[1])[None, :]
-    rank = (mated_sims > score).sum(1) + ((mated_sims == score) & (columns < target[:, None])).sum(1)
+    rows = np.flatnonzero(mated)
+    score = sims[rows, target]
+    row_score = np.full(len(sims), np.inf)                # non-mated rows: nothing is above or equal
+    row_score[rows] = score
+    above = np.count_nonzero(sims > row_score[:, None], axis=1)[rows]
+    tie_row, tie_col = np.nonzero(sims == row_score[:, None])      # few: the targets and exact ties
+    tie_row = np.searchsorted(rows, tie_row)
+    rank = above + np.bincount(tie_row[tie_col < target[tie_row]], minlength=len(rows))
     hits = {k: int((rank < k).sum()) for k in ks}
     num_mated = int(mated.sum())
     summary = {f"top{k}": hits[k] / num_mated if num_mated else float("nan") for k in ks}
     summary.update(num_gallery=int(sims.shape[1]), num_mated=num_mated, num_nonmated=int(len(mated) - num_mated))
     if not fpir:
         return summary, hits, None
-    same = gallery_subjects[None, :] == probe_subjects[mated][:, None]
-    correct = score[:, 0] > np.where(same, -np.inf, mated_sims).max(1, initial=-np.inf)
+    # correct: no other subject's score ≥ the target's = entries ≥ it (above + ties) all of the probe's subject
+    row, col = _subject_columns(gallery_subjects, probe_subjects[mated])
+    own = np.bincount(row[sims[rows[row], col] >= score[row]], minlength=len(rows))
+    correct = above + np.bincount(tie_row, minlength=len(rows)) == own
     impostor = -np.sort(-sims[~mated].max(1, initial=-np.inf))
-    score = score[:, 0]
 
     def tpir(fraction):
         return float(np.mean(correct & (score > _threshold(impostor, fraction)))) if num_mated else float("nan")
@@ -226,10 +257,13 @@ def identification_report(galleries, probes, probe_subjects, mixed=True):
     top-k against the union of the galleries (the per-gallery similarities side by side).
     Returns (report dict, {name: TPIR curve, "mean": their mean}).
     """
-    report, hits, curves, all_sims = {}, {k: 0 for k in TOPK}, {}, []
-    for name, (feats, subjects) in galleries.items():
-        all_sims.append(probes @ feats.T)
-        report[name], found, curves[name] = identification(all_sims[-1], subjects, probe_subjects)
+    report, hits, curves = {}, {k: 0 for k in TOPK}, {}
+    bounds = np.cumsum([0, *(len(g[0]) for g in galleries.values())])
+    all_sims = np.empty((len(probes), bounds[-1]), np.result_type(probes, *(g[0] for g in galleries.values())))
+    for i, (name, (feats, subjects)) in enumerate(galleries.items()):
+        sims = all_sims[:, bounds[i]:bounds[i + 1]]       # the galleries side by side, for the mixed search
+        np.matmul(probes, feats.T, out=sims)
+        report[name], found, curves[name] = identification(sims, subjects, probe_subjects)
         for k in TOPK:
             hits[k] += found[k]
     overall = {f"top{k}": hits[k] / len(probe_subjects) for k in TOPK}
@@ -238,7 +272,7 @@ def identification_report(galleries, probes, probe_subjects, mixed=True):
     result = dict(overall, **report)
     if mixed:
         union_subjects = np.concatenate([g[1] for g in galleries.values()])
-        union = identification(np.hstack(all_sims), union_subjects, probe_subjects, fpir=False)[0]
+        union = identification(all_sims, union_subjects, probe_subjects, fpir=False)[0]
         result["mixed"] = {f"top{k}": union[f"top{k}"] for k in TOPK}
     curves["mean"] = np.mean([curves[n] for n in galleries], axis=0)
     return result, curves
