@@ -123,6 +123,9 @@ def test_pair_scores_gram_and_gather_paths(dense):
     i1, i2 = rng.integers(0, 300, n), rng.integers(0, 300, n)
     want = np.array([a[i] @ b[j] for i, j in zip(i1, i2)])
     np.testing.assert_allclose(metrics.pair_scores(a, b, i1, i2), want, atol=1e-12)
+    order = np.argsort(i1, kind="stable")          # pairs sorted by the first template: the slice path
+    np.testing.assert_array_equal(metrics.pair_scores(a, b, i1[order], i2[order]),
+                                  metrics.pair_scores(a, b, i1, i2)[order])
 
 
 def test_roc_is_exactly_sklearn_roc_curve_with_ties():

@@ -14,6 +14,7 @@ when a file is parsed.
 import glob
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from utils.chunk_cache import cache_key, file_stamp
 from utils.config import ROOT
 from utils.errors import UserError
-from utils.io import atomic_np_savez, safe_np_load
+from utils.io import atomic_np_savez, npz_member_memmap, safe_np_load
 
 CACHE_VERSION = 1
 SUBSETS = {"IJBC": ("ijbc", ("G1", "G2")), "IJBB": ("ijbb", ("S1", "S2"))}
@@ -151,6 +152,11 @@ def _cache_folder(subset_root):
     return os.path.join(ROOT, "work_dirs", "ijb_cache", cache_key(os.path.abspath(subset_root)))
 
 
+def _member(path, stored, name):
+    mapped = npz_member_memmap(path, name)
+    return stored[name] if mapped is None else mapped
+
+
 def load_cached(path, parser, cache_folder, force=False):
     """``parser(path)`` (dict of arrays), cached in ``cache_folder`` by path, size and mtime."""
     if not os.path.isfile(path):
@@ -160,9 +166,9 @@ def load_cached(path, parser, cache_folder, force=False):
     cached = os.path.join(cache_folder, f"{base}.{key}.npz")
     if not force and os.path.isfile(cached):
         try:
-            with safe_np_load(cached) as stored:
-                return {name: stored[name] for name in stored.files}
-        except (UserError, ValueError, OSError):
+            with safe_np_load(cached) as stored:   # large members are mapped, not read and CRC-checked
+                return {name: _member(cached, stored, name) for name in stored.files}
+        except (UserError, ValueError, OSError, zipfile.BadZipFile):
             pass
     arrays = parser(path)
     try:

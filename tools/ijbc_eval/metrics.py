@@ -19,6 +19,7 @@ VARIANTS = tuple(f"N{n}D{d}F{f}" for n in (0, 1) for d in (0, 1) for f in (0, 1)
 DEFAULT_VARIANT = "N0D1F1"
 CURVE_FPIR = np.logspace(-4, 0, 41)
 _CHUNK_ROWS = 1 << 16
+_SMALL_ROWS = 1 << 12
 _BLOCK_BYTES = 1 << 27
 
 
@@ -77,13 +78,17 @@ class Templates:
         if len(embs) != num_images or (embs_f is not None and len(embs_f) != num_images):
             raise UserError(f"embeddings hold {len(embs)} rows, the image list has {num_images} images")
         out = np.zeros((len(self.ids), embs.shape[1]), np.float64)
+        feats = np.empty((min(_CHUNK_ROWS, num_images), embs.shape[1]), np.float64)
         for start in range(0, num_images, _CHUNK_ROWS):
-            part = slice(start, start + _CHUNK_ROWS)
-            feats = image_features(embs[part], None if embs_f is None else embs_f[part], scores[part], variant)
-            weights = self.matrix[:, part]
+            stop = min(start + _CHUNK_ROWS, num_images)
+            for low in range(start, stop, _SMALL_ROWS):   # float32 image features in cache-sized pieces
+                part = slice(low, min(low + _SMALL_ROWS, stop))
+                feats[low - start:part.stop - start] = image_features(
+                    embs[part], None if embs_f is None else embs_f[part], scores[part], variant)
+            weights = self.matrix[:, start:stop]
             if weights.nnz:   # only the templates of these images (a narrow band when images come by template)
                 low, high = int(weights.indices.min()), int(weights.indices.max()) + 1
-                out[low:high] += weights[low:high] @ feats.astype(np.float64)
+                out[low:high] += weights[low:high] @ feats[:stop - start]
         return normalise_rows(out)
 
 
@@ -104,7 +109,8 @@ def pair_scores(feats1, feats2, idx1, idx2):
 
     Computed as row blocks of the Gram matrix of the templates that occur (gathering just the
     needed entries) when the pairs cover at least 1/64 of that grid, else as chunked row gathers.
-    Pairs are bucketed by row block with a counting sort, so no pass is longer than linear.
+    Pairs are bucketed by row block: slices when they come sorted by ``idx1`` (as IJB pair files
+    are), else a counting sort, so no pass is longer than linear.
     """
     idx1, idx2 = np.asarray(idx1, np.int64), np.asarray(idx2, np.int64)
     scores = np.empty(len(idx1), np.float64)
@@ -117,13 +123,17 @@ def pair_scores(feats1, feats2, idx1, idx2):
         return scores
     right = np.ascontiguousarray(feats2[cols].T)
     step = max(1, _BLOCK_BYTES // (8 * len(cols)))
-    block = r1 // step
-    num_blocks = int(block.max()) + 1 if len(block) else 0
-    order = np.argsort(block.astype(np.uint16) if num_blocks <= 1 << 16 else block, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(block, minlength=num_blocks))]
+    num_blocks = -(-len(rows) // step)
+    order = None
+    if not np.all(r1[1:] >= r1[:-1]):   # pairs not sorted by their first template (IJB's files are)
+        block = r1 // step
+        order = np.argsort(block.astype(np.uint16) if num_blocks <= 1 << 16 else block, kind="stable")
+        bounds = np.r_[0, np.cumsum(np.bincount(block, minlength=num_blocks))]
+    else:
+        bounds = np.searchsorted(r1, np.arange(num_blocks + 1) * step)
     for b in range(num_blocks):
-        sel = order[bounds[b]:bounds[b + 1]]
-        if len(sel):
+        sel = slice(bounds[b], bounds[b + 1]) if order is None else order[bounds[b]:bounds[b + 1]]
+        if bounds[b + 1] > bounds[b]:
             first = b * step
             gram = feats1[rows[first:first + step]] @ right
             scores[sel] = gram.ravel()[(r1[sel] - first) * len(cols) + c2[sel]]
@@ -151,8 +161,10 @@ def roc(labels, scores):
     last = len(starts) - 1
     genuine = np.sort(scores[labels])
     if last >= 2:
-        counts = np.diff(np.r_[starts, len(ordered)])
-        kept = [np.flatnonzero(counts[1:last] != counts[:last - 1]) + 1]       # interior a: count(a) ≠ count(a−1)
+        kept = []
+        if len(starts) < len(ordered):   # ties: interior a where count(a) ≠ count(a−1)
+            counts = np.diff(np.r_[starts, len(ordered)])
+            kept.append(np.flatnonzero(counts[1:last] != counts[:last - 1]) + 1)
         value, num = np.unique(np.searchsorted(starts, np.searchsorted(ordered, genuine)), return_counts=True)
         near = np.unique(np.r_[value, value + 1])
         near = near[(near >= 1) & (near < last)]
