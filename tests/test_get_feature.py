@@ -304,3 +304,18 @@ def test_sigkilled_extraction_resumes_to_the_same_file(tmp_path):
     killed, fresh = (tmp_path / name / f"{SD}_feature.npy" for name in ("killed", "fresh"))
     assert killed.read_bytes() == fresh.read_bytes()
     assert chunk_files(cache) == []
+
+
+def test_steps_3_and_4_start_without_torch(tmp_path):
+    """get_avg_feature.py and denoise_credible.py need numpy/scipy only: torch stays unimported."""
+    labels = np.repeat(np.arange(3), 4)
+    features = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
+    np.save(tmp_path / f"{SD}_feature.npy", features)
+    np.save(tmp_path / f"{SD}_label.npy", labels)
+    for script in (AVG, DENOISE):
+        code = (f"import runpy, sys; sys.argv = [{script!r}, '--SD', {SD!r}, '--output', {str(tmp_path)!r}]; "
+                f"runpy.run_path({os.path.join(ROOT, script)!r}, run_name='__main__'); "
+                "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+        proc = python("-c", code)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == "no torch"
