@@ -23,8 +23,8 @@ from utils.errors import UserError
 
 
 class ModelRunner:
-    """A model as a function of image batches: ``runner(images) → [embeddings]`` (float32 numpy, B×d),
-    or ``[embeddings, mirror-image embeddings]`` with ``flip``.
+    """A model as a function of image batches: ``runner(images) → (embeddings,)`` (float32 numpy, B×d),
+    or ``(embeddings, mirror-image embeddings)`` with ``flip``.
 
     ``model``: a torch module (a DDP wrapper is unwrapped, as its forward would synchronise ranks
     that may run different numbers of batches; it runs in eval mode and gets its training flag
@@ -52,7 +52,7 @@ class ModelRunner:
             with torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext():
                 out = self.model(x).float().cpu().numpy()
             self.model.train(was_training)
-        return [out[:len(images)], out[len(images):]] if self.flip else [out]
+        return (out[:len(images)], out[len(images):]) if self.flip else (out,)
 
 
 def _pending(cache, spans, dist_info, use=None):
