@@ -97,14 +97,15 @@ class Case:
     fragment: str           # part of the error line that names the problem
     setup: Callable         # (case folder: str, Shared) → argv after the script
     in_subprocess: bool = False
+    not_installed: tuple = ()   # modules the command runs without (in this process only)
 
 
 CASES = []
 
 
-def case(command, bad_input, fragment, in_subprocess=False):
+def case(command, bad_input, fragment, in_subprocess=False, not_installed=()):
     def register(setup):
-        CASES.append(Case(setup.__name__, command, bad_input, fragment, setup, in_subprocess))
+        CASES.append(Case(setup.__name__, command, bad_input, fragment, setup, in_subprocess, not_installed))
         return setup
     return register
 
@@ -653,6 +654,12 @@ def ijb_corrupt_onnx(w, s):
     return _eval(w, s.ijb, model=_write(os.path.join(w, "model.onnx"), GARBAGE))
 
 
+@case(IJB, "ONNX model without onnxruntime installed", "needs onnxruntime (not installed): pip install onnxruntime",
+      not_installed=("onnxruntime",))
+def ijb_onnx_without_onnxruntime(w, s):
+    return _eval(w, s.ijb, model=_write(os.path.join(w, "model.onnx"), GARBAGE))
+
+
 @case(IJB, "unknown subset", "unknown subset 'IJBX'")
 def ijb_unknown_subset(w, s):
     return _eval(w, s.ijb, "-s", "IJBX", model=s.model)
@@ -734,16 +741,26 @@ def demo_unknown_method(w, s):
 
 
 # ------------------------------------------------------------------------------------ running
-def run_in_process(script, argv):
-    """``python script argv…`` in this process (``runpy`` as ``__main__``); returns the exit status."""
+def run_in_process(script, argv, not_installed=()):
+    """``python script argv…`` in this process (``runpy`` as ``__main__``); returns the exit status.
+
+    Modules in ``not_installed`` cannot be imported while it runs (as if they were not installed).
+    """
     saved_argv, saved_path = sys.argv, list(sys.path)
+    saved_modules = {name: sys.modules.get(name) for name in not_installed}
     sys.argv = [script, *argv]
+    sys.modules.update(dict.fromkeys(not_installed))
     try:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as exc:
         return exc.code
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+        for name, module in saved_modules.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
     return 0
 
 
@@ -757,7 +774,7 @@ def run_case(item, folder, shared_inputs, capsys=None):
     else:
         if capsys:
             capsys.readouterr()
-        status = run_in_process(item.command, argv)
+        status = run_in_process(item.command, argv, item.not_installed)
         stderr = capsys.readouterr().err if capsys else ""
     return status, stderr, sorted(_entries(folder) - before)
 

@@ -1,4 +1,4 @@
-"""utils/feature_stats.py and the feature-file naming of utils/features.py, on hand-computed cases."""
+"""utils/feature_stats.py and the feature-file naming of utils/old_features.py, on hand-computed cases."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ from sklearn import preprocessing
 
 from utils import feature_stats as fs
 from utils.errors import UserError
-from utils.features import credible_kind, feature_path, parse_sd, scenario_of, split_rec
+from utils.old_features import credible_kind, feature_path, parse_sd, scenario_of, split_rec
 
 # class 0: rows 0, 2 (raw [2,0], [0,3]); class 1: rows 1, 3; class 2: row 4 — labels interleaved
 X = np.array([[2, 0], [0, 4], [0, 3], [0, 2], [3, 4]], dtype=np.float32)

@@ -110,15 +110,15 @@ def _embed_worker(rank, world, port, root, out_path):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from backbones import load_backbone
-    from utils import features as feats
     from utils.dataset import MXFaceDataset
     from utils.distributed import cleanup, init_distributed
+    from utils.embedding import embed_dataset
 
     info = init_distributed(device="cpu")
     dataset = MXFaceDataset(os.path.join(root, "data", "train_part_70_class"), train=False, input_size=32)
     model = load_backbone(os.path.join(root, "old", "model.pt"), "r18", 8, 32)
     # chunks of 4 rows: several gather rounds, the last one partly padded and one rank idle
-    result = feats.embed_dataset(model, dataset, batch_size=5, dist_info=info, num_workers=0, chunk_rows=4)
+    result = embed_dataset(model, dataset, batch_size=5, dist_info=info, num_workers=0, chunk_rows=4)
     if rank == 0:
         np.save(out_path, result)
     else:
@@ -130,7 +130,7 @@ def test_embed_dataset_two_gloo_ranks_equals_single(setup):
     from backbones import load_backbone
     from utils.dataset import MXFaceDataset
     from utils.distributed import DistInfo
-    from utils.features import embed_dataset
+    from utils.embedding import embed_dataset
 
     root = setup[0]
     dataset = MXFaceDataset(str(root / "data" / "train_part_70_class"), train=False, input_size=32)
@@ -202,15 +202,15 @@ class _CrashAfter(torch.nn.Module):
 
 def _extract_with(monkeypatch, wrapper, cfg, out, cache, *extra):
     """get_feature.py in-process with the loaded old model wrapped by ``wrapper``."""
-    from utils import features as feats
+    import backbones
 
-    real = feats.load_backbone
-    monkeypatch.setattr(feats, "load_backbone", lambda *a, **k: wrapper(real(*a, **k)))
+    real = backbones.load_backbone
+    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: wrapper(real(*a, **k)))
     try:
         _main_of(GET)([cfg, "--SD", SD, "--output", out, "--batch_size", "3", "--chunk_size", "8",
                        "--cache_dir", cache, *extra])
     finally:
-        monkeypatch.setattr(feats, "load_backbone", real)
+        monkeypatch.setattr(backbones, "load_backbone", real)
 
 
 def test_interrupted_extraction_resumes_from_cached_chunks(setup, tmp_path, monkeypatch, capsys):
@@ -304,3 +304,18 @@ def test_sigkilled_extraction_resumes_to_the_same_file(tmp_path):
     killed, fresh = (tmp_path / name / f"{SD}_feature.npy" for name in ("killed", "fresh"))
     assert killed.read_bytes() == fresh.read_bytes()
     assert chunk_files(cache) == []
+
+
+def test_steps_3_and_4_start_without_torch(tmp_path):
+    """get_avg_feature.py and denoise_credible.py need numpy/scipy only: torch stays unimported."""
+    labels = np.repeat(np.arange(3), 4)
+    features = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
+    np.save(tmp_path / f"{SD}_feature.npy", features)
+    np.save(tmp_path / f"{SD}_label.npy", labels)
+    for script in (AVG, DENOISE):
+        code = (f"import runpy, sys; sys.argv = [{script!r}, '--SD', {SD!r}, '--output', {str(tmp_path)!r}]; "
+                f"runpy.run_path({os.path.join(ROOT, script)!r}, run_name='__main__'); "
+                "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+        proc = python("-c", code)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == "no torch"

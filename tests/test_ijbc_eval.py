@@ -273,3 +273,33 @@ def test_onnx_export_matches_pytorch(ijb, tmp_path, capsys):
     with pytest.raises(UserError, match="pass the matching --input_size"):
         evaluate(onnx_file, data_path=ijb.data, **dict(TINY, input_size=112))
 
+
+
+def _evaluate_on_rank(rank, world, port, kwargs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = evaluate(**kwargs)
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump(result, handle)
+    else:
+        assert result is None
+
+
+def test_embedding_shared_by_two_gloo_ranks_gives_the_same_result(ijb, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    kwargs = dict(TINY, model_file=ijb.new, data_path=ijb.data, model_file_old=ijb.old, network_old="r18",
+                  batch_size=4, chunk_size=8, device="cpu", cache_dir=str(tmp_path / "cache"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "result.json")
+    mp.spawn(_evaluate_on_rank, args=(2, port, kwargs, out), nprocs=2, join=True)
+    with open(out) as handle:
+        shared = json.load(handle)
+    single = json.loads(json.dumps(evaluate(**dict(kwargs, cache_dir=str(tmp_path / "single")))))
+    assert _metrics_of(shared) == _metrics_of(single)

@@ -123,6 +123,9 @@ def test_pair_scores_gram_and_gather_paths(dense):
     i1, i2 = rng.integers(0, 300, n), rng.integers(0, 300, n)
     want = np.array([a[i] @ b[j] for i, j in zip(i1, i2)])
     np.testing.assert_allclose(metrics.pair_scores(a, b, i1, i2), want, atol=1e-12)
+    order = np.argsort(i1, kind="stable")          # pairs sorted by the first template: the slice path
+    np.testing.assert_array_equal(metrics.pair_scores(a, b, i1[order], i2[order]),
+                                  metrics.pair_scores(a, b, i1, i2)[order])
 
 
 def test_roc_is_exactly_sklearn_roc_curve_with_ties():
@@ -140,6 +143,30 @@ def test_roc_is_exactly_sklearn_roc_curve_with_ties():
         np.testing.assert_array_equal(got_tpr, tpr)
     with pytest.raises(UserError):
         metrics.roc(np.ones(4), np.arange(4.0))
+
+
+def test_roc_is_exactly_sklearn_roc_curve_with_few_distinct_scores():
+    rng = np.random.default_rng(5)
+    for trial in range(300):                      # 1–5 distinct values: every branch of the point dropping
+        n = int(rng.integers(2, 40))
+        labels = (rng.random(n) < rng.uniform(0.05, 0.9)).astype(np.int8)
+        labels[:2] = (1, 0)
+        scores = rng.integers(0, 1 + trial % 5, n) * 0.5 + labels * (trial % 2)
+        fpr, tpr, _ = roc_curve(labels, scores)
+        got_fpr, got_tpr = metrics.roc(labels, scores)
+        np.testing.assert_array_equal(got_fpr, fpr)
+        np.testing.assert_array_equal(got_tpr, tpr)
+
+
+def test_verification_auc_is_sklearn_auc_with_ties():
+    from sklearn.metrics import auc
+
+    rng = np.random.default_rng(4)
+    for trial in range(10):
+        labels = (rng.random(3000) < 0.2).astype(np.int8)
+        scores = np.round(rng.normal(size=3000) + labels, 1 + trial % 3)
+        fpr, tpr, _ = roc_curve(labels, scores)
+        assert metrics.verification(labels, scores)[0]["AUC"] == auc(fpr, tpr)
 
 
 def test_tar_at_far_reverse_argmin_rule_by_hand():

@@ -20,7 +20,7 @@ from BCT_methods.UniBCT.losses import refine_prototypes
 from tests.helpers import ROOT
 from tests.test_methods import fake_ctx
 from utils.errors import UserError
-from utils.features import feature_path, parse_sd, scenario_of
+from utils.old_features import feature_path, parse_sd, scenario_of
 from utils.schedule import lr_multiplier
 from utils.trainer import optimizer_step
 

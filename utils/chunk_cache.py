@@ -25,6 +25,9 @@ from utils.errors import require
 from utils.io import atomic_np_savez, atomic_open, atomic_path
 
 
+CHUNK_ROWS = 16384        # default rows per chunk of a dataset embedding pass (gathering and resuming)
+
+
 def default_root():
     """``$BCT_CACHE_DIR``, else ``<repo>/work_dirs/cache``."""
     return os.environ.get("BCT_CACHE_DIR") or os.path.join(ROOT, "work_dirs", "cache")

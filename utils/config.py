@@ -8,6 +8,7 @@ A key that no base declares is an error, so a typo never silently falls back to 
 Relative paths in the keys of :data:`PATH_KEYS` are resolved against the repository root, so a
 shipped config means the same files whether a script runs from the root or from its method folder.
 """
+import argparse
 import copy
 import importlib.util
 import os
@@ -21,6 +22,13 @@ BASE_CONFIG = os.path.join(ROOT, "configs", "base.py")
 
 PATH_KEYS = ("rec", "output", "old_model", "old_embedding", "old_label", "old_prototype",
              "credible_old_feature")
+
+
+def add_launcher_args(parser: argparse.ArgumentParser):
+    """Accept the ``--local_rank``/``--local-rank`` argument that torch.distributed.launch passes."""
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    return parser
 
 
 def _load_module_config(path):

@@ -72,6 +72,9 @@ def read_property(path):
     return tuple(int(f) for f in fields)
 
 
+PIXEL_CENTRE, PIXEL_SCALE = 127.5, 1 / 127.5   # model input (x − 127.5)·scale: [0, 255] → [−1, 1]
+
+
 def _mix(x):
     """splitmix64 finaliser on a uint64 array."""
     x = x + _GOLDEN
@@ -89,22 +92,25 @@ def _hash(*values):
 
 
 def normalise(planes, out):
-    """``out = (planes/255 - 0.5)/0.5`` in one vectorised pass (uint8 → float32, same shape)."""
+    """``out = (planes − 127.5)·PIXEL_SCALE`` = ``(planes/255 − 0.5)/0.5`` in one vectorised pass (uint8 →
+    float32, same shape; on the CPU, where :func:`to_model_input` does it on the device)."""
     src, dst = planes.reshape(-1, planes.shape[-1]), out.reshape(-1, out.shape[-1])
-    result = cv2.addWeighted(src, 1 / 127.5, src, 0.0, -1.0, dst=dst, dtype=cv2.CV_32F)
+    result = cv2.addWeighted(src, PIXEL_SCALE, src, 0.0, -PIXEL_CENTRE * PIXEL_SCALE, dst=dst, dtype=cv2.CV_32F)
     if result is not dst:  # OpenCV allocated instead of writing in place
         np.copyto(dst, result)
     return out
 
 
-def to_model_input(images):
-    """A uint8 batch (from ``MXFaceDataset(uint8=True)``) as the model's float input ``x/127.5 − 1``.
+def to_model_input(images, scale=PIXEL_SCALE):
+    """A uint8 batch (e.g. from ``MXFaceDataset(uint8=True)``) as the model's float input ``(x − 127.5)·scale``.
 
-    Float batches pass through unchanged. Equals :func:`normalise` to float32 rounding.
+    The one input scaling of the toolkit: ``scale`` is ``PIXEL_SCALE`` (training, step 2: ``x/127.5 − 1``,
+    equal to :func:`normalise` to float32 rounding) or ``1/128`` (IJB evaluation, as insightface).
+    Float batches pass through unchanged.
     """
     if images.dtype != torch.uint8:
         return images
-    return images.float().mul_(1 / 127.5).sub_(1.0)
+    return images.float().mul_(scale).sub_(PIXEL_CENTRE * scale)
 
 
 def flip_mask(seed, epoch, indices):

@@ -8,7 +8,6 @@ more processes than it has GPUs (NCCL cannot put two processes on one GPU) or wh
 
 The helpers below work with or without an initialised process group (one process: no-ops).
 """
-import argparse
 import dataclasses
 import datetime
 import os
@@ -17,6 +16,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from utils.config import add_launcher_args  # noqa: F401  (torch-free, for commands that may not launch)
 from utils.errors import UserError
 
 BACKEND_VARIABLE = "BCT_DIST_BACKEND"
@@ -39,13 +39,6 @@ class DistInfo:
     @property
     def is_main(self):
         return self.rank == 0
-
-
-def add_launcher_args(parser: argparse.ArgumentParser):
-    """Accept the ``--local_rank``/``--local-rank`` argument that torch.distributed.launch passes."""
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-                        help=argparse.SUPPRESS)
-    return parser
 
 
 def choose_device(requested=None, local_rank=0):

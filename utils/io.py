@@ -2,6 +2,7 @@
 
 Outputs are written to a temporary file in the destination folder and renamed over the target, so
 an interrupted run never leaves a half-written model, checkpoint, feature file or result.
+torch is imported by the two functions that need it, so numpy-only commands start fast.
 """
 import contextlib
 import os
@@ -9,7 +10,6 @@ import tempfile
 import zipfile
 
 import numpy as np
-import torch
 
 from utils.errors import UserError
 
@@ -52,6 +52,8 @@ def atomic_open(path, mode="w", **kwargs):
 
 def atomic_torch_save(obj, path):
     """``torch.save`` written atomically."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -73,6 +75,8 @@ def safe_torch_load(path, map_location="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"model/checkpoint file not found: {path}")
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -108,3 +112,37 @@ def safe_np_load(path, mmap_mode=None):
         raise UserError(f"file not found: {path}")
     with numpy_read_errors(path):
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+
+
+def npz_member_memmap(path, key):
+    """A read-only memory map of member ``key`` of an ``.npz``, or None where one cannot be made.
+
+    Stored (uncompressed) members of plain dtype are mapped where they lie in the zip file, so
+    nothing is read or CRC-checked up front; compressed, object or truncated members give None
+    (read them with ``np.load`` then, which reports what is wrong).
+    """
+    with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+        try:
+            info = archive.getinfo(f"{key}.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        handle.seek(start)
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+        except (ValueError, OSError, EOFError):
+            return None
+        offset = handle.tell()
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if dtype.hasobject or offset - start + size > info.file_size or size == 0:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")

@@ -1,18 +1,122 @@
-"""Old-model data the BCT methods read while training: per-image features and masks, class prototypes.
+"""The old-feature files of steps 2–4: their names, where they live, loading and checking them.
 
-Files come from steps 2–4 of the pipeline, one row per image of the new training set in dataset
-order (``<SD>_feature.npy``, ``<SD>_credible_ratio_<100T>_feature.npy``) or one row per class
-(``<SD>_avg_feature.npy``). Per-image files are memory-mapped and read per batch, so no rank holds
-a whole 3.6M×512 file. Everything is validated before training starts: a missing file, a row count
-that differs from the training set, a dimension that differs from ``embedding_size`` or a mask
-without any credible sample stops the run with one :class:`~utils.errors.UserError` line.
+``SD`` ("scenario detail") names one set of old features, ``<name>_<split>``, by convention
+``f<d>_<old backbone>_<old loss>_<split>``
+(e.g. ``f128_r18_softmax_class70``). Files live in ``feature_save/<scenario>/`` under the repository
+root (or a folder the user gives), named ``<SD>_<kind>.npy``:
+
+=========================  ============================  ======================================
+kind                       file                          content
+=========================  ============================  ======================================
+``feature``                ``<SD>_feature.npy``          N×d float32 raw old embeddings, dataset order
+``label``                  ``<SD>_label.npy``            N int64 labels, dataset order
+``avg_feature``            ``<SD>_avg_feature.npy``      C×d float32 class prototypes, row c = class c
+``credible_ratio_<100T>``  ``<SD>_credible_ratio_<100T>_feature.npy``  N uint8 0/1 denoising mask
+=========================  ============================  ======================================
+
+Steps 3 and 4 read them with :func:`load_features`; the BCT methods read them while training
+through :class:`OldFeatures`, :class:`CredibleMask` and :func:`load_prototypes`. Per-image files
+are memory-mapped and read per batch, so no rank holds a whole 3.6M×512 file. Everything is
+validated before training starts: a missing file, a row count that differs from the training set,
+a dimension that differs from ``embedding_size`` or a mask without any credible sample stops the
+run with one :class:`~utils.errors.UserError` line.
+
+torch is imported only by the functions that make tensors, so steps 3 and 4 start fast.
 """
-import numpy as np
-import torch
+import contextlib
+import os
+import re
 
+import numpy as np
+
+from utils.config import ROOT
 from utils.errors import UserError, require
 from utils.feature_stats import check_finite_rows
 from utils.io import safe_np_load
+
+FEATURE_ROOT = os.path.join(ROOT, "feature_save")
+SCENARIOS = {"class70": "OPclass", "class30": "OPclass", "data70": "OPdata", "data30": "OPdata",
+             "class100": "EXclass", "data100": "EXdata"}
+SPLITS = {"class70": "train_part_70_class", "class30": "train_part_30_class",
+          "data70": "train_part_70_data", "data30": "train_part_30_data",
+          "class100": "train", "data100": "train"}
+_KIND = re.compile(r"(feature|label|avg_feature|credible_ratio_\d+)")
+
+
+def parse_sd(sd):
+    """``(embedding size or None, split suffix)`` of an SD: ``<any name>_<split>`` as the published tools
+    take it (``f128_r18_softmax_class70``, ``myrun_class70``); the size is read from an ``f<d>`` first part."""
+    parts = str(sd).split("_")
+    if len(parts) < 2 or parts[-1] not in SCENARIOS or not all(re.fullmatch(r"[A-Za-z0-9.\-]+", p) for p in parts):
+        raise UserError(f"--SD '{sd}': expected <name>_<split> with split one of {', '.join(SCENARIOS)} and a "
+                        f"name of letters, digits, '.', '-', '_' (e.g. f128_r18_softmax_class70)")
+    return (int(parts[0][1:]) if re.fullmatch(r"f[1-9]\d*", parts[0]) else None), parts[-1]
+
+
+def scenario_of(sd):
+    """``OPclass``/``OPdata``/``EXclass``/``EXdata`` from the SD's split suffix."""
+    return SCENARIOS[parse_sd(sd)[1]]
+
+
+def split_rec(rec, sd):
+    """The rec prefix of the split an SD names, beside ``rec`` (a prefix or a folder holding train.rec).
+
+    ``class70`` → ``<dir>/train_part_70_class`` …; ``class100``/``data100`` → ``<dir>/train``.
+    """
+    if not rec:
+        raise UserError("the config sets no `rec`; give the data with --dataset")
+    folder = rec if os.path.isdir(rec) else os.path.dirname(rec)
+    return os.path.join(folder, SPLITS[parse_sd(sd)[1]])
+
+
+def credible_kind(T):
+    """File kind of the denoising mask of ratio ``T``: ``credible_ratio_<round(100·T)>``."""
+    return f"credible_ratio_{int(round(100 * float(T)))}"
+
+
+def feature_path(sd, kind, root=None):
+    """Path of an SD's ``kind`` file in folder ``root`` (default ``<repo>/feature_save/<scenario>``)."""
+    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
+        raise UserError(f"unknown feature file kind {kind!r} (feature, label, avg_feature, credible_ratio_<100T>)")
+    folder = os.path.abspath(root) if root else os.path.join(FEATURE_ROOT, scenario_of(sd))
+    suffix = "_feature" if kind.startswith("credible_ratio_") else ""
+    return os.path.join(folder, f"{sd}_{kind}{suffix}.npy")
+
+
+@contextlib.contextmanager
+def about_file(path):
+    """Prefix a :class:`UserError` raised inside with the file it concerns."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def load_features(sd, root=None):
+    """The SD's features (read-only memory map) and labels, checked to be N×d float and N integers."""
+    feature_file, label_file = feature_path(sd, "feature", root), feature_path(sd, "label", root)
+    for path in (feature_file, label_file):
+        if not os.path.isfile(path):
+            raise UserError(f"feature file not found: {path} (extract it first: tools/get_feature/get_feature.py "
+                            f"<old config> --SD {sd})")
+    features = safe_np_load(feature_file, mmap_mode="r")
+    labels = safe_np_load(label_file)
+    if features.ndim != 2 or not np.issubdtype(features.dtype, np.floating):
+        raise UserError(f"{feature_file}: expected an N×d float array, got {features.dtype} of shape {features.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{label_file}: expected N integer labels, got {labels.dtype} of shape {labels.shape}")
+    if len(labels) != len(features):
+        raise UserError(f"{feature_file} has {len(features)} rows but {label_file} has {len(labels)} labels")
+    return features, labels
+
+
+def add_sd_args(parser):
+    """``--SD`` (required) and ``--output`` (folder of the feature files)."""
+    parser.add_argument("--SD", required=True,
+                        help="scenario detail <name>_<split>, e.g. f128_r18_softmax_class70")
+    parser.add_argument("--output", default=None,
+                        help="folder of the feature files (default: feature_save/<scenario> in the repository)")
+    return parser
 
 
 def require_keys(cfg, method, *keys):
@@ -45,10 +149,12 @@ class PerImageArray:
         return self.array.shape[0]
 
     def gather(self, indices):
-        indices = np.asarray(indices.cpu() if torch.is_tensor(indices) else indices, dtype=np.int64).reshape(-1)
+        indices = np.asarray(indices.cpu() if hasattr(indices, "cpu") else indices, dtype=np.int64).reshape(-1)
         order = np.argsort(indices, kind="stable")
         rows = np.empty((len(indices),) + self.array.shape[1:], dtype=self.array.dtype)
         rows[order] = self.array[indices[order]]
+        import torch
+
         return torch.from_numpy(rows)
 
 
@@ -112,9 +218,11 @@ def load_prototypes(path, num_classes, dim, key="old_prototype"):
             f"{path} (`{key}`): {array.shape[0]} prototypes but the training set has {num_classes} classes")
     require(array.shape[1] == dim,
             f"{path} (`{key}`): prototypes have dimension {array.shape[1]} but embedding_size is {dim}")
-    prototypes = torch.from_numpy(np.array(array, dtype=np.float32))
-    require(bool(torch.isfinite(prototypes).all()), f"{path} (`{key}`): prototypes contain NaN or inf")
-    return prototypes
+    prototypes = np.array(array, dtype=np.float32)
+    require(bool(np.isfinite(prototypes).all()), f"{path} (`{key}`): prototypes contain NaN or inf")
+    import torch
+
+    return torch.from_numpy(prototypes)
 
 
 def open_prototypes(ctx, key="old_prototype"):

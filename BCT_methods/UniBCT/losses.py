@@ -29,7 +29,7 @@ from BCT_methods.BCT.losses import BCT
 from utils.dataset import MXFaceDataset
 from utils.distributed import compute_on_main
 from utils.errors import require
-from utils.features import embed_dataset
+from utils.embedding import embed_dataset
 from utils.old_features import open_features, require_keys
 
 

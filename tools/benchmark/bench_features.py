@@ -1,17 +1,20 @@
-"""Speed and memory of the old-feature statistics at MS1MV3 class70 scale, against a per-class loop.
+"""Speed and memory of the old-feature statistics (steps 3–4, NCCL/AdvBCT), against a per-class loop.
 
-    python tools/benchmark/bench_features.py [--scale 1.0] [--dims 128 512] [--nccl_scale 0.03]
+    python tools/benchmark/bench_features.py [--setting class70|shuffled] [--scale 1.0] [--dims 128 512]
+        [--nccl_scale 0.03] [--ops avg denoise nccl advbct]
 
-Generates random class-structured features (3,598,269 × d float32 at scale 1, 65,402 classes with
-lognormal sizes around 55, min 1, labels sorted as in a class split) under ``--workdir``, then runs
-every operation as its own process (interpreter start and file loading included) and reports wall
-time and peak RSS (``ru_maxrss`` of that process, mmapped pages included), once with
-``utils.feature_stats`` and once with a loop written the way the published scripts are (sort the
-labels, walk the samples in a Python loop to find each class, numpy per class), on the same files.
-Results are compared (averages and radii: max abs difference; masks: fraction of differing rows).
-The library runs load the files with ``np.load`` like the loop does; the shipped commands
-(``get_avg_feature.py``, ``denoise_credible.py``, which also import torch for their atomic writers)
-are timed on the same files as well.
+Generates random class-structured features under ``--workdir``: ``class70`` is MS1MV3 class70
+(3,598,269 × d float32 at scale 1, 65,402 classes with lognormal sizes around 55, min 1, labels
+sorted as in a class split); ``shuffled`` is 1,354,539 × d with 30,000 classes of 1–90 images
+(uniform) in shuffled order. Every operation then runs as its own process (interpreter start and
+file loading included) and reports wall time and peak RSS (``ru_maxrss`` of that process,
+mmapped pages included), once with ``utils.feature_stats`` and once with a loop written the way
+the published scripts are (sort the labels, walk the samples in a Python loop to find each class,
+numpy per class; the denoiser L2-normalises rows, then columns over the dataset, as published),
+on the same files. Results are compared (averages and radii: max abs difference; masks: fraction
+of differing rows). The shipped commands (``get_avg_feature.py``, ``denoise_credible.py`` with
+column normalisation) are timed on the same files too, and their total is set against the loop's
+("before": the published-style loop, "after": the toolkit's commands, start-up included).
 
 NCCL credibility costs N×C×d, so it runs on a smaller problem (``--nccl_scale``) and the full-scale
 time is extrapolated by (1/s)². The page cache is warmed before each run. The published-style
@@ -37,7 +40,8 @@ sys.path.insert(0, ROOT)
 
 from utils.errors import UserError, require, run_cli  # noqa: E402
 
-FULL_IMAGES, FULL_CLASSES = 3_598_269, 65_402
+SETTINGS = {"class70": dict(images=3_598_269, classes=65_402, sizes="lognormal", shuffle=False),
+            "shuffled": dict(images=1_354_539, classes=30_000, sizes="uniform", shuffle=True)}
 T = 0.9
 OPS = ("avg", "denoise", "nccl", "advbct")
 
@@ -45,8 +49,17 @@ OPS = ("avg", "denoise", "nccl", "advbct")
 # ----------------------------------------------------------------------------- data
 
 
-def class_sizes(num_images, num_classes, rng):
-    """Lognormal class sizes (mean N/C ≈ 55 at full scale, min 1) summing exactly to ``num_images``."""
+def class_sizes(num_images, num_classes, rng, kind="lognormal"):
+    """Class sizes summing exactly to ``num_images``: lognormal (mean N/C, min 1) or uniform in 1..2N/C."""
+    if kind == "uniform":
+        top = max(1, round(2 * num_images / num_classes) - 1)
+        sizes = rng.integers(1, top + 1, size=num_classes)
+        while sizes.sum() != num_images:       # move single images until the total is exact
+            short = num_images - int(sizes.sum())
+            room = np.flatnonzero(sizes < top) if short > 0 else np.flatnonzero(sizes > 1)
+            require(len(room) > 0, "cannot balance the class sizes")
+            sizes[rng.choice(room, min(abs(short), len(room)), replace=False)] += np.sign(short)
+        return sizes
     raw = rng.lognormal(0.0, 0.7, size=num_classes)
     sizes = np.maximum(1, np.floor(raw * num_images / raw.sum())).astype(np.int64)
     short = num_images - int(sizes.sum())
@@ -58,10 +71,12 @@ def class_sizes(num_images, num_classes, rng):
     return sizes
 
 
-def generate(folder, num_images, num_classes, dim, seed=0):
+def generate(folder, num_images, num_classes, dim, sizes="lognormal", shuffle=False, seed=0):
     """Write ``feat.npy`` (N×d float32: class centre + noise, chunk by chunk) and ``label.npy``."""
     rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(num_classes), class_sizes(num_images, num_classes, rng))
+    labels = np.repeat(np.arange(num_classes), class_sizes(num_images, num_classes, rng, sizes))
+    if shuffle:
+        labels = rng.permutation(labels)
     np.save(os.path.join(folder, "label.npy"), labels)
     centres = rng.standard_normal((num_classes, dim)).astype(np.float32)
     out = np.lib.format.open_memmap(os.path.join(folder, "feat.npy"), "w+", np.float32, (num_images, dim))
@@ -108,6 +123,7 @@ def loop_avg(feat_path, label_path):
 def loop_denoise(feat_path, label_path):
     from scipy.spatial.distance import cdist
     data, labels, order = _load_sorted(feat_path, label_path, normalize=True)
+    data = data / np.linalg.norm(data, axis=0, keepdims=True)     # columns to unit norm, as published
     mask = np.zeros(len(labels), dtype=np.uint8)
     for _, a, b in _class_runs(labels):
         chunk = data[a:b]
@@ -158,7 +174,7 @@ def ours(op, feat_path, label_path):
     if op == "avg":
         return fs.class_prototypes(features, labels)
     if op == "denoise":
-        return fs.credible_mask(features, labels, T)
+        return fs.credible_mask(features, labels, T, column_norm=True)
     if op == "nccl":
         return fs.nccl_feature_credible_mask(features, labels)
     return fs.advbct_class_stats(features, labels).radii
@@ -212,22 +228,44 @@ def measure(op, impl, folder, limit_bytes):
     return run_measured(command, limit_bytes if impl == "loop" else None)
 
 
+def column_norm_args(script):
+    """``denoise_credible.py``'s option for the published column normalisation ([] when it is the default)."""
+    text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True).stdout
+    return ["--column_norm"] if "--column_norm" in text and "--no_column_norm" not in text else []
+
+
 def measure_tools(folder, dim):
-    """The shipped commands (torch import, validation, atomic writes included) on the same files."""
+    """The shipped commands (start-up, validation, atomic writes included) on the same files."""
     sd = f"f{dim}_r18_softmax_class70"
     for kind, name in (("feature", "feat.npy"), ("label", "label.npy")):
-        os.symlink(name, os.path.join(folder, f"{sd}_{kind}.npy"))
+        link = os.path.join(folder, f"{sd}_{kind}.npy")
+        if not os.path.islink(link):
+            os.symlink(name, link)
+    denoise = os.path.join(ROOT, "tools", "get_feature", "denoise_credible.py")
     figures = {}
-    for tool, extra in (("get_avg_feature.py", []), ("denoise_credible.py", ["--T", str(T)])):
+    for tool, extra in (("get_avg_feature.py", []), ("denoise_credible.py", ["--T", str(T), *column_norm_args(denoise)])):
         warm(os.path.join(folder, "feat.npy"))
         command = [sys.executable, os.path.join(ROOT, "tools", "get_feature", tool), "--SD", sd,
                    "--output", folder, *extra]
-        seconds, cpu, rss, error = run_measured(command)
-        figures[tool] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
-                         "peak_rss_gb": round(rss / 1e9, 3), "error": error}
-        print(f"f{dim} {tool:22s} {seconds:8.2f} s wall {cpu:8.2f} s CPU  peak RSS {rss / 1e9:6.2f} GB"
-              f"{'  FAILED: ' + error if error else ''}", flush=True)
+        figures[tool] = run_measured(command)
     return figures
+
+
+def _figures(seconds, cpu, rss, error, file_bytes):
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_gb": round(rss / 1e9, 3),
+            "rss_over_file": round(rss / file_bytes, 2), "error": error}
+
+
+def _best(runs):
+    """The fastest of repeated runs (wall time), with every run's wall time."""
+    best = min(runs, key=lambda r: r[0] if r[3] is None else float("inf"))
+    return best, [round(r[0], 2) for r in runs]
+
+
+def _show(name, row):
+    print(f"{name:32s} {row['seconds']:8.2f} s wall {row['cpu_seconds']:8.2f} s CPU  peak RSS "
+          f"{row['peak_rss_gb']:6.2f} GB ({row['rss_over_file']:.2f}× file)"
+          f"{'  FAILED: ' + row['error'] if row['error'] else ''}", flush=True)
 
 
 def compare(op, folder):
@@ -244,52 +282,74 @@ def available_bytes():
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def bench_dim(dim, scale, nccl_scale, workdir, ops):
-    figures = {}
+def bench_dim(dim, setting, scale, nccl_scale, workdir, ops, repeat):
+    """Every op with both implementations (and the two commands), ``repeat`` times interleaved; best of each."""
+    folders = {}
     for op in ops:
         s = nccl_scale if op == "nccl" else scale
-        folder = os.path.join(workdir, f"f{dim}_s{s}")
+        folders[op] = folder = os.path.join(workdir, f"f{dim}_s{s}")
         if not os.path.exists(os.path.join(folder, "feat.npy")):
             os.makedirs(folder, exist_ok=True)
-            n, c = round(FULL_IMAGES * s), max(2, round(FULL_CLASSES * s))
+            n, c = round(SETTINGS[setting]["images"] * s), max(2, round(SETTINGS[setting]["classes"] * s))
             print(f"generating {n} × {dim} features, {c} classes in {folder} …", flush=True)
-            generate(folder, n, c, dim)
-        file_bytes = os.path.getsize(os.path.join(folder, "feat.npy"))
-        row = {"scale": s, "file_gb": round(file_bytes / 1e9, 3)}
+            generate(folder, n, c, dim, SETTINGS[setting]["sizes"], SETTINGS[setting]["shuffle"])
+    with_tools = "avg" in ops and "denoise" in ops
+    runs = {}
+    for _ in range(repeat):
+        for op in ops:
+            for impl in ("ours", "loop"):
+                runs.setdefault((op, impl), []).append(measure(op, impl, folders[op], int(0.85 * available_bytes())))
+        if with_tools:
+            for tool, run in measure_tools(folders["avg"], dim).items():
+                runs.setdefault(("tools", tool), []).append(run)
+    figures = {}
+    for op in ops:
+        file_bytes = os.path.getsize(os.path.join(folders[op], "feat.npy"))
+        row = {"scale": nccl_scale if op == "nccl" else scale, "file_gb": round(file_bytes / 1e9, 3)}
         for impl in ("ours", "loop"):
-            seconds, cpu, rss, error = measure(op, impl, folder, int(0.85 * available_bytes()))
-            row[impl] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
-                         "peak_rss_gb": round(rss / 1e9, 3), "rss_over_file": round(rss / file_bytes, 2),
-                         "error": error}
-            print(f"f{dim} {op:8s} {impl:5s} {seconds:8.2f} s wall {cpu:8.2f} s CPU  peak RSS {rss / 1e9:6.2f} GB "
-                  f"({rss / file_bytes:.2f}× file){'  FAILED: ' + error if error else ''}", flush=True)
+            best, walls = _best(runs[(op, impl)])
+            row[impl] = dict(_figures(*best, file_bytes), all_seconds=walls)
+            _show(f"f{dim} {op} {impl}", row[impl])
         if not row["ours"]["error"] and not row["loop"]["error"]:
-            row.update(compare(op, folder))
+            row.update(compare(op, folders[op]))
             row["speedup"] = round(row["loop"]["seconds"] / row["ours"]["seconds"], 2)
             row["cpu_speedup"] = round(row["loop"]["cpu_seconds"] / row["ours"]["cpu_seconds"], 2)
         if op == "nccl":
             for key in ("seconds", "cpu_seconds"):
-                row["ours"][f"extrapolated_full_{key}"] = round(row["ours"][key] / s ** 2)
+                row["ours"][f"extrapolated_full_{key}"] = round(row["ours"][key] / row["scale"] ** 2)
         figures[op] = row
         print(f"f{dim} {op}: {json.dumps({k: v for k, v in row.items() if k not in ('ours', 'loop')})}", flush=True)
-    if "avg" in figures and "denoise" in figures and all(
-            not figures[o][i]["error"] for o in ("avg", "denoise") for i in ("ours", "loop")):
+    if with_tools and all(not figures[o][i]["error"] for o in ("avg", "denoise") for i in ("ours", "loop")):
         for key, name in (("seconds", "avg_plus_denoise_speedup"), ("cpu_seconds", "avg_plus_denoise_cpu_speedup")):
             ours_s = figures["avg"]["ours"][key] + figures["denoise"]["ours"][key]
             loop_s = figures["avg"]["loop"][key] + figures["denoise"]["loop"][key]
             figures[name] = round(loop_s / ours_s, 2)
-        tools = measure_tools(os.path.join(workdir, f"f{dim}_s{scale}"), dim)
+        file_bytes = os.path.getsize(os.path.join(folders["avg"], "feat.npy"))
+        tools = {}
+        for tool in ("get_avg_feature.py", "denoise_credible.py"):
+            best, walls = _best(runs[("tools", tool)])
+            tools[tool] = dict(_figures(*best, file_bytes), all_seconds=walls)
+            _show(f"f{dim} {tool}", tools[tool])
         figures["tools"] = tools
         if not any(t["error"] for t in tools.values()):
-            tool_s = sum(t["seconds"] for t in tools.values())
-            figures["tools_avg_plus_denoise_speedup"] = round(
-                (figures["avg"]["loop"]["seconds"] + figures["denoise"]["loop"]["seconds"]) / tool_s, 2)
+            before = figures["avg"]["loop"]["seconds"] + figures["denoise"]["loop"]["seconds"]
+            after = sum(t["seconds"] for t in tools.values())
+            figures["tools_avg_plus_denoise_speedup"] = round(before / after, 2)
+            figures["tools_peak_rss_over_file"] = max(t["rss_over_file"] for t in tools.values())
+            print(f"f{dim} steps 3+4, start-up included: before (published-style loop) {before:.2f} s, "
+                  f"after (get_avg_feature.py + denoise_credible.py) {after:.2f} s: "
+                  f"{figures['tools_avg_plus_denoise_speedup']:.2f}× faster; peak RSS "
+                  f"{figures['tools_peak_rss_over_file']:.2f}× the feature file (loop "
+                  f"{max(figures[o]['loop']['rss_over_file'] for o in ('avg', 'denoise')):.2f}×)", flush=True)
     return figures
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of MS1MV3 class70 (rows and classes)")
+    parser.add_argument("--setting", choices=SETTINGS, default="class70",
+                        help="class70: MS1MV3 class70, sorted labels; shuffled: 1.35 M rows, 30k classes, shuffled")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the setting's rows and classes")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement, interleaved (best kept)")
     parser.add_argument("--nccl_scale", type=float, default=0.03, help="scale of the NCCL problem (cost ∝ scale²)")
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
@@ -304,13 +364,16 @@ def main(argv=None):
         return child(ns)
     require(0 < args.scale <= 1 and 0 < args.nccl_scale <= 1, "--scale and --nccl_scale must be in (0, 1]")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_features_", dir="/tmp")
-    need = max(args.dims) * 4 * FULL_IMAGES * args.scale * 1.1
+    require(args.repeat >= 1, "--repeat must be >= 1")
+    need = max(args.dims) * 4 * SETTINGS[args.setting]["images"] * args.scale * 1.1
     if shutil.disk_usage(os.path.dirname(os.path.abspath(workdir))).free < need:
         raise UserError(f"not enough free disk under {workdir}: need about {need / 1e9:.1f} GB")
-    figures = {"cpu_cores": os.cpu_count(), "T": T, "load_average_at_start": os.getloadavg()[0]}
+    figures = {"setting": args.setting, "cpu_cores": os.cpu_count(), "T": T,
+               "load_average_at_start": os.getloadavg()[0]}
     try:
         for dim in args.dims:
-            figures[f"f{dim}"] = bench_dim(dim, args.scale, args.nccl_scale, workdir, args.ops)
+            figures[f"f{dim}"] = bench_dim(dim, args.setting, args.scale, args.nccl_scale, workdir, args.ops,
+                                           args.repeat)
             if not args.keep:
                 for name in os.listdir(workdir):
                     shutil.rmtree(os.path.join(workdir, name))

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from utils.config import get_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.features import add_extract_args, add_sd_args, extract_from_args, parse_sd  # noqa: E402
+from tools.get_feature.extract import add_extract_args, extract_from_args  # noqa: E402
+from utils.old_features import add_sd_args, parse_sd  # noqa: E402
 
 
 def main(argv=None):

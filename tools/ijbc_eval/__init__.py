@@ -5,3 +5,5 @@ from Python: :func:`tools.ijbc_eval.ijbc_eval.evaluate`. Modules: ``meta`` (prot
 their cache), ``align`` (Umeyama alignment, image dataset), ``embed`` (model runners, extraction),
 ``metrics`` (template features, TAR@FAR, top-k, TPIR@FPIR), ``plots`` (ROC and DIR figures).
 """
+
+CHUNK_IMAGES = 8192   # images per chunk of the embedding pass: the unit of resuming an interrupted embedding

@@ -1,9 +1,10 @@
-"""Image embeddings for IJB evaluation: a model runner (PyTorch ``.pt`` or ONNX) and the extraction loop.
+"""Image embeddings for IJB evaluation: the model files (PyTorch ``.pt`` or ONNX) and the extraction pass.
 
 Models see RGB input ``(x − 127.5) · 0.0078125`` at their input size; every image is embedded
-as is and horizontally flipped (both kept, so every test variant can be formed later).
+as is and horizontally flipped (both kept, so every test variant can be formed later). The model
+runner and the loop are those of step 2 (:mod:`utils.embedding`), so the pass also runs on
+several GPUs under torchrun.
 """
-import contextlib
 import os
 
 import numpy as np
@@ -12,19 +13,22 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from backbones import load_backbone
+from tools.ijbc_eval import CHUNK_IMAGES
 from tools.ijbc_eval.align import AlignedFaces, init_worker, umeyama
 from tools.ijbc_eval.meta import line_of
-from utils.chunk_cache import chunk_ranges, file_stamp, regroup, span_rows
+from utils.chunk_cache import file_stamp
+from utils.distributed import DistInfo
+from utils.embedding import ModelRunner, embed_rows
 from utils.errors import UserError
 
-CHUNK_IMAGES = 8192   # images per chunk: the unit of resuming an interrupted embedding
+INPUT_SCALE = 0.0078125   # (x − 127.5)·1/128, as the insightface IJB evaluation
 
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Embedder:
+class Embedder(ModelRunner):
     """Embeds uint8 image batches (B, 3, S, S) → (embeddings, flipped-image embeddings), float32 numpy.
 
     ``.pt``: a backbone state_dict loaded with :func:`backbones.load_backbone` (AMP fp16 on CUDA);
@@ -33,27 +37,30 @@ class Embedder:
 
     def __init__(self, path, network, width=64, input_size=112, device=None):
         self.path, self.network, self.width, self.input_size = os.fspath(path), network, width, input_size
-        self.device = torch.device(device or default_device())
+        device = torch.device(device or default_device())
         if not os.path.isfile(self.path):
             raise UserError(f"model file not found: {self.path}")
         if self.path.endswith(".onnx"):
-            self.session, self.model = self._onnx_session(), None
+            model = self._onnx_session(device)
         else:
-            self.session, self.model = None, load_backbone(self.path, network, width, input_size, self.device)
+            model = load_backbone(self.path, network, width, input_size, device)
+        super().__init__(model, device, amp=True, scale=INPUT_SCALE, flip=True)
         self.embedding_size = self(torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8))[0].shape[1]
 
     def describe(self):
         """What its embeddings depend on (for a :class:`~utils.chunk_cache.ChunkCache` key)."""
-        onnx = self.session is not None
-        return dict(model=file_stamp(self.path), network=None if onnx else self.network,
-                    width=None if onnx else self.width, input_size=self.input_size,
-                    runtime="onnx" if onnx else "torch", device=self.device.type)
+        return dict(model=file_stamp(self.path), network=None if self.onnx else self.network,
+                    width=None if self.onnx else self.width, input_size=self.input_size,
+                    runtime="onnx" if self.onnx else "torch", device=self.device.type)
 
-    def _onnx_session(self):
-        import onnxruntime
-
+    def _onnx_session(self, device):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError(f"{self.path} is an ONNX model, which needs onnxruntime (not installed): "
+                            f"pip install onnxruntime (or onnxruntime-gpu for CUDA)") from None
         providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         try:
             session = onnxruntime.InferenceSession(self.path, providers=providers)
@@ -65,20 +72,6 @@ class Embedder:
             raise UserError(f"{self.path} expects input of shape {shape}, not (B, 3, {self.input_size}, "
                             f"{self.input_size}); pass the matching --input_size")
         return session
-
-    @torch.no_grad()
-    def __call__(self, images):
-        x = (images.to(self.device, non_blocking=True).float() - 127.5) * 0.0078125
-        x = torch.cat([x, torch.flip(x, dims=[3])])
-        if self.session is not None:
-            name = self.session.get_inputs()[0].name
-            out = self.session.run(None, {name: x.cpu().numpy()})[0].astype(np.float32)
-        else:
-            amp = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" \
-                else contextlib.nullcontext()
-            with amp:
-                out = self.model(x).float().cpu().numpy()
-        return out[:len(images)], out[len(images):]
 
 
 def alignment_matrices(meta):
@@ -92,48 +85,37 @@ def alignment_matrices(meta):
     return matrices
 
 
-def extract(meta, embedders, batch_size=128, num_workers=2, cache=None):
+def extract(meta, embedders, batch_size=128, num_workers=2, cache=None, dist_info=None):
     """``[(embs, embs_f), …]`` (float32, image order) for each embedder, in one pass over the images.
 
-    Images go in chunks (``cache.ranges``, or CHUNK_IMAGES per chunk without a cache). With a
+    Images go in chunks (``cache.ranges``, or CHUNK_IMAGES per chunk without a cache), over the
+    ranks of ``dist_info`` (default: this process alone; other ranks return None). With a
     :class:`~utils.chunk_cache.ChunkCache` each finished chunk is saved, and chunks saved by an
     earlier run are read back instead of being embedded again.
     """
     if batch_size < 1 or num_workers < 0:
         raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+    dist_info = dist_info or DistInfo(0, 0, 1, embedders[0].device)
     sizes = sorted({e.input_size for e in embedders})
     dataset = AlignedFaces(meta.image_folder, meta.names, alignment_matrices(meta), sizes)
-    spans = cache.ranges if cache is not None else chunk_ranges(len(dataset), CHUNK_IMAGES)
-    outputs = [(np.empty((len(dataset), e.embedding_size), np.float32),
-                np.empty((len(dataset), e.embedding_size), np.float32)) for e in embedders]
-    pending = list(range(len(spans)))
-    if cache is not None:   # chunks of an earlier run go straight into the outputs as they are checked
-        pending = cache.pending(use=lambda k, arrays: _place(outputs, spans[k], arrays))
-    loader = DataLoader(Subset(dataset, span_rows(spans[k] for k in pending)), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, worker_init_fn=init_worker,
-                        pin_memory=any(e.device.type == "cuda" for e in embedders))
 
-    def batches():
-        for crops, index, readable in tqdm(loader, desc="embedding", unit="batch", mininterval=5):
-            if not bool(readable.all()):
-                row = int(index[~readable][0])
-                path = meta.files["tid_mid"]
-                raise UserError(f"cannot read image {os.path.join(meta.image_folder, meta.names[row])} "
-                                f"(listed in {path} line {line_of(path, row)})")
-            arrays = {}
-            for i, embedder in enumerate(embedders):
-                arrays[f"embs{i}"], arrays[f"embs_f{i}"] = embedder(crops[sizes.index(embedder.input_size)])
-            yield index.numpy(), arrays
+    def make_loader(rows):
+        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            worker_init_fn=init_worker, pin_memory=any(e.device.type == "cuda" for e in embedders))
+        return tqdm(loader, desc="embedding", unit="batch", mininterval=5, disable=not dist_info.is_main)
 
-    for position, arrays in regroup(batches(), [spans[k] for k in pending]):
-        if cache is not None:
-            cache.save(pending[position], **arrays)
-        _place(outputs, spans[pending[position]], arrays)
-    return outputs
+    def embed_batch(batch):
+        crops, index, readable = batch
+        if not bool(readable.all()):
+            row = int(index[~readable][0])
+            path = meta.files["tid_mid"]
+            raise UserError(f"cannot read image {os.path.join(meta.image_folder, meta.names[row])} "
+                            f"(listed in {path} line {line_of(path, row)})")
+        arrays = {}
+        for i, embedder in enumerate(embedders):
+            arrays[f"embs{i}"], arrays[f"embs_f{i}"] = embedder(crops[sizes.index(embedder.input_size)])
+        return index.numpy(), arrays
 
-
-def _place(outputs, span, arrays):
-    """Copy one chunk's ``embs<i>``/``embs_f<i>`` arrays into the full per-embedder outputs."""
-    start, stop = span
-    for i, (embs, embs_f) in enumerate(outputs):
-        embs[start:stop], embs_f[start:stop] = arrays[f"embs{i}"], arrays[f"embs_f{i}"]
+    widths = {f"{kind}{i}": e.embedding_size for i, e in enumerate(embedders) for kind in ("embs", "embs_f")}
+    out = embed_rows(embed_batch, make_loader, len(dataset), widths, dist_info, cache, CHUNK_IMAGES)
+    return None if out is None else [(out[f"embs{i}"], out[f"embs_f{i}"]) for i in range(len(embedders))]

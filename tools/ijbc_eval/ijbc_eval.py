@@ -19,14 +19,14 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from tools.ijbc_eval import metrics  # noqa: E402
-from tools.ijbc_eval.embed import CHUNK_IMAGES, Embedder, extract  # noqa: E402
+from tools.ijbc_eval import CHUNK_IMAGES, metrics  # noqa: E402
 from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta  # noqa: E402
 from utils.chunk_cache import ChunkCache, file_stamp  # noqa: E402
+from utils.config import add_launcher_args  # noqa: E402
 from utils.errors import UserError, require, run_cli  # noqa: E402
-from utils.io import atomic_np_savez, atomic_open, numpy_read_errors, safe_np_load  # noqa: E402
+from utils.io import atomic_np_savez, atomic_open, npz_member_memmap, numpy_read_errors, safe_np_load  # noqa: E402
 
-DEFAULT_DATA = os.path.join(ROOT, "dataset", "synthetic")
+DEFAULT_DATA = os.path.join(ROOT, "dataset", "IJB_release")
 RESULTS_DIR = os.path.join(ROOT, "work_dirs", "ijb_results")
 EMBEDDING_KEYS = ("embs", "embs_f", "embs_old", "embs_f_old")
 
@@ -44,12 +44,20 @@ def _array(data, key, path):
         return data[key]
 
 
+def _embeddings(data, key, path):
+    """A float32 embedding array of a saved result: memory-mapped where stored as such (read as used)."""
+    mapped = npz_member_memmap(path, key)
+    if mapped is not None and mapped.dtype == np.float32:
+        return mapped
+    return np.asarray(_array(data, key, path), np.float32)
+
+
 def _restore(path, num_images):
     """``(new, old)`` embedding pairs from a saved result; ``old`` is None without ``embs_old``."""
     with _open_npz(path) as data:
         require("embs" in data.files and "embs_f" in data.files,
                 f"{path}: holds no 'embs'/'embs_f' arrays (save them with -E -R)")
-        arrays = {k: np.asarray(_array(data, k, path), np.float32) for k in EMBEDDING_KEYS if k in data.files}
+        arrays = {k: _embeddings(data, k, path) for k in EMBEDDING_KEYS if k in data.files}
     require(("embs_old" in arrays) == ("embs_f_old" in arrays), f"{path}: holds only one of embs_old/embs_f_old")
     for key, value in arrays.items():
         require(value.ndim == 2, f"{path}: '{key}' must be a 2-D array, got shape {value.shape}")
@@ -68,22 +76,36 @@ def _check_sizes(old_size, new_size, old_name, new_name):
                                   f"{new_name} {new_size}-d")
 
 
-def _embed(meta, model_file, network, model_file_old, network_old, options):
+def _embed(meta, model_file, network, model_file_old, network_old, options, local_rank=None):
     """``(new, old)`` embedding pairs from the models (``old`` None for a self-test), and the chunk cache.
 
     Finished chunks of images are kept in a :class:`ChunkCache` (removed by the caller once the
-    results are written), so an interrupted evaluation resumes its embedding.
+    results are written), so an interrupted evaluation resumes its embedding. Under torchrun /
+    torch.distributed.launch the images are shared among the ranks; ranks other than 0 get None.
     """
-    check_images(meta)
-    embedders = [Embedder(model_file, network, options["width"], options["input_size"], options["device"])]
-    if model_file_old:
-        embedders.append(Embedder(model_file_old, network_old, options["old_width"], options["old_input_size"],
-                                  options["device"]))
-        _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
-    inputs = dict(images=os.path.abspath(meta.image_folder), models=[e.describe() for e in embedders],
-                  meta=[file_stamp(meta.files[key]) for key in ("tid_mid", "landmarks")])
-    cache = ChunkCache(f"ijb_embed/{meta.subset}", inputs, len(meta), options["chunk_size"], options["cache_dir"])
-    outputs = extract(meta, embedders, options["batch_size"], options["num_workers"], cache)
+    from tools.ijbc_eval.embed import Embedder, extract  # torch is loaded only when images are embedded
+    from utils.distributed import cleanup, init_distributed
+
+    launched = local_rank is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    dist_info = init_distributed(local_rank, options["device"]) if launched else None
+    device = dist_info.device if launched else options["device"]
+    try:
+        check_images(meta)
+        embedders = [Embedder(model_file, network, options["width"], options["input_size"], device)]
+        if model_file_old:
+            embedders.append(Embedder(model_file_old, network_old, options["old_width"], options["old_input_size"],
+                                      device))
+            _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
+        inputs = dict(images=os.path.abspath(meta.image_folder), models=[e.describe() for e in embedders],
+                      meta=[file_stamp(meta.files[key]) for key in ("tid_mid", "landmarks")])
+        cache = ChunkCache(f"ijb_embed/{meta.subset}", inputs, len(meta), options["chunk_size"],
+                           options["cache_dir"])
+        outputs = extract(meta, embedders, options["batch_size"], options["num_workers"], cache, dist_info)
+    finally:
+        if launched:
+            cleanup()
+    if outputs is None:
+        return None, None, None
     return outputs[0], (outputs[1] if model_file_old else None), cache
 
 
@@ -126,6 +148,8 @@ def format_table(result):
     """Markdown table of a result dict (values in %)."""
     variants = result.get("variants") or {result["variant"]: result}
     title = f"{result['subset']} {result['protocol']} {result['test']}-test (%)"
+    if result.get("data"):
+        title += f" on {result['data']}"
     if result["protocol"] == "1:1":
         lines = ["| variant | " + " | ".join(f"TAR@FAR={k}" for k in metrics.FAR_KEYS) + " | AUC |",
                  "|---" * (len(metrics.FAR_KEYS) + 2) + "|"]
@@ -157,7 +181,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
              network_old="r18", subset="IJBC", batch_size=128, bunch=False, save_embeddings=False,
              restore_embs=None, save_result=None, force_reload=False, width=64, input_size=112, old_width=None,
              old_input_size=None, num_workers=None, device=None, plot=True, verbose=True, cache_dir=None,
-             chunk_size=CHUNK_IMAGES):
+             chunk_size=CHUNK_IMAGES, local_rank=None):
     """Evaluate a model (or saved embeddings) on IJB-C/IJB-B; returns the result dict written as JSON.
 
     1:1 → ``{"protocol", "subset", "test", "TAR@FAR": {"1e-6"…"1e-1"}, "AUC", …}``;
@@ -181,7 +205,9 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
                        old_input_size=input_size if old_input_size is None else old_input_size,
                        num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers,
                        cache_dir=cache_dir, chunk_size=chunk_size)
-        new, old, cache = _embed(meta, model_file, network, model_file_old, network_old, options)
+        new, old, cache = _embed(meta, model_file, network, model_file_old, network_old, options, local_rank)
+        if new is None:   # a rank other than 0 under torchrun: its share of the images is embedded
+            return None
     test = "cross" if old is not None else "self"
     protocol = "1:N" if one_to_n else "1:1"
     variants = metrics.VARIANTS if bunch else (metrics.DEFAULT_VARIANT,)
@@ -194,7 +220,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
               "network": network if model_file else None,
               "model_old": model_file_old if old is not None and not restore_embs else None,
               "network_old": network_old if old is not None else None,
-              "num_images": len(meta), "num_templates": len(templates.ids)}
+              "data": meta.root, "num_images": len(meta), "num_templates": len(templates.ids)}
     if not one_to_n:
         result["num_pairs"] = int(len(meta.pairs["labels"]))
     if bunch:
@@ -274,7 +300,8 @@ def build_parser():
     p.add_argument("-net", "--network", default="r50", help="backbone of -m (default r50)")
     p.add_argument("-m_old", "--model_file_old", help="old model (cross-test: gallery side)")
     p.add_argument("-old_net", "--network_old", default="r18", help="backbone of -m_old (default r18)")
-    p.add_argument("-d", "--data_path", default=DEFAULT_DATA, help="folder holding IJBC/ or IJBB/")
+    p.add_argument("-d", "--data_path", default=DEFAULT_DATA,
+                   help="folder holding IJBC/ or IJBB/ (default dataset/IJB_release; the demo's: dataset/synthetic)")
     p.add_argument("-s", "--subset", default="IJBC", help="IJBC or IJBB")
     p.add_argument("-b", "--batch_size", type=int, default=128)
     p.add_argument("-N", "--is_one_2_N", action="store_true", help="1:N identification (default 1:1)")
@@ -294,7 +321,7 @@ def build_parser():
                                                      "resumes (default: $BCT_CACHE_DIR or work_dirs/cache)")
     p.add_argument("--chunk_size", type=int, default=CHUNK_IMAGES,
                    help=f"images per saved chunk (default {CHUNK_IMAGES})")
-    return p
+    return add_launcher_args(p)
 
 
 def main(argv=None):
@@ -307,7 +334,7 @@ def main(argv=None):
                     args.network_old, args.subset, args.batch_size, args.is_bunch, args.save_embeddings,
                     args.restore_embs, args.save_result, args.force_reload, args.width, args.input_size,
                     args.old_width, args.old_input_size, args.num_workers, args.device,
-                    cache_dir=args.cache_dir, chunk_size=args.chunk_size)
+                    cache_dir=args.cache_dir, chunk_size=args.chunk_size, local_rank=args.local_rank)
 
 
 if __name__ == "__main__":

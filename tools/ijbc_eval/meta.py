@@ -8,20 +8,21 @@ and ``probe_mixed``. Images are under ``<data>/<subset>/loose_crop/``.
 
 Each parsed file is cached as an ``.npz`` keyed by the file's path, size and modification time
 (under ``<data>/<subset>/.cache/``, or ``work_dirs/ijb_cache/`` when that folder is read-only), so
-an edited file is parsed again; ``force`` re-parses anyway.
+an edited file is parsed again; ``force`` re-parses anyway. pandas (the parser) is imported only
+when a file is parsed.
 """
 import glob
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from utils.chunk_cache import cache_key, file_stamp
 from utils.config import ROOT
 from utils.errors import UserError
-from utils.io import atomic_np_savez, safe_np_load
+from utils.io import atomic_np_savez, npz_member_memmap, safe_np_load
 
 CACHE_VERSION = 1
 SUBSETS = {"IJBC": ("ijbc", ("G1", "G2")), "IJBB": ("ijbb", ("S1", "S2"))}
@@ -46,6 +47,8 @@ def _read_rows(path, fields, sep=r"\s+", header_rows=0, at_least=False, named=Tr
     ``at_least``: rows may hold more fields (only the first ``fields`` are kept); ``named``: the
     first column is an image name (read as text).
     """
+    import pandas as pd
+
     names = list(range(fields if at_least else fields + 1))
     try:
         frame = pd.read_csv(path, sep=sep, header=None, names=names, index_col=False, skiprows=header_rows,
@@ -76,6 +79,8 @@ def _read_rows(path, fields, sep=r"\s+", header_rows=0, at_least=False, named=Tr
 
 def _numbers(frame, path, columns, what, integer=False, header_rows=0, fields=None):
     """The columns as a float64 (or int64) array; a missing or non-numeric value raises UserError."""
+    import pandas as pd
+
     values = np.stack([pd.to_numeric(frame[c], errors="coerce").to_numpy(np.float64, na_value=np.nan)
                        for c in columns], axis=1)
     bad = ~np.isfinite(values).all(1)
@@ -147,6 +152,11 @@ def _cache_folder(subset_root):
     return os.path.join(ROOT, "work_dirs", "ijb_cache", cache_key(os.path.abspath(subset_root)))
 
 
+def _member(path, stored, name):
+    mapped = npz_member_memmap(path, name)
+    return stored[name] if mapped is None else mapped
+
+
 def load_cached(path, parser, cache_folder, force=False):
     """``parser(path)`` (dict of arrays), cached in ``cache_folder`` by path, size and mtime."""
     if not os.path.isfile(path):
@@ -156,9 +166,9 @@ def load_cached(path, parser, cache_folder, force=False):
     cached = os.path.join(cache_folder, f"{base}.{key}.npz")
     if not force and os.path.isfile(cached):
         try:
-            with safe_np_load(cached) as stored:
-                return {name: stored[name] for name in stored.files}
-        except (UserError, ValueError, OSError):
+            with safe_np_load(cached) as stored:   # large members are mapped, not read and CRC-checked
+                return {name: _member(cached, stored, name) for name in stored.files}
+        except (UserError, ValueError, OSError, zipfile.BadZipFile):
             pass
     arrays = parser(path)
     try:
@@ -194,6 +204,8 @@ def _match_landmarks(tid, marks, tid_path, marks_path):
     """Landmark rows reordered to the image order of ``face_tid_mid``."""
     if len(tid["names"]) == len(marks["names"]) and np.array_equal(tid["names"], marks["names"]):
         return marks["landmarks"], marks["scores"]
+    import pandas as pd
+
     index = pd.Index(marks["names"])
     if not index.is_unique:
         duplicated = index[index.duplicated()][0]
@@ -207,9 +219,20 @@ def _match_landmarks(tid, marks, tid_path, marks_path):
 
 
 def check_templates(known, ids, path, header_rows=0, what="template"):
-    """Raise UserError naming the line of the first id in ``ids`` missing from sorted ``known``."""
-    pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
-    bad = known[pos] != ids
+    """Raise UserError naming the line of the first id in ``ids`` missing from sorted ``known``.
+
+    Compact non-negative ids (as IJB's) are looked up in a presence table (one pass over the
+    millions of pair ids), others by binary search.
+    """
+    ids = np.asarray(ids)
+    if len(known) and known[0] >= 0 and known[-1] < 8 * len(known) + (1 << 20):
+        present = np.zeros(int(known[-1]) + 1, bool)
+        present[known] = True
+        clipped = np.clip(ids, 0, len(present) - 1)
+        bad = ~present[clipped] | (clipped != ids)
+    else:
+        pos = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        bad = known[pos] != ids
     if bad.any():
         row = int(np.argmax(bad))
         raise UserError(f"{path} line {line_of(path, row, header_rows)}: unknown {what} {ids[row]} "

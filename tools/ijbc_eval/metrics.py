@@ -19,6 +19,7 @@ VARIANTS = tuple(f"N{n}D{d}F{f}" for n in (0, 1) for d in (0, 1) for f in (0, 1)
 DEFAULT_VARIANT = "N0D1F1"
 CURVE_FPIR = np.logspace(-4, 0, 41)
 _CHUNK_ROWS = 1 << 16
+_SMALL_ROWS = 1 << 12
 _BLOCK_BYTES = 1 << 27
 
 
@@ -77,10 +78,17 @@ class Templates:
         if len(embs) != num_images or (embs_f is not None and len(embs_f) != num_images):
             raise UserError(f"embeddings hold {len(embs)} rows, the image list has {num_images} images")
         out = np.zeros((len(self.ids), embs.shape[1]), np.float64)
+        feats = np.empty((min(_CHUNK_ROWS, num_images), embs.shape[1]), np.float64)
         for start in range(0, num_images, _CHUNK_ROWS):
-            part = slice(start, start + _CHUNK_ROWS)
-            feats = image_features(embs[part], None if embs_f is None else embs_f[part], scores[part], variant)
-            out += self.matrix[:, part] @ feats.astype(np.float64)
+            stop = min(start + _CHUNK_ROWS, num_images)
+            for low in range(start, stop, _SMALL_ROWS):   # float32 image features in cache-sized pieces
+                part = slice(low, min(low + _SMALL_ROWS, stop))
+                feats[low - start:part.stop - start] = image_features(
+                    embs[part], None if embs_f is None else embs_f[part], scores[part], variant)
+            weights = self.matrix[:, start:stop]
+            if weights.nnz:   # only the templates of these images (a narrow band when images come by template)
+                low, high = int(weights.indices.min()), int(weights.indices.max()) + 1
+                out[low:high] += weights[low:high] @ feats[:stop - start]
         return normalise_rows(out)
 
 
@@ -101,7 +109,8 @@ def pair_scores(feats1, feats2, idx1, idx2):
 
     Computed as row blocks of the Gram matrix of the templates that occur (gathering just the
     needed entries) when the pairs cover at least 1/64 of that grid, else as chunked row gathers.
-    Pairs are bucketed by row block with a counting sort, so no pass is longer than linear.
+    Pairs are bucketed by row block: slices when they come sorted by ``idx1`` (as IJB pair files
+    are), else a counting sort, so no pass is longer than linear.
     """
     idx1, idx2 = np.asarray(idx1, np.int64), np.asarray(idx2, np.int64)
     scores = np.empty(len(idx1), np.float64)
@@ -114,13 +123,17 @@ def pair_scores(feats1, feats2, idx1, idx2):
         return scores
     right = np.ascontiguousarray(feats2[cols].T)
     step = max(1, _BLOCK_BYTES // (8 * len(cols)))
-    block = r1 // step
-    num_blocks = int(block.max()) + 1 if len(block) else 0
-    order = np.argsort(block.astype(np.uint16) if num_blocks <= 1 << 16 else block, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(block, minlength=num_blocks))]
+    num_blocks = -(-len(rows) // step)
+    order = None
+    if not np.all(r1[1:] >= r1[:-1]):   # pairs not sorted by their first template (IJB's files are)
+        block = r1 // step
+        order = np.argsort(block.astype(np.uint16) if num_blocks <= 1 << 16 else block, kind="stable")
+        bounds = np.r_[0, np.cumsum(np.bincount(block, minlength=num_blocks))]
+    else:
+        bounds = np.searchsorted(r1, np.arange(num_blocks + 1) * step)
     for b in range(num_blocks):
-        sel = order[bounds[b]:bounds[b + 1]]
-        if len(sel):
+        sel = slice(bounds[b], bounds[b + 1]) if order is None else order[bounds[b]:bounds[b + 1]]
+        if bounds[b + 1] > bounds[b]:
             first = b * step
             gram = feats1[rows[first:first + step]] @ right
             scores[sel] = gram.ravel()[(r1[sel] - first) * len(cols) + c2[sel]]
@@ -128,26 +141,52 @@ def pair_scores(feats1, feats2, idx1, idx2):
 
 
 def roc(labels, scores):
-    """``(fpr, tpr)`` exactly as sklearn ``roc_curve(labels, scores)``, fed pre-sorted input.
+    """``(fpr, tpr)`` exactly as sklearn ``roc_curve(labels, scores)`` (with ``drop_intermediate``).
 
-    ``roc_curve`` only depends on the counts of genuine and impostor scores at each distinct score,
-    so the scores are sorted once (a fast value sort, not an argsort), the genuine labels are
-    placed inside their tie groups, and ``roc_curve`` receives the arrays in descending order.
+    The ROC only depends on how many scores, and how many genuine ones, are ≥ each distinct score,
+    so it is read off one value sort of the scores (no argsort). sklearn keeps the first and last
+    points and every point where the step to the next one differs, in false or true accepts; the
+    step at a distinct value is (its count − its genuine count, its genuine count), so a point is
+    kept where the count of its value differs from the next lower value's, or where one of the two
+    holds genuine scores (only the few values with genuine scores need a closer look). Counts are
+    exact integers, divided in float64 as sklearn does.
     """
-    from sklearn.metrics import roc_curve  # imported here: sklearn is slow to import and 1:N does not need it
-
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, np.float64)
     num_pos = int(labels.sum())
     if num_pos == 0 or num_pos == len(labels):
         raise UserError("1:1 evaluation needs both genuine (label 1) and impostor (label 0) pairs")
     ordered = np.sort(scores)
+    starts = np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1]      # distinct values, ascending
+    last = len(starts) - 1
     genuine = np.sort(scores[labels])
-    within_ties = np.arange(num_pos) - np.searchsorted(genuine, genuine, "left")
-    sorted_labels = np.zeros(len(ordered), np.int8)
-    sorted_labels[np.searchsorted(ordered, genuine, "left") + within_ties] = 1
-    fpr, tpr, _ = roc_curve(sorted_labels[::-1], ordered[::-1])
-    return fpr, tpr
+    if last >= 2:
+        kept = []
+        if len(starts) < len(ordered):   # ties: interior a where count(a) ≠ count(a−1)
+            counts = np.diff(np.r_[starts, len(ordered)])
+            kept.append(np.flatnonzero(counts[1:last] != counts[:last - 1]) + 1)
+        value, num = np.unique(np.searchsorted(starts, np.searchsorted(ordered, genuine)), return_counts=True)
+        near = np.unique(np.r_[value, value + 1])
+        near = near[(near >= 1) & (near < last)]
+
+        def genuine_at(a):
+            pos = np.minimum(np.searchsorted(value, a), len(value) - 1)
+            return np.where(value[pos] == a, num[pos], 0)
+
+        kept.append(near[genuine_at(near) != genuine_at(near - 1)])
+        keep = np.unique(np.concatenate([[0, last], *kept]))[::-1]                # high to low
+    else:
+        keep = np.arange(last, -1, -1)
+    tps = num_pos - np.searchsorted(genuine, ordered[starts[keep]], "left")      # genuine scores ≥ the value
+    fps = (len(ordered) - starts[keep]) - tps                                  # all scores ≥ it, minus those
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps].astype(np.float64)
+    return fps / fps[-1], tps / tps[-1]
+
+
+def auc(fpr, tpr):
+    """Area under the ROC (trapezoids over increasing ``fpr``), as sklearn ``auc``."""
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    return float(trapezoid(tpr, fpr))
 
 
 def tar_at_far(fpr, tpr, keys=FAR_KEYS):
@@ -158,10 +197,8 @@ def tar_at_far(fpr, tpr, keys=FAR_KEYS):
 
 def verification(labels, scores):
     """``{"TAR@FAR": {...}, "AUC": …}`` and the ROC ``(fpr, tpr)``."""
-    from sklearn.metrics import auc
-
     fpr, tpr = roc(labels, scores)
-    return {"TAR@FAR": tar_at_far(fpr, tpr), "AUC": float(auc(fpr, tpr))}, (fpr, tpr)
+    return {"TAR@FAR": tar_at_far(fpr, tpr), "AUC": auc(fpr, tpr)}, (fpr, tpr)
 
 
 def _threshold(sorted_desc, fraction):
@@ -170,6 +207,16 @@ def _threshold(sorted_desc, fraction):
     if n == 0:
         return -np.inf
     return sorted_desc[max(math.floor(n * fraction) - 1, 0)]
+
+
+def _subject_columns(gallery_subjects, subjects):
+    """``(row, column)`` of every gallery column whose subject is ``subjects[row]``."""
+    order = np.argsort(gallery_subjects, kind="stable")
+    ordered = np.asarray(gallery_subjects)[order]
+    low, high = np.searchsorted(ordered, subjects, "left"), np.searchsorted(ordered, subjects, "right")
+    row = np.repeat(np.arange(len(subjects)), high - low)
+    offset = np.arange(len(row)) - np.repeat(np.cumsum(high - low) - (high - low), high - low)
+    return row, order[np.repeat(low, high - low) + offset]
 
 
 def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
@@ -188,20 +235,25 @@ def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
     pos = np.minimum(np.searchsorted(subjects, probe_subjects), len(subjects) - 1)
     mated = subjects[pos] == probe_subjects
     target = first[pos[mated]]
-    mated_sims = sims if mated.all() else sims[mated]
-    score = mated_sims[np.arange(len(target)), target][:, None]
-    columns = np.arange(sims.shape[1])[None, :]
-    rank = (mated_sims > score).sum(1) + ((mated_sims == score) & (columns < target[:, None])).sum(1)
+    rows = np.flatnonzero(mated)
+    score = sims[rows, target]
+    row_score = np.full(len(sims), np.inf)                # non-mated rows: nothing is above or equal
+    row_score[rows] = score
+    above = np.count_nonzero(sims > row_score[:, None], axis=1)[rows]
+    tie_row, tie_col = np.nonzero(sims == row_score[:, None])      # few: the targets and exact ties
+    tie_row = np.searchsorted(rows, tie_row)
+    rank = above + np.bincount(tie_row[tie_col < target[tie_row]], minlength=len(rows))
     hits = {k: int((rank < k).sum()) for k in ks}
     num_mated = int(mated.sum())
     summary = {f"top{k}": hits[k] / num_mated if num_mated else float("nan") for k in ks}
     summary.update(num_gallery=int(sims.shape[1]), num_mated=num_mated, num_nonmated=int(len(mated) - num_mated))
     if not fpir:
         return summary, hits, None
-    same = gallery_subjects[None, :] == probe_subjects[mated][:, None]
-    correct = score[:, 0] > np.where(same, -np.inf, mated_sims).max(1, initial=-np.inf)
+    # correct: no other subject's score ≥ the target's = entries ≥ it (above + ties) all of the probe's subject
+    row, col = _subject_columns(gallery_subjects, probe_subjects[mated])
+    own = np.bincount(row[sims[rows[row], col] >= score[row]], minlength=len(rows))
+    correct = above + np.bincount(tie_row, minlength=len(rows)) == own
     impostor = -np.sort(-sims[~mated].max(1, initial=-np.inf))
-    score = score[:, 0]
 
     def tpir(fraction):
         return float(np.mean(correct & (score > _threshold(impostor, fraction)))) if num_mated else float("nan")
@@ -217,10 +269,13 @@ def identification_report(galleries, probes, probe_subjects, mixed=True):
     top-k against the union of the galleries (the per-gallery similarities side by side).
     Returns (report dict, {name: TPIR curve, "mean": their mean}).
     """
-    report, hits, curves, all_sims = {}, {k: 0 for k in TOPK}, {}, []
-    for name, (feats, subjects) in galleries.items():
-        all_sims.append(probes @ feats.T)
-        report[name], found, curves[name] = identification(all_sims[-1], subjects, probe_subjects)
+    report, hits, curves = {}, {k: 0 for k in TOPK}, {}
+    bounds = np.cumsum([0, *(len(g[0]) for g in galleries.values())])
+    all_sims = np.empty((len(probes), bounds[-1]), np.result_type(probes, *(g[0] for g in galleries.values())))
+    for i, (name, (feats, subjects)) in enumerate(galleries.items()):
+        sims = all_sims[:, bounds[i]:bounds[i + 1]]       # the galleries side by side, for the mixed search
+        np.matmul(probes, feats.T, out=sims)
+        report[name], found, curves[name] = identification(sims, subjects, probe_subjects)
         for k in TOPK:
             hits[k] += found[k]
     overall = {f"top{k}": hits[k] / len(probe_subjects) for k in TOPK}
@@ -229,7 +284,7 @@ def identification_report(galleries, probes, probe_subjects, mixed=True):
     result = dict(overall, **report)
     if mixed:
         union_subjects = np.concatenate([g[1] for g in galleries.values()])
-        union = identification(np.hstack(all_sims), union_subjects, probe_subjects, fpir=False)[0]
+        union = identification(all_sims, union_subjects, probe_subjects, fpir=False)[0]
         result["mixed"] = {f"top{k}": union[f"top{k}"] for k in TOPK}
     curves["mean"] = np.mean([curves[n] for n in galleries], axis=0)
     return result, curves

@@ -1,0 +1,86 @@
+"""Step 2 of the pipeline: embed the new training split with the old model (``get_feature.py``).
+
+Also run by ``get_avg_feature.py <config> --SD …`` when the feature files are missing. torch and
+the model code are imported when an extraction runs, so the options can be added to a parser
+without them (steps 3 and 4 start fast).
+"""
+import os
+
+import numpy as np
+
+from utils.chunk_cache import CHUNK_ROWS
+from utils.config import add_launcher_args
+from utils.errors import UserError
+from utils.io import atomic_np_save
+from utils.old_features import feature_path, parse_sd, split_rec
+
+def add_extract_args(parser):
+    """Options of the extraction (step 2): data override, batch size, loader workers, cache, launcher."""
+    parser.add_argument("--dataset", default=None,
+                        help="rec prefix or folder to embed (default: the SD's split beside the config's rec)")
+    parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass and process")
+    parser.add_argument("--num_workers", type=int, default=None, help="loader workers (default: the config's)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="where finished chunks are kept so a rerun resumes (default: $BCT_CACHE_DIR or "
+                             "work_dirs/cache)")
+    parser.add_argument("--chunk_size", type=int, default=CHUNK_ROWS,
+                        help=f"images per saved chunk (default {CHUNK_ROWS})")
+    return add_launcher_args(parser)
+
+
+def extract_from_args(cfg, args):
+    """:func:`extract_features` with the options of :func:`add_sd_args` and :func:`add_extract_args`."""
+    return extract_features(cfg, args.SD, args.dataset, args.output, args.batch_size, args.num_workers,
+                            args.local_rank, args.cache_dir, args.chunk_size)
+
+
+def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers=None, local_rank=None,
+                     cache_dir=None, chunk_size=CHUNK_ROWS):
+    """Step 2: embed the SD's split with the config's old model (``<cfg.output>/model.pt``).
+
+    Works single-process and under torchrun / torch.distributed.launch (chunks are dealt to the
+    ranks). Finished chunks are kept in a :class:`~utils.chunk_cache.ChunkCache` under
+    ``cache_dir``, so an interrupted run resumes where it stopped. Rank 0 then writes
+    ``<SD>_feature.npy`` (raw float32 embeddings) and ``<SD>_label.npy`` (int64) in dataset order,
+    removes the cache and returns their paths; other ranks return None.
+    """
+    import torch
+
+    from backbones import load_backbone
+    from utils.chunk_cache import ChunkCache, file_stamp
+    from utils.dataset import MXFaceDataset
+    from utils.distributed import cleanup, init_distributed
+    from utils.embedding import embed_dataset
+
+    dim, _ = parse_sd(sd)
+    model_file = os.path.join(cfg.output, "model.pt")
+    if not os.path.isfile(model_file):
+        raise UserError(f"old model not found: {model_file} (train it first: train_old_softmax.py or "
+                        f"train_old_arc.py {cfg.config_path})")
+    rec = os.path.abspath(rec) if rec else split_rec(cfg.rec, sd)
+    paths = feature_path(sd, "feature", output), feature_path(sd, "label", output)
+    dist_info = init_distributed(local_rank, cfg.get("device"))
+    try:
+        model = load_backbone(model_file, cfg.network, cfg.network_width, cfg.input_size, dist_info.device)
+        with torch.no_grad():
+            size = int(model(torch.zeros(2, 3, cfg.input_size, cfg.input_size, device=dist_info.device)).shape[1])
+        if size != dim:
+            raise UserError(f"{model_file} makes {size}-d embeddings but --SD {sd} says f{dim}")
+        dataset = MXFaceDataset(rec, train=False, input_size=cfg.input_size, uint8=True)
+        precision = "fp16" if cfg.fp16 and dist_info.device.type == "cuda" else "fp32"
+        inputs = dict(model=file_stamp(model_file), rec=file_stamp(dataset.rec_path),
+                      idx=file_stamp(dataset.idx_path), network=cfg.network, width=cfg.network_width,
+                      input_size=cfg.input_size, precision=precision)
+        cache = ChunkCache(f"get_feature/{sd}", inputs, len(dataset), chunk_size, cache_dir)
+        workers = cfg.num_workers if num_workers is None else num_workers
+        embed_dataset(model, dataset, batch_size, dist_info, workers, amp=cfg.fp16,
+                      desc=f"embedding {os.path.basename(dataset.rec_path)}", cache=cache,
+                      require_finite=f"old model {model_file} on {dataset.rec_path}")
+        if not dist_info.is_main:
+            return None
+        cache.write_npy(paths[0], "embedding")
+        atomic_np_save(paths[1], dataset.labels.astype(np.int64))
+        cache.clear()
+        return paths
+    finally:
+        cleanup()
