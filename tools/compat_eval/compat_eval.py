@@ -291,11 +291,9 @@ def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="
     require(metric in METRICS, f"--metric {metric}: expected one of {', '.join(METRICS)}")
     counts = bootstrap.subject_counts(int(protocol.labels.max()) + 1, num_resamples, seed) if num_resamples else None
     cells, reps = [], {}
+    check_sizes(names, [f.shape[1] for f in features])
     for q, query in enumerate(features):
         for g, gallery in enumerate(features):
-            require(query.shape[1] == gallery.shape[1],
-                    f"generations {names[q]} and {names[g]} make {query.shape[1]}-d and {gallery.shape[1]}-d "
-                    "embeddings; compatibility needs equal sizes")
             figures, reps[q, g] = protocol.cell(query, gallery, counts)
             cell = {"query": names[q], "gallery": names[g], **figures}
             if counts is not None:
@@ -407,6 +405,13 @@ def restore(path, faceset=None):
     return names, labels, embeddings
 
 
+def check_sizes(names, sizes):
+    """Every generation must make embeddings of one size."""
+    for name, size in zip(names, sizes):
+        require(size == sizes[0], f"generations {names[0]} and {name} make {sizes[0]}-d and {size}-d embeddings; "
+                                  "compatibility needs equal sizes")
+
+
 def _default_names(models):
     stems = [os.path.splitext(os.path.basename(m))[0] for m in models]
     return stems if len(set(stems)) == len(stems) else [f"gen{i + 1}" for i in range(len(models))]
@@ -434,6 +439,7 @@ def run(args):
                 f"--names: give {count} distinct names, got {' '.join(names)}")
         faceset = FaceSet(args.data, args.rec, args.image_size, args.resize, sorted(set(sizes)))
         embedders = build_embedders(args.models, networks, widths, sizes, args.device)
+        check_sizes(args.models, [e.embedding_size for e in embedders])
         embeddings = embed(faceset, embedders, args.batch_size,
                            min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers)
         labels = faceset.labels
