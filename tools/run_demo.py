@@ -206,11 +206,13 @@ def run_third_generation(pipe, args, settings, data, out, old_model):
     sd2 = f"f{settings.EMBEDDING_SIZE}_{method}gen2_arc_{settings.FEATURE_SPLIT}"
     pipe.stage("gen2_features", ["tools/get_feature/get_feature.py", _method_config(method), "--SD", sd2,
                                  "--output", feature_dir], done_when=[os.path.join(feature_dir, f"{sd2}_feature.npy")])
-    pipe.stage("gen2_prototypes", ["tools/get_feature/get_avg_feature.py", "--SD", sd2, "--output", feature_dir],
-               done_when=[os.path.join(feature_dir, f"{sd2}_avg_feature.npy")])
-    pipe.stage("gen2_denoise", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", sd2,
-                                "--output", feature_dir],
-               done_when=[os.path.join(feature_dir, f"{sd2}_credible_ratio_90_feature.npy")])
+    if method in ("BCT", "UniBCT"):
+        pipe.stage("gen2_prototypes", ["tools/get_feature/get_avg_feature.py", "--SD", sd2, "--output", feature_dir],
+                   done_when=[os.path.join(feature_dir, f"{sd2}_avg_feature.npy")])
+    if method == "MixBCT":
+        pipe.stage("gen2_denoise", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", sd2,
+                                    "--output", feature_dir],
+                   done_when=[os.path.join(feature_dir, f"{sd2}_credible_ratio_90_feature.npy")])
     name = f"{method}_gen3"
     folder = os.path.join(out, "configs_gen3")
     os.makedirs(folder, exist_ok=True)
