@@ -804,6 +804,13 @@ def demo_unknown_method(w, s):
     return ["--quick", "--methods", "MixBCT,Foo", "--out", os.path.join(w, "demo"), "--data", os.path.join(w, "data")]
 
 
+@case("tools/run_demo.py", "`--generation_method` not among the trained `--methods`",
+      "--generation_method MixBCT: expected one of the trained --methods")
+def demo_generation_method_not_trained(w, s):
+    return ["--quick", "--methods", "L2", "--generations", "3", "--generation_method", "MixBCT",
+            "--out", os.path.join(w, "demo"), "--data", os.path.join(w, "data")]
+
+
 # ------------------------------------------------------------------------------------ running
 def run_in_process(script, argv):
     """``python script argv…`` in this process (``runpy`` as ``__main__``); returns the exit status."""
