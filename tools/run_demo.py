@@ -315,7 +315,7 @@ def main():
     parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist")
     parser.add_argument("--generations", type=int, default=2, choices=(2, 3),
                         help="3: also train a third generation against the second and end with the "
-                             "compatibility matrix of the three (adds about N minutes)")
+                             "compatibility matrix of the three (off by default; time: docs/compat.md)")
     parser.add_argument("--generation_method", default="L2",
                         help="method of generations 2 and 3 for --generations 3 (one of --methods; default L2)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),

@@ -338,7 +338,7 @@ def format_report(result):
               for c in result["cells"]]
     if result["verdicts"]:
         lines += ["", f"Verdicts ({metric}: a later generation is compatible with an earlier one when its "
-                  "cross-test beats the earlier model's self-test):", ""]
+                  "cross-test reaches the earlier model's self-test):", ""]
     for v in result["verdicts"]:
         line = (f"- {v['generation']} → {v['earlier']}: {'compatible' if v['compatible'] else 'NOT compatible'}, "
                 f"cross {v['cross']:.4f} vs {v['earlier']} self {v['earlier_self']:.4f}, margin {v['margin']:+.4f}")
