@@ -175,17 +175,13 @@ def verification(labels, scores, weights=None):
     return {"TAR@FAR": tar_at_far(fpr, tpr), "AUC": float(auc(fpr, tpr))}, (fpr, tpr)
 
 
-def _threshold(sorted_desc, fraction, cumulative=None):
-    """SPEC §5.6 threshold: sorted[max(floor(n·f) − 1, 0)] (−inf without non-mated probes).
-
-    ``cumulative``: running total of integer weights along ``sorted_desc``; the threshold is then
-    taken in the list where each score is repeated as often as its weight.
-    """
-    n = len(sorted_desc) if cumulative is None else int(cumulative[-1]) if len(cumulative) else 0
+def _threshold(sorted_desc, fraction, cumulative):
+    """SPEC §5.6 threshold: sorted[max(floor(n·f) − 1, 0)] (−inf without non-mated probes), taken in the
+    list where each score is repeated as often as its weight (``cumulative``: running total of the weights)."""
+    n = int(cumulative[-1]) if len(cumulative) else 0
     if n == 0:
         return -np.inf
-    position = max(math.floor(n * fraction) - 1, 0)
-    return sorted_desc[position if cumulative is None else np.searchsorted(cumulative, position, "right")]
+    return sorted_desc[np.searchsorted(cumulative, max(math.floor(n * fraction) - 1, 0), "right")]
 
 
 class Search(NamedTuple):
