@@ -15,6 +15,7 @@ import shutil
 import sys
 from typing import Callable
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -734,10 +735,87 @@ def synthetic_one_identity(w, s):
     return _synthetic(os.path.join(w, "out"), "--identities", "1")
 
 
+# --- tools/compat_eval/compat_eval.py
+COMPAT = "tools/compat_eval/compat_eval.py"
+
+
+def _faces(w, identities=2, per_identity=2, size=32):
+    """An image folder ``<case>/faces/id<k>/<n>.png`` of random crops."""
+    rng = np.random.default_rng(0)
+    root = os.path.join(w, "faces")
+    for k in range(identities):
+        os.makedirs(os.path.join(root, f"id{k}"))
+        for n in range(per_identity):
+            cv2.imwrite(os.path.join(root, f"id{k}", f"{n}.png"), rng.integers(0, 255, (size, size, 3), np.uint8))
+    return root
+
+
+def _compat(w, s, *data, models=None, extra=()):
+    models = models or [s.model, s.model]
+    return [*data, "--models", *models, "--networks", "r18", "--widths", "8", "--input_sizes", "32",
+            "--image_size", "32", "--num_workers", "0", "--bootstrap", "5", "-R", os.path.join(w, "out", "compat"),
+            *extra]
+
+
+@case(COMPAT, "empty identity folder", "identity folder holds no images")
+def compat_empty_identity_folder(w, s):
+    root = _faces(w)
+    os.makedirs(os.path.join(root, "id9"))
+    return _compat(w, s, "--data", root)
+
+
+@case(COMPAT, "unreadable image in the folder", "cannot read image")
+def compat_unreadable_image(w, s):
+    root = _faces(w)
+    _write(os.path.join(root, "id1", "1.png"), GARBAGE)
+    return _compat(w, s, "--data", root)
+
+
+@case(COMPAT, "a single identity", "compatibility testing needs at least 2 identities")
+def compat_one_identity(w, s):
+    return _compat(w, s, "--data", _faces(w, identities=1))
+
+
+@case(COMPAT, "image of the wrong size (no `--resize`)", "pass --resize")
+def compat_wrong_image_size(w, s):
+    root = _faces(w)
+    cv2.imwrite(os.path.join(root, "id0", "1.png"), np.zeros((30, 32, 3), np.uint8))
+    return _compat(w, s, "--data", root)
+
+
+@case(COMPAT, "`.rec` of 32 px crops where 112 px are expected", "is 32×32 pixels, expected 112×112")
+def compat_rec_wrong_size(w, s):
+    return _compat(w, s, "--rec", s.data, extra=["--image_size", "112"])
+
+
+@case(COMPAT, "`--networks` count ≠ `--models` count", "--networks: give one value per model (2)")
+def compat_networks_count(w, s):
+    return _compat(w, s, "--rec", s.data, extra=["--networks", "r18", "r18", "r18"])
+
+
+@case(COMPAT, "generations with different embedding sizes", "compatibility needs equal sizes")
+def compat_embedding_sizes(w, s):
+    return _compat(w, s, "--rec", s.data, models=[s.model, s.wide])
+
+
+@case(COMPAT, "`--restore_embs` file not saved with `-E`", "not a compat_eval result saved with -E")
+def compat_restore_other_file(w, s):
+    path = os.path.join(w, "embs.npz")
+    np.savez(path, embs=np.zeros((3, 16), np.float32))
+    return ["--restore_embs", path, "-R", os.path.join(w, "out", "compat")]
+
+
 # --- tools/run_demo.py
 @case("tools/run_demo.py", "unknown `--methods` entry", "unknown method 'Foo'")
 def demo_unknown_method(w, s):
     return ["--quick", "--methods", "MixBCT,Foo", "--out", os.path.join(w, "demo"), "--data", os.path.join(w, "data")]
+
+
+@case("tools/run_demo.py", "`--generation_method` not among the trained `--methods`",
+      "--generation_method MixBCT: expected one of the trained --methods")
+def demo_generation_method_not_trained(w, s):
+    return ["--quick", "--methods", "L2", "--generations", "3", "--generation_method", "MixBCT",
+            "--out", os.path.join(w, "demo"), "--data", os.path.join(w, "data")]
 
 
 # ------------------------------------------------------------------------------------ running

@@ -1,11 +1,15 @@
 """The whole pipeline on synthetic data, on a CPU, ending with the comparison table.
 
     python tools/run_demo.py [--quick] [--methods L2,BCT,…] [--scenario OPclass] [--out DIR] [--reuse]
+        [--generations 3 [--generation_method L2]]
 
 Stages (each the real stage script, run as a subprocess with its own log under ``<out>/logs/``):
 synthetic data → split → old model (softmax) → old features → prototypes → denoising →
 independent new model and each BCT method → IJB-C-style 1:1 and 1:N, self-test and cross-test.
 Writes ``<out>/results.md``, ``<out>/results.json`` and ``<out>/results.png``.
+``--generations 3`` then trains a third generation with ``--generation_method`` against the second
+generation's features (the model that method trained) and ends with the compatibility matrix of the
+three generations on held-out synthetic identities (``tools/compat_eval``): ``<out>/compat.md``.
 """
 import argparse
 import contextlib
@@ -26,6 +30,8 @@ SCENARIOS = ("OPclass", "OPdata", "EXclass", "EXdata")
 # (identities, images per identity, IJB identities) of the synthetic set
 DATA_SIZES = {"full": (400, 20, 120), "quick": (40, 10, 24)}
 METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
+GEN3_WIDTH = 16                                        # the third generation: wider again than the second
+HELDOUT_SIZES = {"full": (100, 10), "quick": (20, 6)}   # held-out identities × images for the matrix
 
 
 class Pipeline:
@@ -129,6 +135,9 @@ def run_pipeline(args):
     require(args.jobs >= 1, f"--jobs must be at least 1, got {args.jobs}")
     for method in args.methods:
         require(method in METHODS, f"--methods: unknown method '{method}' (expected some of {', '.join(METHODS)})")
+    require(args.generations == 2 or args.generation_method in args.methods,
+            f"--generation_method {args.generation_method}: expected one of the trained --methods "
+            f"({', '.join(args.methods)})")
     out = os.path.abspath(args.out)
     data = os.path.abspath(args.data)
     os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_SCENARIO=args.scenario,
@@ -168,6 +177,9 @@ def run_pipeline(args):
         for test, protocol, result in pipe.evaluate(name, model, old_model, data, settings):
             rows.extend(_rows(name, test, result))
 
+    if args.generations == 3:
+        run_third_generation(pipe, args, settings, data, out, old_model)
+
     pipe.seconds["total"] = round(time.time() - started, 1)
     report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick)}
     table = results_table(rows, args.scenario)
@@ -177,9 +189,58 @@ def run_pipeline(args):
         handle.write(table)
     plot_results(rows, os.path.join(out, "results.png"))
     print("\n" + table)
+    if args.generations == 3:
+        with open(os.path.join(out, "compat.md")) as handle:
+            print("\n" + handle.read())
     print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
           f"{os.path.join(out, 'results.png')} ({pipe.seconds['total']:.0f} s)")
     return report
+
+
+def run_third_generation(pipe, args, settings, data, out, old_model):
+    """Generation 3: ``--generation_method`` against generation 2's features (the model that method
+    trained), then the compatibility matrix of generations 1–3 on held-out synthetic identities."""
+    method = args.generation_method
+    second = os.path.join(out, method, "model.pt")
+    feature_dir = os.path.join(out, "feature_save", args.scenario)
+    sd2 = f"f{settings.EMBEDDING_SIZE}_{method}gen2_arc_{settings.FEATURE_SPLIT}"
+    pipe.stage("gen2_features", ["tools/get_feature/get_feature.py", _method_config(method), "--SD", sd2,
+                                 "--output", feature_dir], done_when=[os.path.join(feature_dir, f"{sd2}_feature.npy")])
+    if method in ("BCT", "UniBCT"):
+        pipe.stage("gen2_prototypes", ["tools/get_feature/get_avg_feature.py", "--SD", sd2, "--output", feature_dir],
+                   done_when=[os.path.join(feature_dir, f"{sd2}_avg_feature.npy")])
+    if method == "MixBCT":
+        pipe.stage("gen2_denoise", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", sd2,
+                                    "--output", feature_dir],
+                   done_when=[os.path.join(feature_dir, f"{sd2}_credible_ratio_90_feature.npy")])
+    name = f"{method}_gen3"
+    folder = os.path.join(out, "configs_gen3")
+    os.makedirs(folder, exist_ok=True)
+    with atomic_open(os.path.join(folder, "base.py")) as handle:
+        handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
+    config = os.path.join(folder, f"{name}.py")
+    with atomic_open(config) as handle:      # the method's demo config, one size wider, against generation 2
+        handle.write(f'"""Written by tools/run_demo.py --generations 3: {method}, generation 3 against the '
+                     f'features of generation 2."""\n'
+                     f"from BCT_methods.{method}.configs.demo_{method} import config\n\n"
+                     f"config.output = {os.path.join(out, name)!r}\n"
+                     f"config.network_width = {GEN3_WIDTH}\n"
+                     f"for key in ('old_embedding', 'old_prototype', 'credible_old_feature'):\n"
+                     f"    if config.get(key):\n"
+                     f"        config[key] = config[key].replace({settings.SD!r}, {sd2!r})\n")
+    third = os.path.join(out, name, "model.pt")
+    pipe.stage("train_gen3", [os.path.join("BCT_methods", method, "train.py"), config], done_when=[third])
+    heldout = data + "_heldout"
+    identities, per_identity = HELDOUT_SIZES["quick" if args.quick else "full"]
+    pipe.stage("heldout_data", ["tools/synthetic/make_synthetic.py", "--out", heldout, "--identities", str(identities),
+                                "--images-per-identity", str(per_identity), "--ijb-identities", "2", "--seed", "1"],
+               done_when=[os.path.join(heldout, "train.idx")])
+    pipe.stage("compat", ["tools/compat_eval/compat_eval.py", "--rec", heldout, "--models", old_model, second, third,
+                          "--names", "gen1", f"gen2_{method}", f"gen3_{method}",
+                          "--networks", settings.OLD_NETWORK, settings.NEW_NETWORK, settings.NEW_NETWORK,
+                          "--widths", str(settings.OLD_WIDTH), str(settings.NEW_WIDTH), str(GEN3_WIDTH),
+                          "--input_sizes", str(settings.INPUT_SIZE), "--impostors", "100000", "--bootstrap", "100",
+                          "--metric", "TAR@FAR=1e-3", "--num_workers", "1", "-R", os.path.join(out, "compat")])
 
 
 def _rows(method, test, result):
@@ -252,6 +313,11 @@ def main():
     parser.add_argument("--data", default=None, help="synthetic data folder (default: dataset/synthetic, "
                                                       "dataset/synthetic_quick with --quick)")
     parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist")
+    parser.add_argument("--generations", type=int, default=2, choices=(2, 3),
+                        help="3: also train a third generation against the second and end with the "
+                             "compatibility matrix of the three (off by default; time: docs/compat.md)")
+    parser.add_argument("--generation_method", default="L2",
+                        help="method of generations 2 and 3 for --generations 3 (one of --methods; default L2)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="new models trained at the same time (default: 2, each with half the CPU threads)")
     args = parser.parse_args()

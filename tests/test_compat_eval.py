@@ -1,0 +1,169 @@
+"""compat_eval: protocol sampling, metric values against brute force, the matrix and verdicts end to end."""
+import itertools
+import json
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_curve
+
+from tests.helpers import make_tiny_rec
+from tools.compat_eval import compat_eval as ce
+from tools.ijbc_eval import metrics
+
+TINY = ["--networks", "r18", "--widths", "8", "--input_sizes", "32", "--image_size", "32", "--num_workers", "0"]
+
+
+# ------------------------------------------------------------------------------------ protocol
+def test_unrank_pairs_enumerates_all_pairs_in_order():
+    i, j = ce.unrank_pairs(np.arange(45))
+    want = [(a, b) for b in range(10) for a in range(b)]
+    assert list(zip(i.tolist(), j.tolist())) == want
+    big = np.array([10 ** 12, 5 * 10 ** 11 + 7])
+    i, j = ce.unrank_pairs(big)
+    assert ((j * (j - 1) // 2 + i) == big).all() and (i < j).all()
+
+
+def test_verification_pairs_all_genuine_and_distinct_impostors():
+    labels = np.array([2, 0, 2, 1, 0, 2, 1, 1, 1])
+    first, second, genuine = ce.verification_pairs(labels, impostors=10, seed=3)
+    pairs = set(zip(first.tolist(), second.tolist()))
+    want_genuine = {(a, b) for a, b in itertools.combinations(range(9), 2) if labels[a] == labels[b]}
+    assert {p for p, g in zip(zip(first.tolist(), second.tolist()), genuine) if g} == want_genuine
+    assert len(pairs) == len(first) and (~genuine).sum() == 10
+    assert (labels[first[~genuine]] != labels[second[~genuine]]).all() and (first < second).all()
+    again = ce.verification_pairs(labels, impostors=10, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip((first, second, genuine), again))
+    # more impostors asked than exist: all of them; max_genuine samples without repetition
+    first, second, genuine = ce.verification_pairs(labels, max_genuine=4, impostors=1000, seed=0)
+    assert genuine.sum() == 4 and (~genuine).sum() == 36 - len(want_genuine)
+    assert len(set(zip(first.tolist(), second.tolist()))) == len(first)
+
+
+def test_identification_split():
+    labels = np.repeat(np.arange(10), [1, 2, 3, 4, 5, 1, 2, 3, 4, 5])
+    gallery, probes, mated = ce.identification_split(labels, gallery_per_id=2, nonmated_share=0.2, seed=1)
+    assert len(mated) == 8 and (gallery ^ probes).all()
+    held_out = np.setdiff1d(np.arange(10), mated)
+    assert not gallery[np.isin(labels, held_out)].any()
+    enrolled = np.bincount(labels[gallery], minlength=10)
+    assert (enrolled[mated] == np.minimum(2, np.bincount(labels)[mated])).all()
+
+
+# ------------------------------------------------------------------------------ metrics vs brute force
+def _clustered(rng, labels, d=8, spread=0.9):
+    feats = rng.normal(size=(labels.max() + 1, d))[labels] + spread * rng.normal(size=(len(labels), d))
+    return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_cell_figures_match_brute_force():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(12), rng.integers(2, 6, 12))
+    old, new = _clustered(rng, labels), _clustered(rng, labels)
+    protocol = ce.Protocol(labels, impostors=300, gallery_per_id=1, nonmated_share=0.25, seed=0)
+    figures, _ = protocol.cell(new, old)
+    # 1:1: first image from the gallery (old) model, second from the query (new) model
+    scores = np.array([float(old[a] @ new[b]) for a, b in zip(protocol.first, protocol.second)])
+    fpr, tpr, _ = roc_curve(protocol.genuine, scores)
+    for key in ce.FAR_KEYS:
+        best = min(range(len(fpr)), key=lambda k: (abs(fpr[k] - float(key)), -tpr[k]))
+        assert figures[f"TAR@FAR={key}"] == pytest.approx(tpr[best])
+    # 1:N: one template per gallery identity (its enrolled old features), probes from the new model
+    ids = protocol.mated_identities
+    templates = {c: old[protocol.gallery_images[labels[protocol.gallery_images] == c]].sum(0) for c in ids}
+    hits1 = hits5 = 0
+    mated_rows, nonmated_best = [], []
+    for p in protocol.probe_images:
+        sims = {c: float(new[p] @ t / np.linalg.norm(t)) for c, t in templates.items()}
+        if labels[p] in templates:
+            rank = sum(s > sims[labels[p]] for s in sims.values())
+            hits1 += rank < 1
+            hits5 += rank < 5
+            mated_rows.append((sims[labels[p]], rank == 0))
+        else:
+            nonmated_best.append(max(sims.values()))
+    assert figures["top1"] == pytest.approx(hits1 / len(mated_rows))
+    assert figures["top5"] == pytest.approx(hits5 / len(mated_rows))
+    for key in ce.FPIR_KEYS:
+        ordered = sorted(nonmated_best, reverse=True)
+        threshold = ordered[max(math.floor(len(ordered) * float(key)) - 1, 0)]
+        want = np.mean([correct and s > threshold for s, correct in mated_rows])
+        assert figures[f"TPIR@FPIR={key}"] == pytest.approx(want, abs=1e-9)
+
+
+def test_blocked_search_equals_one_block():
+    rng = np.random.default_rng(1)
+    gallery, probes = _clustered(rng, np.arange(20)), _clustered(rng, rng.integers(0, 25, 60))
+    subjects, probe_subjects = np.arange(20), rng.integers(0, 25, 60)
+    whole = metrics.search(probes @ gallery.T, subjects, probe_subjects)
+    blocked = ce.search(probes, gallery, subjects, probe_subjects, block=50)    # 2 probes per block
+    for name in metrics.Search._fields:
+        np.testing.assert_array_equal(getattr(blocked, name), getattr(whole, name))
+
+
+# ------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A RecordIO set, the same faces as an image folder, and three tiny 16-d models."""
+    from backbones import get_model
+    from utils.dataset import MXFaceDataset
+
+    root = tmp_path_factory.mktemp("compat")
+    rec = make_tiny_rec(str(root / "rec"), num_classes=6, per_class=6, size=32)
+    faces = MXFaceDataset(rec, train=False, uint8=True, input_size=32)
+    for i in range(len(faces)):
+        image, label, _ = faces[i]
+        os.makedirs(root / "folder" / f"id{int(label)}", exist_ok=True)
+        cv2.imwrite(str(root / "folder" / f"id{int(label)}" / f"{i:03d}.png"), image.numpy().transpose(1, 2, 0)[..., ::-1])
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(str(root / f"v{seed + 1}.pt"))
+        torch.save(get_model("r18", num_features=16, width=8, input_size=32).state_dict(), models[-1])
+    return dict(root=root, rec=rec, folder=str(root / "folder"), models=models)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models run faster so on a few busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(tiny, name, *argv):
+    out = str(tiny["root"] / "out" / name)
+    result = ce.main([*argv, *TINY, "-R", out, "--bootstrap", "10", "--impostors", "200", "--metric", "TAR@FAR=1e-1"])
+    return result, out
+
+
+def test_three_generations_on_a_rec_and_the_same_on_a_folder(tiny):
+    result, out = _run(tiny, "rec3", "--rec", tiny["rec"], "--models", *tiny["models"], "-E")
+    assert result["generations"] == ["v1", "v2", "v3"] and len(result["cells"]) == 9
+    assert [(v["generation"], v["earlier"]) for v in result["verdicts"]] == [("v2", "v1"), ("v3", "v1"), ("v3", "v2")]
+    for suffix in (".json", ".md", ".png", ".npz"):
+        assert os.path.getsize(out + suffix) > 0
+    with open(out + ".json") as handle:
+        assert json.load(handle)["cells"] == json.loads(json.dumps(result["cells"]))
+    with open(out + ".md") as handle:
+        assert "| query \\ gallery | v1 | v2 | v3 |" in handle.read()
+    folder, _ = _run(tiny, "folder3", "--data", tiny["folder"], "--models", *tiny["models"])
+    for a, b in zip(result["cells"], folder["cells"]):          # PNG crops of the same JPEG decodes
+        assert a["TAR@FAR=1e-1"] == pytest.approx(b["TAR@FAR=1e-1"], abs=0.05)
+    restored, _ = _run(tiny, "restored", "--restore_embs", out + ".npz", "--rec", tiny["rec"])
+    assert restored["cells"] == result["cells"]
+
+
+def test_diagonal_is_each_models_self_test_and_a_model_is_compatible_with_itself(tiny):
+    v1, v2 = tiny["models"][:2]
+    pair, _ = _run(tiny, "two", "--rec", tiny["rec"], "--models", v1, v2)
+    alone, _ = _run(tiny, "alone", "--rec", tiny["rec"], "--models", v2)
+    diagonal = next(c for c in pair["cells"] if c["query"] == c["gallery"] == "v2")
+    assert diagonal == alone["cells"][0] and alone["verdicts"] == []
+    same, _ = _run(tiny, "same", "--rec", tiny["rec"], "--models", v1, v1, "--names", "old", "new")
+    verdict, = same["verdicts"]
+    assert verdict["compatible"] and verdict["margin"] == 0 and not verdict["interval_excludes_zero"]

@@ -1,0 +1,104 @@
+"""compat_eval's exact 1:N search at deployment scale: a 1 M × 512 gallery searched by 10 k probes.
+
+    python tools/benchmark/bench_compat.py [--gallery 1000000] [--probes 10000] [--dim 512]
+        [--nonmated_share 0.1] [--bootstrap 200] [--block 33554432] [--seed 0]
+
+Random embeddings stand in for a model's (as when compat_eval evaluates saved embeddings with
+``--restore_embs``): one unit-length gallery template per identity, probes of gallery identities
+made from their template plus noise (cosine 0.1–0.4 with it; the best of
+1 M random gallery templates scores about 0.23), and non-mated probes of identities outside
+the gallery. The search is compat_eval's: exact, in blocks of probes holding ``--block``
+similarities at most, each block counted by ``metrics.search``; then top-1/top-5 and TPIR@FPIR
+(``metrics.search_summary``) and the bootstrap over probe identities. Prints the time of each
+part and the peak RSS next to the size of the gallery; the last line is a JSON object of the figures.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from tools.compat_eval.compat_eval import SEARCH_BLOCK, TOPK, search  # noqa: E402
+from tools.ijbc_eval import bootstrap, metrics  # noqa: E402
+from utils.errors import require, run_cli  # noqa: E402
+
+BUILD_ROWS = 1 << 16
+
+
+def unit_rows(rng, count, dim):
+    """``count`` random unit vectors (float32), made in slices so no float64 copy of the whole matrix exists."""
+    out = np.empty((count, dim), np.float32)
+    for start in range(0, count, BUILD_ROWS):
+        part = rng.standard_normal((min(BUILD_ROWS, count - start), dim), dtype=np.float32)
+        out[start:start + len(part)] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    return out
+
+
+def build(num_gallery, num_probes, dim, nonmated_share, seed):
+    """``(gallery, gallery subjects, probes, probe subjects)``; non-mated probes have subjects ≥ num_gallery."""
+    rng = np.random.default_rng(seed)
+    gallery = unit_rows(rng, num_gallery, dim)
+    num_nonmated = int(round(nonmated_share * num_probes))
+    subjects = np.r_[rng.integers(0, num_gallery, num_probes - num_nonmated),
+                     num_gallery + rng.permutation(num_nonmated)]
+    probes = unit_rows(rng, num_probes, dim)
+    mated = subjects < num_gallery
+    signal = rng.uniform(0.1, 0.4, (int(mated.sum()), 1)).astype(np.float32)
+    probes[mated] = signal * gallery[subjects[mated]] + np.sqrt(1 - signal ** 2) * probes[mated]
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    return gallery, np.arange(num_gallery), probes, subjects
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gallery", type=int, default=1_000_000)
+    p.add_argument("--probes", type=int, default=10_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--nonmated_share", type=float, default=0.1)
+    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--block", type=int, default=SEARCH_BLOCK, help="similarities per block of probes")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    require(args.gallery >= 1 and args.probes >= 1 and args.dim >= 1, "--gallery, --probes and --dim must be >= 1")
+
+    start = time.perf_counter()
+    gallery, gallery_subjects, probes, probe_subjects = build(args.gallery, args.probes, args.dim,
+                                                              args.nonmated_share, args.seed)
+    built = time.perf_counter()
+    found = search(probes, gallery, gallery_subjects, probe_subjects, args.block)
+    searched = time.perf_counter()
+    summary = metrics.search_summary(found, TOPK)[0]
+    counted = time.perf_counter()
+    intervals = None
+    if args.bootstrap:
+        num_subjects, (index,) = bootstrap.subject_index(probe_subjects)
+        counts = bootstrap.subject_counts(num_subjects, args.bootstrap, args.seed)
+        intervals = bootstrap.percentile_intervals(bootstrap.identification_replicates(found, index, counts, TOPK))
+    finished = time.perf_counter()
+
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+    gallery_gb = gallery.nbytes / 2 ** 30
+    figures = dict(gallery=args.gallery, probes=args.probes, dim=args.dim, block=args.block,
+                   threads=os.environ.get("OMP_NUM_THREADS"), cpus=os.cpu_count(),
+                   build_s=round(built - start, 1), search_s=round(searched - built, 1),
+                   summary_s=round(counted - searched, 2), bootstrap_s=round(finished - counted, 2),
+                   bootstrap=args.bootstrap, peak_rss_gb=round(peak_gb, 2), gallery_gb=round(gallery_gb, 2),
+                   top1=summary["top1"], top5=summary["top5"], tpir=summary["TPIR@FPIR"], intervals=intervals)
+    print(f"gallery {args.gallery:,} × {args.dim} ({gallery_gb:.2f} GB float32), {args.probes:,} probes "
+          f"({summary['num_mated']:,} mated), blocks of {args.block:,} similarities")
+    print(f"exact search {figures['search_s']:.1f} s, counting {figures['summary_s']:.2f} s, "
+          f"bootstrap ({args.bootstrap} resamples) {figures['bootstrap_s']:.2f} s; "
+          f"peak RSS {peak_gb:.2f} GB (gallery {gallery_gb:.2f} GB); building the data {figures['build_s']:.1f} s")
+    print(f"top1 {summary['top1']:.4f}  top5 {summary['top5']:.4f}  TPIR@FPIR=1e-2 {summary['TPIR@FPIR']['1e-2']:.4f}")
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    run_cli(main)
