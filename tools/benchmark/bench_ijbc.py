@@ -19,7 +19,7 @@ parse cache). "before": a straightforward implementation in one process (start-u
 reads the same ``embs.npz`` with ``np.load`` and the protocol as arrays (no parsing), then
 per-template ``np.where`` and per-media means, pair scores by chunked row gathers,
 ``roc_curve`` on the raw scores, 1:N by a loop over probes with an argsort each. Both compute
-the self-test of SPEC §5 with the default variant N0D1F1; their metrics are compared. Runs are
+the self-test of docs/evaluation.md with the default variant N0D1F1; their metrics are compared. Runs are
 interleaved ``--repeat`` times and the fastest of each kept. Wall time and peak RSS come from
 ``wait4``. The last output line is a JSON object of the figures.
 """

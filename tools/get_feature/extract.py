@@ -64,7 +64,7 @@ def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers
         model = load_backbone(model_file, cfg.network, cfg.network_width, cfg.input_size, dist_info.device)
         with torch.no_grad():
             size = int(model(torch.zeros(2, 3, cfg.input_size, cfg.input_size, device=dist_info.device)).shape[1])
-        if size != dim:
+        if dim is not None and size != dim:
             raise UserError(f"{model_file} makes {size}-d embeddings but --SD {sd} says f{dim}")
         dataset = MXFaceDataset(rec, train=False, input_size=cfg.input_size, uint8=True)
         precision = "fp16" if cfg.fp16 and dist_info.device.type == "cuda" else "fp32"

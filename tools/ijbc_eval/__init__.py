@@ -1,4 +1,4 @@
-"""IJB-C / IJB-B evaluation (SPEC §5): 1:1 verification and 1:N identification, self- and cross-test.
+"""IJB-C / IJB-B evaluation (protocol: docs/evaluation.md): 1:1 verification and 1:N identification, self- and cross-test.
 
 Command line: ``python tools/ijbc_eval/ijbc_eval.py -m=MODEL.pt -net=r50 [-N] [-m_old=OLD.pt -old_net=r18]``;
 from Python: :func:`tools.ijbc_eval.ijbc_eval.evaluate`. Modules: ``meta`` (protocol files and

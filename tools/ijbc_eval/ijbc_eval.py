@@ -1,4 +1,4 @@
-"""IJB-C / IJB-B evaluation: 1:1 verification and 1:N identification, self-test and cross-test (SPEC §5).
+"""IJB-C / IJB-B evaluation: 1:1 verification and 1:N identification, self-test and cross-test (protocol: docs/evaluation.md).
 
     python tools/ijbc_eval/ijbc_eval.py -m=NEW.pt -net=r50                              # self 1:1
     python tools/ijbc_eval/ijbc_eval.py -m=NEW.pt -net=r50 -N                           # self 1:N

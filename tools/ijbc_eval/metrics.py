@@ -1,4 +1,4 @@
-"""IJB metrics (SPEC §5): image → template features, 1:1 verification, 1:N identification.
+"""IJB metrics (protocol: docs/evaluation.md): image → template features, 1:1 verification, 1:N identification.
 
 Everything is vectorised: templates are one sparse (templates × images) product, 1:1 scores are
 blocks of a template Gram matrix (or chunked gathers when pairs are sparse), 1:N ranks and
@@ -312,7 +312,7 @@ def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
 
 
 def identification_report(galleries, probes, probe_subjects, mixed=True):
-    """SPEC §5.6 report over galleries ``{name: (features, subjects)}`` searched by ``probes``.
+    """1:N report (docs/evaluation.md, Protocol step 6) over galleries ``{name: (features, subjects)}`` searched by ``probes``.
 
     Overall top-k = hits in all galleries / probes; overall TPIR = mean over galleries; ``mixed`` =
     top-k against the union of the galleries (the per-gallery similarities side by side).

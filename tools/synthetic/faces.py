@@ -2,7 +2,7 @@
 
 Rendering is analytic and batched. Every part of a face (outline, ears, hair, eyes, brows, nose,
 mouth, marks, glasses, occluders) is an ellipse or a rectangle in *face coordinates*, the frame of
-the 112×112 alignment template (SPEC §5). A view poses the face (yaw and pitch squeeze the face and
+the 112×112 alignment template (docs/evaluation.md, Protocol). A view poses the face (yaw and pitch squeeze the face and
 shift each part by its depth, a simple parallax) and a per-image similarity carries it to image
 pixels. Each part is drawn with an anti-aliased edge whose width also models defocus blur, so a
 whole batch is rendered with a few dozen array operations and no per-image loop.
