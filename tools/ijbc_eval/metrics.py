@@ -7,6 +7,7 @@ scores are float64, as in the insightface evaluation code.
 """
 import math
 from fractions import Fraction
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse
@@ -127,17 +128,27 @@ def pair_scores(feats1, feats2, idx1, idx2):
     return scores
 
 
-def roc(labels, scores):
+def roc(labels, scores, weights=None):
     """``(fpr, tpr)`` exactly as sklearn ``roc_curve(labels, scores)``, fed pre-sorted input.
 
     ``roc_curve`` only depends on the counts of genuine and impostor scores at each distinct score,
     so the scores are sorted once (a fast value sort, not an argsort), the genuine labels are
     placed inside their tie groups, and ``roc_curve`` receives the arrays in descending order.
+    ``weights``: integer multiplicity of each pair (a bootstrap resample); the curve is the one of
+    the pairs repeated that many times (pairs of weight 0 left out).
     """
     from sklearn.metrics import roc_curve  # imported here: sklearn is slow to import and 1:N does not need it
 
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, np.float64)
+    if weights is not None:
+        kept = np.asarray(weights) > 0
+        labels, scores, weights = labels[kept], scores[kept], np.asarray(weights, np.float64)[kept]
+        num_pos = weights[labels].sum()
+        if num_pos == 0 or num_pos == weights.sum():
+            raise UserError("1:1 evaluation needs both genuine (label 1) and impostor (label 0) pairs")
+        fpr, tpr, _ = roc_curve(labels, scores, sample_weight=weights)
+        return fpr, tpr
     num_pos = int(labels.sum())
     if num_pos == 0 or num_pos == len(labels):
         raise UserError("1:1 evaluation needs both genuine (label 1) and impostor (label 0) pairs")
@@ -156,31 +167,44 @@ def tar_at_far(fpr, tpr, keys=FAR_KEYS):
     return {key: float(tpr_r[np.argmin(np.abs(fpr_r - float(key)))]) for key in keys}
 
 
-def verification(labels, scores):
-    """``{"TAR@FAR": {...}, "AUC": …}`` and the ROC ``(fpr, tpr)``."""
+def verification(labels, scores, weights=None):
+    """``{"TAR@FAR": {...}, "AUC": …}`` and the ROC ``(fpr, tpr)`` (``weights``: see :func:`roc`)."""
     from sklearn.metrics import auc
 
-    fpr, tpr = roc(labels, scores)
+    fpr, tpr = roc(labels, scores, weights)
     return {"TAR@FAR": tar_at_far(fpr, tpr), "AUC": float(auc(fpr, tpr))}, (fpr, tpr)
 
 
-def _threshold(sorted_desc, fraction):
-    """SPEC §5.6 threshold: sorted[max(floor(n·f) − 1, 0)] (−inf without non-mated probes)."""
-    n = len(sorted_desc)
+def _threshold(sorted_desc, fraction, cumulative=None):
+    """SPEC §5.6 threshold: sorted[max(floor(n·f) − 1, 0)] (−inf without non-mated probes).
+
+    ``cumulative``: running total of integer weights along ``sorted_desc``; the threshold is then
+    taken in the list where each score is repeated as often as its weight.
+    """
+    n = len(sorted_desc) if cumulative is None else int(cumulative[-1]) if len(cumulative) else 0
     if n == 0:
         return -np.inf
-    return sorted_desc[max(math.floor(n * fraction) - 1, 0)]
+    position = max(math.floor(n * fraction) - 1, 0)
+    return sorted_desc[position if cumulative is None else np.searchsorted(cumulative, position, "right")]
 
 
-def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
-    """1:N search results from ``sims`` (probes × gallery cosine similarities).
+class Search(NamedTuple):
+    """Per-probe outcome of a 1:N search (:func:`search`), from which every 1:N figure is counted."""
+    mated: np.ndarray          # bool per probe: its subject is in the gallery
+    rank: np.ndarray           # per mated probe: place of its target in the sorted gallery
+    score: np.ndarray          # per mated probe: similarity to its target
+    correct: np.ndarray        # per mated probe: target above every other subject's score (None without fpir)
+    nonmated_best: np.ndarray  # per non-mated probe: its best similarity (None without fpir)
+    num_gallery: int
+
+
+def search(sims, gallery_subjects, probe_subjects, fpir=True):
+    """:class:`Search` outcomes from ``sims`` (probes × gallery cosine similarities).
 
     A probe is mated when its subject has a gallery template; its target is the subject's first
     gallery template. Rank = place of the target when the gallery is sorted by decreasing
-    similarity, ties kept in gallery order. TPIR@FPIR f: a mated probe counts when its target
-    score is above every other subject's score and above the threshold from the non-mated probes'
-    best scores (:func:`_threshold`). Returns (summary dict, top-k hit counts, TPIR curve on
-    ``CURVE_FPIR``).
+    similarity, ties kept in gallery order. ``correct``: the target score is above every other
+    subject's score (the TPIR condition besides the threshold).
     """
     if sims.shape[1] == 0:
         raise UserError("1:N evaluation: empty gallery")
@@ -192,22 +216,46 @@ def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
     score = mated_sims[np.arange(len(target)), target][:, None]
     columns = np.arange(sims.shape[1])[None, :]
     rank = (mated_sims > score).sum(1) + ((mated_sims == score) & (columns < target[:, None])).sum(1)
-    hits = {k: int((rank < k).sum()) for k in ks}
-    num_mated = int(mated.sum())
+    correct = nonmated_best = None
+    if fpir:
+        same = gallery_subjects[None, :] == probe_subjects[mated][:, None]
+        correct = score[:, 0] > np.where(same, -np.inf, mated_sims).max(1, initial=-np.inf)
+        nonmated_best = sims[~mated].max(1, initial=-np.inf)
+    return Search(mated, rank, score[:, 0], correct, nonmated_best, int(sims.shape[1]))
+
+
+def search_summary(result, ks=TOPK, weights=None):
+    """(summary dict, top-k hit counts, TPIR curve on ``CURVE_FPIR``) of a :class:`Search`.
+
+    Top-k = share of mated probes whose target ranks below k. TPIR@FPIR f: share of mated probes
+    that are ``correct`` and score above the threshold from the non-mated probes' best scores
+    (:func:`_threshold`). ``weights``: integer multiplicity of each probe (a bootstrap resample);
+    the figures are those of the probes repeated that many times.
+    """
+    weights = np.ones(len(result.mated), np.int64) if weights is None else np.asarray(weights, np.int64)
+    mated_weights = weights[result.mated]
+    hits = {k: int(mated_weights[result.rank < k].sum()) for k in ks}
+    num_mated = int(mated_weights.sum())
     summary = {f"top{k}": hits[k] / num_mated if num_mated else float("nan") for k in ks}
-    summary.update(num_gallery=int(sims.shape[1]), num_mated=num_mated, num_nonmated=int(len(mated) - num_mated))
-    if not fpir:
+    summary.update(num_gallery=result.num_gallery, num_mated=num_mated, num_nonmated=int(weights.sum()) - num_mated)
+    if result.correct is None:
         return summary, hits, None
-    same = gallery_subjects[None, :] == probe_subjects[mated][:, None]
-    correct = score[:, 0] > np.where(same, -np.inf, mated_sims).max(1, initial=-np.inf)
-    impostor = -np.sort(-sims[~mated].max(1, initial=-np.inf))
-    score = score[:, 0]
+    order = np.argsort(-result.nonmated_best, kind="stable")
+    impostor = result.nonmated_best[order]
+    cumulative = np.cumsum(weights[~result.mated][order])
 
     def tpir(fraction):
-        return float(np.mean(correct & (score > _threshold(impostor, fraction)))) if num_mated else float("nan")
+        passed = result.correct & (result.score > _threshold(impostor, fraction, cumulative))
+        return int(mated_weights[passed].sum()) / num_mated if num_mated else float("nan")
 
     summary["TPIR@FPIR"] = {key: tpir(Fraction(key)) for key in FPIR_KEYS}
     return summary, hits, np.array([tpir(f) for f in CURVE_FPIR])
+
+
+def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
+    """1:N search results from ``sims`` (probes × gallery cosine similarities): :func:`search` counted
+    by :func:`search_summary`. Returns (summary dict, top-k hit counts, TPIR curve on ``CURVE_FPIR``)."""
+    return search_summary(search(sims, gallery_subjects, probe_subjects, fpir), ks)
 
 
 def identification_report(galleries, probes, probe_subjects, mixed=True):
