@@ -289,7 +289,8 @@ def plot_results(rows, path):
         found = [(i, row_of[(m, test)]) for i, m in enumerate(methods) if (m, test) in row_of]
         ys = [r["value"] for _, r in found]
         # a percentile interval need not contain the value: bars are clipped at it
-        errors = [[max(r["value"] - r["ci_low"], 0) for _, r in found], [max(r["ci_high"] - r["value"], 0) for _, r in found]]
+        errors = [[max(r["value"] - r["ci_low"], 0) for _, r in found],
+                  [max(r["ci_high"] - r["value"], 0) for _, r in found]]
         ax.bar([i + offset for i, _ in found], ys, width=0.4, yerr=errors, capsize=3, label=f"{test}-test")
     if ("old", "self") in row_of:
         old = row_of[("old", "self")]
