@@ -206,7 +206,8 @@ def test_feature_naming():
     assert feature_path(sd, credible_kind(0.95), "/x") == "/x/f128_r18_softmax_class70_credible_ratio_95_feature.npy"
     assert split_rec("/d/train_part_30_class", sd) == "/d/train_part_70_class"
     assert split_rec("/d/train_part_30_data", "f8_r18_arc_data100") == "/d/train"
-    for bad in ("f128_r18_softmax_class50", "128_r18_softmax_class70", "f128_class", "f128_../x_class70"):
+    assert parse_sd("128_r18_softmax_class70") == (None, "class70")  # any name before the split, as published
+    for bad in ("f128_r18_softmax_class50", "f128_class", "f128_../x_class70"):
         with pytest.raises(UserError, match="--SD"):
             parse_sd(bad)
     with pytest.raises(UserError, match="kind"):

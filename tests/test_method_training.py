@@ -195,7 +195,8 @@ def _nccl_steps(rank, world, folder, labels, batch):
         classifier.weight.copy_(centres[classifier.class_start:classifier.class_start + classifier.num_local])
     local = 2 * batch // world
     cfg = edict(config_path="nccl.py", embedding_size=6, batch_size=local, queue_size=16, alpha=1.0, beta=0.5,
-                temperature=0.7, credible_old_feature=None, old_embedding=os.path.join(folder, "old.npy"))
+                temperature=0.7, credible_old_feature=None, old_embedding=os.path.join(folder, "old.npy"),
+                l1_gradient_scale=1.0, l2_gradient=True)
     ctx = types.SimpleNamespace(cfg=cfg, classifier=classifier, device=torch.device("cpu"), dataset=labels,
                                 dist=types.SimpleNamespace(world_size=world, rank=rank),
                                 logger=types.SimpleNamespace(info=lambda *a: None))

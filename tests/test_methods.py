@@ -161,7 +161,7 @@ def test_unibct_lambda_zero_gives_plain_mean_and_rows_sum_to_one():
 
 def test_unibct_influence_weight_and_state(tmp_path):
     ctx, *_ = fake_ctx(tmp_path, loss_weight=1.0, refine_epochs=(2, 3), refine_lambda=0.9, refine_tau=0.05,
-                       refine_normalize=True)
+                       refine_softmax="row", refine_normalize=True)
     method = UniBCT(ctx.cfg)
     method.setup(ctx)
     weights = []
@@ -236,7 +236,7 @@ def _nccl_reference(new, old, labels, q_feat, q_logit, q_labels, new_logits, tau
 
 def test_nccl_method_matches_direct_formulas(tmp_path):
     ctx, features, _, _, labels = fake_ctx(tmp_path, queue_size=16, alpha=1.0, beta=0.5, temperature=0.7,
-                                           credible_old_feature=None)
+                                           credible_old_feature=None, l1_gradient_scale=1.0, l2_gradient=True)
     method = NCCL(ctx.cfg)
     method.setup(ctx)
     for indices in ([0, 4, 8, 1, 5, 9], [2, 6, 10, 3, 7, 11]):
@@ -260,7 +260,8 @@ def test_nccl_method_matches_direct_formulas(tmp_path):
 
 
 def test_nccl_credible_filter_skips_uncredible_samples(tmp_path):
-    ctx, _, mask, _, labels = fake_ctx(tmp_path, queue_size=16, alpha=1.0, beta=0.01, temperature=1.0)
+    ctx, _, mask, _, labels = fake_ctx(tmp_path, queue_size=16, alpha=1.0, beta=0.01, temperature=1.0,
+                                       l1_gradient_scale=8.0, l2_gradient=False)
     method = NCCL(ctx.cfg)
     method.setup(ctx)
     indices = torch.tensor([0, 1, 2, 3, 4, 5])
@@ -323,7 +324,7 @@ def test_adversarial_loss_and_reversed_backbone_gradient():
     disc = Discriminator(4, hidden=5)
     new = F.normalize(torch.randn(3, 4)).requires_grad_()
     old = F.normalize(torch.randn(2, 4))
-    loss = adversarial_loss(disc, new, old, 0.7)
+    loss = adversarial_loss(disc, new, old, 0.7, joint_batch=True)
     log_p = disc(torch.cat([new, old]))
     expected = -log_p[:3, 0].mean() - log_p[3:, 1].mean()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)

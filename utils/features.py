@@ -1,8 +1,9 @@
 """Old-feature files (steps 2–4): their names, the split an SD refers to, and embedding a dataset.
 
-``SD`` ("scenario detail") names one set of old features, ``f<d>_<old backbone>_<old loss>_<split>``
-(e.g. ``f128_r18_softmax_class70``). Files live in ``feature_save/<scenario>/`` under the repository
-root (or a folder the user gives), named ``<SD>_<kind>.npy``:
+``SD`` ("scenario detail") names one set of old features, ``<name>_<split>``, by convention
+``f<d>_<old backbone>_<old loss>_<split>`` (e.g. ``f128_r18_softmax_class70``). Files live in
+``feature_save/<scenario>/`` under the repository root (or a folder the user gives), named
+``<SD>_<kind>.npy``:
 
 =========================  ============================  ======================================
 kind                       file                          content
@@ -43,13 +44,13 @@ CHUNK_ROWS = 16384        # rows per chunk: the unit of gathering to rank 0 and 
 
 
 def parse_sd(sd):
-    """``(embedding size, split suffix)`` of an SD such as ``f128_r18_softmax_class70``."""
+    """``(embedding size or None, split suffix)`` of an SD: ``<any name>_<split>`` as the published tools
+    take it (``f128_r18_softmax_class70``, ``myrun_class70``); the size is read from an ``f<d>`` first part."""
     parts = str(sd).split("_")
-    if (len(parts) < 2 or not re.fullmatch(r"f[1-9]\d*", parts[0]) or parts[-1] not in SCENARIOS
-            or not all(re.fullmatch(r"[A-Za-z0-9.\-]+", p) for p in parts)):
-        raise UserError(f"--SD '{sd}': expected f<dim>_<old backbone>_<old loss>_<split> with split one of "
-                        f"{', '.join(SCENARIOS)} (e.g. f128_r18_softmax_class70)")
-    return int(parts[0][1:]), parts[-1]
+    if len(parts) < 2 or parts[-1] not in SCENARIOS or not all(re.fullmatch(r"[A-Za-z0-9.\-]+", p) for p in parts):
+        raise UserError(f"--SD '{sd}': expected <name>_<split> with split one of {', '.join(SCENARIOS)} and a "
+                        f"name of letters, digits, '.', '-', '_' (e.g. f128_r18_softmax_class70)")
+    return (int(parts[0][1:]) if re.fullmatch(r"f[1-9]\d*", parts[0]) else None), parts[-1]
 
 
 def scenario_of(sd):
@@ -214,7 +215,7 @@ def _gather_chunk(local, chunk_rows, dim, dist_info):
 def add_sd_args(parser):
     """``--SD`` (required) and ``--output`` (folder of the feature files)."""
     parser.add_argument("--SD", required=True,
-                        help="scenario detail f<dim>_<old backbone>_<old loss>_<split>, e.g. f128_r18_softmax_class70")
+                        help="scenario detail <name>_<split>, e.g. f128_r18_softmax_class70")
     parser.add_argument("--output", default=None,
                         help="folder of the feature files (default: feature_save/<scenario> in the repository)")
     return parser
@@ -266,7 +267,7 @@ def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers
     try:
         model = load_backbone(model_file, cfg.network, cfg.network_width, cfg.input_size, dist_info.device)
         size = _embedding_size(model, cfg.input_size, dist_info.device)
-        if size != dim:
+        if dim is not None and size != dim:
             raise UserError(f"{model_file} makes {size}-d embeddings but --SD {sd} says f{dim}")
         dataset = MXFaceDataset(rec, train=False, input_size=cfg.input_size, uint8=True)
         precision = "fp16" if cfg.fp16 and dist_info.device.type == "cuda" else "fp32"

@@ -73,6 +73,10 @@ class Method:
     def extra_modules(self):
         return {}
 
+    def clipped_with_backbone(self):
+        """Parameters of the extra modules clipped to one gradient norm together with the backbone."""
+        return []
+
     def on_epoch_start(self, epoch, ctx: TrainContext):
         pass
 
@@ -194,6 +198,7 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
         for param in module.parameters():
             dist.broadcast(param.data, 0)
     extra_params = [p for m in extra.values() for p in m.parameters() if p.requires_grad]
+    clipped_params = [*backbone.parameters(), *method.clipped_with_backbone()]
 
     param_groups = [{"params": [p for p in backbone.parameters() if p.requires_grad]},
                     {"params": list(pfc.parameters())}]
@@ -270,7 +275,7 @@ def train(cfg, method: Method, classifier="arcface", local_rank=None, resume=Fal
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     embeddings = ddp_backbone(images)
                 loss, parts = method.compute_loss(embeddings.float(), labels, indices, ctx)
-                optimizer_step(loss, optimizer, scaler, backbone.parameters(), cfg.clip_grad, extra_params, world)
+                optimizer_step(loss, optimizer, scaler, clipped_params, cfg.clip_grad, extra_params, world)
                 scheduler.step()
                 global_step += 1
                 batch += 1

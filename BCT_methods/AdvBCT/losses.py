@@ -7,13 +7,23 @@ when the class has ≥ 4 members; ``utils.feature_stats.advbct_class_stats``).
 
 * Elastic boundary, for classes with ≥ 2 kept radii: e_c = sigmoid(w_c)·|r_c − t| with a learnable
   w_c per class (initialised U(−1, 1)) and t = ``threshold`` (0.4); r'_c = r_c + e_c if r_c < t,
-  else r_c − e_c.  L_p2s = 4 · mean_i max(‖n̂(f_i) − μ_{y_i}‖ − r'_{y_i}, 0)  over those samples.
+  else r_c − e_c.  L_p2s = 4 · mean_i max(‖n̂(f_i) − μ_{y_i}‖ − r'_{y_i}, 0)  over those samples
+  (by default only those with a positive penalty, see below).
 * Adversarial: a discriminator D = Linear(d,100)–BN–ReLU–Linear(100,2)–log-softmax tells old
   features (label 1) from new ones (label 0); the new ones reach it through a gradient-reversal
   layer with coefficient 2/(1 + e^(−10p)) − 1, p = training progress in [0, 1].
   L_adv = 4 · (E − epoch + 1)/E · (NLL(D(GRL(n̂(f))), 0) + NLL(D(n̂(o)), 1)), epoch counted from 0.
 
-L = L_cls + L_p2s + L_adv. Old and new features go through D as one batch (one BatchNorm batch).
+L = L_cls + L_p2s + L_adv. Three switches reproduce the published code by default:
+
+* ``discriminator_joint_batch = False``: D sees the new and the old features in two calls, so its
+  BatchNorm normalises each group on its own and D cannot use a shift of mean or scale between
+  them (the published adversarial term stays near chance, 2·ln 2). True: one joint batch.
+* ``p2s_average = "violating"``: L_p2s is averaged over the samples with a positive penalty;
+  ``"all"``: over every sample of a boundary class, as the formula is written.
+* ``clip_extra_modules = True``: the discriminator and the boundary weights are clipped together with
+  the backbone (to one gradient norm, as they lived inside the published backbone); False: the
+  backbone alone is clipped.
 """
 import math
 
@@ -53,10 +63,16 @@ class Discriminator(nn.Sequential):
                          nn.Linear(hidden, 2), nn.LogSoftmax(dim=1))
 
 
-def adversarial_loss(discriminator, new_normalized, old_normalized, coefficient):
-    """``NLL(D(GRL(new)), 0) + NLL(D(old), 1)``, both means; the backbone receives reversed gradients."""
+def adversarial_loss(discriminator, new_normalized, old_normalized, coefficient, joint_batch=False):
+    """``NLL(D(GRL(new)), 0) + NLL(D(old), 1)``, both means; the backbone receives reversed gradients.
+
+    ``joint_batch``: D sees new and old rows as one batch (one BatchNorm batch) instead of two calls.
+    """
     reversed_new = GradientReversal.apply(new_normalized, coefficient)
-    log_probs = discriminator(torch.cat([reversed_new, old_normalized]))
+    if joint_batch:
+        log_probs = discriminator(torch.cat([reversed_new, old_normalized]))
+    else:
+        log_probs = torch.cat([discriminator(reversed_new), discriminator(old_normalized)])
     count = new_normalized.shape[0]
     new_target = torch.zeros(count, dtype=torch.long, device=log_probs.device)
     old_target = torch.ones(old_normalized.shape[0], dtype=torch.long, device=log_probs.device)
@@ -77,28 +93,34 @@ class ElasticBoundary(nn.Module):
         return torch.where(radius < self.threshold, radius + elastic, radius - elastic)
 
 
-def point_to_set_loss(new_normalized, centres, radii, valid):
-    """``mean over valid rows of max(‖new_i − centre_i‖ − radius_i, 0)`` (0 without valid rows).
+def point_to_set_loss(new_normalized, centres, radii, valid, average="all"):
+    """Mean of ``max(‖new_i − centre_i‖ − radius_i, 0)`` over the valid rows (``average="all"``) or over
+    the valid rows with a positive penalty (``"violating"``, as published); 0 without such rows.
 
     ``centres`` (N×d), ``radii`` (N) and ``valid`` (N bool) are per row, i.e. indexed by the labels.
     """
     penalty = F.relu((new_normalized - centres).norm(dim=1) - radii)
-    if not bool(valid.any()):
+    used = valid & (penalty > 0) if average == "violating" else valid
+    if not bool(used.any()):
         return penalty.sum() * 0.0
-    return penalty[valid].mean()
+    return penalty[used].mean()
 
 
 class AdvBCT(Method):
     """``L = L_cls + p2s_weight·L_p2s + adv_weight·(E − epoch + 1)/E·L_adv``; keys ``old_embedding``,
-    ``threshold`` (0.4), ``p2s_weight`` (4), ``adv_weight`` (4), ``discriminator_hidden`` (100).
+    ``threshold`` (0.4), ``p2s_weight`` (4), ``adv_weight`` (4), ``discriminator_hidden`` (100),
+    ``discriminator_joint_batch``, ``p2s_average``, ``clip_extra_modules``.
     Extra modules (trained, checkpointed): ``boundary`` (w_c) and ``discriminator``."""
 
     name = "AdvBCT"
 
     def setup(self, ctx):
         cfg = ctx.cfg
-        require_keys(cfg, self.name, "old_embedding", "threshold", "p2s_weight", "adv_weight", "discriminator_hidden")
+        require_keys(cfg, self.name, "old_embedding", "threshold", "p2s_weight", "adv_weight", "discriminator_hidden",
+                     "discriminator_joint_batch", "p2s_average", "clip_extra_modules")
         require(cfg.threshold >= 0, f"config {cfg.config_path}: threshold must be >= 0, got {cfg.threshold}")
+        require(cfg.p2s_average in ("violating", "all"),
+                f"config {cfg.config_path}: p2s_average must be 'violating' or 'all', got {cfg.p2s_average!r}")
         self.old = open_features(ctx)
         num_classes = ctx.classifier.num_classes
         labels = ctx.dataset.labels
@@ -117,13 +139,20 @@ class AdvBCT(Method):
     def extra_modules(self):
         return {"boundary": self.boundary, "discriminator": self.discriminator}
 
+    def clipped_with_backbone(self):
+        if not self.cfg.clip_extra_modules:
+            return []
+        return [*self.boundary.parameters(), *self.discriminator.parameters()]
+
     def compute_loss(self, embeddings, labels, indices, ctx):
         cfg = ctx.cfg
         cls = ctx.classifier(embeddings, labels)
         new = F.normalize(embeddings)
         old = F.normalize(self.old.gather(indices, ctx.device))
-        p2s = point_to_set_loss(new, self.centres[labels], self.boundary(self.radii, labels), self.valid[labels])
-        adv = adversarial_loss(self.discriminator, new, old, grl_coefficient(ctx.progress))
+        p2s = point_to_set_loss(new, self.centres[labels], self.boundary(self.radii, labels), self.valid[labels],
+                                cfg.p2s_average)
+        adv = adversarial_loss(self.discriminator, new, old, grl_coefficient(ctx.progress),
+                               cfg.discriminator_joint_batch)
         adv_weight = cfg.adv_weight * (cfg.num_epoch - ctx.epoch + 1) / cfg.num_epoch
         loss = cls + cfg.p2s_weight * p2s + adv_weight * adv
         return loss, {"cls": cls.detach(), "p2s": p2s.detach(), "adv": adv.detach()}

@@ -9,12 +9,18 @@ w_ij = (1 + n̂(o_i)·q_j) / 2:
 
     l1 = −mean_i  Σ_{j∈P_i} w_ij · log softmax_j(n̂(f_i)·q_j / τ) / |P_i|
     l2 = −mean_i  Σ_{j∈P_i} w_ij · log softmax_j(z_i·ζ_j / τ)   / |P_i|
-    L  = L_cls + α·l1 + β·l2           (α = 1, β = 0.01, τ = 1)
+    L  = L_cls + s·α·l1 + β·l2           (α = 1, β = 0.01, τ = 1)
 
 z_i = the new embedding's cosine logits over all C classes. The classifier is sharded over the
 ranks, so each rank holds its columns of z and ζ: z_i·ζ_j is the sum over ranks of the shards' dot
-products (an all-reduce). Unlike the published code, whose gathered logits carried no gradient
-(so l2 trained nothing), l2 here back-propagates into the backbone and the classifier.
+products (an all-reduce). Two switches reproduce the published code by default:
+
+* ``l2_gradient = False``: the published l2 logits came through a plain all-gather, so l2 carried
+  no gradient (it is computed and logged, and trains nothing); True back-propagates l2 into the
+  backbone and the classifier.
+* ``l1_gradient_scale = 8`` (s): the published all-gather's backward multiplied l1's gradient by
+  the process count, so on its 8 GPUs l1 weighed 8·α against the classification loss; 1 gives α.
+
 Optional highly-credible filtering (``credible_old_feature``, off by default as in the published
 runs, which found almost every MS1MV3 sample credible): samples whose mask is 0 are neither
 enqueued nor used as anchors (mask e.g. from ``utils.feature_stats.nccl_feature_credible_mask``,
@@ -78,13 +84,13 @@ class SumOverRanks(torch.autograd.Function):
 class OldFeatureQueue:
     """FIFO ring buffer of n̂(o), labels and this rank's shard of the old logits (empty slots: label −1).
 
-    Logits are kept in fp16 on CUDA (cosine logits lie in [−1, 1]) and fp32 on CPU.
+    Everything is fp32 (as the published queue): fp16 logits would let the small l2 gradients
+    underflow when no loss scaling runs.
     """
 
     def __init__(self, size, dim, num_logits, device):
-        logit_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.features = torch.zeros(size, dim, device=device)
-        self.logits = torch.zeros(size, num_logits, dtype=logit_dtype, device=device)
+        self.logits = torch.zeros(size, num_logits, device=device)
         self.labels = torch.full((size,), -1, dtype=torch.long, device=device)
         self.pointer = 0
 
@@ -113,14 +119,16 @@ class OldFeatureQueue:
 
 
 class NCCL(Method):
-    """``L = L_cls + alpha·l1 + beta·l2``; keys ``old_embedding``, ``queue_size``, ``alpha``, ``beta``,
-    ``temperature`` and optionally ``credible_old_feature``. The queue is method state."""
+    """``L = L_cls + l1_gradient_scale·alpha·l1 + beta·l2``; keys ``old_embedding``, ``queue_size``, ``alpha``,
+    ``beta``, ``temperature``, ``l1_gradient_scale``, ``l2_gradient`` and optionally ``credible_old_feature``.
+    The queue is method state."""
 
     name = "NCCL"
 
     def setup(self, ctx):
         cfg = ctx.cfg
-        require_keys(cfg, self.name, "old_embedding", "queue_size", "alpha", "beta", "temperature")
+        require_keys(cfg, self.name, "old_embedding", "queue_size", "alpha", "beta", "temperature",
+                     "l1_gradient_scale", "l2_gradient")
         global_batch = cfg.batch_size * ctx.dist.world_size
         require(cfg.queue_size >= global_batch,
                 f"config {cfg.config_path}: queue_size {cfg.queue_size} is smaller than the global batch "
@@ -149,11 +157,11 @@ class NCCL(Method):
         weights = consensus_weights(old, self.queue.features)
         l1 = consensus_contrastive_loss(F.normalize(embeddings) @ self.queue.features.t(), labels,
                                         self.queue.labels, weights, cfg.temperature, anchors)
-        new_logits = ctx.classifier.logits(AllGatherRows.apply(embeddings))
-        partial = (new_logits.to(self.queue.logits.dtype) @ self.queue.logits.t()).float()
-        scores = SumOverRanks.apply(partial, world)[rank * batch:(rank + 1) * batch]
-        l2 = consensus_contrastive_loss(scores, labels, self.queue.labels, weights, cfg.temperature, anchors)
-        loss = cls + cfg.alpha * l1 + cfg.beta * l2
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.l2_gradient)):
+            new_logits = ctx.classifier.logits(AllGatherRows.apply(embeddings))
+            scores = SumOverRanks.apply(new_logits @ self.queue.logits.t(), world)[rank * batch:(rank + 1) * batch]
+            l2 = consensus_contrastive_loss(scores, labels, self.queue.labels, weights, cfg.temperature, anchors)
+        loss = cls + cfg.l1_gradient_scale * cfg.alpha * l1 + cfg.beta * l2
         return loss, {"cls": cls.detach(), "l1": l1.detach(), "l2": l2.detach()}
 
     def state_dict(self):

@@ -4,18 +4,22 @@ Zhang et al., "Towards Universal Backward-Compatible Representation Learning", I
 refine epochs (10 and 20) the whole training set is embedded with the current new model and, for
 every class c with n images, the old features O_c (n×d) are propagated over the new-feature graph:
 
-    S = n̂(F_c)·n̂(F_c)ᵀ / τ  (diagonal masked out),   A = row-softmax(S),
-    Π = (1 − λ)(I − λA)⁻¹,   refined O_c = Π·O_c,   prototype_c = n̂(mean of the rows of Π·O_c)
+    S = n̂(F_c)·n̂(F_c)ᵀ / τ  (diagonal masked out),   A = softmax(S) over rows or columns,
+    Π = (1 − λ)(I − λA)⁻¹,   refined O_c = Π·O_c,   prototype_c = mean of the rows of Π·O_c
 
-(τ = 0.05, λ = 0.9). A is row-stochastic, so every row of Π sums to 1: each refined old feature is
-a weighted average of its class's old features, weighted by how the *new* model relates them.
-Only the mean is needed, so it is computed as wᵀO_c with w = Πᵀ1/n (one solve with one right-hand
-side per class).
-The prototype is L2-normalised (``refine_normalize``), like the step-3 prototypes it replaces, so
-λ → 0 gives back exactly the step-3 prototype. A one-image class keeps its old feature (Π = 1).
+(τ = 0.05, λ = 0.9). Only the mean is needed, so it is computed as wᵀO_c with w = Πᵀ1/n (one
+solve with one right-hand side per class). A one-image class keeps its old feature (Π = 1).
 The influence loss is that of BCT with weight 0 before the first refine epoch and 1 after.
-The published code normalised A column-wise (softmax over dim 0), needed two GPUs for this step,
-and its step learning-rate decay never took effect; this is the intended behaviour.
+
+Two switches reproduce the published code by default:
+
+* ``refine_softmax = "column"``: A is column-stochastic, so 1ᵀΠ = 1ᵀ and the prototype is exactly
+  the plain class mean of the old features (the refinement refines nothing). ``"row"``: every row
+  of Π sums to 1, each refined old feature is a weighted average of its class's old features,
+  weighted by how the new model relates the images.
+* ``refine_normalize = False``: the prototype is not normalised, so the influence logits become
+  ‖μ_c‖·cos from the first refinement on. True L2-normalises it like the step-3 prototypes (then
+  λ → 0 gives back exactly the step-3 prototype).
 """
 import numpy as np
 import torch
@@ -28,15 +32,19 @@ from utils.features import embed_dataset
 from utils.old_features import compute_on_main, open_features, require_keys
 
 
-def propagation_weights(new, lam, tau):
+SOFTMAX_DIMS = {"row": -1, "column": -2}
+
+
+def propagation_weights(new, lam, tau, softmax="row"):
     """Weights w (G×n) with ``mean of the rows of Π·O = Σ_j w_j O_j``; ``new``: G classes × n images × d (n ≥ 2).
 
     w = Πᵀ1/n = (1 − λ)(I − λA)⁻ᵀ 1/n: one linear solve per class instead of n×d right-hand sides.
+    ``softmax``: "row" or "column" (the published normalisation of A; then w = 1/n exactly).
     """
     unit = F.normalize(new.float(), dim=-1)
     scores = unit @ unit.transpose(1, 2) / tau
     scores.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-    affinity = torch.softmax(scores, dim=-1)
+    affinity = torch.softmax(scores, dim=SOFTMAX_DIMS[softmax])
     count = new.shape[1]
     eye = torch.eye(count, dtype=affinity.dtype, device=affinity.device)
     ones = torch.full((new.shape[0], count, 1), (1 - lam) / count, dtype=affinity.dtype, device=affinity.device)
@@ -44,7 +52,7 @@ def propagation_weights(new, lam, tau):
 
 
 def refine_prototypes(new_features, old_features, labels, num_classes, lam=0.9, tau=0.05, normalize=True,
-                      device="cpu", max_elements=1 << 24):
+                      device="cpu", max_elements=1 << 24, softmax="row"):
     """UniBCT prototypes (C×d float32 tensor on ``device``) from N×d new and old features in dataset order.
 
     Classes are processed in batches of equal size (G×n×n blocks, at most about ``max_elements``
@@ -70,7 +78,7 @@ def refine_prototypes(new_features, old_features, labels, num_classes, lam=0.9, 
                 refined = old[:, 0]
             else:
                 new = torch.from_numpy(np.asarray(new_features[take], dtype=np.float32)[position]).to(device)
-                weights = propagation_weights(new.view(len(group), size, dim), lam, tau)
+                weights = propagation_weights(new.view(len(group), size, dim), lam, tau, softmax)
                 refined = (weights.unsqueeze(1) @ old).squeeze(1)
             prototypes[torch.from_numpy(group).to(device)] = refined
     return F.normalize(prototypes) if normalize else prototypes
@@ -78,7 +86,7 @@ def refine_prototypes(new_features, old_features, labels, num_classes, lam=0.9, 
 
 class UniBCT(BCT):
     """BCT whose prototypes are refined at ``refine_epochs``; keys as BCT plus ``old_embedding``,
-    ``refine_epochs``, ``refine_lambda``, ``refine_tau``, ``refine_normalize``.
+    ``refine_epochs``, ``refine_lambda``, ``refine_tau``, ``refine_softmax``, ``refine_normalize``.
 
     The refined prototypes and the epochs already refined are method state (checkpointed), so a run
     resumed after a refine epoch continues with the refined prototypes.
@@ -89,7 +97,10 @@ class UniBCT(BCT):
     def setup(self, ctx):
         super().setup(ctx)
         cfg = ctx.cfg
-        require_keys(cfg, self.name, "old_embedding", "refine_epochs", "refine_lambda", "refine_tau")
+        require_keys(cfg, self.name, "old_embedding", "refine_epochs", "refine_lambda", "refine_tau", "refine_softmax",
+                     "refine_normalize")
+        require(cfg.refine_softmax in SOFTMAX_DIMS,
+                f"config {cfg.config_path}: refine_softmax must be 'row' or 'column', got {cfg.refine_softmax!r}")
         self.refine_epochs = sorted(int(e) for e in cfg.refine_epochs)
         require(all(0 <= e < cfg.num_epoch for e in self.refine_epochs),
                 f"config {cfg.config_path}: refine_epochs {tuple(cfg.refine_epochs)} must lie in "
@@ -119,7 +130,7 @@ class UniBCT(BCT):
                             amp=bool(cfg.fp16) and ctx.device.type == "cuda")
         (self.prototypes,) = compute_on_main(lambda: [refine_prototypes(
             new, self.old.array, ctx.dataset.labels, ctx.classifier.num_classes, cfg.refine_lambda, cfg.refine_tau,
-            cfg.refine_normalize, ctx.device)], ctx.device)
+            cfg.refine_normalize, ctx.device, softmax=cfg.refine_softmax)], ctx.device)
         ctx.logger.info("UniBCT: prototypes refined")
 
     def state_dict(self):

@@ -8,3 +8,6 @@ config.queue_size = 8192             # FIFO queue of old features, labels and ol
 config.alpha = 1.0                   # weight of l1 (embedding level)
 config.beta = 0.01                   # weight of l2 (logit level)
 config.temperature = 1.0             # τ of both contrastive softmaxes
+# published behaviour by default (docs/methods.md, "Differences from the published code"):
+config.l1_gradient_scale = 8.0       # l1 × this: the published all-gather backward scaled l1 by the 8 GPUs; 1 = α
+config.l2_gradient = False           # False: l2 is logged and trains nothing (published); True: l2 trains the model

@@ -10,4 +10,6 @@ config.lr_steps = (20, 26, 32)
 config.refine_epochs = (10, 20)      # epochs (from 0) at whose start the prototypes are refined
 config.refine_lambda = 0.9           # λ of Π = (1 − λ)(I − λA)⁻¹
 config.refine_tau = 0.05             # τ of the new-feature affinities S = n̂(f)·n̂(f)ᵀ / τ
-config.refine_normalize = True       # L2-normalise the refined prototypes (as the step-3 ones)
+# published behaviour by default (docs/methods.md, "Differences from the published code"):
+config.refine_softmax = "column"     # "column": prototype = plain class mean (published); "row": real propagation
+config.refine_normalize = False      # False: un-normalised prototypes, logits ‖μ‖·cos (published); True: unit prototypes

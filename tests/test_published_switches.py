@@ -1,0 +1,335 @@
+"""Each difference from the published code (docs/methods.md) in both settings, against hand computations.
+
+The default of every switch reproduces the published code; the other setting is the corrected one.
+"""
+import importlib
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from BCT_methods.AdvBCT.losses import AdvBCT, Discriminator, adversarial_loss, point_to_set_loss
+from BCT_methods.NCCL.losses import NCCL, OldFeatureQueue, consensus_contrastive_loss
+from BCT_methods.UniBCT.losses import refine_prototypes
+from tests.helpers import ROOT
+from tests.test_methods import fake_ctx
+from utils.errors import UserError
+from utils.features import feature_path, parse_sd, scenario_of
+from utils.schedule import lr_multiplier
+from utils.trainer import optimizer_step
+
+WORLD = 2
+
+
+def _base(method):
+    return importlib.import_module(f"BCT_methods.{method}.configs.base").config
+
+
+def test_defaults_are_the_published_settings():
+    adv, uni, nccl = _base("AdvBCT"), _base("UniBCT"), _base("NCCL")
+    assert (adv.discriminator_joint_batch, adv.p2s_average, adv.clip_extra_modules) == (False, "violating", True)
+    assert (uni.refine_softmax, uni.refine_normalize) == ("column", False)
+    assert (nccl.l2_gradient, nccl.l1_gradient_scale) == (False, 8.0)
+
+
+# AdvBCT ------------------------------------------------------------------------------------------
+
+def test_published_discriminator_sees_two_batchnorm_batches():
+    torch.manual_seed(0)
+    disc = Discriminator(4, hidden=6)
+    new, old = F.normalize(torch.randn(5, 4)), F.normalize(torch.randn(3, 4))
+    separate = -disc(new)[:, 0].mean() - disc(old)[:, 1].mean()
+    joint = disc(torch.cat([new, old]))
+    together = -joint[:5, 0].mean() - joint[5:, 1].mean()
+    assert adversarial_loss(disc, new, old, 0.5).item() == pytest.approx(separate.item(), abs=1e-6)
+    assert adversarial_loss(disc, new, old, 0.5, joint_batch=True).item() == pytest.approx(together.item(), abs=1e-6)
+    assert abs(separate.item() - together.item()) > 1e-3
+
+
+def test_published_discriminator_cannot_see_a_shift_and_stays_at_chance():
+    """Old = 3·new + 0.5: each group's own BatchNorm hides the shift, so D outputs the same for both and the
+    loss never goes below 2·ln 2; one joint batch lets D learn the difference."""
+    losses = {}
+    for joint in (False, True):
+        torch.manual_seed(1)
+        disc = Discriminator(4, hidden=16)
+        optimizer = torch.optim.SGD(disc.parameters(), lr=0.5)
+        for _ in range(60):
+            new = torch.randn(32, 4)
+            loss = adversarial_loss(disc, new, 3 * new + 0.5, 0.0, joint_batch=joint)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        losses[joint] = loss.item()
+    assert losses[False] >= 2 * math.log(2) - 1e-4
+    assert losses[True] < 0.5
+
+
+def test_point_to_set_average_violating_or_all():
+    new = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.0, 1.0]])
+    centres = torch.tensor([[0.0, 0.0], [0.0, 0.5], [0.6, 0.8], [0.0, 1.0]])
+    radii, valid = torch.tensor([0.3, 0.1, 0.1, 0.2]), torch.tensor([True, True, False, True])
+    # penalties: 0.7, 0.4, (row 2 invalid), 0 (inside its boundary)
+    assert point_to_set_loss(new, centres, radii, valid, "violating").item() == pytest.approx((0.7 + 0.4) / 2)
+    assert point_to_set_loss(new, centres, radii, valid, "all").item() == pytest.approx((0.7 + 0.4 + 0.0) / 3)
+    inside = point_to_set_loss(new[3:], centres[3:], radii[3:], valid[3:], "violating")
+    assert inside.item() == 0.0
+
+
+@pytest.mark.parametrize("joint_clip", [True, False])
+def test_clip_extra_modules_with_the_backbone(tmp_path, joint_clip):
+    ctx, *_ = fake_ctx(tmp_path, threshold=0.4, p2s_weight=4.0, adv_weight=4.0, discriminator_hidden=5,
+                       discriminator_joint_batch=False, p2s_average="violating", clip_extra_modules=joint_clip)
+    method = AdvBCT(ctx.cfg)
+    method.setup(ctx)
+    extra = method.clipped_with_backbone()
+    expected = [*method.boundary.parameters(), *method.discriminator.parameters()] if joint_clip else []
+    assert len(extra) == len(expected) and all(a is b for a, b in zip(extra, expected))
+    # one backbone and one extra parameter with gradients 3 and 4: the joint norm is 5
+    backbone, module = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([backbone, module], lr=1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    clipped = [backbone, module] if joint_clip else [backbone]
+    optimizer_step((3 * backbone + 4 * module).sum(), optimizer, scaler, clipped, clip_grad=1.0)
+    expected_step = (-0.6, -0.8) if joint_clip else (-1.0, -4.0)
+    assert (backbone.item(), module.item()) == pytest.approx(expected_step, abs=1e-6)
+
+
+# UniBCT ------------------------------------------------------------------------------------------
+
+def _refine_direct(new, old, lam, tau, axis):
+    """Π·O averaged over rows with A = softmax(S) over ``axis`` (0: columns, as published), float64."""
+    unit = new / np.linalg.norm(new, axis=1, keepdims=True)
+    scores = unit @ unit.T / tau
+    np.fill_diagonal(scores, -np.inf)
+    affinity = np.exp(scores - scores.max(axis=axis, keepdims=True))
+    affinity /= affinity.sum(axis=axis, keepdims=True)
+    return ((1 - lam) * np.linalg.inv(np.eye(len(new)) - lam * affinity) @ old).mean(axis=0)
+
+
+def test_published_refinement_is_the_plain_class_mean():
+    rng = np.random.default_rng(3)
+    labels = np.array([0, 1, 0, 2, 0, 1, 0, 1, 1])
+    new, old = rng.normal(size=(9, 5)), 12 * rng.normal(size=(9, 5))
+    published = refine_prototypes(new, old, labels, 3, 0.9, 0.05, normalize=False, softmax="column").numpy()
+    corrected = refine_prototypes(new, old, labels, 3, 0.9, 0.05, normalize=True, softmax="row").numpy()
+    for c in range(3):
+        rows = labels == c
+        mean = old[rows].mean(axis=0)
+        np.testing.assert_allclose(published[c], mean, rtol=1e-4, atol=1e-4)  # not normalised: ‖μ‖ ≫ 1
+        if c != 2:  # class 2 has one image: its old feature
+            np.testing.assert_allclose(published[c], _refine_direct(new[rows], old[rows], 0.9, 0.05, 0), rtol=1e-4,
+                                       atol=1e-4)
+            row = _refine_direct(new[rows], old[rows], 0.9, 0.05, 1)
+            np.testing.assert_allclose(corrected[c], row / np.linalg.norm(row), rtol=1e-4, atol=1e-5)
+            assert np.abs(corrected[c] - mean / np.linalg.norm(mean)).max() > 1e-3
+    assert np.linalg.norm(published, axis=1).min() > 5
+
+
+def test_refine_softmax_key_is_checked(tmp_path):
+    from BCT_methods.UniBCT.losses import UniBCT
+
+    ctx, *_ = fake_ctx(tmp_path, loss_weight=1.0, refine_epochs=(2,), refine_lambda=0.9, refine_tau=0.05,
+                       refine_softmax="rows", refine_normalize=False)
+    with pytest.raises(UserError, match="refine_softmax must be 'row' or 'column'"):
+        UniBCT(ctx.cfg).setup(ctx)
+
+
+def test_published_step_decay_matches_the_step_schedule():
+    """The published loop: StepLR(step_size=1, gamma=0.1) stepped after each epoch e with e + 1 in [20, 26, 32]."""
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+    published = []
+    for epoch in range(35):
+        published.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        if epoch + 1 in (20, 26, 32):
+            scheduler.step()
+    ours = [0.1 * lr_multiplier(epoch * 10, 350, 0, "step", 2.0, 10, (20, 26, 32)) for epoch in range(35)]
+    np.testing.assert_allclose(published, ours, rtol=1e-9)
+    assert published[19] == pytest.approx(0.1) and published[20] == pytest.approx(0.01)
+    assert published[32] == pytest.approx(1e-4)
+
+
+# NCCL --------------------------------------------------------------------------------------------
+
+def _nccl_gradients(tmp_path, l2_gradient, scale):
+    tmp_path.mkdir()
+    ctx, *_ = fake_ctx(tmp_path, queue_size=16, alpha=1.0, beta=0.5, temperature=0.7, credible_old_feature=None,
+                       l1_gradient_scale=scale, l2_gradient=l2_gradient)
+    method = NCCL(ctx.cfg)
+    method.setup(ctx)
+    torch.manual_seed(4)
+    embeddings = torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    loss, parts = method.compute_loss(embeddings, labels, torch.tensor([0, 1, 4, 5, 8, 9]), ctx)
+    grads = torch.autograd.grad(loss, [embeddings, ctx.classifier.weight])
+    return loss, parts, grads, embeddings, ctx.classifier(embeddings, labels)
+
+
+def test_published_l2_has_no_gradient_and_l1_weighs_scale_times_alpha(tmp_path):
+    loss, parts, grads, embeddings, cls = _nccl_gradients(tmp_path / "published", False, 8.0)
+    assert loss.item() == pytest.approx(cls.item() + 8.0 * parts["l1"].item() + 0.5 * parts["l2"].item(), abs=1e-5)
+    assert parts["l2"].item() > 0  # computed and logged
+    (tmp_path / "check").mkdir()
+    ctx, *_ = fake_ctx(tmp_path / "check", queue_size=16, alpha=1.0, beta=0.0, temperature=0.7,
+                       credible_old_feature=None, l1_gradient_scale=8.0, l2_gradient=True)
+    no_l2 = NCCL(ctx.cfg)
+    no_l2.setup(ctx)
+    emb = embeddings.detach().clone().requires_grad_()
+    loss_no_l2, _ = no_l2.compute_loss(emb, torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 4, 5, 8, 9]), ctx)
+    expected = torch.autograd.grad(loss_no_l2, [emb, ctx.classifier.weight])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)  # β·l2 (β = 0.5) adds nothing to any gradient
+    _, _, trained, _, _ = _nccl_gradients(tmp_path / "corrected", True, 8.0)
+    assert (trained[0] - grads[0]).abs().max() > 1e-4 and (trained[1] - grads[1]).abs().max() > 1e-4
+
+
+def test_queue_logits_are_fp32():
+    queue = OldFeatureQueue(4, 2, 3, torch.device("cpu"))
+    queue.push(torch.zeros(2, 2), torch.tensor([0, 1]), torch.full((2, 3), 1e-3, dtype=torch.float16))
+    assert queue.logits.dtype == torch.float32 and queue.features.dtype == torch.float32
+
+
+class _PublishedAllGather(torch.autograd.Function):
+    """The published all-gather: backward sums every rank's gradient of this rank's rows, times the world size."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return grad[rank * ctx.rows:(rank + 1) * ctx.rows] * world
+
+
+def _published_flow(rank, folder):
+    """One step of the published NCCL gradient flow on 2 gloo ranks: DDP backbone, gathered embeddings, l1 of this
+    rank's slice, and the Partial FC classification loss; saves the backbone gradient of each loss."""
+    from losses import ArcFace, PartialFC
+    from utils.distributed import cleanup
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD)
+    try:
+        data = torch.load(os.path.join(folder, "data.pt"), weights_only=True)
+        batch = data["inputs"].shape[0] // WORLD
+        mine = slice(rank * batch, (rank + 1) * batch)
+        grads = {}
+        for name in ("l1", "cls"):
+            torch.manual_seed(0)
+            backbone = nn.Linear(5, 4)
+            ddp = nn.parallel.DistributedDataParallel(backbone)
+            embeddings = ddp(data["inputs"][mine])
+            if name == "l1":
+                gathered = F.normalize(_PublishedAllGather.apply(embeddings))[mine]
+                loss = consensus_contrastive_loss(gathered @ data["queue"].t(), data["labels"][mine],
+                                                  data["queue_labels"], data["weights"][mine])
+            else:
+                pfc = PartialFC(ArcFace(), 4, 3)
+                with torch.no_grad():
+                    pfc.weight.copy_(data["centres"][pfc.class_start:pfc.class_start + pfc.num_local])
+                loss = pfc(embeddings, data["labels"][mine])
+            loss.backward()
+            grads[name] = backbone.weight.grad
+        torch.save(grads, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        cleanup()
+
+
+def test_published_l1_weighs_world_size_against_the_classification_loss(tmp_path):
+    """Against one process holding the whole batch, the published flow gives the classification loss its exact
+    gradient and l1 world_size × its gradient: on the published 8 GPUs l1 weighed 8·α."""
+    from losses import ArcFace
+
+    g = torch.Generator().manual_seed(7)
+    data = {"inputs": torch.randn(8, 5, generator=g), "labels": torch.tensor([0, 1, 2, 0, 1, 1, 2, 0]),
+            "queue": F.normalize(torch.randn(10, 4, generator=g)), "queue_labels": torch.tensor([0, 1, 2] * 3 + [0]),
+            "weights": torch.rand(8, 10, generator=g), "centres": torch.randn(3, 4, generator=g)}
+    torch.save(data, tmp_path / "data.pt")
+    torch.multiprocessing.spawn(_published_flow, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    reference = {}
+    for name in ("l1", "cls"):
+        torch.manual_seed(0)
+        backbone = nn.Linear(5, 4)
+        embeddings = backbone(data["inputs"])
+        if name == "l1":
+            loss = consensus_contrastive_loss(F.normalize(embeddings) @ data["queue"].t(), data["labels"],
+                                              data["queue_labels"], data["weights"])
+        else:
+            logits = F.linear(F.normalize(embeddings), F.normalize(data["centres"])).clamp(-1, 1)
+            loss = F.cross_entropy(ArcFace()(logits, data["labels"]), data["labels"])
+        loss.backward()
+        reference[name] = backbone.weight.grad
+    for result in ranks:  # DDP averaged the ranks' gradients, so both ranks hold the same
+        torch.testing.assert_close(result["cls"], reference["cls"])
+        torch.testing.assert_close(result["l1"], WORLD * reference["l1"])
+
+
+# Denoising and SD names --------------------------------------------------------------------------
+
+def _denoise_main():
+    path = os.path.join(ROOT, "tools", "get_feature", "denoise_credible.py")
+    spec = importlib.util.spec_from_file_location("denoise_credible", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _published_mask(features, labels, T, columns):
+    """The published rule: rows (and columns) L2-normalised, per class keep the ceil(T·n) nearest to the mean."""
+    data = features / np.linalg.norm(features, axis=1, keepdims=True)
+    if columns:
+        data = data / np.linalg.norm(data, axis=0, keepdims=True)
+    mask = np.zeros(len(labels), dtype=np.uint8)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        distances = np.linalg.norm(data[rows] - data[rows].mean(axis=0), axis=1)
+        mask[rows[np.argsort(distances, kind="stable")[:math.ceil(T * len(rows))]]] = 1
+    return mask
+
+
+def test_default_denoise_mask_is_the_published_rule_with_column_normalisation(tmp_path):
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(4), 10)
+    scales = np.array([20.0, 5.0, 1.0, 0.2, 0.05])  # anisotropic: column normalisation changes the ranking
+    features = ((rng.normal(size=(4, 5))[labels] + rng.normal(size=(40, 5))) * scales).astype(np.float32)
+    sd = "myrun_class70"  # any name before the split, as the published tools accept
+    np.save(tmp_path / f"{sd}_feature.npy", features)
+    np.save(tmp_path / f"{sd}_label.npy", labels.astype(np.int64))
+    main, out = _denoise_main(), tmp_path / f"{sd}_credible_ratio_60_feature.npy"
+    main(["--T", "0.6", "--SD", sd, "--output", str(tmp_path)])
+    published = _published_mask(features.astype(np.float64), labels, 0.6, columns=True)
+    rows_only = _published_mask(features.astype(np.float64), labels, 0.6, columns=False)
+    assert not np.array_equal(published, rows_only)  # the toy set tells the two rules apart
+    assert np.array_equal(np.load(out), published)
+    main(["--T", "0.6", "--SD", sd, "--output", str(tmp_path), "--column_norm"])
+    assert np.array_equal(np.load(out), published)
+    main(["--T", "0.6", "--SD", sd, "--output", str(tmp_path), "--no_column_norm"])
+    assert np.array_equal(np.load(out), rows_only)
+
+
+def test_sd_names_as_the_published_tools_take_them():
+    assert parse_sd("f512_r100_arc_glint_class70") == (512, "class70")
+    assert parse_sd("myrun_class70") == (None, "class70")
+    assert parse_sd("128_r18_softmax_data100") == (None, "data100")
+    assert scenario_of("myrun_data30") == "OPdata"
+    assert feature_path("myrun_class100", "feature", "/x") == "/x/myrun_class100_feature.npy"
+    assert feature_path("myrun_class100", "feature").endswith("feature_save/EXclass/myrun_class100_feature.npy")
+    for bad in ("class70", "myrun_class50", "my/run_class70", "my run_class70"):
+        with pytest.raises(UserError, match="--SD"):
+            parse_sd(bad)
