@@ -6,10 +6,12 @@ demo configs follow its options; run by hand, they default to ``dataset/syntheti
 ``work_dirs/demo``, ``OPclass``, the full size and seed 0.
 
 **Tuning rule.** Every method runs with its published hyper-parameters: the keys of
-``BCT_methods/<Method>/configs/base.py`` are not changed, and every new model (the independent one
-included) uses the published ArcFace margin 0.5 and scale 64. Only quantities that the published
-code ties to the size of the data or the length of the run are converted, the same way for every
-method:
+``BCT_methods/<Method>/configs/base.py`` are not changed. What all methods share is changed once,
+for all of them: every new model (the independent one included) trains the same ArcFace classifier
+with margin 0.3 and scale 32, because with the published 0.5 and 64 this small network never leaves
+the starting plateau on a CPU budget (loss stuck at 38 ≈ 64·sin 0.5 + ln 1400 after 2 of 5 epochs:
+target cosines stay at 0, the model learns nothing). Quantities that the published code ties to
+the size of the data or the length of the run are converted, the same way for every method:
 
 - an epoch of the published 35-epoch schedule becomes the same fraction of the demo's epochs
   (:func:`scaled_epoch`: UniBCT's refinement epochs and its learning-rate steps);
@@ -37,6 +39,7 @@ INPUT_SIZE = 32
 BATCH_SIZE = 64
 OLD_NETWORK, OLD_WIDTH = "r18", 8       # the old model: r18 layout, 8-channel stem
 NEW_NETWORK, NEW_WIDTH = "r18", 12      # every new model: the same layout, 1.5x wider (2.2x the FLOPs)
+NEW_MARGIN_LIST, NEW_SCALE = (1.0, 0.3, 0.0), 32.0   # every new model's ArcFace (published: 0.5, 64)
 PUBLISHED_EPOCHS = 35
 PUBLISHED_CLASS70_IMAGES = 3598269      # MS1MV3 class70: the training set of the published OPclass configs
 
@@ -85,8 +88,10 @@ def old_model(config, name):
 
 
 def new_model(config, name):
-    """The demo's new model (ArcFace with the published margin and scale, on the new split), one per seed."""
+    """The demo's new model (ArcFace, on the new split), one per seed."""
     config = common(config, NEW_NETWORK, NEW_WIDTH, NEW_SPLIT, run_name(name))
+    config.margin_list = NEW_MARGIN_LIST
+    config.scale = NEW_SCALE
     config.num_epoch = NEW_EPOCHS
     config.seed = 666 + SEED_INDEX
     return config
