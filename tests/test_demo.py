@@ -66,3 +66,16 @@ def test_seeds_combine_to_mean_interval_and_sd():
     assert "| BCT | cross |  | 0.520 ± 0.037 (sd 0.072) |" in table and "| yes |" in table
     overlap = results_table([rows[0], _row("BCT", "cross", "TAR@FAR=1e-3", 0.42, 0.41, 0.45)], "OPclass")
     assert "| yes (intervals overlap) |" in overlap
+
+
+def test_seed_index_names_the_run_and_sets_the_seed(tmp_path):
+    """``BCT_DEMO_SEED=k`` (set by ``--seeds``) gives the k-th model its own seed and folder; NCCL's
+    queue keeps the published fraction of the training set, at least one batch."""
+    code = ("from utils.config import get_config; "
+            "c = get_config('BCT_methods/NCCL/configs/demo_NCCL.py'); print(c.seed, c.output, c.queue_size)")
+    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_SEED="2", BCT_DEMO_QUICK="0")
+    proc = python("-c", code, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["668", str(tmp_path / "NCCL_seed2"), "64"]
+    env["BCT_DEMO_SEED"] = "0"
+    assert python("-c", code, env=env).stdout.split()[:2] == ["666", str(tmp_path / "NCCL")]
