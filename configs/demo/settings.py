@@ -31,7 +31,7 @@ QUICK = os.environ.get("BCT_DEMO_QUICK", "0") == "1"
 SEED_INDEX = int(os.environ.get("BCT_DEMO_SEED", "0"))
 
 # profile → (synthetic identities, images per identity, IJB-C-style subjects, old-model epochs, new-model epochs)
-PROFILES = {"full": (2000, 8, 800, 3, 5), "quick": (40, 10, 24, 2, 2)}
+PROFILES = {"full": (400, 20, 800, 2, 6), "quick": (40, 10, 24, 2, 2)}
 IDENTITIES, IMAGES_PER_IDENTITY, IJB_SUBJECTS, OLD_EPOCHS, NEW_EPOCHS = PROFILES["quick" if QUICK else "full"]
 
 EMBEDDING_SIZE = 128
