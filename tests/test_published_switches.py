@@ -59,9 +59,9 @@ def test_published_discriminator_cannot_see_a_shift_and_stays_at_chance():
     for joint in (False, True):
         torch.manual_seed(1)
         disc = Discriminator(4, hidden=16)
-        optimizer = torch.optim.SGD(disc.parameters(), lr=0.5)
-        for _ in range(60):
-            new = torch.randn(32, 4)
+        optimizer = torch.optim.SGD(disc.parameters(), lr=1.0)
+        new = torch.randn(64, 4)
+        for _ in range(20):
             loss = adversarial_loss(disc, new, 3 * new + 0.5, 0.0, joint_batch=joint)
             optimizer.zero_grad()
             loss.backward()
