@@ -2,21 +2,6 @@
 
     python -m torch.distributed.launch --nproc_per_node=8 train_old_softmax.py configs/f256_r18_softmax_class30.py
 """
-from easydict import EasyDict as edict
+from configs.scenarios import old_model
 
-config = edict()
-config.network = "r18"
-config.embedding_size = 256
-config.sample_rate = 1.0
-config.fp16 = True
-config.batch_size = 128
-config.lr = 0.1
-config.momentum = 0.9
-config.weight_decay = 5e-4
-config.num_epoch = 35
-config.warmup_epoch = 0
-config.rec = "dataset/ms1m-retinaface-t1/train_part_30_class"
-config.num_classes = 28029
-config.num_image = 1581241
-config.num_workers = 4
-config.frequent = 10
+config = old_model("class30", "softmax", 256)

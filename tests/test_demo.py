@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from tests.helpers import python
 
 METHODS = ["independent", "L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT"]
@@ -10,7 +12,8 @@ METRICS = {"TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e
 
 def test_quick_demo_end_to_end(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
-    proc = python("tools/run_demo.py", "--quick", "--out", str(out), "--data", str(data), timeout=1500)
+    proc = python("tools/run_demo.py", "--quick", "--out", str(out), "--data", str(data), "--bootstrap", "20",
+                  timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     stages = ["data", "split", "old_model", "features", "prototypes", "denoise"]
@@ -19,16 +22,17 @@ def test_quick_demo_end_to_end(tmp_path):
         assert report["seconds"][stage] > 0, stage
         assert f"[{stage}] done" in proc.stdout
     rows = report["rows"]
+    assert report["seeds"] == 1 and report["bootstrap"]["resamples"] == 20
     for row in rows:
-        assert set(row) == {"method", "test", "metric", "value"}
+        assert set(row) == {"method", "test", "metric", "value", "ci_low", "ci_high"}
         assert row["metric"] in METRICS and row["test"] in ("self", "cross")
-        assert 0.0 <= row["value"] <= 1.0
+        assert 0.0 <= row["ci_low"] <= row["ci_high"] <= 1.0
     seen = {(r["method"], r["test"], r["metric"]) for r in rows}
     assert {("old", "self", m) for m in METRICS} <= seen
     for method in METHODS:
         assert {(method, t, m) for t in ("self", "cross") for m in METRICS} <= seen
     table = (out / "results.md").read_text()
-    assert "| MixBCT | cross |" in table and "compatible" in table
+    assert "| MixBCT | cross |" in table and "compatible" in table and " ± " in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in METHODS:
         assert os.path.isfile(out / method / "model.pt")
@@ -39,3 +43,39 @@ def test_demo_rejects_unknown_method(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --methods: unknown method 'Foo' (expected some of "
                                                 "L2, BCT, UniBCT, NCCL, AdvBCT, MixBCT)"]
+
+
+def _row(method, test, metric, value, low, high):
+    return dict(method=method, test=test, metric=metric, value=value, ci_low=low, ci_high=high)
+
+
+def test_seeds_combine_to_mean_interval_and_sd():
+    from tools.run_demo import combine_seeds, results_table
+
+    rows = [_row("old", "self", "TAR@FAR=1e-3", 0.40, 0.37, 0.43),
+            _row("BCT", "cross", "TAR@FAR=1e-3", 0.50, 0.46, 0.52),
+            _row("BCT", "cross", "TAR@FAR=1e-3", 0.60, 0.58, 0.64),
+            _row("BCT", "cross", "TAR@FAR=1e-3", 0.46, 0.40, 0.50)]
+    combined = combine_seeds(rows)
+    assert combined[0] == rows[0]
+    bct = combined[1]
+    assert bct["seeds"] == 3 and bct["value"] == pytest.approx(0.52) and bct["ci_low"] == pytest.approx(0.48)
+    assert bct["ci_high"] == pytest.approx(0.5533333333) and bct["sd"] == pytest.approx(0.0721110255)
+    table = results_table(combined, "OPclass", seeds=3, resamples=200)
+    assert "| old | self |  | 0.400 ± 0.030 |" in table
+    assert "| BCT | cross |  | 0.520 ± 0.037 (sd 0.072) |" in table and "| yes |" in table
+    overlap = results_table([rows[0], _row("BCT", "cross", "TAR@FAR=1e-3", 0.42, 0.41, 0.45)], "OPclass")
+    assert "| yes (intervals overlap) |" in overlap
+
+
+def test_seed_index_names_the_run_and_sets_the_seed(tmp_path):
+    """``BCT_DEMO_SEED=k`` (set by ``--seeds``) gives the k-th model its own seed and folder; NCCL's
+    queue keeps the published fraction of the training set, at least one batch."""
+    code = ("from utils.config import get_config; "
+            "c = get_config('BCT_methods/NCCL/configs/demo_NCCL.py'); print(c.seed, c.output, c.queue_size)")
+    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_SEED="2", BCT_DEMO_QUICK="0")
+    proc = python("-c", code, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["668", str(tmp_path / "NCCL_seed2"), "64"]
+    env["BCT_DEMO_SEED"] = "0"
+    assert python("-c", code, env=env).stdout.split()[:2] == ["666", str(tmp_path / "NCCL")]

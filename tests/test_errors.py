@@ -561,6 +561,11 @@ def _eval(w, data, *extra, model=None):
             "-R", os.path.join(w, "results", "r.npz"), *extra]
 
 
+@case(IJB, "`--bootstrap -1` (subject resamples of the intervals)", "--bootstrap must be 0 (off)")
+def ijb_negative_bootstrap(w, s):
+    return _eval(w, s.ijb, "--bootstrap", "-1", model=s.model)
+
+
 @case(IJB, "IJB meta file missing (`ijbc_template_pair_label.txt`)", "meta file not found")
 def ijb_missing_meta_file(w, s):
     data = _ijb_data(w, s)
@@ -816,6 +821,11 @@ def demo_unknown_method(w, s):
 def demo_generation_method_not_trained(w, s):
     return ["--quick", "--methods", "L2", "--generations", "3", "--generation_method", "MixBCT",
             "--out", os.path.join(w, "demo"), "--data", os.path.join(w, "data")]
+
+
+@case("tools/run_demo.py", "`--seeds 0`", "--seeds must be at least 1")
+def demo_zero_seeds(w, s):
+    return ["--quick", "--seeds", "0", "--out", os.path.join(w, "demo"), "--data", os.path.join(w, "data")]
 
 
 # ------------------------------------------------------------------------------------ running

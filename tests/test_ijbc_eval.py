@@ -303,3 +303,55 @@ def test_embedding_shared_by_two_gloo_ranks_gives_the_same_result(ijb, tmp_path)
         shared = json.load(handle)
     single = json.loads(json.dumps(evaluate(**dict(kwargs, cache_dir=str(tmp_path / "single")))))
     assert _metrics_of(shared) == _metrics_of(single)
+
+
+# --------------------------------------------------------------------------------------------- bootstrap
+def _nested_pairs(value, interval, path=""):
+    """(path, value, [low, high]) of every figure that has an interval."""
+    if isinstance(interval, dict):
+        for key in interval:
+            yield from _nested_pairs(value[key], interval[key], f"{path}/{key}")
+    else:
+        yield path, value, interval
+
+
+@pytest.mark.parametrize("one_to_n", [False, True])
+def test_bootstrap_of_unchanged_subjects_gives_the_reported_figures(ijb, one_to_n, monkeypatch):
+    """Resamples that draw every subject once recompute exactly the reported value of every figure."""
+    from tools.ijbc_eval import bootstrap
+
+    monkeypatch.setattr(bootstrap, "subject_counts", lambda num, resamples, seed=0: np.ones((resamples, num), np.int32))
+    result = evaluate(ijb.new, data_path=ijb.data, one_to_n=one_to_n, model_file_old=ijb.old, resamples=3, **TINY)
+    figures = list(_nested_pairs(result, result["CI95"]))
+    # 1:N: overall, G1 and G2 (top-k and TPIR each) and mixed (top-k); 1:1: TAR@FAR and AUC
+    want = 3 * (len(metrics.TOPK) + len(metrics.FPIR_KEYS)) + len(metrics.TOPK) if one_to_n else len(metrics.FAR_KEYS) + 1
+    assert len(figures) == want
+    for path, value, (low, high) in figures:
+        assert low == pytest.approx(value, abs=1e-12) and high == pytest.approx(value, abs=1e-12), path
+
+
+def test_bootstrap_pairs_carry_their_subjects(ijb):
+    """Genuine 1:1 pairs join templates of one subject, impostor pairs of two (subjects from the 1:N lists)."""
+    from tools.ijbc_eval.ijbc_eval import _template_subjects
+
+    meta = load_meta(ijb.data)
+    s1 = _template_subjects(ijb.data, "IJBC", meta.pairs["t1"])
+    s2 = _template_subjects(ijb.data, "IJBC", meta.pairs["t2"])
+    np.testing.assert_array_equal(s1 == s2, meta.pairs["labels"] == 1)
+
+
+def test_cli_bootstrap_writes_intervals(ijb, tmp_path):
+    out = tmp_path / "r.npz"
+    proc = python(SCRIPT, "-m", ijb.new, "-net", "r18", "--width", "8", "--input_size", "32", "-d", ijb.data,
+                  "--num_workers", "0", "-R", str(out), "--bootstrap", "40")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["bootstrap"]["resamples"] == 40
+    low, high = result["CI95"]["TAR@FAR"]["1e-1"]
+    assert 0 <= low <= high <= 1 and low < high
+    assert "± half-width of the 95 % interval over 40 subject resamples" in proc.stdout
+    assert f"{100 * result['AUC']:.2f} ± {100 * (result['CI95']['AUC'][1] - result['CI95']['AUC'][0]) / 2:.2f}" \
+        in proc.stdout
+    bad = python(SCRIPT, "-m", ijb.new, "-d", ijb.data, "--bootstrap", "-1")
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "error: --bootstrap must be 0 (off) or a number of resamples, got -1"

@@ -1,12 +1,13 @@
 """The whole pipeline on synthetic data, on a CPU, ending with the comparison table.
 
     python tools/run_demo.py [--quick] [--methods L2,BCT,…] [--scenario OPclass] [--out DIR] [--reuse]
-        [--generations 3 [--generation_method L2]]
+                             [--seeds K] [--bootstrap N] [--generations 3 [--generation_method L2]]
 
 Stages (each the real stage script, run as a subprocess with its own log under ``<out>/logs/``):
 synthetic data → split → old model (softmax) → old features → prototypes → denoising →
-independent new model and each BCT method → IJB-C-style 1:1 and 1:N, self-test and cross-test.
-Writes ``<out>/results.md``, ``<out>/results.json`` and ``<out>/results.png``.
+independent new model and each BCT method (K seeds each with ``--seeds K``) → IJB-C-style 1:1 and
+1:N, self-test and cross-test, with 95 % subject-bootstrap intervals. Writes ``<out>/results.md``,
+``<out>/results.json`` and ``<out>/results.png``. Sizes and the tuning rule: configs/demo/settings.py.
 ``--generations 3`` then trains a third generation with ``--generation_method`` against the second
 generation's features (the model that method trained) and ends with the compatibility matrix of the
 three generations on held-out synthetic identities (``tools/compat_eval``): ``<out>/compat.md``.
@@ -27,8 +28,7 @@ from utils.io import atomic_np_savez, atomic_open, safe_np_load  # noqa: E402
 
 METHODS = ("L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT")
 SCENARIOS = ("OPclass", "OPdata", "EXclass", "EXdata")
-# (identities, images per identity, IJB identities) of the synthetic set
-DATA_SIZES = {"full": (400, 20, 120), "quick": (40, 10, 24)}
+BOOTSTRAP = {"full": 100, "quick": 20}   # default subject resamples of the intervals
 METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
 GEN3_WIDTH = 16                                        # the third generation: wider again than the second
 HELDOUT_SIZES = {"full": (100, 10), "quick": (20, 6)}   # held-out identities × images for the matrix
@@ -45,16 +45,17 @@ class Pipeline:
 
     def stage(self, name, command, done_when=()):
         """Run ``command`` (argv list, python scripts relative to the repo root) unless its outputs exist."""
-        self.parallel([(name, command, done_when)], jobs=1)
+        self.parallel([(name, command, done_when, {})], jobs=1)
 
     def parallel(self, stages, jobs):
-        """Run independent stages, up to ``jobs`` at a time, each with an equal share of the CPU threads."""
+        """Run independent stages ``(name, command, done_when, extra environment)``, up to ``jobs`` at a
+        time, each with an equal share of the CPU threads."""
         threads = str(max(1, (os.cpu_count() or 1) // jobs))
         env = dict(self.env, OMP_NUM_THREADS=threads) if jobs > 1 else self.env
         pending, running = list(stages), {}
         while pending or running:
             while pending and len(running) < jobs:
-                name, command, done_when = pending.pop(0)
+                name, command, done_when, extra_env = pending.pop(0)
                 if self.reuse and done_when and all(os.path.exists(p) for p in done_when):
                     print(f"[{name}] reused ({', '.join(os.path.relpath(p, ROOT) for p in done_when)})", flush=True)
                     self.seconds[name] = 0.0
@@ -62,7 +63,7 @@ class Pipeline:
                 log = os.path.join(self.logs, f"{name}.log")
                 print(f"[{name}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
                 handle = open(log, "w")
-                proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env,
+                proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=dict(env, **extra_env),
                                         stdout=handle, stderr=subprocess.STDOUT)
                 running[name] = (proc, handle, log, time.time())
             time.sleep(0.2)
@@ -78,11 +79,12 @@ class Pipeline:
                     raise UserError(f"stage '{name}' failed (exit {proc.returncode}): {_last_line(log)} — see {log}")
                 print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
 
-    def evaluate(self, name, model, old_model, data, settings):
-        """IJB-C 1:1 and 1:N of one model, self-test and (new models) cross-test against the old model.
+    def evaluate(self, name, model, network, width, data, old_embeddings=None, resamples=0):
+        """IJB-C 1:1 and 1:N of one model, self-test and (with ``old_embeddings``) cross-test.
 
-        The models embed the images once (``ijbc_eval.evaluate`` with saved embeddings); the other
-        protocols are computed from those embeddings (``restore_embs``), as a user would with -E.
+        The model embeds the images once (``ijbc_eval.evaluate`` with saved embeddings); the other
+        protocols, and the cross-test against the old model's saved embeddings, are computed from
+        them (``restore_embs``), as a user would with -E. Returns ``(results, embeddings file)``.
         """
         from tools.ijbc_eval.ijbc_eval import evaluate
 
@@ -91,34 +93,29 @@ class Pipeline:
         stage, log = f"eval_{name}", os.path.join(self.logs, f"eval_{name}.log")
         print(f"[{stage}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
         start = time.time()
-        cross = name != "old"
-        sizes = dict(width=settings.NEW_WIDTH if cross else settings.OLD_WIDTH, input_size=settings.INPUT_SIZE,
-                     old_width=settings.OLD_WIDTH,
-                     old_input_size=settings.INPUT_SIZE, data_path=data, num_workers=1)
+        options = dict(data_path=data, resamples=resamples)
         results = []
         try:
             with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
-                first = os.path.join(folder, f"{name}_{'cross' if cross else 'self'}_11.npz")
-                network = settings.NEW_NETWORK if cross else settings.OLD_NETWORK
-                result = evaluate(model, network, model_file_old=old_model if cross else None,
-                                  network_old=settings.OLD_NETWORK, save_embeddings=True, save_result=first, **sizes)
-                results.append(("cross" if cross else "self", "1:1", result))
-                embeddings = dict(safe_np_load(first))
-                self_embs = os.path.join(folder, f"{name}_self_embs.npz")
-                atomic_np_savez(self_embs, embs=embeddings["embs"], embs_f=embeddings["embs_f"])
-                runs = [("self", False, self_embs), ("self", True, self_embs)] if cross else [("self", True, self_embs)]
-                if cross:
-                    runs.append(("cross", True, first))
+                first = os.path.join(folder, f"{name}_self_11.npz")
+                results.append(("self", evaluate(model, network, width=width, input_size=settings().INPUT_SIZE,
+                                                 num_workers=1, save_embeddings=True, save_result=first, **options)))
+                runs = [("self", True, first)]
+                if old_embeddings is not None:
+                    cross = os.path.join(folder, f"{name}_cross_embs.npz")
+                    with safe_np_load(first) as new, safe_np_load(old_embeddings) as old:
+                        atomic_np_savez(cross, embs=new["embs"], embs_f=new["embs_f"],
+                                        embs_old=old["embs"], embs_f_old=old["embs_f"])
+                    runs += [("cross", False, cross), ("cross", True, cross)]
                 for test, one_to_n, source in runs:
                     tag = f"{name}_{test}_{'1N' if one_to_n else '11'}.npz"
-                    results.append((test, "1:N" if one_to_n else "1:1", evaluate(
-                        restore_embs=source, one_to_n=one_to_n, data_path=data,
-                        save_result=os.path.join(folder, tag))))
+                    results.append((test, evaluate(restore_embs=source, one_to_n=one_to_n,
+                                                   save_result=os.path.join(folder, tag), **options)))
         except (UserError, OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"stage '{stage}' failed: {exc} — see {log}") from None
         self.seconds[stage] = round(time.time() - start, 1)
         print(f"[{stage}] done in {self.seconds[stage]:.1f} s", flush=True)
-        return results
+        return results, first
 
 
 def _last_line(path):
@@ -131,8 +128,17 @@ def _method_config(method):
     return os.path.join("BCT_methods", method, "configs", f"demo_{method}.py")
 
 
+def settings():
+    """The demo's settings module (imported once ``run_pipeline`` has set its environment)."""
+    from configs.demo import settings as module
+
+    return module
+
+
 def run_pipeline(args):
     require(args.jobs >= 1, f"--jobs must be at least 1, got {args.jobs}")
+    require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
+    require(args.bootstrap is None or args.bootstrap >= 0, f"--bootstrap must be 0 or more, got {args.bootstrap}")
     for method in args.methods:
         require(method in METHODS, f"--methods: unknown method '{method}' (expected some of {', '.join(METHODS)})")
     require(args.generations == 2 or args.generation_method in args.methods,
@@ -143,14 +149,15 @@ def run_pipeline(args):
     os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_SCENARIO=args.scenario,
                       BCT_DEMO_QUICK="1" if args.quick else "0")
     os.environ.setdefault("BCT_CACHE_DIR", os.path.join(out, "cache"))   # resume caches of the stages
-    from configs.demo import settings  # reads the variables above, as every stage's config does
+    demo = settings()  # reads the variables above, as every stage's config does
+    resamples = BOOTSTRAP["quick" if args.quick else "full"] if args.bootstrap is None else args.bootstrap
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     pipe = Pipeline(out, env, args.reuse)
     started = time.time()
 
-    identities, per_identity, ijb = DATA_SIZES["quick" if args.quick else "full"]
-    pipe.stage("data", ["tools/synthetic/make_synthetic.py", "--out", data, "--identities", str(identities),
-                        "--images-per-identity", str(per_identity), "--ijb-identities", str(ijb)],
+    pipe.stage("data", ["tools/synthetic/make_synthetic.py", "--out", data, "--identities", str(demo.IDENTITIES),
+                        "--images-per-identity", str(demo.IMAGES_PER_IDENTITY),
+                        "--ijb-identities", str(demo.IJB_SUBJECTS)],
                done_when=[os.path.join(data, "train.idx"), os.path.join(data, "IJBC", "meta")])
     pipe.stage("split", ["tools/split_dataset/split_dataset_ms1mv3.py", "--root", data],
                done_when=[os.path.join(data, f"{s}.idx") for s in
@@ -159,30 +166,36 @@ def run_pipeline(args):
     old_model = os.path.join(out, "old_softmax", "model.pt")
     pipe.stage("old_model", ["train_old_softmax.py", old_cfg], done_when=[old_model])
     feature_dir = os.path.join(out, "feature_save", args.scenario)
-    pipe.stage("features", ["tools/get_feature/get_feature.py", old_cfg, "--SD", settings.SD, "--output", feature_dir],
-               done_when=[settings.feature("feature"), settings.feature("label")])
-    pipe.stage("prototypes", ["tools/get_feature/get_avg_feature.py", "--SD", settings.SD, "--output", feature_dir],
-               done_when=[settings.feature("avg_feature")])
-    pipe.stage("denoise", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", settings.SD,
-                           "--output", feature_dir], done_when=[settings.feature("credible_ratio_90_feature")])
+    pipe.stage("features", ["tools/get_feature/get_feature.py", old_cfg, "--SD", demo.SD, "--output", feature_dir],
+               done_when=[demo.feature("feature"), demo.feature("label")])
+    pipe.stage("prototypes", ["tools/get_feature/get_avg_feature.py", "--SD", demo.SD, "--output", feature_dir],
+               done_when=[demo.feature("avg_feature")])
+    pipe.stage("denoise", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", demo.SD,
+                           "--output", feature_dir], done_when=[demo.feature("credible_ratio_90_feature")])
 
     new_models = {"independent": ("train_old_arc.py", "configs/demo/independent.py")}
     for method in args.methods:
         new_models[method] = (os.path.join("BCT_methods", method, "train.py"), _method_config(method))
-    pipe.parallel([(f"train_{name}", [script, cfg], [os.path.join(out, name, "model.pt")])
-                   for name, (script, cfg) in new_models.items()], jobs=args.jobs)
+    runs = [(name, demo.run_name(name, k), k) for k in range(args.seeds) for name in new_models]
+    pipe.parallel([(f"train_{run}", list(new_models[name]), [os.path.join(out, run, "model.pt")],
+                    {"BCT_DEMO_SEED": str(k)}) for name, run, k in runs], jobs=args.jobs)
 
-    rows = []
-    for name, model in [("old", old_model)] + [(n, os.path.join(out, n, "model.pt")) for n in new_models]:
-        for test, protocol, result in pipe.evaluate(name, model, old_model, data, settings):
-            rows.extend(_rows(name, test, result))
+    results, old_embeddings = pipe.evaluate("old", old_model, demo.OLD_NETWORK, demo.OLD_WIDTH, data,
+                                            resamples=resamples)
+    per_seed = [_rows("old", results)]
+    for name, run, k in runs:
+        results, _ = pipe.evaluate(run, os.path.join(out, run, "model.pt"), demo.NEW_NETWORK, demo.NEW_WIDTH, data,
+                                   old_embeddings, resamples)
+        per_seed.append(_rows(name, results))
+    rows = combine_seeds([row for rows in per_seed for row in rows])
 
     if args.generations == 3:
-        run_third_generation(pipe, args, settings, data, out, old_model)
+        run_third_generation(pipe, args, demo, data, out, old_model)
 
     pipe.seconds["total"] = round(time.time() - started, 1)
-    report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick)}
-    table = results_table(rows, args.scenario)
+    report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick),
+              "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"}}
+    table = results_table(rows, args.scenario, args.seeds, resamples)
     with atomic_open(os.path.join(out, "results.json")) as handle:
         json.dump(report, handle, indent=1)
     with atomic_open(os.path.join(out, "results.md")) as handle:
@@ -197,13 +210,13 @@ def run_pipeline(args):
     return report
 
 
-def run_third_generation(pipe, args, settings, data, out, old_model):
+def run_third_generation(pipe, args, demo, data, out, old_model):
     """Generation 3: ``--generation_method`` against generation 2's features (the model that method
     trained), then the compatibility matrix of generations 1–3 on held-out synthetic identities."""
     method = args.generation_method
     second = os.path.join(out, method, "model.pt")
     feature_dir = os.path.join(out, "feature_save", args.scenario)
-    sd2 = f"f{settings.EMBEDDING_SIZE}_{method}gen2_arc_{settings.FEATURE_SPLIT}"
+    sd2 = f"f{demo.EMBEDDING_SIZE}_{method}gen2_arc_{demo.FEATURE_SPLIT}"
     pipe.stage("gen2_features", ["tools/get_feature/get_feature.py", _method_config(method), "--SD", sd2,
                                  "--output", feature_dir], done_when=[os.path.join(feature_dir, f"{sd2}_feature.npy")])
     if method in ("BCT", "UniBCT"):
@@ -227,7 +240,7 @@ def run_third_generation(pipe, args, settings, data, out, old_model):
                      f"config.network_width = {GEN3_WIDTH}\n"
                      f"for key in ('old_embedding', 'old_prototype', 'credible_old_feature'):\n"
                      f"    if config.get(key):\n"
-                     f"        config[key] = config[key].replace({settings.SD!r}, {sd2!r})\n")
+                     f"        config[key] = config[key].replace({demo.SD!r}, {sd2!r})\n")
     third = os.path.join(out, name, "model.pt")
     pipe.stage("train_gen3", [os.path.join("BCT_methods", method, "train.py"), config], done_when=[third])
     heldout = data + "_heldout"
@@ -237,63 +250,112 @@ def run_third_generation(pipe, args, settings, data, out, old_model):
                done_when=[os.path.join(heldout, "train.idx")])
     pipe.stage("compat", ["tools/compat_eval/compat_eval.py", "--rec", heldout, "--models", old_model, second, third,
                           "--names", "gen1", f"gen2_{method}", f"gen3_{method}",
-                          "--networks", settings.OLD_NETWORK, settings.NEW_NETWORK, settings.NEW_NETWORK,
-                          "--widths", str(settings.OLD_WIDTH), str(settings.NEW_WIDTH), str(GEN3_WIDTH),
-                          "--input_sizes", str(settings.INPUT_SIZE), "--impostors", "100000", "--bootstrap", "100",
+                          "--networks", demo.OLD_NETWORK, demo.NEW_NETWORK, demo.NEW_NETWORK,
+                          "--widths", str(demo.OLD_WIDTH), str(demo.NEW_WIDTH), str(GEN3_WIDTH),
+                          "--input_sizes", str(demo.INPUT_SIZE), "--impostors", "100000", "--bootstrap", "100",
                           "--metric", "TAR@FAR=1e-3", "--num_workers", "1", "-R", os.path.join(out, "compat")])
 
 
-def _rows(method, test, result):
-    """The demo's metrics from one ijbc_eval JSON result."""
-    if result["protocol"] == "1:1":
-        values = {f"TAR@FAR={far}": result["TAR@FAR"][far] for far in ("1e-4", "1e-3", "1e-2")}
-    else:
-        values = {"top1": result["top1"], "TPIR@FPIR=1e-1": result["TPIR@FPIR"]["1e-1"]}
-    return [{"method": method, "test": test, "metric": k, "value": float(v)} for k, v in values.items()]
+def _rows(method, results):
+    """The demo's metrics, with their 95 % intervals, from one model's ijbc_eval results."""
+    rows = []
+    for test, result in results:
+        if result["protocol"] == "1:1":
+            keys = [(f"TAR@FAR={far}", ("TAR@FAR", far)) for far in ("1e-4", "1e-3", "1e-2")]
+        else:
+            keys = [("top1", ("top1",)), ("TPIR@FPIR=1e-1", ("TPIR@FPIR", "1e-1"))]
+        for metric, path in keys:
+            value, interval = result, result.get("CI95")
+            for key in path:
+                value = value[key]
+                interval = interval[key] if interval is not None else None
+            low, high = interval if interval is not None else (float("nan"), float("nan"))
+            rows.append({"method": method, "test": test, "metric": metric, "value": float(value),
+                         "ci_low": float(low), "ci_high": float(high)})
+    return rows
 
 
-def results_table(rows, scenario):
+def combine_seeds(rows):
+    """One row per (method, test, metric): with several seeds the mean value, the mean interval bounds,
+    the standard deviation over seeds (``sd``, ddof 1) and their number (``seeds``)."""
+    import numpy as np
+
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["test"], row["metric"]), []).append(row)
+    combined = []
+    for (method, test, metric), group in groups.items():
+        row = {"method": method, "test": test, "metric": metric}
+        for key in ("value", "ci_low", "ci_high"):
+            row[key] = float(np.mean([r[key] for r in group]))
+        if len(group) > 1:
+            row["sd"] = float(np.std([r["value"] for r in group], ddof=1))
+            row["seeds"] = len(group)
+        combined.append(row)
+    return combined
+
+
+def _cell(row):
+    """``value ± half-width`` (and the sd over seeds) of one row; the value alone without an interval."""
+    text = f"{row['value']:.3f}"
+    if row["ci_high"] == row["ci_high"]:   # not NaN
+        text += f" ± {(row['ci_high'] - row['ci_low']) / 2:.3f}"
+    return text + (f" (sd {row['sd']:.3f})" if "sd" in row else "")
+
+
+def results_table(rows, scenario, seeds=1, resamples=0):
     """Markdown table: one row per method and test, plus compatibility verdict and self-test cost."""
-    value = {(r["method"], r["test"], r["metric"]): r["value"] for r in rows}
+    row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
+    value = {key: r["value"] for key, r in row_of.items()}
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    old_self = value.get(("old", "self", "TAR@FAR=1e-3"))
+    old = row_of.get(("old", "self", "TAR@FAR=1e-3"))
+    old_self = old["value"] if old else None
     indep_self = value.get(("independent", "self", "TAR@FAR=1e-3"))
-    lines = [f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old gallery)", "",
+    lines = [f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old "
+             f"gallery); value ± half-width of the 95 % subject-bootstrap interval ({resamples} resamples)"
+             + (f", mean over {seeds} seeds of the new models (sd: across seeds)" if seeds > 1 else ""), "",
              "| method | test | " + " | ".join(METRICS) + " | compatible | self-test vs independent |",
              "|---|---|" + "---|" * len(METRICS) + "---|---|"]
     for method in methods:
         for test in ("self", "cross"):
             if (method, test, METRICS[1]) not in value:
                 continue
-            cells = [f"{value.get((method, test, m), float('nan')):.4f}" for m in METRICS]
+            cells = [_cell(row_of[(method, test, m)]) if (method, test, m) in row_of else "" for m in METRICS]
             compatible, cost = "", ""
-            if test == "cross" and old_self is not None:
-                beats = value[(method, test, "TAR@FAR=1e-3")] > old_self
-                compatible = "yes" if beats else "no"
+            if test == "cross" and old is not None:
+                cross = row_of[(method, test, "TAR@FAR=1e-3")]
+                compatible = "yes" if cross["value"] > old_self else "no"
+                if cross["ci_low"] <= old["ci_high"] and old["ci_low"] <= cross["ci_high"]:
+                    compatible += " (intervals overlap)"
             if test == "self" and method not in ("old", "independent") and indep_self is not None:
-                cost = f"{value[(method, test, 'TAR@FAR=1e-3')] - indep_self:+.4f}"
+                cost = f"{value[(method, test, 'TAR@FAR=1e-3')] - indep_self:+.3f}"
             lines.append(f"| {method} | {test} | " + " | ".join(cells) + f" | {compatible} | {cost} |")
     lines += ["", "compatible: cross-test TAR@FAR=1e-3 above the old model's self-test "
-              f"({old_self:.4f}); self-test vs independent: TAR@FAR=1e-3 difference." if old_self is not None else ""]
+              f"({old_self:.3f}); self-test vs independent: TAR@FAR=1e-3 difference." if old_self is not None else ""]
     return "\n".join(lines) + "\n"
 
 
 def plot_results(rows, path):
-    """Grouped bars of TAR@FAR=1e-3 (self and cross) per method, saved as PNG."""
+    """Grouped bars of TAR@FAR=1e-3 (self and cross) per method with their 95 % intervals, saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from utils.io import atomic_path
 
-    value = {(r["method"], r["test"]): r["value"] for r in rows if r["metric"] == "TAR@FAR=1e-3"}
+    row_of = {(r["method"], r["test"]): r for r in rows if r["metric"] == "TAR@FAR=1e-3"}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 4))
     for offset, test in ((-0.2, "self"), (0.2, "cross")):
-        xs = [i + offset for i, m in enumerate(methods) if (m, test) in value]
-        ys = [value[(m, test)] for m in methods if (m, test) in value]
-        ax.bar(xs, ys, width=0.4, label=f"{test}-test")
-    if ("old", "self") in value:
-        ax.axhline(value[("old", "self")], color="k", linestyle="--", linewidth=1, label="old self-test")
+        found = [(i, row_of[(m, test)]) for i, m in enumerate(methods) if (m, test) in row_of]
+        ys = [r["value"] for _, r in found]
+        # a percentile interval need not contain the value: bars are clipped at it
+        errors = [[max(r["value"] - r["ci_low"], 0) for _, r in found],
+                  [max(r["ci_high"] - r["value"], 0) for _, r in found]]
+        ax.bar([i + offset for i, _ in found], ys, width=0.4, yerr=errors, capsize=3, label=f"{test}-test")
+    if ("old", "self") in row_of:
+        old = row_of[("old", "self")]
+        ax.axhline(old["value"], color="k", linestyle="--", linewidth=1, label="old self-test")
+        ax.axhspan(old["ci_low"], old["ci_high"], color="k", alpha=0.1, linewidth=0)
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel("TAR@FAR=1e-3")
     ax.set_ylim(0, 1)
@@ -313,6 +375,10 @@ def main():
     parser.add_argument("--data", default=None, help="synthetic data folder (default: dataset/synthetic, "
                                                       "dataset/synthetic_quick with --quick)")
     parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist")
+    parser.add_argument("--seeds", type=int, default=1, help="train every new model with K seeds (mean ± sd)")
+    parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                        help=f"subject resamples of the 95 %% intervals (default {BOOTSTRAP['full']}, "
+                             f"{BOOTSTRAP['quick']} with --quick; 0: none)")
     parser.add_argument("--generations", type=int, default=2, choices=(2, 3),
                         help="3: also train a third generation against the second and end with the "
                              "compatibility matrix of the three (off by default; time: docs/compat.md)")

@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from tools.ijbc_eval import CHUNK_IMAGES, metrics  # noqa: E402
+from tools.ijbc_eval import CHUNK_IMAGES, bootstrap, metrics  # noqa: E402
 from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta  # noqa: E402
 from utils.chunk_cache import ChunkCache, file_stamp  # noqa: E402
 from utils.config import add_launcher_args  # noqa: E402
@@ -140,8 +140,74 @@ def _identification(meta, templates, new, old, variants):
     return summaries, curves, arrays
 
 
+def _template_subjects(data_path, subset, template_ids):
+    """Subject of each 1:1 template id, read from the 1:N lists (the pair list names no subjects)."""
+    lists = load_meta(data_path, subset, one_to_n=True)
+    tables = list(lists.galleries.values()) + [lists.probes]
+    templates = np.concatenate([t["templates"] for t in tables])
+    subjects = np.concatenate([t["subjects"] for t in tables])
+    order = np.argsort(templates, kind="stable")
+    templates, subjects = templates[order], subjects[order]
+    pos = np.minimum(np.searchsorted(templates, template_ids), len(templates) - 1)
+    missing = templates[pos] != template_ids
+    require(not missing.any(), f"--bootstrap: 1:1 template {template_ids[missing][0] if missing.any() else ''} "
+                               f"is in no 1:N list of {subset}, so its subject is unknown")
+    return subjects[pos]
+
+
+def intervals(meta, templates, new, old, data_path, resamples, seed=0):
+    """95 % percentile intervals of the default variant's figures over ``resamples`` subject resamples.
+
+    1:1: subjects are those of both templates of each pair (a resampled subject brings all its
+    pairs, see :mod:`bootstrap`); 1:N: the galleries stay, probe subjects are resampled.
+    """
+    feats_new = templates.features(*new, meta.scores)
+    feats_old = templates.features(*old, meta.scores) if old else feats_new
+    if meta.pairs is not None:
+        s1 = _template_subjects(data_path, meta.subset, meta.pairs["t1"])
+        s2 = _template_subjects(data_path, meta.subset, meta.pairs["t2"])
+        num_subjects, (i1, i2) = bootstrap.subject_index(s1, s2)
+        counts = bootstrap.subject_counts(num_subjects, resamples, seed)
+        score = metrics.pair_scores(feats_old, feats_new, templates.index(meta.pairs["t1"]),
+                                    templates.index(meta.pairs["t2"]))
+        return bootstrap.percentile_intervals(
+            bootstrap.verification_replicates(meta.pairs["labels"], score, i1, i2, counts))
+    probes = feats_new[templates.index(meta.probes["templates"])]
+    probe_subjects = meta.probes["subjects"]
+    searches, sims = {}, []
+    for name, gallery in meta.galleries.items():
+        sims.append(probes @ feats_old[templates.index(gallery["templates"])].T)
+        searches[name] = metrics.search(sims[-1], gallery["subjects"], probe_subjects)
+    union_subjects = np.concatenate([g["subjects"] for g in meta.galleries.values()])
+    union = metrics.search(np.hstack(sims), union_subjects, probe_subjects, fpir=False)
+
+    def statistic(weights):
+        report, hits = {}, {k: 0 for k in metrics.TOPK}
+        for name, found in searches.items():
+            summary, found_hits, _ = metrics.search_summary(found, metrics.TOPK, weights)
+            report[name] = {k: v for k, v in summary.items() if not k.startswith("num_")}
+            for k in metrics.TOPK:
+                hits[k] += found_hits[k]
+        overall = {f"top{k}": hits[k] / weights.sum() for k in metrics.TOPK}
+        overall["TPIR@FPIR"] = {key: float(np.mean([report[n]["TPIR@FPIR"][key] for n in searches]))
+                                for key in metrics.FPIR_KEYS}
+        mixed = metrics.search_summary(union, metrics.TOPK, weights)[0]
+        return dict(overall, **report, mixed={f"top{k}": mixed[f"top{k}"] for k in metrics.TOPK})
+
+    num_subjects, (index,) = bootstrap.subject_index(probe_subjects)
+    counts = bootstrap.subject_counts(num_subjects, resamples, seed)
+    return bootstrap.percentile_intervals(bootstrap.replicates(statistic, (row[index] for row in counts)))
+
+
 def _pct(value):
     return f"{100 * value:.2f}"
+
+
+def _cell(value, interval=None):
+    """A table cell in %: the value, with ± the half-width of its interval when there is one."""
+    if interval is None:
+        return _pct(value)
+    return f"{_pct(value)} ± {100 * (interval[1] - interval[0]) / 2:.2f}"
 
 
 def format_table(result):
@@ -150,12 +216,16 @@ def format_table(result):
     title = f"{result['subset']} {result['protocol']} {result['test']}-test (%)"
     if result.get("data"):
         title += f" on {result['data']}"
+    if "CI95" in result:
+        title += f", ± half-width of the 95 % interval over {result['bootstrap']['resamples']} subject resamples"
     if result["protocol"] == "1:1":
         lines = ["| variant | " + " | ".join(f"TAR@FAR={k}" for k in metrics.FAR_KEYS) + " | AUC |",
                  "|---" * (len(metrics.FAR_KEYS) + 2) + "|"]
         for name, r in variants.items():
-            lines.append(f"| {name} | " + " | ".join(_pct(r["TAR@FAR"][k]) for k in metrics.FAR_KEYS)
-                         + f" | {_pct(r['AUC'])} |")
+            ci = result.get("CI95", {}) if name == result["variant"] else {}
+            lines.append(f"| {name} | " + " | ".join(_cell(r["TAR@FAR"][k], ci.get("TAR@FAR", {}).get(k))
+                                                     for k in metrics.FAR_KEYS)
+                         + f" | {_cell(r['AUC'], ci.get('AUC'))} |")
     else:
         tops = [f"top{k}" for k in metrics.TOPK]
         lines = ["| variant | gallery | " + " | ".join(tops) + " | "
@@ -163,10 +233,13 @@ def format_table(result):
                  "|---" * (len(tops) + len(metrics.FPIR_KEYS) + 2) + "|"]
         galleries = SUBSETS[result["subset"]][1]
         for name, r in variants.items():
-            for gallery, row in [(g, r[g]) for g in galleries] + [("overall", r), ("mixed", r["mixed"])]:
-                tpir = row.get("TPIR@FPIR", {})
-                lines.append(f"| {name} | {gallery} | " + " | ".join(_pct(row[t]) for t in tops) + " | "
-                             + " | ".join(_pct(tpir[k]) if k in tpir else "" for k in metrics.FPIR_KEYS) + " |")
+            ci = result.get("CI95", {}) if name == result["variant"] else {}
+            for gallery, row, row_ci in [(g, r[g], ci.get(g, {})) for g in galleries] + [
+                    ("overall", r, ci), ("mixed", r["mixed"], ci.get("mixed", {}))]:
+                tpir, tpir_ci = row.get("TPIR@FPIR", {}), row_ci.get("TPIR@FPIR", {})
+                lines.append(f"| {name} | {gallery} | " + " | ".join(_cell(row[t], row_ci.get(t)) for t in tops)
+                             + " | " + " | ".join(_cell(tpir[k], tpir_ci.get(k)) if k in tpir else ""
+                                                  for k in metrics.FPIR_KEYS) + " |")
     return "\n".join([title, ""] + lines) + "\n"
 
 
@@ -181,12 +254,14 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
              network_old="r18", subset="IJBC", batch_size=128, bunch=False, save_embeddings=False,
              restore_embs=None, save_result=None, force_reload=False, width=64, input_size=112, old_width=None,
              old_input_size=None, num_workers=None, device=None, plot=True, verbose=True, cache_dir=None,
-             chunk_size=CHUNK_IMAGES, local_rank=None):
+             chunk_size=CHUNK_IMAGES, local_rank=None, resamples=0, bootstrap_seed=0):
     """Evaluate a model (or saved embeddings) on IJB-C/IJB-B; returns the result dict written as JSON.
 
     1:1 → ``{"protocol", "subset", "test", "TAR@FAR": {"1e-6"…"1e-1"}, "AUC", …}``;
     1:N → ``{"protocol", "subset", "test", "top1", "top5", "top10", "TPIR@FPIR", "G1", "G2", "mixed", …}``.
     With ``bunch`` all eight N/D/F variants are added under ``"variants"`` (top level: N0D1F1).
+    ``resamples`` > 0 adds ``"CI95"``: a 95 % subject-bootstrap interval ``[low, high]`` of every
+    figure of the top level, nested like it (:func:`intervals`).
     """
     require((model_file is None) != (restore_embs is None),
             "give a model (-m) or saved embeddings (--restore_embs), exactly one of them")
@@ -195,6 +270,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
     require(save_result is None or str(save_result).endswith(".npz"),
             f"-R/--save_result must be a path ending in .npz, got {save_result}")
     require(not save_embeddings or save_result, "-E/--save_embeddings needs -R/--save_result PATH.npz")
+    require(resamples >= 0, f"--bootstrap must be 0 (off) or a number of resamples, got {resamples}")
     meta = load_meta(data_path, subset, one_to_n, force_reload)
     cache = None
     if restore_embs:
@@ -214,6 +290,9 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
     templates = metrics.Templates(meta.templates, meta.medias)
     run = _identification if one_to_n else _verification
     summaries, curves, arrays = run(meta, templates, new, old, variants)
+    ci = None
+    if resamples:
+        ci = intervals(meta, templates, new, old, data_path, resamples, bootstrap_seed)
 
     result = {"protocol": protocol, "subset": subset, "test": test, **summaries[metrics.DEFAULT_VARIANT],
               "variant": metrics.DEFAULT_VARIANT, "model": model_file or restore_embs,
@@ -225,6 +304,10 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
         result["num_pairs"] = int(len(meta.pairs["labels"]))
     if bunch:
         result["variants"] = summaries
+    if ci is not None:
+        result["CI95"] = ci
+        result["bootstrap"] = {"resamples": int(resamples), "seed": int(bootstrap_seed), "level": 0.95,
+                               "unit": "subject (1:1: both templates' subjects; 1:N: probe subjects)"}
     if verbose:
         print(format_table(result), flush=True)
 
@@ -321,6 +404,9 @@ def build_parser():
                                                      "resumes (default: $BCT_CACHE_DIR or work_dirs/cache)")
     p.add_argument("--chunk_size", type=int, default=CHUNK_IMAGES,
                    help=f"images per saved chunk (default {CHUNK_IMAGES})")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="95 %% intervals from N subject resamples (JSON 'CI95', ± column in the table)")
+    p.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the resamples (default 0)")
     return add_launcher_args(p)
 
 
@@ -334,7 +420,8 @@ def main(argv=None):
                     args.network_old, args.subset, args.batch_size, args.is_bunch, args.save_embeddings,
                     args.restore_embs, args.save_result, args.force_reload, args.width, args.input_size,
                     args.old_width, args.old_input_size, args.num_workers, args.device,
-                    cache_dir=args.cache_dir, chunk_size=args.chunk_size, local_rank=args.local_rank)
+                    cache_dir=args.cache_dir, chunk_size=args.chunk_size, local_rank=args.local_rank,
+                    resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
 
 
 if __name__ == "__main__":

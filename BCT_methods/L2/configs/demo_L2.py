@@ -1,4 +1,4 @@
-"""Demo L2: the demo's new model (see configs/demo/settings.py) trained with L2 on CPU.
+"""Demo L2: the demo's new model (see configs/demo/settings.py) trained with L2 on CPU, published keys.
 
     python tools/run_demo.py --methods L2        # runs it inside the whole pipeline
 """

@@ -1,4 +1,4 @@
-"""Demo MixBCT: the demo's new model (see configs/demo/settings.py) trained with MixBCT on CPU.
+"""Demo MixBCT: the demo's new model (see configs/demo/settings.py) trained with MixBCT on CPU, published keys.
 
     python tools/run_demo.py --methods MixBCT        # runs it inside the whole pipeline
 """
