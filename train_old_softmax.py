@@ -9,9 +9,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from backbones import build_backbone  # noqa: E402
-from losses import softmax_classifier  # noqa: E402
-from utils.trainer import Method, main  # noqa: E402
+from backbones import build_backbone
+from losses import softmax_classifier
+from utils.trainer import Method, main
 
 if __name__ == "__main__":
     main(Method, build_backbone, softmax_classifier, description=__doc__.splitlines()[0])

@@ -62,8 +62,8 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
         probs = (logits - row_max).exp_()
         row_sum = all_reduce(probs.sum(dim=1, keepdim=True), dist.ReduceOp.SUM)
         probs.div_(row_sum)
-        target = torch.where(in_shard, logits.gather(1, columns), torch.zeros((), dtype=logits.dtype,
-                                                                                device=logits.device))
+        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        target = torch.where(in_shard, logits.gather(1, columns), zero)
         target = all_reduce(target, dist.ReduceOp.SUM)
         loss = (row_max + row_sum.log() - target).mean()
         ctx.save_for_backward(probs, in_shard, columns)

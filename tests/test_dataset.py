@@ -123,7 +123,6 @@ def test_flips_are_deterministic_per_seed_epoch_index(tmp_path):
     assert torch.allclose(ds[i][0], normalised(np.ascontiguousarray(expected)), atol=1e-6)
 
 
-
 def test_uint8_batches_are_the_exact_pixels_and_normalise_like_the_float_path(tmp_path):
     prefix = str(tmp_path / "u")
     images = make_rec(prefix, list(range(40)), size=16)
@@ -142,6 +141,7 @@ def test_uint8_batches_are_the_exact_pixels_and_normalise_like_the_float_path(tm
     assert torch.allclose(to_model_input(batch), reference, atol=1e-6, rtol=0)
     assert to_model_input(reference) is reference                              # float input passes through
     assert torch.equal(to_model_input(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
+
 
 @pytest.mark.parametrize("size, world, drop_last", [(23, 2, True), (23, 2, False), (24, 3, True), (5, 4, False)])
 def test_sampler_matches_distributed_sampler(size, world, drop_last):

@@ -289,6 +289,7 @@ def l2_feature_nan_row(w, s):
     features[5, 3] = np.nan
     return _method_config(w, s, "L2", old_embedding=_bad_npy(w, features))
 
+
 @case("BCT_methods/MixBCT/train.py", "denoising mask with no credible sample", "marks no sample as credible")
 def mixbct_mask_without_credible(w, s):
     return _method_config(w, s, "MixBCT", credible_old_feature=_bad_npy(w, np.zeros(48, np.uint8)))
@@ -457,7 +458,6 @@ def feature_undecodable_image(w, s):
     return _get(w, s, _state(s), rec=data)
 
 
-
 @case(GET, "old model whose embeddings are NaN (a NaN weight)", "row 0 contains NaN or inf")
 def feature_model_nan(w, s):
     state = _state(s)
@@ -468,6 +468,7 @@ def feature_model_nan(w, s):
 @case(GET, "`--chunk_size 0` (images per resume chunk)", "--chunk_size (rows per saved chunk) must be >= 1, got 0")
 def feature_chunk_size_zero(w, s):
     return _get(w, s, _state(s)) + ["--chunk_size", "0"]
+
 
 # --- tools/get_feature/get_avg_feature.py and denoise_credible.py
 AVG, DENOISE = "tools/get_feature/get_avg_feature.py", "tools/get_feature/denoise_credible.py"

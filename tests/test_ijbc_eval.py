@@ -274,7 +274,6 @@ def test_onnx_export_matches_pytorch(ijb, tmp_path, capsys):
         evaluate(onnx_file, data_path=ijb.data, **dict(TINY, input_size=112))
 
 
-
 def _evaluate_on_rank(rank, world, port, kwargs, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))

@@ -16,12 +16,12 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from backbones import MODEL_NAMES, load_backbone  # noqa: E402
-from utils.errors import UserError, require, run_cli  # noqa: E402
-from utils.io import atomic_path  # noqa: E402
+from backbones import MODEL_NAMES, load_backbone
+from utils.errors import UserError, require, run_cli
+from utils.io import atomic_path
 
 
 def export(model_file, network, output, width=64, input_size=112, opset=17):

@@ -23,8 +23,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from utils.errors import UserError, require, run_cli  # noqa: E402
-from utils.io import atomic_np_savez, atomic_open, safe_np_load  # noqa: E402
+from utils.errors import UserError, require, run_cli
+from utils.io import atomic_np_savez, atomic_open, safe_np_load
 
 METHODS = ("L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT")
 SCENARIOS = ("OPclass", "OPdata", "EXclass", "EXdata")
@@ -373,7 +373,7 @@ def main():
     parser.add_argument("--scenario", default="OPclass", choices=SCENARIOS)
     parser.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "demo"))
     parser.add_argument("--data", default=None, help="synthetic data folder (default: dataset/synthetic, "
-                                                      "dataset/synthetic_quick with --quick)")
+                                                     "dataset/synthetic_quick with --quick)")
     parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist")
     parser.add_argument("--seeds", type=int, default=1, help="train every new model with K seeds (mean ± sd)")
     parser.add_argument("--bootstrap", type=int, default=None, metavar="N",

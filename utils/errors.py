@@ -3,12 +3,20 @@
 Every command-line entry point runs through :func:`run_cli`, so bad input ends with a single line
 ``error: <what is wrong>`` on stderr and exit status 2 instead of a traceback.
 """
+import argparse
 import os
 import sys
 
 
 class UserError(Exception):
     """A problem with the user's input (file, value, option) described in one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose usage errors end as one ``error: …`` line, like any bad input."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 def run_cli(main, *args, **kwargs):

@@ -228,4 +228,3 @@ def load_prototypes(path, num_classes, dim, key="old_prototype"):
 def open_prototypes(ctx, key="old_prototype"):
     """Prototypes of config key ``key`` on the training device, checked against the classifier."""
     return load_prototypes(ctx.cfg.get(key), ctx.classifier.num_classes, ctx.cfg.embedding_size, key).to(ctx.device)
-

@@ -12,10 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from backbones import build_backbone  # noqa: E402
-from BCT_methods.L2.losses import L2  # noqa: E402
-from losses import arcface_classifier  # noqa: E402
-from utils.trainer import main  # noqa: E402
+from backbones import build_backbone
+from BCT_methods.L2.losses import L2
+from losses import arcface_classifier
+from utils.trainer import main
 
 if __name__ == "__main__":
     main(L2, build_backbone, arcface_classifier, description=__doc__.splitlines()[0])

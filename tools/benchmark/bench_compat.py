@@ -22,11 +22,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from tools.compat_eval.compat_eval import SEARCH_BLOCK, TOPK, search  # noqa: E402
-from tools.ijbc_eval import bootstrap, metrics  # noqa: E402
-from utils.errors import require, run_cli  # noqa: E402
+from tools.compat_eval.compat_eval import SEARCH_BLOCK, TOPK, search
+from tools.ijbc_eval import bootstrap, metrics
+from utils.errors import require, run_cli
 
 BUILD_ROWS = 1 << 16
 

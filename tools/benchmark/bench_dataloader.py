@@ -20,15 +20,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
 
-from utils.dataset import MXFaceDataset, build_loader  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.recordio import IR_SIZE, IRHeader, MXIndexedRecordIO, encode_image, pack  # noqa: E402
+from utils.dataset import MXFaceDataset, build_loader
+from utils.distributed import DistInfo
+from utils.errors import UserError, run_cli
+from utils.recordio import IR_SIZE, IRHeader, MXIndexedRecordIO, encode_image, pack
 
 SIZE = 112
 

@@ -38,7 +38,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from utils.errors import UserError, require, run_cli  # noqa: E402
+from utils.errors import UserError, require, run_cli
 
 SETTINGS = {"class70": dict(images=3_598_269, classes=65_402, sizes="lognormal", shuffle=False),
             "shuffled": dict(images=1_354_539, classes=30_000, sizes="uniform", shuffle=True)}

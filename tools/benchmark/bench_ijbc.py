@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,9 +35,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from utils.errors import require, run_cli  # noqa: E402
+from utils.errors import require, run_cli
 
 SIZES = dict(images=469_375, gallery1=1_772, gallery2=1_759, probes=19_593, pairs=15_658_489, genuine=19_557)
 FAR_KEYS = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")

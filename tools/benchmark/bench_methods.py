@@ -37,14 +37,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from backbones import get_model  # noqa: E402
-from losses import CombinedMarginLoss, PartialFC  # noqa: E402
-from utils.config import get_config  # noqa: E402
-from utils.errors import require, run_cli  # noqa: E402
-from utils.feature_stats import class_prototypes, credible_mask  # noqa: E402
-from utils.trainer import Method, TrainContext, optimizer_step  # noqa: E402
+from backbones import get_model
+from losses import CombinedMarginLoss, PartialFC
+from utils.config import get_config
+from utils.errors import require, run_cli
+from utils.feature_stats import class_prototypes, credible_mask
+from utils.trainer import Method, TrainContext, optimizer_step
 
 METHODS = ("MixBCT", "BCT", "UniBCT", "NCCL", "L2", "AdvBCT")
 TARGETS = {"MixBCT": 1.05, "BCT": 1.05, "L2": 1.05, "NCCL": 1.3, "AdvBCT": 1.3, "UniBCT": 1.05}

@@ -32,18 +32,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import bench_methods  # noqa: E402
-from backbones import get_model  # noqa: E402
-from tools.synthetic import make_synthetic  # noqa: E402
-from losses import ArcFace, PartialFC  # noqa: E402
-from utils.distributed import cleanup  # noqa: E402
-from utils.errors import require, run_cli  # noqa: E402
-from utils.trainer import optimizer_step  # noqa: E402
+import bench_methods
+from backbones import get_model
+from tools.synthetic import make_synthetic
+from losses import ArcFace, PartialFC
+from utils.distributed import cleanup
+from utils.errors import require, run_cli
+from utils.trainer import optimizer_step
 
 
 def _sync(device):

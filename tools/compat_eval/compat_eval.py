@@ -19,15 +19,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from tools.ijbc_eval import bootstrap, metrics  # noqa: E402
-from utils.errors import UserError, require, run_cli  # noqa: E402
-from utils.io import atomic_np_savez, atomic_open, atomic_path, numpy_read_errors, safe_np_load  # noqa: E402
+from tools.ijbc_eval import bootstrap, metrics
+from utils.errors import ArgumentParser, UserError, require, run_cli
+from utils.io import atomic_np_savez, atomic_open, atomic_path, numpy_read_errors, safe_np_load
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FEATURE_VARIANT = "N1D0F1"      # image feature: embedding + mirrored-image embedding, L2-normalised
@@ -470,13 +470,8 @@ def run(args):
     return result
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser():
-    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="ROOT", help="aligned crops as ROOT/<identity>/<image> (jpg/png)")
     p.add_argument("--rec", metavar="PREFIX", help="RecordIO set PREFIX.rec/.idx (or a folder with train.rec)")
     p.add_argument("--models", nargs="+", default=[], help="model generations, oldest first (.pt state_dict or .onnx)")

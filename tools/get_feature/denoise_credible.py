@@ -14,10 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.feature_stats import credible_mask  # noqa: E402
-from utils.old_features import about_file, add_sd_args, credible_kind, feature_path, load_features, parse_sd  # noqa: E402
-from utils.io import atomic_np_save  # noqa: E402
+from utils.errors import UserError, run_cli
+from utils.feature_stats import credible_mask
+from utils.old_features import about_file, add_sd_args, credible_kind, feature_path, load_features, parse_sd
+from utils.io import atomic_np_save
 
 
 def main(argv=None):

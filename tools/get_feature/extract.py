@@ -14,6 +14,7 @@ from utils.errors import UserError
 from utils.io import atomic_np_save
 from utils.old_features import feature_path, parse_sd, split_rec
 
+
 def add_extract_args(parser):
     """Options of the extraction (step 2): data override, batch size, loader workers, cache, launcher."""
     parser.add_argument("--dataset", default=None,

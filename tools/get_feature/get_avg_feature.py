@@ -14,12 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from utils.config import get_config  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.feature_stats import class_prototypes  # noqa: E402
-from tools.get_feature.extract import add_extract_args, extract_from_args  # noqa: E402
-from utils.old_features import about_file, add_sd_args, feature_path, load_features, parse_sd  # noqa: E402
-from utils.io import atomic_np_save  # noqa: E402
+from utils.config import get_config
+from utils.errors import UserError, run_cli
+from utils.feature_stats import class_prototypes
+from tools.get_feature.extract import add_extract_args, extract_from_args
+from utils.old_features import about_file, add_sd_args, feature_path, load_features, parse_sd
+from utils.io import atomic_np_save
 
 
 def main(argv=None):

@@ -16,10 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from utils.config import get_config  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from tools.get_feature.extract import add_extract_args, extract_from_args  # noqa: E402
-from utils.old_features import add_sd_args, parse_sd  # noqa: E402
+from utils.config import get_config
+from utils.errors import run_cli
+from tools.get_feature.extract import add_extract_args, extract_from_args
+from utils.old_features import add_sd_args, parse_sd
 
 
 def main(argv=None):

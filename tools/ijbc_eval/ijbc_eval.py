@@ -17,14 +17,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from tools.ijbc_eval import CHUNK_IMAGES, bootstrap, metrics  # noqa: E402
-from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta  # noqa: E402
-from utils.chunk_cache import ChunkCache, file_stamp  # noqa: E402
-from utils.config import add_launcher_args  # noqa: E402
-from utils.errors import UserError, require, run_cli  # noqa: E402
-from utils.io import atomic_np_savez, atomic_open, npz_member_memmap, numpy_read_errors, safe_np_load  # noqa: E402
+from tools.ijbc_eval import CHUNK_IMAGES, bootstrap, metrics
+from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta
+from utils.chunk_cache import ChunkCache, file_stamp
+from utils.config import add_launcher_args
+from utils.errors import ArgumentParser, require, run_cli
+from utils.io import atomic_np_savez, atomic_open, npz_member_memmap, numpy_read_errors, safe_np_load
 
 DEFAULT_DATA = os.path.join(ROOT, "dataset", "IJB_release")
 RESULTS_DIR = os.path.join(ROOT, "work_dirs", "ijb_results")
@@ -372,13 +372,8 @@ def plot_only(files, save_result=None):
     return written
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser():
-    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model_file", help="new model: backbone state_dict (.pt) or ONNX file (.onnx)")
     p.add_argument("-net", "--network", default="r50", help="backbone of -m (default r50)")
     p.add_argument("-m_old", "--model_file_old", help="old model (cross-test: gallery side)")

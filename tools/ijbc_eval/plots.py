@@ -2,10 +2,10 @@
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from utils.io import atomic_path  # noqa: E402
+from utils.io import atomic_path
 
 ROC_GRID = np.logspace(-6, 0, 400)
 

@@ -25,12 +25,12 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+from tqdm import tqdm
 
-from utils.dataset import MXFaceDataset, read_property  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.recordio import IRHeader, MXIndexedRecordIO, decode_image, pack, relabel, unpack  # noqa: E402
+from utils.dataset import MXFaceDataset, read_property
+from utils.errors import UserError, run_cli
+from utils.recordio import IRHeader, MXIndexedRecordIO, decode_image, pack, relabel, unpack
 
 FLOAT32_EXACT = 1 << 24  # record 0 stores N+1 as float32
 

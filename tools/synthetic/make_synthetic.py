@@ -21,12 +21,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+from tqdm import tqdm
 
-from tools.synthetic import faces  # noqa: E402
-from utils.errors import UserError, require, run_cli  # noqa: E402
-from utils.recordio import IRHeader, MXIndexedRecordIO, encode_image, pack  # noqa: E402
+from tools.synthetic import faces
+from utils.errors import UserError, require, run_cli
+from utils.recordio import IRHeader, MXIndexedRecordIO, encode_image, pack
 
 CHUNK = 8                     # identities per work unit (fixed, so the output does not depend on --workers)
 BATCH = 16                    # images rendered together
