@@ -110,6 +110,8 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
 
 
 def _verification(meta, templates, new, old, variants):
+    """Per-variant 1:1 summaries and ROC curves, the arrays to save, and the default variant's pair
+    scores (what :func:`intervals` resamples)."""
     idx1, idx2 = templates.index(meta.pairs["t1"]), templates.index(meta.pairs["t2"])
     summaries, curves, scores = {}, {}, []
     for variant in variants:
@@ -119,11 +121,15 @@ def _verification(meta, templates, new, old, variants):
         require(np.isfinite(score).all(), "non-finite similarity scores: the embeddings contain NaN or inf")
         summaries[variant], curves[variant] = metrics.verification(meta.pairs["labels"], score)
         scores.append(score.astype(np.float32))
+        if variant == metrics.DEFAULT_VARIANT:
+            found = score
     arrays = dict(scores=np.stack(scores), labels=meta.pairs["labels"])
-    return summaries, curves, arrays
+    return summaries, curves, arrays, found
 
 
 def _identification(meta, templates, new, old, variants):
+    """Per-variant 1:N reports and TPIR curves, the arrays to save, and the default variant's
+    searches (what :func:`intervals` resamples)."""
     summaries, curves = {}, {}
     for variant in variants:
         feats_new = templates.features(*new, meta.scores, variant)
@@ -133,11 +139,13 @@ def _identification(meta, templates, new, old, variants):
         galleries = {name: (feats_old[templates.index(g["templates"])], g["subjects"])
                      for name, g in meta.galleries.items()}
         probes = feats_new[templates.index(meta.probes["templates"])]
-        summaries[variant], curves[variant] = metrics.identification_report(galleries, probes,
-                                                                            meta.probes["subjects"])
+        searches = metrics.gallery_searches(galleries, probes, meta.probes["subjects"])
+        summaries[variant], curves[variant] = metrics.searches_report(*searches)
+        if variant == metrics.DEFAULT_VARIANT:
+            found = searches
     arrays = dict(fpir=metrics.CURVE_FPIR, tpir=np.stack([curves[v]["mean"] for v in variants]),
                   **{f"tpir_{name}": np.stack([curves[v][name] for v in variants]) for name in meta.galleries})
-    return summaries, curves, arrays
+    return summaries, curves, arrays, found
 
 
 def _template_subjects(data_path, subset, template_ids):
@@ -155,46 +163,30 @@ def _template_subjects(data_path, subset, template_ids):
     return subjects[pos]
 
 
-def intervals(meta, templates, new, old, data_path, resamples, seed=0):
+def intervals(meta, found, data_path, resamples, seed=0):
     """95 % percentile intervals of the default variant's figures over ``resamples`` subject resamples.
 
-    1:1: subjects are those of both templates of each pair (a resampled subject brings all its
-    pairs, see :mod:`bootstrap`); 1:N: the galleries stay, probe subjects are resampled.
+    ``found``: what :func:`_verification` / :func:`_identification` computed for the default variant
+    (pair scores; gallery searches). 1:1: subjects are those of both templates of each pair (a
+    resampled subject brings all its pairs, see :mod:`bootstrap`); 1:N: the galleries stay, probe
+    subjects are resampled.
     """
-    feats_new = templates.features(*new, meta.scores)
-    feats_old = templates.features(*old, meta.scores) if old else feats_new
     if meta.pairs is not None:
         s1 = _template_subjects(data_path, meta.subset, meta.pairs["t1"])
         s2 = _template_subjects(data_path, meta.subset, meta.pairs["t2"])
         num_subjects, (i1, i2) = bootstrap.subject_index(s1, s2)
         counts = bootstrap.subject_counts(num_subjects, resamples, seed)
-        score = metrics.pair_scores(feats_old, feats_new, templates.index(meta.pairs["t1"]),
-                                    templates.index(meta.pairs["t2"]))
         return bootstrap.percentile_intervals(
-            bootstrap.verification_replicates(meta.pairs["labels"], score, i1, i2, counts))
-    probes = feats_new[templates.index(meta.probes["templates"])]
-    probe_subjects = meta.probes["subjects"]
-    searches, sims = {}, []
-    for name, gallery in meta.galleries.items():
-        sims.append(probes @ feats_old[templates.index(gallery["templates"])].T)
-        searches[name] = metrics.search(sims[-1], gallery["subjects"], probe_subjects)
-    union_subjects = np.concatenate([g["subjects"] for g in meta.galleries.values()])
-    union = metrics.search(np.hstack(sims), union_subjects, probe_subjects, fpir=False)
+            bootstrap.verification_replicates(meta.pairs["labels"], found, i1, i2, counts))
+    searches, union = found
 
     def statistic(weights):
-        report, hits = {}, {k: 0 for k in metrics.TOPK}
-        for name, found in searches.items():
-            summary, found_hits, _ = metrics.search_summary(found, metrics.TOPK, weights)
-            report[name] = {k: v for k, v in summary.items() if not k.startswith("num_")}
-            for k in metrics.TOPK:
-                hits[k] += found_hits[k]
-        overall = {f"top{k}": hits[k] / weights.sum() for k in metrics.TOPK}
-        overall["TPIR@FPIR"] = {key: float(np.mean([report[n]["TPIR@FPIR"][key] for n in searches]))
-                                for key in metrics.FPIR_KEYS}
-        mixed = metrics.search_summary(union, metrics.TOPK, weights)[0]
-        return dict(overall, **report, mixed={f"top{k}": mixed[f"top{k}"] for k in metrics.TOPK})
+        report = metrics.searches_report(searches, union, weights)[0]
+        for name in searches:   # the counts behind a gallery's figures are not figures
+            report[name] = {k: v for k, v in report[name].items() if not k.startswith("num_")}
+        return report
 
-    num_subjects, (index,) = bootstrap.subject_index(probe_subjects)
+    num_subjects, (index,) = bootstrap.subject_index(meta.probes["subjects"])
     counts = bootstrap.subject_counts(num_subjects, resamples, seed)
     return bootstrap.percentile_intervals(bootstrap.replicates(statistic, (row[index] for row in counts)))
 
@@ -289,10 +281,8 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
     variants = metrics.VARIANTS if bunch else (metrics.DEFAULT_VARIANT,)
     templates = metrics.Templates(meta.templates, meta.medias)
     run = _identification if one_to_n else _verification
-    summaries, curves, arrays = run(meta, templates, new, old, variants)
-    ci = None
-    if resamples:
-        ci = intervals(meta, templates, new, old, data_path, resamples, bootstrap_seed)
+    summaries, curves, arrays, found = run(meta, templates, new, old, variants)
+    ci = intervals(meta, found, data_path, resamples, bootstrap_seed) if resamples else None
 
     result = {"protocol": protocol, "subset": subset, "test": test, **summaries[metrics.DEFAULT_VARIANT],
               "variant": metrics.DEFAULT_VARIANT, "model": model_file or restore_embs,

@@ -311,29 +311,49 @@ def identification(sims, gallery_subjects, probe_subjects, ks=TOPK, fpir=True):
     return search_summary(search(sims, gallery_subjects, probe_subjects, fpir), ks)
 
 
-def identification_report(galleries, probes, probe_subjects, mixed=True):
-    """1:N report (docs/evaluation.md, Protocol step 6) over galleries ``{name: (features, subjects)}`` searched by ``probes``.
-
-    Overall top-k = hits in all galleries / probes; overall TPIR = mean over galleries; ``mixed`` =
-    top-k against the union of the galleries (the per-gallery similarities side by side).
-    Returns (report dict, {name: TPIR curve, "mean": their mean}).
-    """
-    report, hits, curves = {}, {k: 0 for k in TOPK}, {}
+def gallery_searches(galleries, probes, probe_subjects, mixed=True):
+    """:class:`Search` of ``probes`` in each gallery ``{name: (features, subjects)}`` and, with
+    ``mixed``, in their union (the per-gallery similarities written side by side into one array, so
+    the union search copies nothing): ``({name: Search}, union Search or None)``."""
     bounds = np.cumsum([0, *(len(g[0]) for g in galleries.values())])
     all_sims = np.empty((len(probes), bounds[-1]), np.result_type(probes, *(g[0] for g in galleries.values())))
+    searches = {}
     for i, (name, (feats, subjects)) in enumerate(galleries.items()):
-        sims = all_sims[:, bounds[i]:bounds[i + 1]]       # the galleries side by side, for the mixed search
+        sims = all_sims[:, bounds[i]:bounds[i + 1]]
         np.matmul(probes, feats.T, out=sims)
-        report[name], found, curves[name] = identification(sims, subjects, probe_subjects)
-        for k in TOPK:
-            hits[k] += found[k]
-    overall = {f"top{k}": hits[k] / len(probe_subjects) for k in TOPK}
-    overall["TPIR@FPIR"] = {key: float(np.mean([report[n]["TPIR@FPIR"][key] for n in galleries]))
-                            for key in FPIR_KEYS}
-    result = dict(overall, **report)
+        searches[name] = search(sims, subjects, probe_subjects)
+    union = None
     if mixed:
         union_subjects = np.concatenate([g[1] for g in galleries.values()])
-        union = identification(all_sims, union_subjects, probe_subjects, fpir=False)[0]
-        result["mixed"] = {f"top{k}": union[f"top{k}"] for k in TOPK}
-    curves["mean"] = np.mean([curves[n] for n in galleries], axis=0)
+        union = search(all_sims, union_subjects, probe_subjects, fpir=False)
+    return searches, union
+
+
+def searches_report(searches, union=None, weights=None):
+    """1:N report (docs/evaluation.md, Protocol step 6) of :func:`gallery_searches`' outcomes.
+
+    Overall top-k = hits in all galleries / probes; overall TPIR = mean over galleries; ``mixed`` =
+    top-k against the union of the galleries. ``weights``: integer multiplicity of each probe (a
+    bootstrap resample). Returns (report dict, {name: TPIR curve, "mean": their mean}).
+    """
+    report, hits, curves = {}, {k: 0 for k in TOPK}, {}
+    for name, found in searches.items():
+        report[name], found_hits, curves[name] = search_summary(found, TOPK, weights)
+        for k in TOPK:
+            hits[k] += found_hits[k]
+    num_probes = len(next(iter(searches.values())).mated) if weights is None else int(np.sum(weights))
+    overall = {f"top{k}": hits[k] / num_probes for k in TOPK}
+    overall["TPIR@FPIR"] = {key: float(np.mean([report[n]["TPIR@FPIR"][key] for n in searches]))
+                            for key in FPIR_KEYS}
+    result = dict(overall, **report)
+    if union is not None:
+        mixed = search_summary(union, TOPK, weights)[0]
+        result["mixed"] = {f"top{k}": mixed[f"top{k}"] for k in TOPK}
+    curves["mean"] = np.mean([curves[n] for n in searches], axis=0)
     return result, curves
+
+
+def identification_report(galleries, probes, probe_subjects, mixed=True):
+    """1:N report over galleries ``{name: (features, subjects)}`` searched by ``probes``
+    (:func:`gallery_searches` counted by :func:`searches_report`)."""
+    return searches_report(*gallery_searches(galleries, probes, probe_subjects, mixed))
