@@ -39,9 +39,11 @@ import torch.multiprocessing as mp
 
 import bench_methods
 from backbones import get_model
-from tools.synthetic import make_synthetic
 from losses import ArcFace, PartialFC
+from tools.ijbc_eval.embed import INPUT_SCALE
+from tools.synthetic import make_synthetic
 from utils.distributed import cleanup
+from utils.embedding import ModelRunner
 from utils.errors import require, run_cli
 from utils.trainer import optimizer_step
 
@@ -87,17 +89,18 @@ def arcface_variants(device, sizes, steps, compile_ok):
 
 
 def embedding_throughput(device, sizes, batches):
-    """Images/s of IJB-style embedding (image + flip, AMP on CUDA)."""
-    amp = device.type == "cuda"
+    """Images/s of IJB-style embedding through the evaluation's own runner (uint8 image + flip, AMP
+    on CUDA, embeddings back on the host), as ``ijbc_eval.py`` runs it."""
     model = get_model(sizes["network"], num_features=512, width=sizes["width"], input_size=sizes["input_size"])
-    model = model.to(device).eval()
-    images = torch.randn(sizes["eval_batch"], 3, sizes["input_size"], sizes["input_size"], device=device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        model(images)
+    runner = ModelRunner(model.to(device), device, amp=True, scale=INPUT_SCALE, flip=True)
+    images = torch.randint(0, 256, (sizes["eval_batch"], 3, sizes["input_size"], sizes["input_size"]),
+                           dtype=torch.uint8)
+    with torch.inference_mode():
+        runner(images)
         _sync(device)
         start = time.perf_counter()
         for _ in range(batches):
-            (model(images) + model(torch.flip(images, dims=[3]))).float()
+            runner(images)
         _sync(device)
     rate = batches * sizes["eval_batch"] / (time.perf_counter() - start)
     print(f"IJB embedding ({sizes['network']}, image + flip): {rate:.1f} images/s", flush=True)
