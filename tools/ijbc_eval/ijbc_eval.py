@@ -172,8 +172,8 @@ def intervals(meta, found, data_path, resamples, seed=0):
     subjects are resampled.
     """
     if meta.pairs is not None:
-        s1 = _template_subjects(data_path, meta.subset, meta.pairs["t1"])
-        s2 = _template_subjects(data_path, meta.subset, meta.pairs["t2"])
+        subjects = _template_subjects(data_path, meta.subset, np.concatenate([meta.pairs["t1"], meta.pairs["t2"]]))
+        s1, s2 = np.split(subjects, 2)   # one read of the 1:N lists for both templates of every pair
         num_subjects, (i1, i2) = bootstrap.subject_index(s1, s2)
         counts = bootstrap.subject_counts(num_subjects, resamples, seed)
         return bootstrap.percentile_intervals(
