@@ -245,6 +245,7 @@ def _published_flow(rank, folder):
                 loss = pfc(embeddings, data["labels"][mine])
             loss.backward()
             grads[name] = backbone.weight.grad
+        del ddp, embeddings, loss   # DDP's reducer must release the gloo group before cleanup(), not after it
         torch.save(grads, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         cleanup()
