@@ -79,3 +79,47 @@ def test_seed_index_names_the_run_and_sets_the_seed(tmp_path):
     assert proc.stdout.split() == ["668", str(tmp_path / "NCCL_seed2"), "64"]
     env["BCT_DEMO_SEED"] = "0"
     assert python("-c", code, env=env).stdout.split()[:2] == ["666", str(tmp_path / "NCCL")]
+
+
+def test_size_options_override_the_profile(tmp_path):
+    """``--identities`` … ``--new_epochs`` reach every config through ``BCT_DEMO_<NAME>``; a bad value
+    is refused with the variable's name."""
+    code = ("from utils.config import get_config; from configs.demo import settings as s; "
+            "c = get_config('BCT_methods/MixBCT/configs/demo_MixBCT.py'); "
+            "print(s.IDENTITIES, s.IMAGES_PER_IDENTITY, s.IJB_SUBJECTS, s.OLD_EPOCHS, c.num_epoch)")
+    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_QUICK="0", BCT_DEMO_IDENTITIES="800", BCT_DEMO_NEW_EPOCHS="12")
+    proc = python("-c", code, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["800", "20", "800", "2", "12"]
+    proc = python("-c", code, env=dict(env, BCT_DEMO_IJB_SUBJECTS="0"))
+    assert proc.returncode != 0 and "BCT_DEMO_IJB_SUBJECTS='0': expected a positive whole number" in proc.stderr
+
+
+def test_demo_refuses_reused_data_of_another_size(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.idx", "property"):
+        (data / name).write_text("40,112,112\n")
+    (data / "IJBC" / "meta").mkdir(parents=True)
+    proc = python("tools/run_demo.py", "--quick", "--reuse", "--identities", "60", "--out", str(tmp_path / "out"),
+                  "--data", str(data))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {data}: holds 40 training identities, expected 60 "
+                                                "(--reuse with other sizes: pass another --data)"]
+
+
+def test_curves_grid_and_table():
+    from tools.demo_curves import curves_table, grid
+
+    assert grid([200, 400, 800], [3, 6, 12], 400, 6) == [(200, 6), (400, 6), (800, 6), (400, 3), (400, 12)]
+    points = [{"identities": 400, "new_epochs": 6,
+               "rows": {("old", "self"): (0.4, 0.37, 0.43), ("MixBCT", "cross"): (0.5, 0.46, 0.56)}}]
+    table = curves_table(points)
+    assert "| identities | new-model epochs | test | old | MixBCT |" in table
+    assert "| 400 | 6 | self | 0.400 ± 0.030 |  |" in table and "| 400 | 6 | cross |  | 0.500 ± 0.050 |" in table
+
+
+def test_curves_reject_bad_lists(tmp_path):
+    proc = python("tools/demo_curves.py", "--identities", "200,x", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --identities '200,x': expected comma-separated whole numbers"]

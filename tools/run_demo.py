@@ -2,6 +2,8 @@
 
     python tools/run_demo.py [--quick] [--methods L2,BCT,…] [--scenario OPclass] [--out DIR] [--reuse]
                              [--seeds K] [--bootstrap N] [--generations 3 [--generation_method L2]]
+                             [--identities N] [--images_per_identity N] [--ijb_subjects N]
+                             [--old_epochs N] [--new_epochs N]
 
 Stages (each the real stage script, run as a subprocess with its own log under ``<out>/logs/``):
 synthetic data → split → old model (softmax) → old features → prototypes → denoising →
@@ -30,6 +32,8 @@ METHODS = ("L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT")
 SCENARIOS = ("OPclass", "OPdata", "EXclass", "EXdata")
 BOOTSTRAP = {"full": 100, "quick": 20}   # default subject resamples of the intervals
 METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
+SIZE_OPTIONS = {"identities": "IDENTITIES", "images_per_identity": "IMAGES_PER_IDENTITY",   # → settings.SIZES
+                "ijb_subjects": "IJB_SUBJECTS", "old_epochs": "OLD_EPOCHS", "new_epochs": "NEW_EPOCHS"}
 GEN3_WIDTH = 16                                        # the third generation: wider again than the second
 HELDOUT_SIZES = {"full": (100, 10), "quick": (20, 6)}   # held-out identities × images for the matrix
 
@@ -148,6 +152,11 @@ def run_pipeline(args):
     data = os.path.abspath(args.data)
     os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_SCENARIO=args.scenario,
                       BCT_DEMO_QUICK="1" if args.quick else "0")
+    for option, name in SIZE_OPTIONS.items():
+        value = getattr(args, option)
+        require(value is None or value >= 1, f"--{option} must be at least 1, got {value}")
+        if value is not None:
+            os.environ[f"BCT_DEMO_{name}"] = str(value)
     os.environ.setdefault("BCT_CACHE_DIR", os.path.join(out, "cache"))   # resume caches of the stages
     demo = settings()  # reads the variables above, as every stage's config does
     resamples = BOOTSTRAP["quick" if args.quick else "full"] if args.bootstrap is None else args.bootstrap
@@ -159,6 +168,10 @@ def run_pipeline(args):
                         "--images-per-identity", str(demo.IMAGES_PER_IDENTITY),
                         "--ijb-identities", str(demo.IJB_SUBJECTS)],
                done_when=[os.path.join(data, "train.idx"), os.path.join(data, "IJBC", "meta")])
+    with open(os.path.join(data, "property")) as handle:
+        found = handle.read().split(",")[0].strip()
+    require(found == str(demo.IDENTITIES), f"{data}: holds {found} training identities, expected "
+                                           f"{demo.IDENTITIES} (--reuse with other sizes: pass another --data)")
     pipe.stage("split", ["tools/split_dataset/split_dataset_ms1mv3.py", "--root", data],
                done_when=[os.path.join(data, f"{s}.idx") for s in
                           ("train_part_30_class", "train_part_70_class", "train_part_30_data", "train_part_70_data")])
@@ -194,6 +207,7 @@ def run_pipeline(args):
 
     pipe.seconds["total"] = round(time.time() - started, 1)
     report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick),
+              "sizes": {option: getattr(demo, name) for option, name in SIZE_OPTIONS.items()},
               "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"}}
     table = results_table(rows, args.scenario, args.seeds, resamples)
     with atomic_open(os.path.join(out, "results.json")) as handle:
@@ -384,6 +398,12 @@ def main():
                              "compatibility matrix of the three (off by default; time: docs/compat.md)")
     parser.add_argument("--generation_method", default="L2",
                         help="method of generations 2 and 3 for --generations 3 (one of --methods; default L2)")
+    for option, text in (("identities", "synthetic training identities"),
+                         ("images_per_identity", "training images per identity"),
+                         ("ijb_subjects", "IJB-C-style test subjects"), ("old_epochs", "epochs of the old model"),
+                         ("new_epochs", "epochs of every new model")):
+        parser.add_argument(f"--{option}", type=int, default=None, metavar="N",
+                            help=f"{text} (default: configs/demo/settings.py's profile)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="new models trained at the same time (default: 2, each with half the CPU threads)")
     args = parser.parse_args()

@@ -1,7 +1,8 @@
 """The demo's data sizes, model sizes and its one tuning rule; where its configs read and write.
 
 ``tools/run_demo.py`` sets ``BCT_DEMO_DATA``, ``BCT_DEMO_OUT``, ``BCT_DEMO_SCENARIO``,
-``BCT_DEMO_QUICK`` and, per new model, ``BCT_DEMO_SEED`` (0, 1, … with ``--seeds``), so the shipped
+``BCT_DEMO_QUICK``, the size overrides ``BCT_DEMO_<NAME>`` of :data:`SIZES` (``--identities`` …
+``--new_epochs``) and, per new model, ``BCT_DEMO_SEED`` (0, 1, … with ``--seeds``), so the shipped
 demo configs follow its options; run by hand, they default to ``dataset/synthetic``,
 ``work_dirs/demo``, ``OPclass``, the full size and seed 0.
 
@@ -31,8 +32,23 @@ QUICK = os.environ.get("BCT_DEMO_QUICK", "0") == "1"
 SEED_INDEX = int(os.environ.get("BCT_DEMO_SEED", "0"))
 
 # profile → (synthetic identities, images per identity, IJB-C-style subjects, old-model epochs, new-model epochs)
+SIZES = ("IDENTITIES", "IMAGES_PER_IDENTITY", "IJB_SUBJECTS", "OLD_EPOCHS", "NEW_EPOCHS")
 PROFILES = {"full": (400, 20, 800, 2, 6), "quick": (40, 10, 24, 2, 2)}
-IDENTITIES, IMAGES_PER_IDENTITY, IJB_SUBJECTS, OLD_EPOCHS, NEW_EPOCHS = PROFILES["quick" if QUICK else "full"]
+
+
+def sizes(environ=os.environ):
+    """The profile's sizes, each replaced by ``BCT_DEMO_<NAME>`` when set (run_demo.py's size options)."""
+    values = dict(zip(SIZES, PROFILES["quick" if environ.get("BCT_DEMO_QUICK", "0") == "1" else "full"]))
+    for name in SIZES:
+        text = environ.get(f"BCT_DEMO_{name}")
+        if text is not None:
+            if not text.isdigit() or int(text) < 1:
+                raise ValueError(f"BCT_DEMO_{name}={text!r}: expected a positive whole number")
+            values[name] = int(text)
+    return tuple(values[name] for name in SIZES)
+
+
+IDENTITIES, IMAGES_PER_IDENTITY, IJB_SUBJECTS, OLD_EPOCHS, NEW_EPOCHS = sizes()
 
 EMBEDDING_SIZE = 128
 INPUT_SIZE = 32
