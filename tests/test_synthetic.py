@@ -251,10 +251,21 @@ def test_ijb_layout_files(built):
 # ---------------------------------------------------------------------------------------------
 # make_synthetic: options and atomic output
 # ---------------------------------------------------------------------------------------------
+def test_ijb_max_frames_bounds_the_videos_only():
+    """``--ijb-max-frames K``: probe videos have 2..K frames; the default (5) is the layout's own."""
+    for k in (2, 3, 5):
+        layout = ms.ijb_layout(np.random.default_rng([0, 2]), 300, k)
+        frames = layout["media_frames"]
+        assert frames.min() == 1 and set(np.unique(frames[frames > 1])) == set(range(2, k + 1))
+        assert not (frames[layout["gallery"][layout["media_template"]]] > 1).any()
+    default, five = ms.ijb_layout(np.random.default_rng([0, 2]), 50), ms.ijb_layout(np.random.default_rng([0, 2]), 50, 5)
+    assert all(np.array_equal(default[key], five[key]) for key in default)
+
+
 @pytest.mark.parametrize("option, value", [("--identities", "1"), ("--images-per-identity", "0"),
-                                           ("--ijb-identities", "1"), ("--seed", "-1")])
+                                           ("--ijb-identities", "1"), ("--seed", "-1"), ("--ijb-max-frames", "1")])
 def test_bad_options_are_user_errors(tmp_path, option, value):
-    args = ["--out", str(tmp_path / "x"), "--workers", "0", *TINY]
+    args = ["--out", str(tmp_path / "x"), "--workers", "0", *TINY, "--ijb-max-frames", "5"]
     args[args.index(option) + 1] = value
     with pytest.raises(UserError, match=option):
         ms.main(args)

@@ -1,7 +1,7 @@
 """Synthetic face datasets in the real formats: MS1M-style RecordIO training set, IJB-C-style test set.
 
     python tools/synthetic/make_synthetic.py --out DIR [--identities 1000] [--images-per-identity 30]
-        [--ijb-identities 200] [--seed 0] [--workers W] [--overwrite]
+        [--ijb-identities 200] [--ijb-max-frames 5] [--seed 0] [--workers W] [--overwrite]
 
 Writes ``DIR/train.rec``, ``DIR/train.idx``, ``DIR/property`` (112×112 aligned JPEG faces, labels
 0..N−1 by identity, insightface record-0 header and identity-range records) and ``DIR/IJBC/``
@@ -94,11 +94,11 @@ def render_ijb_chunk(task):
 # ---------------------------------------------------------------------------------------------
 # IJB-C protocol layout
 # ---------------------------------------------------------------------------------------------
-def ijb_layout(rng, m):
+def ijb_layout(rng, m, max_frames=5):
     """Templates, media and frames of ``m`` subjects (dict of arrays, subject-major order).
 
     Each subject has one gallery template (still photos only) and 2–4 probe templates; a template
-    has 1–3 media; a probe media is a video of 2–5 frames with probability 0.4. Template and media
+    has 1–3 media; a probe media is a video of 2–``max_frames`` frames with probability 0.4. Template and media
     ids are shuffled integers; subjects are split in half between galleries G1 and G2.
     """
     n_probe = rng.choice([2, 3, 4], size=m, p=[0.3, 0.4, 0.3])
@@ -113,7 +113,7 @@ def ijb_layout(rng, m):
     return dict(template_subject=template_subject, gallery=gallery,
                 template_id=rng.permutation(len(template_subject)) + 1,
                 media_template=media_template, media_id=rng.permutation(len(media_template)) + 1,
-                media_frames=np.where(video, rng.integers(2, 6, len(media_template)), 1),
+                media_frames=np.where(video, rng.integers(2, max_frames + 1, len(media_template)), 1),
                 in_g1=in_g1)
 
 
@@ -211,7 +211,8 @@ def write_train(folder, args, mapper):
 
 
 def make_ijb(folder, args, mapper):
-    layout = ijb_layout(np.random.default_rng([args.seed, STREAM_IJB_LAYOUT]), args.ijb_identities)
+    layout = ijb_layout(np.random.default_rng([args.seed, STREAM_IJB_LAYOUT]), args.ijb_identities,
+                        args.ijb_max_frames)
     subject_of_media = layout["template_subject"][layout["media_template"]]
     tasks = []
     for c, size in _chunks(args.ijb_identities):
@@ -266,6 +267,8 @@ def parse_args(argv=None):
     parser.add_argument("--identities", type=int, default=1000, help="training identities N (≥ 2)")
     parser.add_argument("--images-per-identity", type=int, default=30, help="training images per identity K (≥ 1)")
     parser.add_argument("--ijb-identities", type=int, default=200, help="IJB-C-style subjects M (≥ 2)")
+    parser.add_argument("--ijb-max-frames", type=int, default=5,
+                        help="longest IJB-C-style video, in frames (≥ 2; videos have 2 to this many)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (≥ 0)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: CPU count, at most 8; 0 = render in this process)")
@@ -274,6 +277,7 @@ def parse_args(argv=None):
     require(args.identities >= 2, f"--identities must be at least 2, got {args.identities}")
     require(args.images_per_identity >= 1, f"--images-per-identity must be at least 1, got {args.images_per_identity}")
     require(args.ijb_identities >= 2, f"--ijb-identities must be at least 2, got {args.ijb_identities}")
+    require(args.ijb_max_frames >= 2, f"--ijb-max-frames must be at least 2, got {args.ijb_max_frames}")
     require(args.seed >= 0, f"--seed must be non-negative, got {args.seed}")
     if args.workers is None:
         args.workers = min(os.cpu_count() or 1, 8)
