@@ -90,7 +90,7 @@ def test_size_options_override_the_profile(tmp_path):
     env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_QUICK="0", BCT_DEMO_IDENTITIES="800", BCT_DEMO_NEW_EPOCHS="12")
     proc = python("-c", code, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["800", "20", "800", "2", "12"]
+    assert proc.stdout.split() == ["800", "20", "3200", "2", "12"]
     proc = python("-c", code, env=dict(env, BCT_DEMO_IJB_SUBJECTS="0"))
     assert proc.returncode != 0 and "BCT_DEMO_IJB_SUBJECTS='0': expected a positive whole number" in proc.stderr
 

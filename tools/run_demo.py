@@ -166,7 +166,7 @@ def run_pipeline(args):
 
     pipe.stage("data", ["tools/synthetic/make_synthetic.py", "--out", data, "--identities", str(demo.IDENTITIES),
                         "--images-per-identity", str(demo.IMAGES_PER_IDENTITY),
-                        "--ijb-identities", str(demo.IJB_SUBJECTS)],
+                        "--ijb-identities", str(demo.IJB_SUBJECTS), "--ijb-max-frames", str(demo.IJB_MAX_FRAMES)],
                done_when=[os.path.join(data, "train.idx"), os.path.join(data, "IJBC", "meta")])
     with open(os.path.join(data, "property")) as handle:
         found = handle.read().split(",")[0].strip()

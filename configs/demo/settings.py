@@ -33,7 +33,8 @@ SEED_INDEX = int(os.environ.get("BCT_DEMO_SEED", "0"))
 
 # profile → (synthetic identities, images per identity, IJB-C-style subjects, old-model epochs, new-model epochs)
 SIZES = ("IDENTITIES", "IMAGES_PER_IDENTITY", "IJB_SUBJECTS", "OLD_EPOCHS", "NEW_EPOCHS")
-PROFILES = {"full": (400, 20, 800, 2, 6), "quick": (40, 10, 24, 2, 2)}
+PROFILES = {"full": (400, 20, 3200, 2, 6), "quick": (40, 10, 24, 2, 2)}
+IJB_MAX_FRAMES = 2   # IJB-C-style probe videos of 2 frames (make_synthetic's default: 2–5): 26 % fewer images to embed
 
 
 def sizes(environ=os.environ):
