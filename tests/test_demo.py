@@ -123,3 +123,22 @@ def test_curves_reject_bad_lists(tmp_path):
     proc = python("tools/demo_curves.py", "--identities", "200,x", "--out", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --identities '200,x': expected comma-separated whole numbers"]
+
+
+def test_idle_work_runs_while_the_last_stage_trains(tmp_path):
+    """``Pipeline.parallel(idle_work=…)``: once nothing waits and a job slot is free, the idle work
+    runs with the finished stages and the free threads, while the other stage still runs."""
+    from tools.run_demo import Pipeline
+
+    pipe = Pipeline(str(tmp_path), dict(os.environ), reuse=False)
+    calls = []
+
+    def idle(finished, threads):
+        calls.append((sorted(finished), threads, "slow" in pipe.seconds))
+        return len(calls) == 1
+
+    stages = [("quick", ["-c", "pass"], [], {}), ("slow", ["-c", "import time; time.sleep(3)"], [], {})]
+    pipe.parallel(stages, jobs=2, idle_work=idle)
+    cpus = os.cpu_count() or 1
+    assert calls[0] == (["quick"], max(1, cpus - max(1, cpus // 2)), False)
+    assert len(calls) >= 2 and not calls[1][2] and set(pipe.seconds) == {"quick", "slow"}

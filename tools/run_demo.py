@@ -51,11 +51,16 @@ class Pipeline:
         """Run ``command`` (argv list, python scripts relative to the repo root) unless its outputs exist."""
         self.parallel([(name, command, done_when, {})], jobs=1)
 
-    def parallel(self, stages, jobs):
+    def parallel(self, stages, jobs, idle_work=None):
         """Run independent stages ``(name, command, done_when, extra environment)``, up to ``jobs`` at a
-        time, each with an equal share of the CPU threads."""
-        threads = str(max(1, (os.cpu_count() or 1) // jobs))
-        env = dict(self.env, OMP_NUM_THREADS=threads) if jobs > 1 else self.env
+        time, each with an equal share of the CPU threads.
+
+        ``idle_work(finished, threads)`` is called in this process whenever no stage is waiting and
+        fewer than ``jobs`` run (the last round), with the names of the stages done so far and the
+        threads left free; it does one piece of work and returns False when none is ready.
+        """
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        env = dict(self.env, OMP_NUM_THREADS=str(threads)) if jobs > 1 else self.env
         pending, running = list(stages), {}
         while pending or running:
             while pending and len(running) < jobs:
@@ -70,18 +75,27 @@ class Pipeline:
                 proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=dict(env, **extra_env),
                                         stdout=handle, stderr=subprocess.STDOUT)
                 running[name] = (proc, handle, log, time.time())
+            if idle_work is not None and not pending and len(running) < jobs and \
+                    idle_work(set(self.seconds), max(1, (os.cpu_count() or 1) - threads * len(running))):
+                self._collect(running)
+                continue
             time.sleep(0.2)
-            for name, (proc, handle, log, start) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                handle.close()
-                del running[name]
-                self.seconds[name] = round(time.time() - start, 1)
-                if proc.returncode != 0:
-                    for other, *_ in running.values():
-                        other.terminate()
-                    raise UserError(f"stage '{name}' failed (exit {proc.returncode}): {_last_line(log)} — see {log}")
-                print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
+            self._collect(running)
+
+    def _collect(self, running):
+        """Note the stages of ``running`` that have ended (one that ends during ``idle_work`` is timed when
+        that work returns); a failed one stops the others and is raised."""
+        for name, (proc, handle, log, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            handle.close()
+            del running[name]
+            self.seconds[name] = round(time.time() - start, 1)
+            if proc.returncode != 0:
+                for other, *_ in running.values():
+                    other.terminate()
+                raise UserError(f"stage '{name}' failed (exit {proc.returncode}): {_last_line(log)} — see {log}")
+            print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
 
     def evaluate(self, name, model, network, width, data, old_embeddings=None, resamples=0):
         """IJB-C 1:1 and 1:N of one model, self-test and (with ``old_embeddings``) cross-test.
@@ -120,6 +134,20 @@ class Pipeline:
         self.seconds[stage] = round(time.time() - start, 1)
         print(f"[{stage}] done in {self.seconds[stage]:.1f} s", flush=True)
         return results, first
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    """torch's intra-op threads set to ``count`` inside the block (unchanged when None)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _last_line(path):
@@ -190,16 +218,29 @@ def run_pipeline(args):
     for method in args.methods:
         new_models[method] = (os.path.join("BCT_methods", method, "train.py"), _method_config(method))
     runs = [(name, demo.run_name(name, k), k) for k in range(args.seeds) for name in new_models]
-    pipe.parallel([(f"train_{run}", list(new_models[name]), [os.path.join(out, run, "model.pt")],
-                    {"BCT_DEMO_SEED": str(k)}) for name, run, k in runs], jobs=args.jobs)
+    models = [("old", old_model, demo.OLD_NETWORK, demo.OLD_WIDTH)]
+    models += [(run, os.path.join(out, run, "model.pt"), demo.NEW_NETWORK, demo.NEW_WIDTH) for _, run, _ in runs]
+    evaluated = {}
 
-    results, old_embeddings = pipe.evaluate("old", old_model, demo.OLD_NETWORK, demo.OLD_WIDTH, data,
-                                            resamples=resamples)
-    per_seed = [_rows("old", results)]
-    for name, run, k in runs:
-        results, _ = pipe.evaluate(run, os.path.join(out, run, "model.pt"), demo.NEW_NETWORK, demo.NEW_WIDTH, data,
-                                   old_embeddings, resamples)
-        per_seed.append(_rows(name, results))
+    def evaluate_next(finished, threads=None):
+        """Evaluate the first model that is ready (the old one first: its embeddings serve every
+        cross-test; a new one once its training stage is done); False when none is."""
+        ready = [m for m in models if m[0] not in evaluated
+                 and (m[0] == "old" or ("old" in evaluated and f"train_{m[0]}" in finished))]
+        if not ready:
+            return False
+        run, model, network, width = ready[0]
+        old_embeddings = evaluated["old"][1] if run != "old" else None
+        with torch_threads(threads):
+            evaluated[run] = pipe.evaluate(run, model, network, width, data, old_embeddings, resamples)
+        return True
+
+    # the models are evaluated in this process as soon as the last round of training leaves a core free
+    pipe.parallel([(f"train_{run}", list(new_models[name]), [os.path.join(out, run, "model.pt")],
+                    {"BCT_DEMO_SEED": str(k)}) for name, run, k in runs], jobs=args.jobs, idle_work=evaluate_next)
+    while evaluate_next(set(pipe.seconds)):
+        pass
+    per_seed = [_rows("old", evaluated["old"][0])] + [_rows(name, evaluated[run][0]) for name, run, _ in runs]
     rows = combine_seeds([row for rows in per_seed for row in rows])
 
     if args.generations == 3:
