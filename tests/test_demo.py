@@ -23,6 +23,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert f"[{stage}] done" in proc.stdout
     rows = report["rows"]
     assert report["seeds"] == 1 and report["bootstrap"]["resamples"] == 20
+    assert report["sizes"] == {"identities": 40, "images_per_identity": 10, "ijb_subjects": 24, "old_epochs": 2,
+                               "new_epochs": 2}
     for row in rows:
         assert set(row) == {"method", "test", "metric", "value", "ci_low", "ci_high"}
         assert row["metric"] in METRICS and row["test"] in ("self", "cross")
