@@ -115,7 +115,8 @@ def test_curves_grid_and_table():
 
     assert grid([200, 400, 800], [3, 6, 12], 400, 6) == [(200, 6), (400, 6), (800, 6), (400, 3), (400, 12)]
     points = [{"identities": 400, "new_epochs": 6,
-               "rows": {("old", "self"): (0.4, 0.37, 0.43), ("MixBCT", "cross"): (0.5, 0.46, 0.56)}}]
+               "rows": [_row("old", "self", "TAR@FAR=1e-3", 0.4, 0.37, 0.43),
+                        _row("MixBCT", "cross", "TAR@FAR=1e-3", 0.5, 0.46, 0.56)]}]
     table = curves_table(points)
     assert "| identities | new-model epochs | test | old | MixBCT |" in table
     assert "| 400 | 6 | self | 0.400 ± 0.030 |  |" in table and "| 400 | 6 | cross |  | 0.500 ± 0.050 |" in table

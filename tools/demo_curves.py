@@ -21,6 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tools.run_demo import cell_text
 from utils.errors import UserError, require, run_cli
 from utils.io import atomic_open
 
@@ -43,24 +44,21 @@ def grid(identities, epochs, centre_identities, centre_epochs):
     return list(dict.fromkeys(points))
 
 
-def point_rows(results):
-    """``{(method, test): (value, low, high)}`` of TAR@FAR=1e-3 from a run_demo ``results.json``."""
-    return {(r["method"], r["test"]): (r["value"], r["ci_low"], r["ci_high"])
-            for r in results["rows"] if r["metric"] == METRIC}
+def by_model(point):
+    """``{(method, test): row}`` of a point's TAR@FAR=1e-3 rows (run_demo's ``results.json`` rows)."""
+    return {(r["method"], r["test"]): r for r in point["rows"]}
 
 
 def curves_table(points):
     """Markdown: one row per point and test, one column per model (value ± half-width)."""
-    models = list(dict.fromkeys(m for p in points for m, _ in p["rows"]))
+    models = list(dict.fromkeys(r["method"] for p in points for r in p["rows"]))
     lines = [f"{METRIC}, ± half-width of the 95 % subject-bootstrap interval", "",
              "| identities | new-model epochs | test | " + " | ".join(models) + " |",
              "|---|---|---|" + "---|" * len(models)]
     for point in points:
+        rows = by_model(point)
         for test in ("self", "cross"):
-            cells = []
-            for model in models:
-                value, low, high = point["rows"].get((model, test), (None, None, None))
-                cells.append("" if value is None else f"{value:.3f} ± {(high - low) / 2:.3f}")
+            cells = [cell_text(rows[(model, test)]) if (model, test) in rows else "" for model in models]
             lines.append(f"| {point['identities']} | {point['new_epochs']} | {test} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -79,17 +77,19 @@ def plot_curves(points, centre_identities, centre_epochs, path):
     for ax, x_key, fixed_key, fixed, label in panels:
         chosen = sorted((p for p in points if p[fixed_key] == fixed), key=lambda p: p[x_key])
         xs = [p[x_key] for p in chosen]
-        models = list(dict.fromkeys(m for p in chosen for m, _ in p["rows"]))
+        rows = [by_model(p) for p in chosen]
+        models = list(dict.fromkeys(m for r in rows for m, _ in r))
         curves = [("old", "self", "k", "--", "old self-test"), ("independent", "self", "grey", ":",
                                                                 "independent self-test")]
         curves += [(m, "cross", None, "-", f"{m} cross-test") for m in models if m not in ("old", "independent")]
         for model, test, color, style, name in curves:
-            found = [(x, p["rows"][(model, test)]) for x, p in zip(xs, chosen) if (model, test) in p["rows"]]
+            found = [(x, r[(model, test)]) for x, r in zip(xs, rows) if (model, test) in r]
             if not found:
                 continue
             x, values = [f[0] for f in found], [f[1] for f in found]
-            line, = ax.plot(x, [v[0] for v in values], style, marker="o", color=color, label=name)
-            ax.fill_between(x, [v[1] for v in values], [v[2] for v in values], color=line.get_color(), alpha=0.12)
+            line, = ax.plot(x, [v["value"] for v in values], style, marker="o", color=color, label=name)
+            ax.fill_between(x, [v["ci_low"] for v in values], [v["ci_high"] for v in values],
+                            color=line.get_color(), alpha=0.12)
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
@@ -128,16 +128,14 @@ def run(args):
         with open(os.path.join(folder, "results.json")) as handle:
             results = json.load(handle)
         points.append({"identities": n, "new_epochs": e, "seconds": results["seconds"]["total"],
-                       "rows": point_rows(results)})
+                       "rows": [r for r in results["rows"] if r["metric"] == METRIC]})
         print(f"[ids{n}_ep{e}] done ({results['seconds']['total']:.0f} s)", flush=True)
     table = curves_table(points)
     with atomic_open(os.path.join(out, "curves.md")) as handle:
         handle.write(table)
     with atomic_open(os.path.join(out, "curves.json")) as handle:
         json.dump({"metric": METRIC, "ijb_subjects": args.ijb_subjects, "bootstrap": args.bootstrap,
-                   "points": [dict(p, rows=[{"method": m, "test": t, "value": v[0], "ci_low": v[1], "ci_high": v[2]}
-                                            for (m, t), v in p["rows"].items()]) for p in points]},
-                  handle, indent=1)
+                   "points": points}, handle, indent=1)
     plot_curves(points, centre_identities, centre_epochs, os.path.join(out, "curves.png"))
     print("\n" + table)
     print(f"curves: {os.path.join(out, 'curves.md')}, curves.json, curves.png ({time.time() - started:.0f} s)")

@@ -32,8 +32,13 @@ METHODS = ("L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT")
 SCENARIOS = ("OPclass", "OPdata", "EXclass", "EXdata")
 BOOTSTRAP = {"full": 100, "quick": 20}   # default subject resamples of the intervals
 METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
-SIZE_OPTIONS = {"identities": "IDENTITIES", "images_per_identity": "IMAGES_PER_IDENTITY",   # → settings.SIZES
-                "ijb_subjects": "IJB_SUBJECTS", "old_epochs": "OLD_EPOCHS", "new_epochs": "NEW_EPOCHS"}
+SIZE_OPTIONS = {   # option → (name in configs/demo/settings.SIZES, what it sizes)
+    "identities": ("IDENTITIES", "synthetic training identities"),
+    "images_per_identity": ("IMAGES_PER_IDENTITY", "training images per identity"),
+    "ijb_subjects": ("IJB_SUBJECTS", "IJB-C-style test subjects"),
+    "old_epochs": ("OLD_EPOCHS", "epochs of the old model"),
+    "new_epochs": ("NEW_EPOCHS", "epochs of every new model"),
+}
 GEN3_WIDTH = 16                                        # the third generation: wider again than the second
 HELDOUT_SIZES = {"full": (100, 10), "quick": (20, 6)}   # held-out identities × images for the matrix
 
@@ -180,7 +185,7 @@ def run_pipeline(args):
     data = os.path.abspath(args.data)
     os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_SCENARIO=args.scenario,
                       BCT_DEMO_QUICK="1" if args.quick else "0")
-    for option, name in SIZE_OPTIONS.items():
+    for option, (name, _) in SIZE_OPTIONS.items():
         value = getattr(args, option)
         require(value is None or value >= 1, f"--{option} must be at least 1, got {value}")
         if value is not None:
@@ -196,10 +201,11 @@ def run_pipeline(args):
                         "--images-per-identity", str(demo.IMAGES_PER_IDENTITY),
                         "--ijb-identities", str(demo.IJB_SUBJECTS), "--ijb-max-frames", str(demo.IJB_MAX_FRAMES)],
                done_when=[os.path.join(data, "train.idx"), os.path.join(data, "IJBC", "meta")])
-    with open(os.path.join(data, "property")) as handle:
-        found = handle.read().split(",")[0].strip()
-    require(found == str(demo.IDENTITIES), f"{data}: holds {found} training identities, expected "
-                                           f"{demo.IDENTITIES} (--reuse with other sizes: pass another --data)")
+    from utils.dataset import read_property   # imports torch: not before the options are checked
+
+    found = read_property(os.path.join(data, "property"))[0]
+    require(found == demo.IDENTITIES, f"{data}: holds {found} training identities, expected "
+                                      f"{demo.IDENTITIES} (--reuse with other sizes: pass another --data)")
     pipe.stage("split", ["tools/split_dataset/split_dataset_ms1mv3.py", "--root", data],
                done_when=[os.path.join(data, f"{s}.idx") for s in
                           ("train_part_30_class", "train_part_70_class", "train_part_30_data", "train_part_70_data")])
@@ -248,7 +254,7 @@ def run_pipeline(args):
 
     pipe.seconds["total"] = round(time.time() - started, 1)
     report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick),
-              "sizes": {option: getattr(demo, name) for option, name in SIZE_OPTIONS.items()},
+              "sizes": {option: getattr(demo, name) for option, (name, _) in SIZE_OPTIONS.items()},
               "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"}}
     table = results_table(rows, args.scenario, args.seeds, resamples)
     with atomic_open(os.path.join(out, "results.json")) as handle:
@@ -350,7 +356,7 @@ def combine_seeds(rows):
     return combined
 
 
-def _cell(row):
+def cell_text(row):
     """``value ± half-width`` (and the sd over seeds) of one row; the value alone without an interval."""
     text = f"{row['value']:.3f}"
     if row["ci_high"] == row["ci_high"]:   # not NaN
@@ -375,7 +381,7 @@ def results_table(rows, scenario, seeds=1, resamples=0):
         for test in ("self", "cross"):
             if (method, test, METRICS[1]) not in value:
                 continue
-            cells = [_cell(row_of[(method, test, m)]) if (method, test, m) in row_of else "" for m in METRICS]
+            cells = [cell_text(row_of[(method, test, m)]) if (method, test, m) in row_of else "" for m in METRICS]
             compatible, cost = "", ""
             if test == "cross" and old is not None:
                 cross = row_of[(method, test, "TAR@FAR=1e-3")]
@@ -439,10 +445,7 @@ def main():
                              "compatibility matrix of the three (off by default; time: docs/compat.md)")
     parser.add_argument("--generation_method", default="L2",
                         help="method of generations 2 and 3 for --generations 3 (one of --methods; default L2)")
-    for option, text in (("identities", "synthetic training identities"),
-                         ("images_per_identity", "training images per identity"),
-                         ("ijb_subjects", "IJB-C-style test subjects"), ("old_epochs", "epochs of the old model"),
-                         ("new_epochs", "epochs of every new model")):
+    for option, (_, text) in SIZE_OPTIONS.items():
         parser.add_argument(f"--{option}", type=int, default=None, metavar="N",
                             help=f"{text} (default: configs/demo/settings.py's profile)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
