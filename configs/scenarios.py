@@ -65,10 +65,10 @@ class Experiment:
 
     def __init__(self, scenario, combination):
         require_choice(scenario, SCENARIOS, "scenario")
-        old_loss, _, new_loss, dim = _parse_combination(combination)
-        self.scenario, self.dim, self.old_loss = scenario, dim, old_loss
-        self.old_split, self.new_split, self.feature_split = SCENARIOS[scenario]
-        self.sd = f"f{dim}_{OLD_NETWORK}_{old_loss}_{self.feature_split}"
+        old_loss, dim = _parse_combination(combination)
+        _, self.new_split, feature_split = SCENARIOS[scenario]
+        self.scenario, self.dim = scenario, dim
+        self.sd = f"f{dim}_{OLD_NETWORK}_{old_loss}_{feature_split}"
 
     def new_model(self):
         """Keys of the new r50 ArcFace model trained on this scenario's new split."""
@@ -80,12 +80,12 @@ class Experiment:
 
 
 def _parse_combination(combination):
-    """``"softmax_to_arc_f128"`` → ("softmax", "to", "arc", 128)."""
+    """``"softmax_to_arc_f128"`` → ("softmax", 128): the old model's loss and the embedding size."""
     parts = combination.split("_")
     if len(parts) != 4 or parts[1] != "to" or parts[0] not in OLD_LOSSES or parts[2] != "arc" \
             or not parts[3].startswith("f") or not parts[3][1:].isdigit():
         raise UserError(f"combination {combination!r}: expected <softmax|arc>_to_arc_f<dim>")
-    return parts[0], parts[1], parts[2], int(parts[3][1:])
+    return parts[0], int(parts[3][1:])
 
 
 def require_choice(value, choices, what):

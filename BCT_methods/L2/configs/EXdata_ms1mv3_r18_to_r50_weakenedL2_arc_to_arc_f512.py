@@ -7,25 +7,9 @@ Old features: feature_save/EXdata/f512_r18_arc_data100_*.npy (steps 2–4).
     cd BCT_methods/L2
     python -m torch.distributed.launch --nproc_per_node=8 train.py configs/EXdata_ms1mv3_r18_to_r50_weakenedL2_arc_to_arc_f512.py
 """
-from easydict import EasyDict as edict
+from configs.scenarios import Experiment
 
-config = edict()
-config.network = "r50"
-config.embedding_size = 512
-config.margin_list = (1.0, 0.5, 0.0)
-config.sample_rate = 1.0
-config.fp16 = True
-config.batch_size = 128
-config.lr = 0.1
-config.momentum = 0.9
-config.weight_decay = 5e-4
-config.num_epoch = 35
-config.warmup_epoch = 0
-config.rec = "dataset/ms1m-retinaface-t1"
-config.num_classes = 93431
-config.num_image = 5179510
-config.num_workers = 4
-config.frequent = 10
-config.old_embedding = "feature_save/EXdata/f512_r18_arc_data100_feature.npy"
-config.loss_weight = 10.0
+run = Experiment("EXdata", "arc_to_arc_f512")
+config = run.new_model()
+config.old_embedding = run.feature("feature")
 config.threshold = 0.2
