@@ -25,6 +25,9 @@ identities, the new models are wider and trained longer on the other 70 %.
 """
 import os
 
+from configs.base import config as published_base
+from configs.scenarios import SPLITS as PUBLISHED_SPLITS
+
 DATA = os.environ.get("BCT_DEMO_DATA", "dataset/synthetic")
 OUT = os.environ.get("BCT_DEMO_OUT", "work_dirs/demo")
 SCENARIO = os.environ.get("BCT_DEMO_SCENARIO", "OPclass")
@@ -57,8 +60,8 @@ BATCH_SIZE = 64
 OLD_NETWORK, OLD_WIDTH = "r18", 8       # the old model: r18 layout, 8-channel stem
 NEW_NETWORK, NEW_WIDTH = "r18", 12      # every new model: the same layout, 1.5x wider (2.2x the FLOPs)
 NEW_MARGIN_LIST, NEW_SCALE = (1.0, 0.3, 0.0), 32.0   # every new model's ArcFace (published: 0.5, 64)
-PUBLISHED_EPOCHS = 35
-PUBLISHED_CLASS70_IMAGES = 3598269      # MS1MV3 class70: the training set of the published OPclass configs
+PUBLISHED_EPOCHS = published_base.num_epoch                 # 35
+PUBLISHED_CLASS70_IMAGES = PUBLISHED_SPLITS["class70"][2]   # 3,598,269: the published OPclass training set
 
 # scenario: (old model's training split, new model's training split, split the features are extracted on)
 SCENARIOS = {
