@@ -106,7 +106,7 @@ def _overflow(rank, folder):
 def _per_node_checkpoints(rank, folder):
     """Each rank writes to its own folder (a node's local disk) and resumes from it."""
     own = os.path.join(folder, f"node{rank}")
-    manager = CheckpointManager(own, rank, 2, keep=3)
+    manager = CheckpointManager(own, rank, keep=3)
     for step in (1, 2, 3):
         manager.save(step, {"step": step, "rank": rank})
     latest = manager.load_latest()

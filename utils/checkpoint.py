@@ -26,19 +26,18 @@ _NAME = re.compile(r"step_(\d+)_rank(\d+)\.pt$")
 
 
 class CheckpointManager:
-    def __init__(self, output, rank, world_size, keep=2, log=print, device="cpu"):
+    def __init__(self, output, rank, keep=2, log=print, device="cpu"):
         self.folder = os.path.join(output, "checkpoints")
-        self.rank, self.world_size, self.keep, self.log = rank, world_size, max(int(keep), 1), log
+        self.rank, self.keep, self.log = rank, max(int(keep), 1), log
         self.device = device
 
-    def path(self, step, rank=None):
-        return os.path.join(self.folder, f"step_{step:09d}_rank{self.rank if rank is None else rank}.pt")
+    def path(self, step):
+        return os.path.join(self.folder, f"step_{step:09d}_rank{self.rank}.pt")
 
-    def steps(self, rank=None):
-        """Steps with a checkpoint file of ``rank`` (default: this process), newest first."""
-        rank = self.rank if rank is None else rank
+    def steps(self):
+        """Steps with a checkpoint file of this process, newest first."""
         found = []
-        for name in glob.glob(os.path.join(self.folder, f"step_*_rank{rank}.pt")):
+        for name in glob.glob(os.path.join(self.folder, f"step_*_rank{self.rank}.pt")):
             match = _NAME.search(name)
             if match:
                 found.append(int(match.group(1)))

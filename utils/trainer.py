@@ -122,11 +122,12 @@ class TrainingRun:
     ``pending_rng`` until the loop reaches the point where the interrupted run saved them.
     """
 
-    def __init__(self, backbone, model, classifier, extra, optimizer, scheduler, scaler, method, device):
+    def __init__(self, backbone, model, classifier, extra, replicated_params, optimizer, scheduler, scaler, method,
+                 device):
         self.backbone, self.model, self.classifier, self.extra = backbone, model, classifier, extra
         self.optimizer, self.scheduler, self.scaler, self.method = optimizer, scheduler, scaler, method
         self.device = device
-        self.replicated_params = trainable_params(extra.values())
+        self.replicated_params = replicated_params   # the method modules' trainable parameters (outside DDP)
         self.clipped_params = [*backbone.parameters(), *method.clipped_with_backbone()]
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.pending_rng = None
@@ -200,7 +201,7 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
         step, total_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, steps_per_epoch, cfg.lr_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and bool(cfg.fp16))
-    return TrainingRun(backbone, model, classifier, extra, optimizer, scheduler, scaler, method, device)
+    return TrainingRun(backbone, model, classifier, extra, extra_params, optimizer, scheduler, scaler, method, device)
 
 
 def train_one_epoch(run, ctx, loader, last_step, checkpoints, speed, stop):
@@ -256,7 +257,7 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
     ctx = TrainContext(cfg, info, None, None, dataset, steps_per_epoch, total_steps, logger)
     run = build_run(cfg, method, ctx, build_backbone, build_classifier)
 
-    checkpoints = CheckpointManager(cfg.output, rank, world, cfg.keep_checkpoints, log=logger.warning, device=device)
+    checkpoints = CheckpointManager(cfg.output, rank, cfg.keep_checkpoints, log=logger.warning, device=device)
     if resume or cfg.resume:
         state = checkpoints.load_latest()
         if state is None:
