@@ -222,7 +222,8 @@ def search(probes, gallery, gallery_subjects, probe_subjects, block=SEARCH_BLOCK
     """Exact 1:N search (:func:`metrics.search`) in blocks of probes, so memory stays bounded by ``block``
     similarities (plus the features); returns the :class:`metrics.Search` of all probes."""
     step = max(1, block // max(1, len(gallery)))
-    parts = [metrics.search(probes[s:s + step] @ gallery.T, gallery_subjects, probe_subjects[s:s + step])
+    index = metrics.gallery_index(gallery_subjects)   # the gallery's side, once for every block
+    parts = [metrics.search(probes[s:s + step] @ gallery.T, gallery_subjects, probe_subjects[s:s + step], index=index)
              for s in range(0, len(probes), step)]
     return metrics.Search(*(np.concatenate([getattr(p, f) for p in parts]) for f in metrics.Search._fields[:-1]),
                           num_gallery=len(gallery))

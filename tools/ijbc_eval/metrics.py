@@ -224,10 +224,24 @@ def _threshold(sorted_desc, fraction, cumulative):
     return sorted_desc[np.searchsorted(cumulative, max(math.floor(n * fraction) - 1, 0), "right")]
 
 
-def _subject_columns(gallery_subjects, subjects):
-    """``(row, column)`` of every gallery column whose subject is ``subjects[row]``."""
+class GalleryIndex(NamedTuple):
+    """What :func:`search` needs of a gallery's subjects alone, computed once per gallery."""
+    subjects: np.ndarray   # distinct subjects, sorted
+    first: np.ndarray      # each subject's first gallery column
+    order: np.ndarray      # gallery columns sorted by subject (stable)
+    ordered: np.ndarray    # the subjects in that order
+
+
+def gallery_index(gallery_subjects):
+    """The :class:`GalleryIndex` of ``gallery_subjects`` (one subject per gallery column)."""
+    subjects, first = np.unique(gallery_subjects, return_index=True)
     order = np.argsort(gallery_subjects, kind="stable")
-    ordered = np.asarray(gallery_subjects)[order]
+    return GalleryIndex(subjects, first, order, np.asarray(gallery_subjects)[order])
+
+
+def _subject_columns(index, subjects):
+    """``(row, column)`` of every gallery column (of :class:`GalleryIndex` ``index``) whose subject is ``subjects[row]``."""
+    order, ordered = index.order, index.ordered
     low, high = np.searchsorted(ordered, subjects, "left"), np.searchsorted(ordered, subjects, "right")
     row = np.repeat(np.arange(len(subjects)), high - low)
     offset = np.arange(len(row)) - np.repeat(np.cumsum(high - low) - (high - low), high - low)
@@ -244,8 +258,11 @@ class Search(NamedTuple):
     num_gallery: int
 
 
-def search(sims, gallery_subjects, probe_subjects, fpir=True):
+def search(sims, gallery_subjects, probe_subjects, fpir=True, index=None):
     """:class:`Search` outcomes from ``sims`` (probes × gallery cosine similarities).
+
+    ``index``: :func:`gallery_index` of ``gallery_subjects``, when the caller searches the same
+    gallery in several blocks of probes (computed here otherwise).
 
     A probe is mated when its subject has a gallery template; its target is the subject's first
     gallery template. Rank = place of the target when the gallery is sorted by decreasing
@@ -255,7 +272,8 @@ def search(sims, gallery_subjects, probe_subjects, fpir=True):
     """
     if sims.shape[1] == 0:
         raise UserError("1:N evaluation: empty gallery")
-    subjects, first = np.unique(gallery_subjects, return_index=True)
+    index = gallery_index(gallery_subjects) if index is None else index
+    subjects, first = index.subjects, index.first
     pos = np.minimum(np.searchsorted(subjects, probe_subjects), len(subjects) - 1)
     mated = subjects[pos] == probe_subjects
     target = first[pos[mated]]
@@ -270,7 +288,7 @@ def search(sims, gallery_subjects, probe_subjects, fpir=True):
     correct = nonmated_best = None
     if fpir:
         # correct: no other subject's score ≥ the target's = entries ≥ it (above + ties) all of the probe's subject
-        row, col = _subject_columns(gallery_subjects, probe_subjects[mated])
+        row, col = _subject_columns(index, probe_subjects[mated])
         own = np.bincount(row[sims[rows[row], col] >= score[row]], minlength=len(rows))
         correct = above + np.bincount(tie_row, minlength=len(rows)) == own
         nonmated_best = sims[~mated].max(1, initial=-np.inf)
