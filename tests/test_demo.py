@@ -23,18 +23,24 @@ def test_quick_demo_end_to_end(tmp_path):
         assert f"[{stage}] done" in proc.stdout
     rows = report["rows"]
     assert report["seeds"] == 1 and report["bootstrap"]["resamples"] == 20
+    assert report["profile"] == "quick"
     assert report["sizes"] == {"identities": 40, "images_per_identity": 10, "ijb_subjects": 24, "old_epochs": 2,
-                               "new_epochs": 2}
+                               "new_epochs": 2, "old_width": 8, "new_width": 12, "lr": 0.2, "warmup_epochs": 1}
+    old_self = {r["metric"]: r["value"] for r in rows if r["method"] == "old"}
     for row in rows:
-        assert set(row) == {"method", "test", "metric", "value", "ci_low", "ci_high"}
+        margin_keys = {"margin", "margin_ci_low", "margin_ci_high"} if row["test"] == "cross" else set()
+        assert set(row) == {"method", "test", "metric", "value", "ci_low", "ci_high"} | margin_keys
         assert row["metric"] in METRICS and row["test"] in ("self", "cross")
         assert 0.0 <= row["ci_low"] <= row["ci_high"] <= 1.0
+        if margin_keys:   # paired over the same resamples: the difference's interval is within ±1
+            assert row["margin"] == pytest.approx(row["value"] - old_self[row["metric"]])
+            assert -1.0 <= row["margin_ci_low"] <= row["margin_ci_high"] <= 1.0
     seen = {(r["method"], r["test"], r["metric"]) for r in rows}
     assert {("old", "self", m) for m in METRICS} <= seen
     for method in METHODS:
         assert {(method, t, m) for t in ("self", "cross") for m in METRICS} <= seen
     table = (out / "results.md").read_text()
-    assert "| MixBCT | cross |" in table and "compatible" in table and " ± " in table
+    assert "| MixBCT | cross |" in table and "margin TAR@FAR=1e-3 [95 %] verdict" in table and " ± " in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in METHODS:
         assert os.path.isfile(out / method / "model.pt")
@@ -65,9 +71,42 @@ def test_seeds_combine_to_mean_interval_and_sd():
     assert bct["ci_high"] == pytest.approx(0.5533333333) and bct["sd"] == pytest.approx(0.0721110255)
     table = results_table(combined, "OPclass", seeds=3, resamples=200)
     assert "| old | self |  | 0.400 ± 0.030 |" in table
-    assert "| BCT | cross |  | 0.520 ± 0.037 (sd 0.072) |" in table and "| yes |" in table
-    overlap = results_table([rows[0], _row("BCT", "cross", "TAR@FAR=1e-3", 0.42, 0.41, 0.45)], "OPclass")
-    assert "| yes (intervals overlap) |" in overlap
+    assert "| BCT | cross |  | 0.520 ± 0.037 (sd 0.072) |" in table
+
+
+def test_margins_average_over_seeds_and_give_verdicts():
+    from tools.run_demo import combine_seeds, results_table, verdict
+
+    def cross(value, margin, low, high, metric="TAR@FAR=1e-3"):
+        return dict(_row("L2", "cross", metric, value, value - 0.02, value + 0.02),
+                    margin=margin, margin_ci_low=low, margin_ci_high=high)
+
+    combined = combine_seeds([cross(0.45, 0.05, 0.01, 0.09), cross(0.43, 0.03, -0.01, 0.07)])[0]
+    assert combined["margin"] == pytest.approx(0.04) and combined["margin_ci_low"] == pytest.approx(0.0)
+    assert verdict(cross(0.45, 0.05, 0.01, 0.09)) == "compatible"
+    assert verdict(cross(0.35, -0.05, -0.09, -0.01)) == "not compatible"
+    assert verdict(cross(0.41, 0.01, -0.02, 0.04)) == "undecided"
+    assert verdict(cross(0.41, 0.01, float("nan"), float("nan"))) == "compatible (no interval)"
+    table = results_table([_row("old", "self", "TAR@FAR=1e-3", 0.40, 0.37, 0.43), cross(0.45, 0.05, 0.01, 0.09),
+                           cross(0.38, -0.02, -0.03, -0.01, "top1")], "OPclass")
+    assert "| +0.050 [+0.010, +0.090] compatible | -0.020 [-0.030, -0.010] not compatible |" in table
+
+
+def test_paired_interval_of_two_result_files(tmp_path):
+    """The margin's interval: percentiles of the per-resample differences, not of either file alone."""
+    import numpy as np
+
+    from tools.run_demo import paired_interval
+    from utils.io import atomic_np_savez
+
+    old = np.array([0.40, 0.50, 0.30, 0.45, np.nan])
+    cross = old + np.array([0.02, 0.01, 0.03, 0.05, 0.1])   # a NaN resample is left out
+    atomic_np_savez(str(tmp_path / "old.npz"), **{"bootstrap/TAR@FAR/1e-3": old})
+    atomic_np_savez(str(tmp_path / "cross.npz"), **{"bootstrap/TAR@FAR/1e-3": cross})
+    low, high = paired_interval(str(tmp_path / "cross.npz"), str(tmp_path / "old.npz"), ("TAR@FAR", "1e-3"))
+    assert (low, high) == pytest.approx(tuple(np.percentile([0.02, 0.01, 0.03, 0.05], [2.5, 97.5])))
+    nan = paired_interval(str(tmp_path / "cross.npz"), str(tmp_path / "old.npz"), ("top1",))
+    assert all(v != v for v in nan)
 
 
 def test_seed_index_names_the_run_and_sets_the_seed(tmp_path):
@@ -75,7 +114,7 @@ def test_seed_index_names_the_run_and_sets_the_seed(tmp_path):
     queue keeps the published fraction of the training set, at least one batch."""
     code = ("from utils.config import get_config; "
             "c = get_config('BCT_methods/NCCL/configs/demo_NCCL.py'); print(c.seed, c.output, c.queue_size)")
-    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_SEED="2", BCT_DEMO_QUICK="0")
+    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_SEED="2", BCT_DEMO_PROFILE="full")
     proc = python("-c", code, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["668", str(tmp_path / "NCCL_seed2"), "64"]
@@ -84,17 +123,24 @@ def test_seed_index_names_the_run_and_sets_the_seed(tmp_path):
 
 
 def test_size_options_override_the_profile(tmp_path):
-    """``--identities`` … ``--new_epochs`` reach every config through ``BCT_DEMO_<NAME>``; a bad value
+    """``--identities`` … ``--warmup_epochs`` reach every config through ``BCT_DEMO_<NAME>``; a bad value
     is refused with the variable's name."""
     code = ("from utils.config import get_config; from configs.demo import settings as s; "
             "c = get_config('BCT_methods/MixBCT/configs/demo_MixBCT.py'); "
-            "print(s.IDENTITIES, s.IMAGES_PER_IDENTITY, s.IJB_SUBJECTS, s.OLD_EPOCHS, c.num_epoch)")
-    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_QUICK="0", BCT_DEMO_IDENTITIES="800", BCT_DEMO_NEW_EPOCHS="12")
+            "o = get_config('configs/demo/old_softmax.py'); "
+            "print(s.IDENTITIES, s.IMAGES_PER_IDENTITY, s.IJB_SUBJECTS, s.OLD_EPOCHS, c.num_epoch, "
+            "o.network_width, c.network_width, c.lr, c.warmup_epoch, o.lr)")
+    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_PROFILE="full", BCT_DEMO_IDENTITIES="800",
+               BCT_DEMO_NEW_EPOCHS="12", BCT_DEMO_NEW_WIDTH="16", BCT_DEMO_LR="0.3", BCT_DEMO_WARMUP_EPOCHS="0")
     proc = python("-c", code, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["800", "20", "3200", "2", "12"]
-    proc = python("-c", code, env=dict(env, BCT_DEMO_IJB_SUBJECTS="0"))
-    assert proc.returncode != 0 and "BCT_DEMO_IJB_SUBJECTS='0': expected a positive whole number" in proc.stderr
+    assert proc.stdout.split() == ["800", "8", "3200", "2", "12", "8", "16", "0.3", "0", "0.3"]
+    for name, value, expected in (("IJB_SUBJECTS", "0", "a positive whole number"), ("LR", "-1", "a positive number"),
+                                  ("WARMUP_EPOCHS", "x", "a whole number")):
+        proc = python("-c", code, env=dict(env, **{f"BCT_DEMO_{name}": value}))
+        assert proc.returncode != 0 and f"BCT_DEMO_{name}={value!r}: expected {expected}" in proc.stderr
+    proc = python("-c", code, env=dict(env, BCT_DEMO_PROFILE="huge"))
+    assert proc.returncode != 0 and "BCT_DEMO_PROFILE='huge': expected one of full, quick" in proc.stderr
 
 
 def test_demo_refuses_reused_data_of_another_size(tmp_path):

@@ -25,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from configs.demo.settings import PROFILES
 from utils.errors import UserError, require, run_cli
 from utils.io import atomic_np_savez, atomic_open, safe_np_load
 
@@ -38,6 +39,10 @@ SIZE_OPTIONS = {   # option → (name in configs/demo/settings.SIZES, what it si
     "ijb_subjects": ("IJB_SUBJECTS", "IJB-C-style test subjects"),
     "old_epochs": ("OLD_EPOCHS", "epochs of the old model"),
     "new_epochs": ("NEW_EPOCHS", "epochs of every new model"),
+    "old_width": ("OLD_WIDTH", "stem width of the old model"),
+    "new_width": ("NEW_WIDTH", "stem width of every new model"),
+    "lr": ("LR", "learning rate of every model (the shared training rule)"),
+    "warmup_epochs": ("WARMUP_EPOCHS", "linear warm-up epochs of every model (the shared training rule)"),
 }
 GEN3_WIDTH = 16                                        # the third generation: wider again than the second
 HELDOUT_SIZES = {"full": (100, 10), "quick": (20, 6)}   # held-out identities × images for the matrix
@@ -46,8 +51,8 @@ HELDOUT_SIZES = {"full": (100, 10), "quick": (20, 6)}   # held-out identities ×
 class Pipeline:
     """Runs stages in order, one log file each, timing them; ``--reuse`` skips finished stages."""
 
-    def __init__(self, out, env, reuse):
-        self.out, self.env, self.reuse = out, env, reuse
+    def __init__(self, out, env, reuse, input_size=None):
+        self.out, self.env, self.reuse, self.input_size = out, env, reuse, input_size
         self.seconds = {}
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
@@ -107,7 +112,8 @@ class Pipeline:
 
         The model embeds the images once (``ijbc_eval.evaluate`` with saved embeddings); the other
         protocols, and the cross-test against the old model's saved embeddings, are computed from
-        them (``restore_embs``), as a user would with -E. Returns ``(results, embeddings file)``.
+        them (``restore_embs``), as a user would with -E. Returns ``([(test, result, result file)],
+        embeddings file)``; with ``resamples`` each result file holds its figures over the resamples.
         """
         from tools.ijbc_eval.ijbc_eval import evaluate
 
@@ -121,8 +127,9 @@ class Pipeline:
         try:
             with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
                 first = os.path.join(folder, f"{name}_self_11.npz")
-                results.append(("self", evaluate(model, network, width=width, input_size=settings().INPUT_SIZE,
-                                                 num_workers=1, save_embeddings=True, save_result=first, **options)))
+                results.append(("self", evaluate(model, network, width=width, input_size=self.input_size,
+                                                 num_workers=1, save_embeddings=True, save_result=first, **options),
+                                first))
                 runs = [("self", True, first)]
                 if old_embeddings is not None:
                     cross = os.path.join(folder, f"{name}_cross_embs.npz")
@@ -131,9 +138,9 @@ class Pipeline:
                                         embs_old=old["embs"], embs_f_old=old["embs_f"])
                     runs += [("cross", False, cross), ("cross", True, cross)]
                 for test, one_to_n, source in runs:
-                    tag = f"{name}_{test}_{'1N' if one_to_n else '11'}.npz"
-                    results.append((test, evaluate(restore_embs=source, one_to_n=one_to_n,
-                                                   save_result=os.path.join(folder, tag), **options)))
+                    path = os.path.join(folder, f"{name}_{test}_{'1N' if one_to_n else '11'}.npz")
+                    results.append((test, evaluate(restore_embs=source, one_to_n=one_to_n, save_result=path,
+                                                   **options), path))
         except (UserError, OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"stage '{stage}' failed: {exc} — see {log}") from None
         self.seconds[stage] = round(time.time() - start, 1)
@@ -166,10 +173,12 @@ def _method_config(method):
 
 
 def settings():
-    """The demo's settings module (imported once ``run_pipeline`` has set its environment)."""
+    """The demo's settings module, read again once ``run_pipeline`` has set its environment."""
+    import importlib
+
     from configs.demo import settings as module
 
-    return module
+    return importlib.reload(module)
 
 
 def run_pipeline(args):
@@ -184,17 +193,20 @@ def run_pipeline(args):
     out = os.path.abspath(args.out)
     data = os.path.abspath(args.data)
     os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_SCENARIO=args.scenario,
-                      BCT_DEMO_QUICK="1" if args.quick else "0")
+                      BCT_DEMO_PROFILE=args.profile)
     for option, (name, _) in SIZE_OPTIONS.items():
         value = getattr(args, option)
-        require(value is None or value >= 1, f"--{option} must be at least 1, got {value}")
+        if option == "warmup_epochs":
+            require(value is None or value >= 0, f"--{option} must be 0 or more, got {value}")
+        else:
+            require(value is None or value > 0, f"--{option} must be positive, got {value}")
         if value is not None:
             os.environ[f"BCT_DEMO_{name}"] = str(value)
     os.environ.setdefault("BCT_CACHE_DIR", os.path.join(out, "cache"))   # resume caches of the stages
     demo = settings()  # reads the variables above, as every stage's config does
     resamples = BOOTSTRAP["quick" if args.quick else "full"] if args.bootstrap is None else args.bootstrap
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    pipe = Pipeline(out, env, args.reuse)
+    pipe = Pipeline(out, env, args.reuse, demo.INPUT_SIZE)
     started = time.time()
 
     pipe.stage("data", ["tools/synthetic/make_synthetic.py", "--out", data, "--identities", str(demo.IDENTITIES),
@@ -246,14 +258,16 @@ def run_pipeline(args):
                     {"BCT_DEMO_SEED": str(k)}) for name, run, k in runs], jobs=args.jobs, idle_work=evaluate_next)
     while evaluate_next(set(pipe.seconds)):
         pass
-    per_seed = [_rows("old", evaluated["old"][0])] + [_rows(name, evaluated[run][0]) for name, run, _ in runs]
+    old_results = evaluated["old"][0]
+    per_seed = [_rows("old", old_results)] + [_rows(name, evaluated[run][0], old_results) for name, run, _ in runs]
     rows = combine_seeds([row for rows in per_seed for row in rows])
 
     if args.generations == 3:
         run_third_generation(pipe, args, demo, data, out, old_model)
 
     pipe.seconds["total"] = round(time.time() - started, 1)
-    report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick),
+    report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "profile": args.profile,
+              "quick": bool(args.quick),
               "sizes": {option: getattr(demo, name) for option, (name, _) in SIZE_OPTIONS.items()},
               "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"}}
     table = results_table(rows, args.scenario, args.seeds, resamples)
@@ -317,28 +331,55 @@ def run_third_generation(pipe, args, demo, data, out, old_model):
                           "--metric", "TAR@FAR=1e-3", "--num_workers", "1", "-R", os.path.join(out, "compat")])
 
 
-def _rows(method, results):
-    """The demo's metrics, with their 95 % intervals, from one model's ijbc_eval results."""
+def _rows(method, results, old_results=None):
+    """The demo's metrics, with their 95 % intervals, from one model's ijbc_eval results; with the old
+    model's results, each cross row adds its margin over the old self-test of the same metric, with
+    the interval of the paired differences (both result files hold figures of the same resamples)."""
+    old_self = {r["protocol"]: (r, path) for test, r, path in old_results or () if test == "self"}
     rows = []
-    for test, result in results:
+    for test, result, path in results:
         if result["protocol"] == "1:1":
             keys = [(f"TAR@FAR={far}", ("TAR@FAR", far)) for far in ("1e-4", "1e-3", "1e-2")]
         else:
             keys = [("top1", ("top1",)), ("TPIR@FPIR=1e-1", ("TPIR@FPIR", "1e-1"))]
-        for metric, path in keys:
-            value, interval = result, result.get("CI95")
-            for key in path:
-                value = value[key]
-                interval = interval[key] if interval is not None else None
-            low, high = interval if interval is not None else (float("nan"), float("nan"))
-            rows.append({"method": method, "test": test, "metric": metric, "value": float(value),
-                         "ci_low": float(low), "ci_high": float(high)})
+        for metric, keys_path in keys:
+            value, (low, high) = _figure(result, keys_path)
+            row = {"method": method, "test": test, "metric": metric, "value": value, "ci_low": low, "ci_high": high}
+            if test == "cross" and result["protocol"] in old_self:
+                old, old_file = old_self[result["protocol"]]
+                row["margin"] = value - _figure(old, keys_path)[0]
+                row["margin_ci_low"], row["margin_ci_high"] = paired_interval(path, old_file, keys_path)
+            rows.append(row)
     return rows
 
 
+def _figure(result, keys_path):
+    """``(value, (ci_low, ci_high))`` of the figure at ``keys_path`` of an ijbc_eval result (NaN: no interval)."""
+    value, interval = result, result.get("CI95")
+    for key in keys_path:
+        value = value[key]
+        interval = interval[key] if interval is not None else None
+    low, high = interval if interval is not None else (float("nan"), float("nan"))
+    return float(value), (float(low), float(high))
+
+
+def paired_interval(cross_file, old_file, keys_path):
+    """95 % percentile interval ``(low, high)`` of (cross-test − old self-test) of one figure over the
+    resamples both ijbc_eval result files hold (the same subjects, seed 0: paired); NaN without them."""
+    from tools.ijbc_eval import bootstrap
+
+    name = "bootstrap/" + "/".join(keys_path)
+    with safe_np_load(cross_file) as cross, safe_np_load(old_file) as old:
+        if name not in cross.files or name not in old.files:
+            return float("nan"), float("nan")
+        require(len(cross[name]) == len(old[name]),
+                f"{cross_file} and {old_file}: different numbers of bootstrap resamples")
+        return tuple(bootstrap.percentile_intervals(bootstrap.difference(cross[name], old[name])))
+
+
 def combine_seeds(rows):
-    """One row per (method, test, metric): with several seeds the mean value, the mean interval bounds,
-    the standard deviation over seeds (``sd``, ddof 1) and their number (``seeds``)."""
+    """One row per (method, test, metric): with several seeds the mean value, the mean interval bounds
+    (and margins), the standard deviation over seeds (``sd``, ddof 1) and their number (``seeds``)."""
     import numpy as np
 
     groups = {}
@@ -347,8 +388,9 @@ def combine_seeds(rows):
     combined = []
     for (method, test, metric), group in groups.items():
         row = {"method": method, "test": test, "metric": metric}
-        for key in ("value", "ci_low", "ci_high"):
-            row[key] = float(np.mean([r[key] for r in group]))
+        for key in ("value", "ci_low", "ci_high", "margin", "margin_ci_low", "margin_ci_high"):
+            if key in group[0]:
+                row[key] = float(np.mean([r[key] for r in group]))
         if len(group) > 1:
             row["sd"] = float(np.std([r["value"] for r in group], ddof=1))
             row["seeds"] = len(group)
@@ -364,72 +406,107 @@ def cell_text(row):
     return text + (f" (sd {row['sd']:.3f})" if "sd" in row else "")
 
 
+def verdict(row):
+    """Compatibility verdict of a cross row from its paired margin interval: ``compatible`` (above 0),
+    ``not compatible`` (below 0), ``undecided`` (contains 0); without an interval, from the margin alone."""
+    low, high = row["margin_ci_low"], row["margin_ci_high"]
+    if low != low:   # NaN: no resamples
+        return "compatible (no interval)" if row["margin"] > 0 else "not compatible (no interval)"
+    return "compatible" if low > 0 else "not compatible" if high < 0 else "undecided"
+
+
+def margin_text(row):
+    """``+0.052 [+0.012, +0.090] compatible``: margin, its paired 95 % interval and the verdict."""
+    interval = "" if row["margin_ci_low"] != row["margin_ci_low"] else \
+        f" [{row['margin_ci_low']:+.3f}, {row['margin_ci_high']:+.3f}]"
+    return f"{row['margin']:+.3f}{interval} {verdict(row)}"
+
+
+VERDICT_METRICS = ("TAR@FAR=1e-3", "top1")   # the paper's two kinds of figure: 1:1 and 1:N
+
+
 def results_table(rows, scenario, seeds=1, resamples=0):
-    """Markdown table: one row per method and test, plus compatibility verdict and self-test cost."""
+    """Markdown table: one row per method and test, with the cross rows' margins over the old self-test
+    and their verdicts (TAR@FAR=1e-3 and top-1) and the self-test cost against the independent model."""
     row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
     value = {key: r["value"] for key, r in row_of.items()}
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    old = row_of.get(("old", "self", "TAR@FAR=1e-3"))
-    old_self = old["value"] if old else None
     indep_self = value.get(("independent", "self", "TAR@FAR=1e-3"))
     lines = [f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old "
              f"gallery); value ± half-width of the 95 % subject-bootstrap interval ({resamples} resamples)"
              + (f", mean over {seeds} seeds of the new models (sd: across seeds)" if seeds > 1 else ""), "",
-             "| method | test | " + " | ".join(METRICS) + " | compatible | self-test vs independent |",
-             "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+             "| method | test | " + " | ".join(METRICS) + " | " +
+             " | ".join(f"margin {m} [95 %] verdict" for m in VERDICT_METRICS) + " | self-test vs independent |",
+             "|---|---|" + "---|" * (len(METRICS) + len(VERDICT_METRICS)) + "---|"]
     for method in methods:
         for test in ("self", "cross"):
             if (method, test, METRICS[1]) not in value:
                 continue
             cells = [cell_text(row_of[(method, test, m)]) if (method, test, m) in row_of else "" for m in METRICS]
-            compatible, cost = "", ""
-            if test == "cross" and old is not None:
-                cross = row_of[(method, test, "TAR@FAR=1e-3")]
-                compatible = "yes" if cross["value"] > old_self else "no"
-                if cross["ci_low"] <= old["ci_high"] and old["ci_low"] <= cross["ci_high"]:
-                    compatible += " (intervals overlap)"
+            margins = [margin_text(row_of[(method, test, m)]) if "margin" in row_of.get((method, test, m), {})
+                       else "" for m in VERDICT_METRICS]
+            cost = ""
             if test == "self" and method not in ("old", "independent") and indep_self is not None:
                 cost = f"{value[(method, test, 'TAR@FAR=1e-3')] - indep_self:+.3f}"
-            lines.append(f"| {method} | {test} | " + " | ".join(cells) + f" | {compatible} | {cost} |")
-    lines += ["", "compatible: cross-test TAR@FAR=1e-3 above the old model's self-test "
-              f"({old_self:.3f}); self-test vs independent: TAR@FAR=1e-3 difference." if old_self is not None else ""]
+            lines.append(f"| {method} | {test} | " + " | ".join(cells + margins) + f" | {cost} |")
+    lines += ["", "margin: cross-test minus the old model's self-test of the same figure, with the 95 % interval of "
+              "the paired subject resamples; compatible: the interval lies above 0, not compatible: below 0, "
+              "undecided: it contains 0. self-test vs independent: TAR@FAR=1e-3 difference."]
     return "\n".join(lines) + "\n"
 
 
 def plot_results(rows, path):
-    """Grouped bars of TAR@FAR=1e-3 (self and cross) per method with their 95 % intervals, saved as PNG."""
+    """Left: TAR@FAR=1e-3 (self and cross) per method with 95 % intervals; right: each method's margin
+    over the old self-test (TAR@FAR=1e-3 and top-1) with its paired interval. Saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from utils.io import atomic_path
 
-    row_of = {(r["method"], r["test"]): r for r in rows if r["metric"] == "TAR@FAR=1e-3"}
+    row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(1.1 * len(methods) + 6, 4.5), width_ratios=(1, 1))
     for offset, test in ((-0.2, "self"), (0.2, "cross")):
-        found = [(i, row_of[(m, test)]) for i, m in enumerate(methods) if (m, test) in row_of]
-        ys = [r["value"] for _, r in found]
-        # a percentile interval need not contain the value: bars are clipped at it
-        errors = [[max(r["value"] - r["ci_low"], 0) for _, r in found],
-                  [max(r["ci_high"] - r["value"], 0) for _, r in found]]
-        ax.bar([i + offset for i, _ in found], ys, width=0.4, yerr=errors, capsize=3, label=f"{test}-test")
-    if ("old", "self") in row_of:
-        old = row_of[("old", "self")]
+        found = [(i, row_of[(m, test, "TAR@FAR=1e-3")]) for i, m in enumerate(methods)
+                 if (m, test, "TAR@FAR=1e-3") in row_of]
+        _bars(ax, found, offset, f"{test}-test", "value", "ci_low", "ci_high")
+    if ("old", "self", "TAR@FAR=1e-3") in row_of:
+        old = row_of[("old", "self", "TAR@FAR=1e-3")]
         ax.axhline(old["value"], color="k", linestyle="--", linewidth=1, label="old self-test")
         ax.axhspan(old["ci_low"], old["ci_high"], color="k", alpha=0.1, linewidth=0)
-    ax.set_xticks(range(len(methods)), methods)
+    ax.set_xticks(range(len(methods)), methods, rotation=30)
     ax.set_ylabel("TAR@FAR=1e-3")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
+    crossed = [m for m in methods if m != "independent" and "margin" in row_of.get((m, "cross", "TAR@FAR=1e-3"), {})]
+    for offset, metric in ((-0.2, "TAR@FAR=1e-3"), (0.2, "top1")):
+        found = [(i, row_of[(m, "cross", metric)]) for i, m in enumerate(crossed) if (m, "cross", metric) in row_of]
+        _bars(bx, found, offset, metric, "margin", "margin_ci_low", "margin_ci_high")
+    bx.axhline(0, color="k", linewidth=1)
+    bx.set_xticks(range(len(crossed)), crossed, rotation=30)
+    bx.set_ylabel("cross-test − old self-test (paired 95 % interval)")
+    bx.set_title("BCT methods (above 0 with its interval: compatible)", fontsize=9)
+    bx.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
+def _bars(ax, found, offset, label, key, low, high):
+    """Bars of ``row[key]`` at ``index + offset`` with error bars to ``row[low]``..``row[high]``
+    (a percentile interval need not contain the value: its bars are clipped at it)."""
+    values = [r[key] for _, r in found]
+    errors = [[max(r[key] - r[low], 0) if r[low] == r[low] else 0 for _, r in found],
+              [max(r[high] - r[key], 0) if r[high] == r[high] else 0 for _, r in found]]
+    ax.bar([i + offset for i, _ in found], values, width=0.4, yerr=errors, capsize=3, label=label)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (about 3 minutes)")
+    parser.add_argument("--profile", default="full", choices=PROFILES,
+                        help="sizes and training rule (configs/demo/settings.py): full (default), quick, long")
+    parser.add_argument("--quick", action="store_true", help="the same as --profile quick: a one-minute smoke run")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated BCT methods to train")
     parser.add_argument("--scenario", default="OPclass", choices=SCENARIOS)
     parser.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "demo"))
@@ -446,12 +523,15 @@ def main():
     parser.add_argument("--generation_method", default="L2",
                         help="method of generations 2 and 3 for --generations 3 (one of --methods; default L2)")
     for option, (_, text) in SIZE_OPTIONS.items():
-        parser.add_argument(f"--{option}", type=int, default=None, metavar="N",
+        parser.add_argument(f"--{option}", type=float if option == "lr" else int, default=None, metavar="N",
                             help=f"{text} (default: configs/demo/settings.py's profile)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="new models trained at the same time (default: 2, each with half the CPU threads)")
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
+    if args.quick:
+        args.profile = "quick"
+    args.quick = args.profile == "quick"
     if args.data is None:
         args.data = os.path.join(ROOT, "dataset", "synthetic_quick" if args.quick else "synthetic")
     run_cli(run_pipeline, args)

@@ -1,18 +1,25 @@
-"""The demo's data sizes, model sizes and its one tuning rule; where its configs read and write.
+"""The demo's profiles (data sizes, model sizes and its one training rule); where its configs read and write.
 
-``tools/run_demo.py`` sets ``BCT_DEMO_DATA``, ``BCT_DEMO_OUT``, ``BCT_DEMO_SCENARIO``,
-``BCT_DEMO_QUICK``, the size overrides ``BCT_DEMO_<NAME>`` of :data:`SIZES` (``--identities`` …
-``--new_epochs``) and, per new model, ``BCT_DEMO_SEED`` (0, 1, … with ``--seeds``), so the shipped
+``tools/run_demo.py`` sets ``BCT_DEMO_DATA``, ``BCT_DEMO_OUT``, ``BCT_DEMO_SCENARIO``, ``BCT_DEMO_PROFILE``
+(full, quick or long), the overrides ``BCT_DEMO_<NAME>`` of :data:`SIZES` (``--identities`` …
+``--warmup_epochs``) and, per new model, ``BCT_DEMO_SEED`` (0, 1, … with ``--seeds``), so the shipped
 demo configs follow its options; run by hand, they default to ``dataset/synthetic``,
-``work_dirs/demo``, ``OPclass``, the full size and seed 0.
+``work_dirs/demo``, ``OPclass``, the full profile and seed 0.
 
-**Tuning rule.** Every method runs with its published hyper-parameters: the keys of
-``BCT_methods/<Method>/configs/base.py`` are not changed. What all methods share is changed once,
-for all of them: every new model (the independent one included) trains the same ArcFace classifier
-with margin 0.3 and scale 32, because with the published 0.5 and 64 this small network never leaves
-the starting plateau on a CPU budget (loss stuck at 38 ≈ 64·sin 0.5 + ln 1400 after 2 of 5 epochs:
-target cosines stay at 0, the model learns nothing). Quantities that the published code ties to
-the size of the data or the length of the run are converted, the same way for every method:
+**Training rule.** Every method runs with its published hyper-parameters: the keys of
+``BCT_methods/<Method>/configs/base.py`` are not changed. What all models share is changed once,
+for all of them (the old model, the independent new model and every method):
+
+- learning rate ``LR`` with ``WARMUP_EPOCHS`` of linear warm-up, then the published poly decay:
+  0.2 and 1 epoch, so that every model's classification loss ends far below that of a useless
+  model (with the earlier 0.1 and no warm-up the independent model stopped at a loss of 11.2
+  against ln 1,400 = 7.2 on 2,000 identities, under-trained, and distorted every comparison);
+- every new model trains the same ArcFace classifier with margin 0.3 and scale 32: with the
+  published 0.5 and 64 this small network never leaves the starting plateau on a CPU budget
+  (loss stuck at 38 ≈ 64·sin 0.5 + ln 1400: target cosines stay at 0).
+
+Quantities that the published code ties to the size of the data or the length of the run are
+converted, the same way for every method:
 
 - an epoch of the published 35-epoch schedule becomes the same fraction of the demo's epochs
   (:func:`scaled_epoch`: UniBCT's refinement epochs and its learning-rate steps);
@@ -31,34 +38,51 @@ from configs.scenarios import SPLITS as PUBLISHED_SPLITS
 DATA = os.environ.get("BCT_DEMO_DATA", "dataset/synthetic")
 OUT = os.environ.get("BCT_DEMO_OUT", "work_dirs/demo")
 SCENARIO = os.environ.get("BCT_DEMO_SCENARIO", "OPclass")
-QUICK = os.environ.get("BCT_DEMO_QUICK", "0") == "1"
 SEED_INDEX = int(os.environ.get("BCT_DEMO_SEED", "0"))
 
-# profile → (synthetic identities, images per identity, IJB-C-style subjects, old-model epochs, new-model epochs)
-SIZES = ("IDENTITIES", "IMAGES_PER_IDENTITY", "IJB_SUBJECTS", "OLD_EPOCHS", "NEW_EPOCHS")
-PROFILES = {"full": (400, 20, 3200, 2, 6), "quick": (40, 10, 24, 2, 2)}
+# the settings a profile fixes and run_demo.py's options override (BCT_DEMO_<NAME>): name → type
+SIZES = {"IDENTITIES": int, "IMAGES_PER_IDENTITY": int, "IJB_SUBJECTS": int, "OLD_EPOCHS": int,
+         "NEW_EPOCHS": int, "OLD_WIDTH": int, "NEW_WIDTH": int, "LR": float, "WARMUP_EPOCHS": int}
+RULE = dict(LR=0.2, WARMUP_EPOCHS=1)   # the training rule of every model, in every profile
+PROFILES = {   # the full profile's sizes come from a measured grid (docs/demo.md)
+    "full": dict(IDENTITIES=2000, IMAGES_PER_IDENTITY=8, IJB_SUBJECTS=3200, OLD_EPOCHS=2, NEW_EPOCHS=6,
+                 OLD_WIDTH=8, NEW_WIDTH=12, **RULE),
+    "quick": dict(IDENTITIES=40, IMAGES_PER_IDENTITY=10, IJB_SUBJECTS=24, OLD_EPOCHS=2, NEW_EPOCHS=2,
+                  OLD_WIDTH=8, NEW_WIDTH=12, **RULE),
+}
+PROFILE = os.environ.get("BCT_DEMO_PROFILE", "full")
+if PROFILE not in PROFILES:
+    raise ValueError(f"BCT_DEMO_PROFILE={PROFILE!r}: expected one of {', '.join(PROFILES)}")
 IJB_MAX_FRAMES = 2   # IJB-C-style probe videos of 2 frames (make_synthetic's default: 2–5): 26 % fewer images to embed
 
 
 def sizes(environ=os.environ):
-    """The profile's sizes, each replaced by ``BCT_DEMO_<NAME>`` when set (run_demo.py's size options)."""
-    values = dict(zip(SIZES, PROFILES["quick" if environ.get("BCT_DEMO_QUICK", "0") == "1" else "full"]))
-    for name in SIZES:
+    """The profile's settings (:data:`SIZES`), each replaced by ``BCT_DEMO_<NAME>`` when set."""
+    values = dict(PROFILES[environ.get("BCT_DEMO_PROFILE", "full")])
+    for name, kind in SIZES.items():
         text = environ.get(f"BCT_DEMO_{name}")
-        if text is not None:
-            if not text.isdigit() or int(text) < 1:
-                raise ValueError(f"BCT_DEMO_{name}={text!r}: expected a positive whole number")
-            values[name] = int(text)
-    return tuple(values[name] for name in SIZES)
+        if text is None:
+            continue
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (value < 0 if name == "WARMUP_EPOCHS" else value <= 0):
+            what = "a positive number" if kind is float else "a whole number" if name == "WARMUP_EPOCHS" \
+                else "a positive whole number"
+            raise ValueError(f"BCT_DEMO_{name}={text!r}: expected {what}")
+        values[name] = value
+    return values
 
 
-IDENTITIES, IMAGES_PER_IDENTITY, IJB_SUBJECTS, OLD_EPOCHS, NEW_EPOCHS = sizes()
+_values = sizes()
+IDENTITIES, IMAGES_PER_IDENTITY, IJB_SUBJECTS, OLD_EPOCHS, NEW_EPOCHS, OLD_WIDTH, NEW_WIDTH, LR, WARMUP_EPOCHS = \
+    (_values[name] for name in SIZES)
 
 EMBEDDING_SIZE = 128
 INPUT_SIZE = 32
 BATCH_SIZE = 64
-OLD_NETWORK, OLD_WIDTH = "r18", 8       # the old model: r18 layout, 8-channel stem
-NEW_NETWORK, NEW_WIDTH = "r18", 12      # every new model: the same layout, 1.5x wider (2.2x the FLOPs)
+OLD_NETWORK = NEW_NETWORK = "r18"        # r18 layout; stems of OLD_WIDTH and NEW_WIDTH channels
 NEW_MARGIN_LIST, NEW_SCALE = (1.0, 0.3, 0.0), 32.0   # every new model's ArcFace (published: 0.5, 64)
 PUBLISHED_EPOCHS = published_base.num_epoch                 # 35
 PUBLISHED_CLASS70_IMAGES = PUBLISHED_SPLITS["class70"][2]   # 3,598,269: the published OPclass training set
@@ -126,8 +150,8 @@ def common(config, network, width, split, name):
     config.rec = rec(split)
     config.output = os.path.join(OUT, name)
     config.batch_size = BATCH_SIZE
-    config.lr = 0.1
-    config.warmup_epoch = 0
+    config.lr = LR
+    config.warmup_epoch = WARMUP_EPOCHS
     config.fp16 = False
     config.num_workers = 0
     config.frequent = 20

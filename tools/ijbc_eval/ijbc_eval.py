@@ -163,8 +163,8 @@ def _template_subjects(data_path, subset, template_ids):
     return subjects[pos]
 
 
-def intervals(meta, found, data_path, resamples, seed=0):
-    """95 % percentile intervals of the default variant's figures over ``resamples`` subject resamples.
+def replicate_figures(meta, found, data_path, resamples, seed=0):
+    """The default variant's figures over ``resamples`` subject resamples (nested dict of (B,) arrays).
 
     ``found``: what :func:`_verification` / :func:`_identification` computed for the default variant
     (pair scores; gallery searches). 1:1: subjects are those of both templates of each pair (a
@@ -176,8 +176,7 @@ def intervals(meta, found, data_path, resamples, seed=0):
         s1, s2 = np.split(subjects, 2)   # one read of the 1:N lists for both templates of every pair
         num_subjects, (i1, i2) = bootstrap.subject_index(s1, s2)
         counts = bootstrap.subject_counts(num_subjects, resamples, seed)
-        return bootstrap.percentile_intervals(
-            bootstrap.verification_replicates(meta.pairs["labels"], found, i1, i2, counts))
+        return bootstrap.verification_replicates(meta.pairs["labels"], found, i1, i2, counts)
     searches, union = found
 
     def statistic(weights):
@@ -188,7 +187,14 @@ def intervals(meta, found, data_path, resamples, seed=0):
 
     num_subjects, (index,) = bootstrap.subject_index(meta.probes["subjects"])
     counts = bootstrap.subject_counts(num_subjects, resamples, seed)
-    return bootstrap.percentile_intervals(bootstrap.replicates(statistic, (row[index] for row in counts)))
+    return bootstrap.replicates(statistic, (row[index] for row in counts))
+
+
+def flat_replicates(reps, prefix="bootstrap"):
+    """``{"bootstrap/TAR@FAR/1e-3": (B,), …}``: the nested replicates as the flat arrays of a result file."""
+    if isinstance(reps, dict):
+        return {k: v for key, sub in reps.items() for k, v in flat_replicates(sub, f"{prefix}/{key}").items()}
+    return {prefix: np.asarray(reps, np.float64)}
 
 
 def _pct(value):
@@ -282,7 +288,8 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
     templates = metrics.Templates(meta.templates, meta.medias)
     run = _identification if one_to_n else _verification
     summaries, curves, arrays, found = run(meta, templates, new, old, variants)
-    ci = intervals(meta, found, data_path, resamples, bootstrap_seed) if resamples else None
+    reps = replicate_figures(meta, found, data_path, resamples, bootstrap_seed) if resamples else None
+    ci = bootstrap.percentile_intervals(reps) if resamples else None
 
     result = {"protocol": protocol, "subset": subset, "test": test, **summaries[metrics.DEFAULT_VARIANT],
               "variant": metrics.DEFAULT_VARIANT, "model": model_file or restore_embs,
@@ -304,6 +311,8 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
     stem = _output_stem(save_result, subset, model_file or restore_embs, test, protocol)
     if save_result:
         extra = {}
+        if reps is not None:   # the resamples' figures, for paired differences between result files
+            extra.update(flat_replicates(reps))
         if save_embeddings:
             extra.update(embs=new[0], embs_f=new[1])
             if old is not None:
