@@ -45,6 +45,18 @@ def test_quick_demo_end_to_end(tmp_path):
     for method in METHODS:
         assert os.path.isfile(out / method / "model.pt")
 
+    # one key switch and the denoising switch, retrained and evaluated against the run above
+    proc = python("tools/demo_switches.py", "--profile", "quick", "--out", str(out), "--data", str(data),
+                  "--rows", "4,6", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "switches" / "configs" / "NCCL_switch4.py").read_text().splitlines()[-1] == \
+        "config.l1_gradient_scale = 1"
+    switches = json.loads((out / "switches" / "switches.json").read_text())
+    assert set(switches) == {"4", "6"} and switches["4"]["keys"] == {"l1_gradient_scale": 1}
+    assert {(r["test"], r["metric"]) for r in switches["6"]["rows"]} == {(t, m) for t in ("self", "cross") for m in METRICS}
+    table = (out / "switches" / "switches.md").read_text()
+    assert "| 4 | NCCL | `l1_gradient_scale = 1` |" in table and "| 6 | MixBCT | `denoise_credible.py --no_column_norm` |" in table
+
 
 def test_demo_rejects_unknown_method(tmp_path):
     proc = python("tools/run_demo.py", "--quick", "--methods", "MixBCT,Foo", "--out", str(tmp_path))

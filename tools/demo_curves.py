@@ -1,6 +1,6 @@
 """Cross-test and self-test against training identities and training length: demo runs on a grid.
 
-    python tools/demo_curves.py [--identities 100,200,400,800] [--new_epochs 3,6,12] [--methods L2,BCT,MixBCT]
+    python tools/demo_curves.py [--identities 400,1200,2000,3200] [--new_epochs 6,10] [--methods L2,NCCL,MixBCT]
                                 [--ijb_subjects 800] [--bootstrap 100] [--out work_dirs/demo_curves]
 
 Two curves through one centre point, the demo's full profile (configs/demo/settings.py): the
@@ -143,10 +143,10 @@ def run(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--identities", default="100,200,400,800",
+    parser.add_argument("--identities", default="400,1200,2000,3200",
                         help="training identity counts (at the profile's new-model epochs)")
-    parser.add_argument("--new_epochs", default="3,6,12", help="new-model epoch counts (at the profile's identities)")
-    parser.add_argument("--methods", default="L2,BCT,MixBCT", help="BCT methods trained at every point")
+    parser.add_argument("--new_epochs", default="6,10", help="new-model epoch counts (at the profile's identities)")
+    parser.add_argument("--methods", default="L2,NCCL,MixBCT", help="BCT methods trained at every point")
     parser.add_argument("--ijb_subjects", type=int, default=800, help="IJB-C-style test subjects of every point")
     parser.add_argument("--bootstrap", type=int, default=100, help="subject resamples of the intervals")
     parser.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "demo_curves"))
