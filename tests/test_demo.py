@@ -49,7 +49,7 @@ def test_quick_demo_end_to_end(tmp_path):
     proc = python("tools/demo_switches.py", "--profile", "quick", "--out", str(out), "--data", str(data),
                   "--rows", "4,6", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (out / "switches" / "configs" / "NCCL_switch4.py").read_text().splitlines()[-1] == \
+    assert (out / "switches" / "configs" / "NCCL" / "NCCL_switch4.py").read_text().splitlines()[-1] == \
         "config.l1_gradient_scale = 1"
     switches = json.loads((out / "switches" / "switches.json").read_text())
     assert set(switches) == {"4", "6"} and switches["4"]["keys"] == {"l1_gradient_scale": 1}

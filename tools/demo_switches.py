@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.run_demo import Pipeline, _rows, margin_text
+from tools.run_demo import Pipeline, _rows, margin_text, settings
 from utils.errors import require, run_cli
 from utils.io import atomic_open
 
@@ -43,8 +43,10 @@ FIGURES = ("TAR@FAR=1e-3", "top1")
 def write_config(folder, tag, method, keys, mask=None):
     """A config over ``demo_<method>.py`` with ``keys`` set (and the denoising mask ``mask``)."""
     name = f"{method}_switch{tag.replace('+', '_')}"
-    path = os.path.join(folder, "configs", f"{name}.py")
+    path = os.path.join(folder, "configs", method, f"{name}.py")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_open(os.path.join(os.path.dirname(path), "base.py")) as handle:   # the method's keys are known here
+        handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
     lines = [f"from BCT_methods.{method}.configs.demo_{method} import config\n",
              f"config.output = {os.path.join(folder, name)!r}\n"]
     lines += [f"config.{key} = {value!r}\n" for key, value in keys.items()]
@@ -88,7 +90,7 @@ def main():
     for path in (results, old_embeddings):
         require(os.path.isfile(path), f"{path} not found: run tools/run_demo.py --out {args.out} first")
     os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_PROFILE=args.profile)
-    from configs.demo import settings as demo
+    demo = settings()   # read again with the variables above, as every stage's config reads them
 
     folder = os.path.join(out, "switches")
     pipe = Pipeline(folder, dict(os.environ, PYTHONUNBUFFERED="1"), args.reuse, demo.INPUT_SIZE)
