@@ -23,7 +23,6 @@ run with one :class:`~utils.errors.UserError` line.
 
 torch is imported only by the functions that make tensors, so steps 3 and 4 start fast.
 """
-import contextlib
 import os
 import re
 
@@ -81,15 +80,6 @@ def feature_path(sd, kind, root=None):
     folder = os.path.abspath(root) if root else os.path.join(FEATURE_ROOT, scenario_of(sd))
     suffix = "_feature" if kind.startswith("credible_ratio_") else ""
     return os.path.join(folder, f"{sd}_{kind}{suffix}.npy")
-
-
-@contextlib.contextmanager
-def about_file(path):
-    """Prefix a :class:`UserError` raised inside with the file it concerns."""
-    try:
-        yield
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
 
 
 def load_features(sd, root=None):

@@ -20,8 +20,8 @@ from utils.checkpoint import CheckpointManager, StopFlag, rng_state, seed_everyt
 from utils.config import get_config
 from utils.dataset import MXFaceDataset, build_loader, check_data_config, to_model_input
 from utils.distributed import (DistInfo, add_launcher_args, any_rank, average_gradients, cleanup,
-                               init_distributed)
-from utils.errors import UserError, require, run_cli
+                               init_distributed, world)
+from utils.errors import UserError, about_file, require, run_cli
 from utils.io import atomic_torch_save
 from utils.logging_utils import SpeedLogger, setup_logger
 from utils.schedule import lr_multiplier
@@ -140,10 +140,16 @@ class TrainingRun:
     def state_dict(self):
         state = {key: part.state_dict() for key, part in self._parts().items()}
         state["extra"] = {name: module.state_dict() for name, module in self.extra.items()}
-        state.update(rng=rng_state(self.device), epoch=self.epoch, batch=self.batch, global_step=self.global_step)
+        state.update(rng=rng_state(self.device), epoch=self.epoch, batch=self.batch, global_step=self.global_step,
+                     world_size=world()[1])
         return state
 
     def load_state_dict(self, state):
+        saved, size = state.get("world_size"), world()[1]
+        require(saved in (None, size), f"the checkpoint of step {state['global_step']} was saved by a run of {saved} "
+                                       f"processes but this run has {size}: resume with {saved} processes (the "
+                                       "classifier and its optimiser state are split over the processes) or train "
+                                       "into a new output folder")
         for key, part in self._parts().items():
             part.load_state_dict(state[key])
         for name, module in self.extra.items():
@@ -263,7 +269,8 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
         if state is None:
             logger.info(f"resume requested but no checkpoint under {checkpoints.folder}: starting from scratch")
         else:
-            run.load_state_dict(state)
+            with about_file(checkpoints.folder):
+                run.load_state_dict(state)
             logger.info(f"resumed from step {run.global_step} (epoch {run.epoch}, batch {run.batch})")
 
     writer, speed = None, None

@@ -43,6 +43,15 @@ def timed(fn):
     return time.perf_counter() - start
 
 
+def measure(workdir, classes):
+    """Seconds of ``advbct_class_stats`` and ``refine_prototypes`` on the generated files."""
+    features = np.load(os.path.join(workdir, "feat.npy"), mmap_mode="r", allow_pickle=False)
+    labels = np.load(os.path.join(workdir, "label.npy"), allow_pickle=False)
+    advbct = timed(lambda: advbct_class_stats(features, labels, classes))
+    refine = timed(lambda: refine_prototypes(features, features, labels, classes, softmax="row"))
+    return advbct, refine
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=3_598_269)
@@ -59,15 +68,11 @@ def main(argv=None):
     try:
         for classes in args.classes:
             generate(workdir, args.images, classes, args.dim)
-            features = np.load(os.path.join(workdir, "feat.npy"), mmap_mode="r", allow_pickle=False)
-            labels = np.load(os.path.join(workdir, "label.npy"), allow_pickle=False)
-            advbct = timed(lambda: advbct_class_stats(features, labels, classes))
-            refine = timed(lambda: refine_prototypes(features, features, labels, classes, softmax="row"))
+            advbct, refine = measure(workdir, classes)
             figures[f"classes_{classes}"] = {"advbct_class_stats_s": round(advbct, 1),
                                              "unibct_refine_prototypes_s": round(refine, 1)}
             print(f"{args.images} x {args.dim}, {classes} classes, 1 thread: AdvBCT class statistics {advbct:.1f} s, "
                   f"UniBCT refinement {refine:.1f} s (process-group timeout {PROCESS_GROUP_TIMEOUT_S} s)", flush=True)
-            del features
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(figures))
