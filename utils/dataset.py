@@ -18,6 +18,7 @@ vectorised call straight into a float32 batch. Flips depend only on (seed, epoch
 resumed run sees the same images.
 """
 import os
+import signal
 import struct
 import threading
 
@@ -288,7 +289,12 @@ class ResumableDistributedSampler(Sampler):
 
 
 def _init_worker(_):
-    cv2.setNumThreads(0)  # one decoding thread per worker process
+    """One decoding thread per worker; SIGTERM/SIGINT sent to the whole job (Slurm, Ctrl-C) are left to the
+    training process, which stops at its next step with a checkpoint (torch's workers die of them, and their
+    death stops the training process with an error before it can save)."""
+    cv2.setNumThreads(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_loader(dataset, batch_size, dist_info, seed, num_workers, shuffle=True, drop_last=True, start_batch=0):
