@@ -73,7 +73,7 @@ def test_mixbct_replaces_exactly_k_credible_rows():
 def test_mix_embeddings_rows_and_gradients():
     embeddings = torch.randn(4, 3, requires_grad=True)
     chosen = torch.tensor([False, True, False, True])
-    old = torch.tensor([[3.0, 0.0, 4.0], [0.0, 2.0, 0.0]])
+    old = torch.tensor([[9.0, 9.0, 9.0], [3.0, 0.0, 4.0], [7.0, 7.0, 7.0], [0.0, 2.0, 0.0]])
     mixed = mix_embeddings(embeddings, chosen, old)
     assert torch.allclose(mixed[1], torch.tensor([0.6, 0.0, 0.8]))
     assert torch.allclose(mixed[3], torch.tensor([0.0, 1.0, 0.0]))

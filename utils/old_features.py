@@ -138,6 +138,19 @@ class PerImageArray:
     def __len__(self):
         return self.array.shape[0]
 
+    def __getstate__(self):   # a worker started by spawn/forkserver maps the file again instead of copying it
+        return dict(self.__dict__, array=None)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.array = _open(self.path, self.key)
+
+    def rows(self, indices, ctx):
+        """This batch's rows: those the loader's workers read (``ctx.batch_rows[key]``, on the device), else
+        read here (a CPU tensor)."""
+        rows = getattr(ctx, "batch_rows", {}).get(self.key)
+        return self.gather(indices) if rows is None else rows
+
     def gather(self, indices):
         indices = np.asarray(indices.cpu() if hasattr(indices, "cpu") else indices, dtype=np.int64).reshape(-1)
         order = np.argsort(indices, kind="stable")
@@ -169,6 +182,10 @@ class OldFeatures(PerImageArray):
 
     def gather(self, indices, device=None):
         return super().gather(indices).float().to(device)
+
+    def rows(self, indices, ctx):
+        """This batch's rows as float32 on the training device."""
+        return super().rows(indices, ctx).float().to(ctx.device, non_blocking=True)
 
 
 class CredibleMask(PerImageArray):

@@ -101,10 +101,8 @@ def point_to_set_loss(new_normalized, centres, radii, valid, average="all"):
     ``centres`` (N×d), ``radii`` (N) and ``valid`` (N bool) are per row, i.e. indexed by the labels.
     """
     penalty = F.relu((new_normalized - centres).norm(dim=1) - radii)
-    used = valid & (penalty > 0) if average == "violating" else valid
-    if not bool(used.any()):
-        return penalty.sum() * 0.0
-    return penalty[used].mean()
+    used = (valid & (penalty > 0) if average == "violating" else valid).to(penalty.dtype)
+    return (penalty * used).sum() / used.sum().clamp(min=1)   # masked: no host sync
 
 
 class AdvBCT(Method):
@@ -140,6 +138,9 @@ class AdvBCT(Method):
     def extra_modules(self):
         return {"boundary": self.boundary, "discriminator": self.discriminator}
 
+    def per_image_arrays(self):
+        return {self.old.key: self.old}
+
     def clipped_with_backbone(self):
         if not self.cfg.clip_extra_modules:
             return []
@@ -149,7 +150,7 @@ class AdvBCT(Method):
         cfg = ctx.cfg
         cls = ctx.classifier(embeddings, labels)
         new = F.normalize(embeddings)
-        old = F.normalize(self.old.gather(indices, ctx.device))
+        old = F.normalize(self.old.rows(indices, ctx))
         p2s = point_to_set_loss(new, self.centres[labels], self.boundary(self.radii, labels), self.valid[labels],
                                 cfg.p2s_average)
         adv = adversarial_loss(self.discriminator, new, old, grl_coefficient(ctx.progress),

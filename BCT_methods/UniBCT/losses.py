@@ -31,6 +31,7 @@ from utils.distributed import compute_on_main
 from utils.errors import require
 from utils.embedding import embed_dataset
 from utils.old_features import open_features, require_keys
+from utils.trainer import autocast_dtype
 
 
 SOFTMAX_DIMS = {"row": -1, "column": -2}
@@ -127,8 +128,9 @@ class UniBCT(BCT):
         ctx.logger.info(f"UniBCT: embedding {len(ctx.dataset)} images to refine the prototypes (epoch {ctx.epoch})")
         dataset = MXFaceDataset(cfg.rec, train=False, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
         model = getattr(ctx.backbone, "module", ctx.backbone)
+        dtype = autocast_dtype(cfg, ctx.device)
         new = embed_dataset(model, dataset, cfg.batch_size, ctx.dist, num_workers=cfg.num_workers,
-                            amp=bool(cfg.fp16) and ctx.device.type == "cuda")
+                            amp=dtype is not None, amp_dtype=dtype or torch.float16)
         (self.prototypes,) = compute_on_main(lambda: [refine_prototypes(
             new, self.old.array, ctx.dataset.labels, ctx.classifier.num_classes, cfg.refine_lambda, cfg.refine_tau,
             cfg.refine_normalize, ctx.device, softmax=cfg.refine_softmax)], ctx.device)
