@@ -26,6 +26,7 @@ L = L_cls + L_p2s + L_adv. Three switches reproduce the published code by defaul
   backbone alone is clipped.
 """
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -129,9 +130,11 @@ class AdvBCT(Method):
             return [torch.from_numpy(stats.centres), torch.from_numpy(stats.radii),
                     torch.from_numpy(stats.valid.astype("uint8"))]
 
+        start = time.perf_counter()
         self.centres, self.radii, valid = compute_on_main(class_stats, ctx.device)
         self.valid = valid.bool()
-        ctx.logger.info(f"AdvBCT: {int(self.valid.sum())} of {num_classes} classes have an elastic boundary")
+        ctx.logger.info(f"AdvBCT: {int(self.valid.sum())} of {num_classes} classes have an elastic boundary "
+                        f"(class statistics on rank 0 in {time.perf_counter() - start:.1f} s)")
         self.boundary = ElasticBoundary(num_classes, cfg.threshold)
         self.discriminator = Discriminator(cfg.embedding_size, cfg.discriminator_hidden)
 
