@@ -14,6 +14,7 @@ import runpy
 import shutil
 import sys
 from typing import Callable
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -882,16 +883,8 @@ def run_case(item, folder, shared_inputs, capsys=None):
     else:
         if capsys:
             capsys.readouterr()
-        saved_env = {name: os.environ.get(name) for name in item.env or {}}
-        os.environ.update(item.env or {})
-        try:
+        with mock.patch.dict(os.environ, item.env or {}):
             status = run_in_process(item.command, argv, item.not_installed)
-        finally:
-            for name, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(name)
-                else:
-                    os.environ[name] = value
         stderr = capsys.readouterr().err if capsys else ""
     return status, stderr, sorted(_entries(folder) - before)
 
