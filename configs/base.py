@@ -41,6 +41,10 @@ config.lr_power = 2.0              # poly schedule power
 config.lr_steps = ()               # step schedule: epochs where lr is multiplied by 0.1
 config.clip_grad = 5.0             # gradient-norm clip on the backbone (0 = off)
 config.fp16 = True                 # AMP fp16 on CUDA (always off on CPU)
+config.amp_dtype = "float16"       # AMP dtype when fp16 = True: float16 (published, loss scaling) | bfloat16 (no scaling)
+config.tf32 = False                # TF32 for fp32 matrix products on Ampere and newer GPUs (False: torch default, off)
+config.channels_last = False       # backbone and input batches in channels_last memory format
+config.compile = False             # torch.compile the training model: True (inductor) or a backend name ("aot_eager")
 config.seed = 666                  # each process uses seed + rank
 config.deterministic = False       # deterministic kernels (exact resume on CPU)
 config.device = None               # None: cuda if available, else cpu

@@ -8,7 +8,7 @@ import torch
 from easydict import EasyDict as edict
 from torch.utils.data import DistributedSampler
 
-from utils.dataset import (MXFaceDataset, ResumableDistributedSampler, build_loader, check_data_config,
+from utils.dataset import (MXFaceDataset, ResumableDistributedSampler, build_loader, check_data_config, set_loader_epoch,
                            find_property, flip_mask, resolve_rec, to_model_input)
 from utils.distributed import DistInfo
 from utils.errors import UserError
@@ -242,3 +242,33 @@ def test_loader_workers_match_in_process_and_resume(tmp_path):
                  for r in range(2)]
     assert not set(two_ranks[0].tolist()) & set(two_ranks[1].tolist())
     assert os.path.isfile(prefix + ".rec")
+
+
+class _RowsOf:
+    """A per-image array stand-in: row i is ``[i, worker pid]`` (shows where it was read)."""
+
+    def gather(self, indices):
+        return torch.stack([torch.as_tensor(indices), torch.full((len(indices),), os.getpid())], 1)
+
+
+def test_persistent_workers_follow_the_epoch_and_read_rows(tmp_path):
+    """Workers built once live across epochs; each epoch's order, flips and per-image rows equal those
+    of a loader built for that epoch in this process, and the rows are read in the workers."""
+    prefix = str(tmp_path / "p")
+    make_rec(prefix, [i % 5 for i in range(24)])
+    ds = MXFaceDataset(prefix, train=True, input_size=8, seed=3)
+    ds.set_epoch(0)
+    loader = build_loader(ds, 4, CPU, seed=3, num_workers=2, arrays={"ids": _RowsOf()}, persistent=True)
+    pids = set()
+    for epoch, start in ((0, 0), (1, 0), (2, 2)):
+        if epoch:
+            set_loader_epoch(loader, epoch, start)
+        got = [(a.clone(), b.clone(), c.clone(), {k: v.clone() for k, v in d.items()}) for a, b, c, d in loader]
+        ds.set_epoch(epoch)
+        expected = _collect(build_loader(ds, 4, CPU, seed=3, num_workers=0, start_batch=start))
+        assert len(got) == len(expected) == 6 - start
+        for (images, labels, indices, rows), (e_images, e_labels, e_indices) in zip(got, expected):
+            assert torch.equal(images, e_images) and torch.equal(labels, e_labels) and torch.equal(indices, e_indices)
+            assert torch.equal(rows["ids"][:, 0], indices)
+            pids.update(rows["ids"][:, 1].tolist())
+    assert os.getpid() not in pids and len(pids) == 2   # read in the same two workers in every epoch

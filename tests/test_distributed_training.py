@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import utils.trainer as trainer
-from tests.helpers import tiny_train_config
+from tests.helpers import python, tiny_train_config
 from utils.checkpoint import CheckpointManager, rng_state, set_rng_state
 from utils.config import get_config
 from utils.distributed import cleanup
@@ -151,3 +151,11 @@ def test_resume_with_per_node_checkpoint_folders(two_ranks):
     for rank, result in enumerate(two_ranks):
         assert result["checkpoints"]["latest"] == {"step": 3, "rank": rank}
         assert result["checkpoints"]["fallback"] == {"step": 2, "rank": rank}
+
+
+def test_one_process_store_folder_is_removed():
+    """A plain one-process run's private file store (bct-pg-*) is removed by cleanup()."""
+    code = ("import os, utils.distributed as d; d.init_distributed(device='cpu'); folder = d._STORE_FOLDER; "
+            "assert os.path.isdir(folder); d.cleanup(); print(os.path.exists(folder))")
+    proc = python("-c", code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]

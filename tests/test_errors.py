@@ -14,6 +14,7 @@ import runpy
 import shutil
 import sys
 from typing import Callable
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -99,14 +100,15 @@ class Case:
     setup: Callable         # (case folder: str, Shared) → argv after the script
     in_subprocess: bool = False
     not_installed: tuple = ()   # modules the command runs without (in this process only)
+    env: dict = None            # environment variables set while the command runs
 
 
 CASES = []
 
 
-def case(command, bad_input, fragment, in_subprocess=False, not_installed=()):
+def case(command, bad_input, fragment, in_subprocess=False, not_installed=(), env=None):
     def register(setup):
-        CASES.append(Case(setup.__name__, command, bad_input, fragment, setup, in_subprocess, not_installed))
+        CASES.append(Case(setup.__name__, command, bad_input, fragment, setup, in_subprocess, not_installed, env))
         return setup
     return register
 
@@ -268,6 +270,24 @@ def train_unknown_optimizer(w, s):
 def train_output_under_a_file(w, s):
     return [tiny_train_config(os.path.join(w, "cfg.py"), s.data, os.path.join(_a_file(w), "out"),
                               deterministic=False)]
+
+
+@case(ARC, "an explicit GPU index with several processes", "would put all 2 processes on one GPU",
+      env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+def train_gpu_index_with_several_processes(w, s):
+    return _config(w, s.data, device="cuda:0")
+
+
+@case(ARC, "resume with another process count", "saved by a run of 2 processes")
+def train_resume_other_process_count(w, s):
+    args = _config(w, s.data, max_steps=1, save_every_steps=1)
+    assert python(ARC, *args).returncode == 0
+    folder = os.path.join(w, "out", "checkpoints")
+    path = os.path.join(folder, sorted(os.listdir(folder))[-1])
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, world_size=2), path)
+    os.remove(os.path.join(w, "out", "model.pt"))
+    return args + ["--resume"]
 
 
 @case("BCT_methods/MixBCT/train.py", "old features: row count ≠ training images",
@@ -858,12 +878,13 @@ def run_case(item, folder, shared_inputs, capsys=None):
     argv = item.setup(folder, shared_inputs)
     before = _entries(folder)
     if item.in_subprocess:
-        proc = python(item.command, *argv)
+        proc = python(item.command, *argv, env=item.env)
         status, stderr = proc.returncode, proc.stderr
     else:
         if capsys:
             capsys.readouterr()
-        status = run_in_process(item.command, argv, item.not_installed)
+        with mock.patch.dict(os.environ, item.env or {}):
+            status = run_in_process(item.command, argv, item.not_installed)
         stderr = capsys.readouterr().err if capsys else ""
     return status, stderr, sorted(_entries(folder) - before)
 

@@ -5,7 +5,8 @@ from tests.helpers import python
 
 
 def test_gpu_check_cpu_smoke():
-    proc = python("tools/benchmark/gpu_check.py", "--cpu-smoke", timeout=600)
+    proc = python("tools/benchmark/gpu_check.py", "--cpu-smoke", "--pipeline-methods", "UniBCT,NCCL",
+                  timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(report["methods"]) == {"ArcFace", "MixBCT", "BCT", "UniBCT", "NCCL", "L2", "AdvBCT"}
@@ -17,3 +18,9 @@ def test_gpu_check_cpu_smoke():
     assert abs(two_ranks["distributed"] - two_ranks["single"]) < 1e-3
     pipeline = report["pipeline_2_processes"]
     assert pipeline["ok"] and pipeline["old_model"]["resumed"] and pipeline["old_model"]["backend"] == "gloo", pipeline
+    assert set(pipeline["methods"]) == {"UniBCT", "NCCL"}
+    assert all(m["model"] and m["epoch_boundary"] for m in pipeline["methods"].values()), pipeline
+    paths = report["paths"]
+    assert paths["cuda"] == [] and paths["nccl"] == []   # nothing ran on CUDA: every path is listed as not exercised
+    assert any("UniBCT" in p for p in paths["not_on_cuda"]) and any("MixBCT" in p for p in paths["not_on_cuda"])
+    assert "NOT exercised on CUDA" in proc.stdout

@@ -12,7 +12,7 @@ from backbones import get_model
 from helpers import chunk_files, python
 from tools.ijbc_eval import metrics
 from tools.ijbc_eval.ijbc_eval import build_parser, evaluate, main
-from tools.ijbc_eval.meta import load_meta
+from tools.ijbc_eval.meta import load_cached, load_meta
 from utils.errors import UserError
 
 SCRIPT = os.path.join("tools", "ijbc_eval", "ijbc_eval.py")
@@ -354,3 +354,17 @@ def test_cli_bootstrap_writes_intervals(ijb, tmp_path):
     bad = python(SCRIPT, "-m", ijb.new, "-d", ijb.data, "--bootstrap", "-1")
     assert bad.returncode == 2 and bad.stderr.strip() == \
         "error: --bootstrap must be 0 (off) or a number of resamples, got -1"
+
+
+@pytest.mark.parametrize("rank, written", [("0", True), ("1", False)])
+def test_parse_cache_is_written_by_rank_0_only(tmp_path, monkeypatch, rank, written):
+    meta = tmp_path / "meta.txt"
+    meta.write_text("1 2\n")
+    monkeypatch.setenv("RANK", rank)
+
+    def parse(path):
+        return {"values": np.array([1, 2])}
+
+    arrays = load_cached(str(meta), parse, str(tmp_path))
+    assert arrays["values"].tolist() == [1, 2]
+    assert any(name.endswith(".npz") for name in os.listdir(tmp_path)) == written

@@ -73,7 +73,7 @@ def test_mixbct_replaces_exactly_k_credible_rows():
 def test_mix_embeddings_rows_and_gradients():
     embeddings = torch.randn(4, 3, requires_grad=True)
     chosen = torch.tensor([False, True, False, True])
-    old = torch.tensor([[3.0, 0.0, 4.0], [0.0, 2.0, 0.0]])
+    old = torch.tensor([[9.0, 9.0, 9.0], [3.0, 0.0, 4.0], [7.0, 7.0, 7.0], [0.0, 2.0, 0.0]])
     mixed = mix_embeddings(embeddings, chosen, old)
     assert torch.allclose(mixed[1], torch.tensor([0.6, 0.0, 0.8]))
     assert torch.allclose(mixed[3], torch.tensor([0.0, 1.0, 0.0]))
@@ -407,3 +407,81 @@ def test_every_shipped_config_loads_and_the_matrix_is_complete():
                 assert tuple(cfg.refine_epochs) == (10, 20)
         demo = get_config(os.path.join(folder, f"demo_{method}.py"))
         assert demo.get("old_embedding") or demo.get("old_prototype")
+
+
+# --- the masked (host-sync-free) losses against the boolean-indexing form they replace
+
+def _consensus_by_indexing(scores, labels, queue_labels, weights, tau=1.0, anchors=None):
+    valid = queue_labels >= 0
+    log_prob = torch.log_softmax((scores / tau).masked_fill(~valid, float("-inf")), dim=1)
+    positive = (labels[:, None] == queue_labels[None, :]) & valid
+    count = positive.sum(dim=1)
+    per_row = -(weights * log_prob.masked_fill(~positive, 0.0)).sum(dim=1)
+    used = count > 0 if anchors is None else (count > 0) & anchors
+    if not bool(used.any()):
+        return scores.sum() * 0.0
+    return (per_row[used] / count[used]).mean()
+
+
+def _p2s_by_indexing(new, centres, radii, valid, average):
+    penalty = torch.relu((new - centres).norm(dim=1) - radii)
+    used = valid & (penalty > 0) if average == "violating" else valid
+    if not bool(used.any()):
+        return penalty.sum() * 0.0
+    return penalty[used].mean()
+
+
+def _value_and_grad(fn, leaf, *args, **kwargs):
+    leaf = leaf.detach().clone().requires_grad_()
+    value = fn(leaf, *args, **kwargs)
+    value.backward()
+    return value.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_masked_consensus_loss_equals_indexing(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, q = 6, 10
+    scores, weights = torch.randn(n, q, generator=g) * 3, torch.rand(n, q, generator=g)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    queue_labels = torch.randint(-1, 5, (q,), generator=g)          # −1: empty slots
+    anchors = [None, torch.rand(n, generator=g) > 0.5, torch.zeros(n, dtype=torch.bool)][seed % 3]
+    for tau in (1.0, 0.3):
+        got = _value_and_grad(consensus_contrastive_loss, scores, labels, queue_labels, weights, tau, anchors)
+        want = _value_and_grad(_consensus_by_indexing, scores, labels, queue_labels, weights, tau, anchors)
+        assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+        assert torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
+    empty = _value_and_grad(consensus_contrastive_loss, scores, labels, torch.full((q,), -1), weights)
+    assert empty[0].item() == 0.0 and torch.equal(empty[1], torch.zeros_like(scores))   # no NaN gradient
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masked_point_to_set_loss_equals_indexing(seed):
+    g = torch.Generator().manual_seed(seed)
+    new = torch.nn.functional.normalize(torch.randn(8, 5, generator=g))
+    centres = torch.nn.functional.normalize(torch.randn(8, 5, generator=g))
+    radii, valid = torch.rand(8, generator=g) * 1.5, torch.rand(8, generator=g) > 0.3
+    for average in ("violating", "all"):
+        for mask in (valid, torch.zeros_like(valid)):
+            got = _value_and_grad(point_to_set_loss, new, centres, radii, mask, average)
+            want = _value_and_grad(_p2s_by_indexing, new, centres, radii, mask, average)
+            assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+            assert torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_masked_mixing_equals_indexing(seed):
+    """The rows drawn and the mixed batch equal the count-then-topk draw and the indexed assignment."""
+    g = torch.Generator().manual_seed(seed)
+    credible = torch.rand(12, generator=g) > [0.2, 0.7, 0.95, 1.0][seed % 4]
+    k = [0, 3, 6, 12][seed % 4 if seed % 5 else 3]
+    scores = torch.rand(12, generator=torch.Generator().manual_seed(seed))
+    scores = torch.where(credible, scores, torch.full_like(scores, -1.0))
+    want = torch.zeros_like(credible)
+    want[torch.topk(scores, min(k, int(credible.sum()))).indices] = True
+    chosen = choose_mixed(credible, k, torch.Generator().manual_seed(seed))
+    assert torch.equal(chosen, want)
+    embeddings, old = torch.randn(12, 4, generator=g), torch.randn(12, 4, generator=g)
+    indexed = embeddings.clone()
+    indexed[want] = torch.nn.functional.normalize(old[want])
+    assert torch.equal(mix_embeddings(embeddings, chosen, old), indexed)

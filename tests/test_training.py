@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, make_tiny_rec, python, tiny_train_config
+from tests.helpers import ROOT, make_tiny_rec, python, run, tiny_train_config
 from utils.io import safe_torch_load
 
 
@@ -136,3 +136,49 @@ def test_bad_inputs_give_one_line(tmp_path, tiny_rec):
     (tmp_path / "typo.py").write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.batchsize = 3\n")
     _one_line_error(python("train_old_arc.py", str(tmp_path / "typo.py")), "batchsize")
     _one_line_error(python("train_old_arc.py", str(tmp_path / "missing.py")), "missing.py")
+
+
+GROUP_KEYS = dict(RESUME_KEYS, num_epoch=3, batch_size=4, num_workers=2)
+
+
+def _torchrun(cfg, *extra, port):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+            f"--master_port={port}", "train_old_arc.py", cfg, *extra]
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(tmp_path_factory, tiny_rec):
+    """Weights of an uninterrupted 2-process run with 2 loader workers per process."""
+    folder = tmp_path_factory.mktemp("group_reference")
+    cfg, out = _train(folder, tiny_rec, "ref", **GROUP_KEYS)
+    proc = run(_torchrun(cfg, port=29300 + os.getpid() % 500))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return assert_model(out)
+
+
+def test_signals_to_the_whole_job_resume_to_the_same_weights(tmp_path, tiny_rec, two_rank_reference):
+    """As Slurm's preemption (SIGTERM) or Ctrl-C (SIGINT): every process of the job (launcher, 2 ranks,
+    their loader workers) gets the signal mid-run; the run stops with a checkpoint, and ``--resume``
+    (interrupted once more, by the other signal) ends where the uninterrupted run ends."""
+    cfg, out = _train(tmp_path, tiny_rec, "job", **GROUP_KEYS)
+    port = 29800 + os.getpid() % 500
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    folder, log = os.path.join(out, "checkpoints"), tmp_path / "job" / "training.log"
+    for attempt, (sig, step) in enumerate([(signal.SIGTERM, 4), (signal.SIGINT, 11)]):
+        job = subprocess.Popen(_torchrun(cfg, *(["--resume"] if attempt else []), port=port + attempt), cwd=ROOT,
+                               env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and job.poll() is None:
+            if os.path.isdir(folder) and any(n.startswith(f"step_{step:09d}_rank1") for n in os.listdir(folder)):
+                break
+            time.sleep(0.01)
+        assert job.poll() is None, "training finished before it could be interrupted"
+        os.killpg(job.pid, sig)
+        _, stderr = job.communicate(timeout=300)
+        assert log.read_text().count("stopped by signal") == attempt + 1, stderr[-3000:]
+        assert not os.path.exists(os.path.join(out, "model.pt"))
+    resumed = run(_torchrun(cfg, "--resume", port=port + 2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert log.read_text().count("resumed from step") == 2
+    assert _max_diff(two_rank_reference, assert_model(out)) <= 1e-6

@@ -91,8 +91,6 @@ def set_rng_state(state, device):
     device = torch.device(device)
     if device.type == "cuda" and "cuda_device" in state:
         torch.cuda.set_rng_state(state["cuda_device"], device)
-    elif device.type == "cuda" and (device.index or 0) < len(state.get("cuda", ())):  # older checkpoints: every GPU
-        torch.cuda.set_rng_state(state["cuda"][device.index or 0], device)
 
 
 def seed_everything(seed):

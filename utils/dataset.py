@@ -18,6 +18,7 @@ vectorised call straight into a float32 batch. Flips depend only on (seed, epoch
 resumed run sees the same images.
 """
 import os
+import signal
 import struct
 import threading
 
@@ -178,12 +179,14 @@ class MXFaceDataset(Dataset):
         images, labels, _ = self.get_batch([index])
         return images[0], labels[0], int(index)
 
-    def get_batch(self, indices):
-        """Collated batch ``(images B×3×S×S float32 (uint8), labels int64, indices int64)`` for dataset positions."""
+    def get_batch(self, indices, epoch=None):
+        """Collated batch ``(images B×3×S×S float32 (uint8), labels int64, indices int64)`` for dataset positions;
+        flipped as in ``epoch`` (default: the one :meth:`set_epoch` set)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self.keys)):
             raise IndexError(f"dataset index out of range 0..{len(self.keys) - 1}: {indices.min()}..{indices.max()}")
-        flips = flip_mask(self.seed, self.epoch, indices) if self.train else np.zeros(len(indices), bool)
+        epoch = self.epoch if epoch is None else epoch
+        flips = flip_mask(self.seed, epoch, indices) if self.train else np.zeros(len(indices), bool)
         records = list(zip(self.keys[indices].tolist(), self.offsets[indices].tolist(), flips.tolist()))
         if self.uint8:
             images = np.empty((len(indices), 3, self.input_size, self.input_size), np.uint8)
@@ -227,13 +230,29 @@ class MXFaceDataset(Dataset):
 
 
 class _Batches(Dataset):
-    """Map a list of dataset positions to a collated batch (the loader fetches whole batches)."""
+    """Map a list of dataset positions, or ``(epoch, positions)``, to a collated batch (the loader fetches
+    whole batches). With ``arrays`` ({name: object with ``gather(indices)``}, e.g. the old features of a
+    method) the batch ends with ``{name: its rows}``, read in the loader's workers."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, arrays=None):
+        self.dataset, self.arrays = dataset, arrays
 
-    def __getitem__(self, indices):
-        return self.dataset.get_batch(indices)
+    def __getitem__(self, item):
+        epoch, indices = item if isinstance(item, tuple) else (None, item)
+        batch = self.dataset.get_batch(indices, epoch) if epoch is not None else self.dataset.get_batch(indices)
+        if self.arrays is None:
+            return batch
+        return (*batch, {name: array.gather(batch[2]) for name, array in self.arrays.items()})
+
+
+class _EpochBatches(BatchSampler):
+    """Batches of a :class:`ResumableDistributedSampler`, each as ``(epoch, positions)``: the epoch travels
+    with the batch, so workers that live across epochs flip as the epoch requires."""
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for batch in super().__iter__():
+            yield epoch, batch
 
 
 class ResumableDistributedSampler(Sampler):
@@ -288,14 +307,24 @@ class ResumableDistributedSampler(Sampler):
 
 
 def _init_worker(_):
-    cv2.setNumThreads(0)  # one decoding thread per worker process
+    """One decoding thread per worker; SIGTERM/SIGINT sent to the whole job (Slurm, Ctrl-C) are left to the
+    training process, which stops at its next step with a checkpoint (torch's workers die of them, and their
+    death stops the training process with an error before it can save)."""
+    cv2.setNumThreads(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build_loader(dataset, batch_size, dist_info, seed, num_workers, shuffle=True, drop_last=True, start_batch=0):
-    """DataLoader of ``(images, labels, indices)`` batches for this rank, for the dataset's current epoch.
+def build_loader(dataset, batch_size, dist_info, seed, num_workers, shuffle=True, drop_last=True, start_batch=0,
+                 arrays=None, persistent=False):
+    """DataLoader of ``(images, labels, indices)`` batches for this rank, for the dataset's current epoch
+    (``(images, labels, indices, {name: rows})`` with ``arrays``, see :class:`_Batches`).
 
-    Call ``dataset.set_epoch(e)`` before building it; ``start_batch`` resumes an epoch. Workers are
-    seeded from (seed, epoch, rank); memory is pinned on CUDA; workers are not persistent.
+    Call ``dataset.set_epoch(e)`` before building it; ``start_batch`` resumes an epoch. Memory is
+    pinned on CUDA. ``persistent``: the workers live across epochs; move the loader to the next epoch
+    with :func:`set_loader_epoch` (the epoch reaches the workers with each batch). The workers'
+    random seeds come from (seed, epoch, rank) of the epoch the loader was built in; nothing in a
+    batch depends on them (flips are a hash of seed, epoch and index).
     """
     if num_workers < 0:
         raise UserError(f"num_workers must be >= 0, got {num_workers}")
@@ -305,15 +334,20 @@ def build_loader(dataset, batch_size, dist_info, seed, num_workers, shuffle=True
     sampler.set_epoch(epoch, start_batch)
     generator = torch.Generator()
     generator.manual_seed(int(_hash(seed, epoch, dist_info.rank)[0] >> np.uint64(1)))
-    return batch_loader(dataset, sampler, batch_size, num_workers, dist_info.device.type == "cuda",
-                        drop_last, generator)
+    return DataLoader(_Batches(dataset, arrays), batch_size=None, sampler=_EpochBatches(sampler, batch_size, drop_last),
+                      num_workers=num_workers, pin_memory=dist_info.device.type == "cuda", worker_init_fn=_init_worker,
+                      generator=generator, persistent_workers=persistent and num_workers > 0)
 
 
-def batch_loader(dataset, indices, batch_size, num_workers, pin_memory, drop_last=False, generator=None):
-    """DataLoader that decodes whole batches of ``indices`` (a sampler or sequence) with ``dataset.get_batch``."""
+def set_loader_epoch(loader, epoch, start_batch=0):
+    """Point a :func:`build_loader` loader at ``epoch`` from batch ``start_batch`` (before the next ``iter``)."""
+    loader.sampler.sampler.set_epoch(epoch, start_batch)
+
+
+def batch_loader(dataset, indices, batch_size, num_workers, pin_memory, drop_last=False):
+    """DataLoader that decodes whole batches of ``indices`` (a sequence) with ``dataset.get_batch``."""
     return DataLoader(_Batches(dataset), batch_size=None, sampler=BatchSampler(indices, batch_size, drop_last),
-                      num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_init_worker,
-                      generator=generator, persistent_workers=False)
+                      num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_init_worker)
 
 
 def check_data_config(cfg, dataset):

@@ -11,6 +11,7 @@ The helpers below work with or without an initialised process group (one process
 import dataclasses
 import datetime
 import os
+import shutil
 import tempfile
 
 import torch
@@ -20,6 +21,7 @@ from utils.config import add_launcher_args  # noqa: F401  (torch-free, for comma
 from utils.errors import UserError
 
 BACKEND_VARIABLE = "BCT_DIST_BACKEND"
+_STORE_FOLDER = None   # the private file store of a one-process run, removed by cleanup()
 
 if dist.is_available():
     # torch.distributed.nn binds the default process group into function defaults when it is first
@@ -74,6 +76,9 @@ def init_distributed(local_rank=None, device=None, timeout_minutes=30):
     rank = int(os.environ.get("RANK", "0"))
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and device and torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        raise UserError(f"device = '{device}' would put all {world_size} processes on one GPU; set device = 'cuda' "
+                        "(each process takes the GPU of its local rank) or launch a single process")
     dev = choose_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -84,16 +89,22 @@ def init_distributed(local_rank=None, device=None, timeout_minutes=30):
             dist.init_process_group(backend, init_method="env://", rank=rank,
                                     world_size=world_size, timeout=timeout)
         else:
-            store = os.path.join(tempfile.mkdtemp(prefix="bct-pg-"), "store")
+            global _STORE_FOLDER
+            _STORE_FOLDER = tempfile.mkdtemp(prefix="bct-pg-")
+            store = os.path.join(_STORE_FOLDER, "store")
             dist.init_process_group(backend, init_method="file://" + store, rank=0,
                                     world_size=1, timeout=timeout)
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), dev)
 
 
 def cleanup():
-    """Destroy the process group if one is initialised."""
+    """Destroy the process group if one is initialised, and remove a one-process run's store folder."""
+    global _STORE_FOLDER
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _STORE_FOLDER:
+        shutil.rmtree(_STORE_FOLDER, ignore_errors=True)
+        _STORE_FOLDER = None
 
 
 def world():

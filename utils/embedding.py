@@ -28,16 +28,18 @@ class ModelRunner:
 
     ``model``: a torch module (a DDP wrapper is unwrapped, as its forward would synchronise ranks
     that may run different numbers of batches; it runs in eval mode and gets its training flag
-    back after each call; AMP fp16 on CUDA when ``amp``) or an onnxruntime ``InferenceSession``.
+    back after each call; AMP on CUDA when ``amp``, in ``amp_dtype``, fp16 by default) or an onnxruntime
+    ``InferenceSession``.
     uint8 images become ``(x − 127.5)·scale`` on the device; float images are used as they are.
     """
 
-    def __init__(self, model, device, amp=True, scale=PIXEL_SCALE, flip=False):
+    def __init__(self, model, device, amp=True, scale=PIXEL_SCALE, flip=False, amp_dtype=torch.float16):
         if isinstance(model, DistributedDataParallel):
             model = model.module
         self.model, self.device, self.scale, self.flip = model, torch.device(device), scale, flip
         self.onnx = not isinstance(model, torch.nn.Module)
         self.amp = amp and self.device.type == "cuda" and not self.onnx
+        self.amp_dtype = amp_dtype
 
     @torch.no_grad()
     def __call__(self, images):
@@ -49,7 +51,7 @@ class ModelRunner:
         else:
             was_training = self.model.training
             self.model.eval()
-            with torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=self.amp_dtype) if self.amp else contextlib.nullcontext():
                 out = self.model(x).float().cpu().numpy()
             self.model.train(was_training)
         return (out[:len(images)], out[len(images):]) if self.flip else (out,)
@@ -123,18 +125,18 @@ def _loader(dataset, indices, batch_size, num_workers, pin_memory):
 
 
 def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True, desc="embedding", cache=None,
-                  chunk_rows=CHUNK_ROWS, require_finite=None):
+                  chunk_rows=CHUNK_ROWS, require_finite=None, amp_dtype=torch.float16):
     """Embed every item of ``dataset`` (``(image, label, index)`` items) with ``model`` (a module or a
     :class:`ModelRunner`) on every rank: :func:`embed_rows` with one array, ``embedding``.
 
     Images may be float model input or uint8 (scaled on the device, as in training). Without
     ``cache`` rank 0 returns one float32 N×d array in dataset order; with a
     :class:`~utils.chunk_cache.ChunkCache` it returns the cache (all chunks saved as
-    ``embedding``). Other ranks return None. AMP (fp16) is used on CUDA when ``amp``.
+    ``embedding``). Other ranks return None. AMP (``amp_dtype``, fp16 by default) is used on CUDA when ``amp``.
     """
     if batch_size < 1 or num_workers < 0:
         raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-    runner = model if isinstance(model, ModelRunner) else ModelRunner(model, dist_info.device, amp)
+    runner = model if isinstance(model, ModelRunner) else ModelRunner(model, dist_info.device, amp, amp_dtype=amp_dtype)
     dim = runner(dataset[0][0][None])[0].shape[1] if len(dataset) else 0
 
     def make_loader(rows):

@@ -4,6 +4,7 @@ Every command-line entry point runs through :func:`run_cli`, so bad input ends w
 ``error: <what is wrong>`` on stderr and exit status 2 instead of a traceback.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -41,3 +42,12 @@ def require(condition, message):
     """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise UserError(message)
+
+
+@contextlib.contextmanager
+def about_file(path):
+    """Prefix a :class:`UserError` raised inside with the file (or folder) it concerns."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None

@@ -23,7 +23,6 @@ run with one :class:`~utils.errors.UserError` line.
 
 torch is imported only by the functions that make tensors, so steps 3 and 4 start fast.
 """
-import contextlib
 import os
 import re
 
@@ -83,15 +82,6 @@ def feature_path(sd, kind, root=None):
     return os.path.join(folder, f"{sd}_{kind}{suffix}.npy")
 
 
-@contextlib.contextmanager
-def about_file(path):
-    """Prefix a :class:`UserError` raised inside with the file it concerns."""
-    try:
-        yield
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-
-
 def load_features(sd, root=None):
     """The SD's features (read-only memory map) and labels, checked to be N×d float and N integers."""
     feature_file, label_file = feature_path(sd, "feature", root), feature_path(sd, "label", root)
@@ -148,6 +138,19 @@ class PerImageArray:
     def __len__(self):
         return self.array.shape[0]
 
+    def __getstate__(self):   # a worker started by spawn/forkserver maps the file again instead of copying it
+        return dict(self.__dict__, array=None)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.array = _open(self.path, self.key)
+
+    def rows(self, indices, ctx):
+        """This batch's rows: those the loader's workers read (``ctx.batch_rows[key]``, on the device), else
+        read here (a CPU tensor)."""
+        rows = getattr(ctx, "batch_rows", {}).get(self.key)
+        return self.gather(indices) if rows is None else rows
+
     def gather(self, indices):
         indices = np.asarray(indices.cpu() if hasattr(indices, "cpu") else indices, dtype=np.int64).reshape(-1)
         order = np.argsort(indices, kind="stable")
@@ -179,6 +182,10 @@ class OldFeatures(PerImageArray):
 
     def gather(self, indices, device=None):
         return super().gather(indices).float().to(device)
+
+    def rows(self, indices, ctx):
+        """This batch's rows as float32 on the training device."""
+        return super().rows(indices, ctx).float().to(ctx.device, non_blocking=True)
 
 
 class CredibleMask(PerImageArray):

@@ -18,10 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from utils.checkpoint import CheckpointManager, StopFlag, rng_state, seed_everything, set_rng_state
 from utils.config import get_config
-from utils.dataset import MXFaceDataset, build_loader, check_data_config, to_model_input
+from utils.dataset import MXFaceDataset, build_loader, check_data_config, set_loader_epoch, to_model_input
 from utils.distributed import (DistInfo, add_launcher_args, any_rank, average_gradients, cleanup,
-                               init_distributed)
-from utils.errors import UserError, require, run_cli
+                               init_distributed, world)
+from utils.errors import UserError, about_file, require, run_cli
 from utils.io import atomic_torch_save
 from utils.logging_utils import SpeedLogger, setup_logger
 from utils.schedule import lr_multiplier
@@ -40,6 +40,7 @@ class TrainContext:
     logger: Any
     epoch: int = 0
     global_step: int = 0
+    batch_rows: dict = dataclasses.field(default_factory=dict)   # this batch's per-image rows, on the device
 
     @property
     def device(self):
@@ -71,6 +72,11 @@ class Method:
     def extra_modules(self):
         return {}
 
+    def per_image_arrays(self):
+        """Per-image files the loader's workers read for each batch ({config key: PerImageArray}); their rows
+        reach :meth:`compute_loss` in ``ctx.batch_rows`` (see :meth:`~utils.old_features.PerImageArray.rows`)."""
+        return {}
+
     def clipped_with_backbone(self):
         """Parameters of the extra modules clipped to one gradient norm together with the backbone."""
         return []
@@ -82,7 +88,7 @@ class Method:
         """Return ``(loss, {part: value})`` for one batch; ``embeddings`` are fp32, un-normalised.
 
         ``labels`` are on the training device; ``indices`` (the images' dataset positions) stay on
-        the CPU as the loader made them, so old-feature rows are read while the GPU runs the forward.
+        the CPU as the loader made them; the rows of :meth:`per_image_arrays` are in ``ctx.batch_rows``.
         Parts may be tensors: they are read only on logging steps.
         """
         loss = ctx.classifier(embeddings, labels)
@@ -103,6 +109,21 @@ def _build_optimizer(cfg, param_groups):
     raise UserError(f"config {cfg.config_path}: optimizer '{cfg.optimizer}' is not supported (expected sgd or adamw)")
 
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(cfg, device):
+    """The backbone's autocast dtype (``amp_dtype``) when AMP runs (``fp16`` on CUDA), else None."""
+    if torch.device(device).type != "cuda" or not cfg.fp16:
+        return None
+    return AMP_DTYPES[cfg.get("amp_dtype", "float16")]
+
+
+def set_precision(cfg):
+    """TF32 for fp32 matrix products when ``tf32`` is set; torch's default (full fp32) otherwise."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.get("tf32"))
+
+
 def _check_config(cfg):
     require(cfg.rec, f"config {cfg.config_path}: `rec` (training data) is not set")
     require(not cfg.dali, f"config {cfg.config_path}: dali=True is not supported; use the built-in loader (dali=False)")
@@ -111,6 +132,10 @@ def _check_config(cfg):
     require(cfg.lr_schedule in ("poly", "step"), f"config {cfg.config_path}: lr_schedule must be poly or step, got '{cfg.lr_schedule}'")
     require(cfg.batch_size > 0 and cfg.num_epoch > 0, f"config {cfg.config_path}: batch_size and num_epoch must be positive")
     require(0 < cfg.sample_rate <= 1, f"config {cfg.config_path}: sample_rate must be in (0, 1], got {cfg.sample_rate}")
+    require(isinstance(cfg.get("compile", False), (bool, str)),
+            f"config {cfg.config_path}: compile must be False, True or a torch.compile backend name, got {cfg.compile!r}")
+    require(cfg.get("amp_dtype", "float16") in AMP_DTYPES,
+            f"config {cfg.config_path}: amp_dtype must be float16 or bfloat16, got {cfg.get('amp_dtype')!r}")
 
 
 class TrainingRun:
@@ -140,10 +165,16 @@ class TrainingRun:
     def state_dict(self):
         state = {key: part.state_dict() for key, part in self._parts().items()}
         state["extra"] = {name: module.state_dict() for name, module in self.extra.items()}
-        state.update(rng=rng_state(self.device), epoch=self.epoch, batch=self.batch, global_step=self.global_step)
+        state.update(rng=rng_state(self.device), epoch=self.epoch, batch=self.batch, global_step=self.global_step,
+                     world_size=world()[1])
         return state
 
     def load_state_dict(self, state):
+        saved, size = state.get("world_size"), world()[1]
+        require(saved in (None, size), f"the checkpoint of step {state['global_step']} was saved by a run of {saved} "
+                                       f"processes but this run has {size}: resume with {saved} processes (the "
+                                       "classifier and its optimiser state are split over the processes) or train "
+                                       "into a new output folder")
         for key, part in self._parts().items():
             part.load_state_dict(state[key])
         for name, module in self.extra.items():
@@ -176,12 +207,16 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
     and scaler of a run; fills ``ctx.backbone``/``ctx.classifier`` and sets the method up."""
     device, world = ctx.device, ctx.dist.world_size
     backbone = build_backbone(cfg).to(device)
+    if cfg.get("channels_last"):
+        backbone = backbone.to(memory_format=torch.channels_last)
     model = backbone
     if world > 1:
         with warnings.catch_warnings():  # newer torch renames broadcast_buffers; the behaviour is the same
             warnings.simplefilter("ignore", FutureWarning)
             model = DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
                                             broadcast_buffers=False, bucket_cap_mb=16)
+    if cfg.get("compile"):
+        model = torch.compile(model, **({} if cfg.compile is True else {"backend": cfg.compile}))
     classifier = build_classifier(cfg).to(device)
     classifier.check_inputs = False  # every label was checked against num_classes; batches are full
     ctx.backbone, ctx.classifier = model, classifier
@@ -200,7 +235,7 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
     warmup_steps = steps_per_epoch * cfg.warmup_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
         step, total_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, steps_per_epoch, cfg.lr_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and bool(cfg.fp16))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
     return TrainingRun(backbone, model, classifier, extra, extra_params, optimizer, scheduler, scaler, method, device)
 
 
@@ -208,12 +243,14 @@ def train_one_epoch(run, ctx, loader, last_step, checkpoints, speed, stop):
     """Steps over ``loader`` (the rest of epoch ``run.epoch``) up to ``last_step``; returns True when a
     stop signal reached every rank. Saves the ``save_every_steps`` checkpoints inside the epoch."""
     cfg, device, world = ctx.cfg, ctx.device, ctx.dist.world_size
-    amp = run.scaler.is_enabled()
-    for images, labels, indices in loader:
-        images = to_model_input(images.to(device, non_blocking=True))
+    amp, dtype = run.scaler.is_enabled(), autocast_dtype(cfg, device)
+    memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+    for images, labels, indices, rows in loader:
+        images = to_model_input(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
+        ctx.batch_rows = {name: value.to(device, non_blocking=True) for name, value in rows.items()}
         ctx.global_step = run.global_step
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype or torch.float16, enabled=dtype is not None):
             embeddings = run.model(images)
         loss, parts = run.method.compute_loss(embeddings.float(), labels, indices, ctx)
         optimizer_step(loss, run.optimizer, run.scaler, run.clipped_params, cfg.clip_grad, run.replicated_params)
@@ -241,6 +278,7 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
     """
     _check_config(cfg)
     set_determinism(cfg.deterministic)
+    set_precision(cfg)
     info = init_distributed(local_rank, cfg.device)
     device, rank, world = info.device, info.rank, info.world_size
     cfg.output = os.path.abspath(cfg.output)
@@ -263,7 +301,8 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
         if state is None:
             logger.info(f"resume requested but no checkpoint under {checkpoints.folder}: starting from scratch")
         else:
-            run.load_state_dict(state)
+            with about_file(checkpoints.folder):
+                run.load_state_dict(state)
             logger.info(f"resumed from step {run.global_step} (epoch {run.epoch}, batch {run.batch})")
 
     writer, speed = None, None
@@ -275,7 +314,7 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
                     f"method {method.name}")
         speed = SpeedLogger(cfg.frequent, total_steps, cfg.batch_size * world, logger, writer)
 
-    stopped = False
+    stopped, loader = False, None
     run.model.train()
     run.classifier.train()
     with StopFlag() as stop:
@@ -286,8 +325,12 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
                 method.on_epoch_start(run.epoch, ctx)
                 run.model.train()
             dataset.set_epoch(run.epoch)
-            loader = build_loader(dataset, cfg.batch_size, info, cfg.seed, cfg.num_workers,
-                                  shuffle=True, drop_last=True, start_batch=run.batch)
+            if loader is None:   # built once: its workers live across epochs
+                loader = build_loader(dataset, cfg.batch_size, info, cfg.seed, cfg.num_workers, shuffle=True,
+                                      drop_last=True, start_batch=run.batch, arrays=method.per_image_arrays(),
+                                      persistent=True)
+            else:
+                set_loader_epoch(loader, run.epoch, run.batch)
             batches = iter(loader)
             run.restore_rng()  # mid-epoch: after the loader drew its seed, as the uninterrupted run did
             stopped = train_one_epoch(run, ctx, batches, last_step, checkpoints, speed, stop)

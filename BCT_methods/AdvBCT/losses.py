@@ -26,6 +26,7 @@ L = L_cls + L_p2s + L_adv. Three switches reproduce the published code by defaul
   backbone alone is clipped.
 """
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -101,10 +102,8 @@ def point_to_set_loss(new_normalized, centres, radii, valid, average="all"):
     ``centres`` (N×d), ``radii`` (N) and ``valid`` (N bool) are per row, i.e. indexed by the labels.
     """
     penalty = F.relu((new_normalized - centres).norm(dim=1) - radii)
-    used = valid & (penalty > 0) if average == "violating" else valid
-    if not bool(used.any()):
-        return penalty.sum() * 0.0
-    return penalty[used].mean()
+    used = (valid & (penalty > 0) if average == "violating" else valid).to(penalty.dtype)
+    return (penalty * used).sum() / used.sum().clamp(min=1)   # masked: no host sync
 
 
 class AdvBCT(Method):
@@ -131,14 +130,19 @@ class AdvBCT(Method):
             return [torch.from_numpy(stats.centres), torch.from_numpy(stats.radii),
                     torch.from_numpy(stats.valid.astype("uint8"))]
 
+        start = time.perf_counter()
         self.centres, self.radii, valid = compute_on_main(class_stats, ctx.device)
         self.valid = valid.bool()
-        ctx.logger.info(f"AdvBCT: {int(self.valid.sum())} of {num_classes} classes have an elastic boundary")
+        ctx.logger.info(f"AdvBCT: {int(self.valid.sum())} of {num_classes} classes have an elastic boundary "
+                        f"(class statistics on rank 0 in {time.perf_counter() - start:.1f} s)")
         self.boundary = ElasticBoundary(num_classes, cfg.threshold)
         self.discriminator = Discriminator(cfg.embedding_size, cfg.discriminator_hidden)
 
     def extra_modules(self):
         return {"boundary": self.boundary, "discriminator": self.discriminator}
+
+    def per_image_arrays(self):
+        return {self.old.key: self.old}
 
     def clipped_with_backbone(self):
         if not self.cfg.clip_extra_modules:
@@ -149,7 +153,7 @@ class AdvBCT(Method):
         cfg = ctx.cfg
         cls = ctx.classifier(embeddings, labels)
         new = F.normalize(embeddings)
-        old = F.normalize(self.old.gather(indices, ctx.device))
+        old = F.normalize(self.old.rows(indices, ctx))
         p2s = point_to_set_loss(new, self.centres[labels], self.boundary(self.radii, labels), self.valid[labels],
                                 cfg.p2s_average)
         adv = adversarial_loss(self.discriminator, new, old, grl_coefficient(ctx.progress),

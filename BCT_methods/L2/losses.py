@@ -31,7 +31,10 @@ class L2(Method):
         require(cfg.threshold >= 0, f"config {cfg.config_path}: threshold must be >= 0, got {cfg.threshold}")
         self.old = open_features(ctx)
 
+    def per_image_arrays(self):
+        return {self.old.key: self.old}
+
     def compute_loss(self, embeddings, labels, indices, ctx):
         cls = ctx.classifier(embeddings, labels)
-        l2 = weakened_l2_loss(embeddings, self.old.gather(indices, ctx.device), ctx.cfg.threshold)
+        l2 = weakened_l2_loss(embeddings, self.old.rows(indices, ctx), ctx.cfg.threshold)
         return cls + ctx.cfg.loss_weight * l2, {"cls": cls.detach(), "l2": l2.detach()}

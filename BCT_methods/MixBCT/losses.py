@@ -19,25 +19,25 @@ from utils.trainer import Method
 def choose_mixed(credible, k, generator=None):
     """Boolean mask of ``min(k, credible.sum())`` rows drawn uniformly at random among the credible ones.
 
-    ``credible``: bool vector (one entry per batch sample). Uses the torch RNG (``generator`` or the
-    global one), so a resumed run draws the same rows.
+    ``credible``: bool vector (one entry per batch sample, on any device). The scores are drawn on the
+    CPU from the torch RNG (``generator`` or the global one), so a resumed run draws the same rows. The
+    k best scores are taken and the non-credible ones among them (score −1) dropped, so the count
+    is never read on the host.
     """
-    scores = torch.rand(credible.shape[0], generator=generator, device=credible.device)
+    scores = torch.rand(credible.shape[0], generator=generator).to(credible.device, non_blocking=True)
     scores = torch.where(credible, scores, torch.full_like(scores, -1.0))
-    count = min(int(k), int(credible.sum()))
+    best = torch.topk(scores, min(int(k), credible.shape[0]))
     chosen = torch.zeros_like(credible)
-    chosen[torch.topk(scores, count).indices] = True
+    chosen[best.indices] = best.values >= 0
     return chosen
 
 
-def mix_embeddings(embeddings, chosen, old_chosen):
-    """The batch with rows ``chosen`` replaced by n̂(o); ``old_chosen`` = the old features of those rows, in row order.
+def mix_embeddings(embeddings, chosen, old):
+    """The batch with rows ``chosen`` (bool, one per row) replaced by n̂(o); ``old`` = the batch's old features.
 
-    Replaced rows carry no gradient to the backbone.
+    Replaced rows carry no gradient to the backbone. A masked select, so the GPU never waits for the host.
     """
-    mixed = embeddings.clone()
-    mixed[chosen] = F.normalize(old_chosen.float()).to(embeddings.dtype)
-    return mixed
+    return torch.where(chosen[:, None], F.normalize(old.float()).to(embeddings.dtype), embeddings)
 
 
 class MixBCT(Method):
@@ -59,9 +59,11 @@ class MixBCT(Method):
         ctx.logger.info(f"MixBCT: {self.mask.num_credible} of {len(self.mask)} old features credible; "
                         f"up to {self.k} of {cfg.batch_size} embeddings per process replaced each step")
 
+    def per_image_arrays(self):
+        return {self.old.key: self.old, self.mask.key: self.mask}
+
     def compute_loss(self, embeddings, labels, indices, ctx):
-        chosen = choose_mixed(self.mask.gather(indices), self.k)
-        old = self.old.gather(indices[chosen], ctx.device)
-        mixed = mix_embeddings(embeddings, chosen.to(ctx.device), old)
+        chosen = choose_mixed(self.mask.rows(indices, ctx), self.k).to(ctx.device, non_blocking=True)
+        mixed = mix_embeddings(embeddings, chosen, self.old.rows(indices, ctx))
         loss = ctx.classifier(mixed, labels)
-        return loss, {"cls": loss.detach(), "mixed": float(chosen.sum())}
+        return loss, {"cls": loss.detach(), "mixed": chosen.sum()}

@@ -44,15 +44,15 @@ def consensus_contrastive_loss(scores, labels, queue_labels, weights, tau=1.0, a
     (0 if no row is left).
     """
     valid = queue_labels >= 0
-    logits = (scores / tau).masked_fill(~valid, float("-inf"))
+    # empty slots get the lowest finite value: exp() of it is exactly 0 next to any valid entry, and a
+    # queue without valid entries gives finite (zero) gradients instead of NaN
+    logits = (scores / tau).masked_fill(~valid, torch.finfo(scores.dtype).min)
     log_prob = torch.log_softmax(logits, dim=1)
     positive = (labels[:, None] == queue_labels[None, :]) & valid
     count = positive.sum(dim=1)
     per_row = -(weights * log_prob.masked_fill(~positive, 0.0)).sum(dim=1)
-    used = count > 0 if anchors is None else (count > 0) & anchors
-    if not bool(used.any()):
-        return scores.sum() * 0.0
-    return (per_row[used] / count[used]).mean()
+    used = (count > 0 if anchors is None else (count > 0) & anchors).to(per_row.dtype)
+    return (per_row / count.clamp(min=1) * used).sum() / used.sum().clamp(min=1)   # masked: no host sync
 
 
 def consensus_weights(old_normalized, queue_features):
@@ -138,21 +138,23 @@ class NCCL(Method):
         self.mask = open_mask(ctx) if cfg.get("credible_old_feature") else None
         self.queue = OldFeatureQueue(cfg.queue_size, cfg.embedding_size, ctx.classifier.num_local, ctx.device)
 
+    def per_image_arrays(self):
+        return {array.key: array for array in (self.old, self.mask) if array is not None}
+
     def compute_loss(self, embeddings, labels, indices, ctx):
         cfg = ctx.cfg
         rank, world = ctx.dist.rank, ctx.dist.world_size
         batch = embeddings.shape[0]
-        old = F.normalize(self.old.gather(indices, ctx.device))
-        if self.mask is None:
-            anchors = torch.ones_like(labels, dtype=torch.bool)
-        else:
-            anchors = self.mask.gather(indices).to(ctx.device)
+        old = F.normalize(self.old.rows(indices, ctx))
+        anchors = None if self.mask is None else self.mask.rows(indices, ctx).to(ctx.device, non_blocking=True)
         with torch.no_grad():
             all_old, all_labels = all_gather_rows(old), all_gather_rows(labels)
-            all_anchors = all_gather_rows(anchors.to(torch.uint8))
             all_old_logits = ctx.classifier.logits(all_old)
-            keep = all_anchors.nonzero().squeeze(1)
-            self.queue.push(all_old[keep], all_labels[keep], all_old_logits[keep])
+            if anchors is None:
+                self.queue.push(all_old, all_labels, all_old_logits)
+            else:   # credible filtering: how many rows to enqueue is read on the host (one sync per step)
+                keep = all_gather_rows(anchors.to(torch.uint8)).nonzero().squeeze(1)
+                self.queue.push(all_old[keep], all_labels[keep], all_old_logits[keep])
         cls = ctx.classifier(embeddings, labels)
         weights = consensus_weights(old, self.queue.features)
         l1 = consensus_contrastive_loss(F.normalize(embeddings) @ self.queue.features.t(), labels,

@@ -21,6 +21,8 @@ Two switches reproduce the published code by default:
   ‖μ_c‖·cos from the first refinement on. True L2-normalises it like the step-3 prototypes (then
   λ → 0 gives back exactly the step-3 prototype).
 """
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ from utils.distributed import compute_on_main
 from utils.errors import require
 from utils.embedding import embed_dataset
 from utils.old_features import open_features, require_keys
+from utils.trainer import autocast_dtype
 
 
 SOFTMAX_DIMS = {"row": -1, "column": -2}
@@ -127,12 +130,14 @@ class UniBCT(BCT):
         ctx.logger.info(f"UniBCT: embedding {len(ctx.dataset)} images to refine the prototypes (epoch {ctx.epoch})")
         dataset = MXFaceDataset(cfg.rec, train=False, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
         model = getattr(ctx.backbone, "module", ctx.backbone)
+        dtype = autocast_dtype(cfg, ctx.device)
         new = embed_dataset(model, dataset, cfg.batch_size, ctx.dist, num_workers=cfg.num_workers,
-                            amp=bool(cfg.fp16) and ctx.device.type == "cuda")
+                            amp=dtype is not None, amp_dtype=dtype or torch.float16)
+        start = time.perf_counter()
         (self.prototypes,) = compute_on_main(lambda: [refine_prototypes(
             new, self.old.array, ctx.dataset.labels, ctx.classifier.num_classes, cfg.refine_lambda, cfg.refine_tau,
             cfg.refine_normalize, ctx.device, softmax=cfg.refine_softmax)], ctx.device)
-        ctx.logger.info("UniBCT: prototypes refined")
+        ctx.logger.info(f"UniBCT: prototypes refined (on rank 0 in {time.perf_counter() - start:.1f} s)")
 
     def state_dict(self):
         if not self.refined:

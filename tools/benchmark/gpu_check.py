@@ -12,11 +12,16 @@ embedding throughput and a 2-rank NCCL check.
 4. With two or more GPUs: two NCCL processes run a Partial FC step and check that the loss matches
    one process on the same global batch (``--cpu-smoke``: the same check with two gloo processes).
 5. What users run, through the real scripts with ``torchrun --nproc_per_node=2`` on a small synthetic
-   set: the old model trained with AMP, stopped after 3 steps and finished with ``--resume``; its
-   features extracted by 2 processes (the embedding gather); AdvBCT (old features, method modules
-   averaged over ranks) trained with AMP. NCCL with two GPUs; with one GPU the two processes share it
-   over gloo (NCCL cannot); ``--cpu-smoke``: gloo on the CPU.
-The last output line is a JSON object of the figures.
+   set, with 2 loader workers per process (persistent across epochs) and 2 epochs: the old model
+   trained with AMP, stopped after 3 steps and finished with ``--resume`` (checkpoint agreement by
+   ``all_gather_object``, an epoch boundary); its features extracted by 2 processes (the embedding
+   ``dist.gather``); then every method (``--pipeline-methods``) until two steps past the epoch boundary:
+   UniBCT refines its prototypes there (sharded re-embedding, rank-0 refinement, broadcast), NCCL
+   all-reduces inside backward beside DDP's buckets, AdvBCT averages its replicated modules, MixBCT
+   mixes old rows read by the loader workers. NCCL with two GPUs; with one GPU the two processes share
+   it over gloo (NCCL cannot); ``--cpu-smoke``: gloo on the CPU.
+At the end it lists the code paths exercised on CUDA, over NCCL, and those not exercised on CUDA at
+all in this run. The last output line is a JSON object of the figures.
 """
 import argparse
 import json
@@ -45,6 +50,7 @@ from tools.synthetic import make_synthetic
 from utils.distributed import cleanup
 from utils.embedding import ModelRunner
 from utils.errors import require, run_cli
+from utils.feature_stats import class_prototypes, credible_mask
 from utils.trainer import optimizer_step
 
 
@@ -171,13 +177,36 @@ def _two_processes(script, *args, cuda):
     return round(time.time() - start, 1), proc.stdout
 
 
-def pipeline_check(folder, cuda):
-    """Old model (AMP, cut and resumed) → 2-rank feature extraction → AdvBCT, each with 2 processes."""
+PIPELINE_METHODS = ("MixBCT", "BCT", "UniBCT", "NCCL", "L2", "AdvBCT")
+
+
+def _method_files(features, sd):
+    """Step 3 and 4 outputs of the extracted features: prototypes and a credible mask (as the tools write)."""
+    vectors = np.load(os.path.join(features, f"{sd}_feature.npy"))
+    labels = np.load(os.path.join(features, f"{sd}_label.npy"))
+    files = {kind: os.path.join(features, f"{sd}_{kind}.npy") for kind in ("feature", "avg_feature", "credible")}
+    np.save(files["avg_feature"], class_prototypes(vectors, labels))
+    np.save(files["credible"], credible_mask(vectors, labels, 0.9))
+    return files
+
+
+def _method_keys(method, files):
+    """Each method's old-feature keys and sizes fit for the small set (UniBCT refines at the epoch boundary)."""
+    return {"MixBCT": dict(old_embedding=files["feature"], credible_old_feature=files["credible"]),
+            "BCT": dict(old_prototype=files["avg_feature"]),
+            "UniBCT": dict(old_prototype=files["avg_feature"], old_embedding=files["feature"], refine_epochs=(1,)),
+            "NCCL": dict(old_embedding=files["feature"], queue_size=64),
+            "L2": dict(old_embedding=files["feature"]),
+            "AdvBCT": dict(old_embedding=files["feature"])}[method]
+
+
+def pipeline_check(folder, cuda, methods=PIPELINE_METHODS):
+    """Old model (AMP, cut and resumed) → 2-rank feature extraction → each method, each with 2 processes."""
     data = os.path.join(folder, "data")
     make_synthetic.main(["--out", data, "--identities", "16", "--images-per-identity", "8", "--ijb-identities", "2",
                          "--workers", "0"])
     model = dict(network="r18", network_width=64 if cuda else 8, input_size=112 if cuda else 32, embedding_size=64,
-                 batch_size=16 if cuda else 8, num_epoch=1, lr=0.05, fp16=True, frequent=1, num_workers=0,
+                 batch_size=16 if cuda else 8, num_epoch=2, lr=0.05, fp16=True, frequent=1, num_workers=2,
                  seed=3, rec=data)
     old = os.path.join(folder, "old")
     report = {}
@@ -197,25 +226,73 @@ def pipeline_check(folder, cuda):
     embedding = np.load(os.path.join(features, "f64_r18_arc_class100_feature.npy"))
     report["features"] = {"seconds": seconds, "rows": int(embedding.shape[0]),
                           "finite": bool(np.isfinite(embedding).all())}
-    os.makedirs(os.path.join(folder, "method"))
-    method = _config(os.path.join(folder, "method", "advbct.py"), method="AdvBCT", output=os.path.join(folder, "advbct"),
-                     max_steps=3, old_embedding=os.path.join(features, "f64_r18_arc_class100_feature.npy"), **model)
-    seconds, _ = _two_processes("BCT_methods/AdvBCT/train.py", method, cuda=cuda)
-    report["AdvBCT"] = {"seconds": seconds, "model": os.path.isfile(os.path.join(folder, "advbct", "model.pt"))}
+    files = _method_files(features, "f64_r18_arc_class100")
+    report["methods"] = {}
+    for name in methods:
+        os.makedirs(os.path.join(folder, name))
+        out = os.path.join(folder, name, "out")
+        steps = 16 * 8 // (2 * model["batch_size"]) + 2   # two steps into the second epoch
+        cfg = _config(os.path.join(folder, name, "config.py"), method=name, output=out, max_steps=steps,
+                      **_method_keys(name, files), **model)
+        seconds, _ = _two_processes(f"BCT_methods/{name}/train.py", cfg, cuda=cuda)
+        log = open(os.path.join(out, "training.log")).read()
+        report["methods"][name] = {"seconds": seconds, "model": os.path.isfile(os.path.join(out, "model.pt")),
+                                   "epoch_boundary": "Epoch: 1" in log}
     report["ok"] = (report["old_model"]["resumed"] and report["old_model"]["amp"] == cuda
-                    and report["features"]["rows"] == 16 * 8 and report["features"]["finite"] and report["AdvBCT"]["model"])
+                    and report["features"]["rows"] == 16 * 8 and report["features"]["finite"]
+                    and all(m["model"] and m["epoch_boundary"] for m in report["methods"].values()))
+    timings = ", ".join(f"{name} {m['seconds']} s" for name, m in report["methods"].items())
     print(f"2-process pipeline over {report['old_model']['backend']} on {report['old_model']['device']}: old model "
           f"{report['old_model']['seconds']} s (resumed: {report['old_model']['resumed']}), features "
-          f"{report['features']['seconds']} s ({report['features']['rows']} rows), AdvBCT {report['AdvBCT']['seconds']} s: "
+          f"{report['features']['seconds']} s ({report['features']['rows']} rows), {timings}: "
           f"{'ok' if report['ok'] else 'FAILED'}", flush=True)
     return report
+
+
+def exercised_paths(report, cuda, compiled):
+    """``{"cuda": [...], "nccl": [...], "not_on_cuda": [...]}``: the code paths of a multi-GPU run and where
+    this run exercised them (a path run only on the CPU or over gloo is not "on CUDA"/"over NCCL")."""
+    pipeline = report["pipeline_2_processes"]
+    two_rank = report["nccl_2_rank"]
+    two_rank_backend = two_rank.get("backend") if isinstance(two_rank, dict) else None
+    methods = set(pipeline["methods"])
+    runs = {   # path: (ran, backend of its processes; None = one process)
+        "AMP training step of every method (1 process)": (True, None),
+        "backbone in channels_last": ("channels_last" in report["arcface_variants"], None),
+        "torch.compile (inductor) of the backbone": (compiled, None),
+        "IJB embedding, AMP inference with flip": (True, None),
+        "Partial FC over 2 processes (loss equal to 1 process)": (isinstance(two_rank, dict), two_rank_backend),
+        "DDP gradient buckets, training with 2 processes": (True, pipeline["old_model"]["backend"]),
+        "loader workers (2 per process, persistent, pinned memory)": (True, pipeline["old_model"]["backend"]),
+        "epoch boundary with persistent workers": (True, pipeline["old_model"]["backend"]),
+        "checkpoint agreement on --resume (all_gather_object)": (True, pipeline["old_model"]["backend"]),
+        "embedding dist.gather (get_feature.py)": (True, pipeline["old_model"]["backend"]),
+    }
+    hooks = {"MixBCT": "MixBCT mixing of old rows read by the loader workers",
+             "BCT": "BCT influence loss over 2 processes",
+             "UniBCT": "UniBCT refinement: sharded re-embedding, rank-0 refinement, broadcast",
+             "NCCL": "NCCL all-reduces inside backward beside DDP buckets, queue all-gather",
+             "L2": "L2 loss over 2 processes",
+             "AdvBCT": "AdvBCT replicated-module gradient averaging"}
+    for name, path in hooks.items():
+        runs[path] = (name in methods, pipeline["old_model"]["backend"])
+    never = ["bfloat16 AMP (amp_dtype) and TF32", "more than 2 processes or several nodes",
+             "stop on SIGTERM/SIGINT with loader workers (tested on the CPU only)"]
+    return {"cuda": [p for p, (ran, _) in runs.items() if ran and cuda],
+            "nccl": [p for p, (ran, backend) in runs.items() if ran and cuda and backend == "nccl"],
+            "not_on_cuda": [p for p, (ran, _) in runs.items() if not (ran and cuda)] + never}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script itself)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--pipeline-methods", default=",".join(PIPELINE_METHODS),
+                        help="methods trained by 2 processes in the pipeline (comma-separated)")
     args = parser.parse_args()
+    pipeline_methods = [m for m in args.pipeline_methods.split(",") if m]
+    require(set(pipeline_methods) <= set(PIPELINE_METHODS),
+            f"--pipeline-methods: expected some of {', '.join(PIPELINE_METHODS)}, got {args.pipeline_methods}")
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     require(cuda or args.cpu_smoke, "no CUDA device: run on a GPU machine, or pass --cpu-smoke")
     device = torch.device("cuda" if cuda else "cpu")
@@ -251,8 +328,14 @@ def main():
         report["nccl_2_rank"] = two_rank_check("gloo", classes=sizes["classes"])
     print("== 2-process pipeline: old model (AMP, cut + --resume), feature extraction, AdvBCT", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
-        report["pipeline_2_processes"] = pipeline_check(folder, cuda)
+        report["pipeline_2_processes"] = pipeline_check(folder, cuda, pipeline_methods)
     report["seconds"] = round(time.time() - start, 1)
+    report["paths"] = exercised_paths(report, cuda, "compile" in report["arcface_variants"])
+    for key, title in (("cuda", "exercised on CUDA"), ("nccl", "exercised over NCCL"),
+                       ("not_on_cuda", "NOT exercised on CUDA")):
+        print(f"== {title}: {len(report['paths'][key])}", flush=True)
+        for path in report["paths"][key]:
+            print(f"   - {path}", flush=True)
     print(json.dumps(report))
     return report
 

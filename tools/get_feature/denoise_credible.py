@@ -14,9 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, about_file, run_cli
 from utils.feature_stats import credible_mask
-from utils.old_features import about_file, add_sd_args, credible_kind, feature_path, load_features, parse_sd
+from utils.old_features import add_sd_args, credible_kind, feature_path, load_features, parse_sd
 from utils.io import atomic_np_save
 
 

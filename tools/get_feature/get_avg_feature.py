@@ -15,10 +15,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from utils.config import get_config
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, about_file, run_cli
 from utils.feature_stats import class_prototypes
 from tools.get_feature.extract import add_extract_args, extract_from_args
-from utils.old_features import about_file, add_sd_args, feature_path, load_features, parse_sd
+from utils.old_features import add_sd_args, feature_path, load_features, parse_sd
 from utils.io import atomic_np_save
 
 

@@ -158,7 +158,7 @@ def _member(path, stored, name):
 
 
 def load_cached(path, parser, cache_folder, force=False):
-    """``parser(path)`` (dict of arrays), cached in ``cache_folder`` by path, size and mtime."""
+    """``parser(path)`` (dict of arrays), cached in ``cache_folder`` by path, size and mtime (written by rank 0 only)."""
     if not os.path.isfile(path):
         raise UserError(f"meta file not found: {path}")
     key = cache_key(file_stamp(path), CACHE_VERSION, parser.__name__, length=16)
@@ -171,6 +171,8 @@ def load_cached(path, parser, cache_folder, force=False):
         except (UserError, ValueError, OSError, zipfile.BadZipFile):
             pass
     arrays = parser(path)
+    if os.environ.get("RANK", "0") != "0":   # several processes: rank 0 alone writes the cache
+        return arrays
     try:
         for stale in glob.glob(os.path.join(glob.escape(cache_folder), glob.escape(base) + ".*.npz")):
             os.remove(stale)
