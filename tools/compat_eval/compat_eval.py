@@ -37,6 +37,8 @@ TOPK = (1, 5)
 METRICS = tuple(f"TAR@FAR={k}" for k in FAR_KEYS) + ("AUC",) + tuple(f"top{k}" for k in TOPK) \
     + tuple(f"TPIR@FPIR={k}" for k in FPIR_KEYS)
 SEARCH_BLOCK = 1 << 25          # similarity entries per block of the exact 1:N search (128 MB of float32)
+PROBE_ROWS = 2048               # probes per block of the search (the gallery is cut in chunks to fit the block)
+SEARCH_DEPTH = 8                # gallery columns listed per probe: ranks are exact below it (top-k for k < 8)
 READ_OK, READ_FAILED, WRONG_SIZE = 0, 1, 2
 
 
@@ -218,11 +220,82 @@ def identification_split(labels, gallery_per_id=1, nonmated_share=0.1, seed=0):
     return gallery, ~gallery, mated_identities
 
 
-def search(probes, gallery, gallery_subjects, probe_subjects, block=SEARCH_BLOCK):
-    """Exact 1:N search (:func:`metrics.search`) in blocks of probes, so memory stays bounded by ``block``
-    similarities (plus the features); returns the :class:`metrics.Search` of all probes."""
-    step = max(1, block // max(1, len(gallery)))
-    index = metrics.gallery_index(gallery_subjects)   # the gallery's side, once for every block
+def top_k(probes, gallery, k, block=SEARCH_BLOCK, probe_rows=PROBE_ROWS):
+    """Exact top-``k`` inner products: ``(values, columns)``, each (probes × k), best first.
+
+    Blocked float32 matrix products (torch's BLAS) of ``probe_rows`` probes against gallery chunks of
+    ``block // probe_rows`` rows, each chunk reduced to its own top k at once and merged into the
+    running top k, so memory stays at one block of similarities whatever the gallery size. Values are
+    exact; among equal values the columns kept are arbitrary (:func:`search` resolves such ties).
+    """
+    k = min(k, len(gallery))
+    rows = max(1, min(probe_rows, len(probes), block))
+    step = max(1, block // rows)
+    gallery_t = torch.from_numpy(np.ascontiguousarray(gallery, np.float32))
+    buffer = torch.empty(rows * min(step, len(gallery)), dtype=torch.float32)
+    values = np.empty((len(probes), k), np.float32)
+    columns = np.empty((len(probes), k), np.int64)
+    for s in range(0, len(probes), rows):
+        query = torch.from_numpy(np.ascontiguousarray(probes[s:s + rows], np.float32))
+        best_v = best_i = None
+        for c in range(0, len(gallery), step):
+            chunk = gallery_t[c:c + step]
+            sims = buffer[:len(query) * len(chunk)].view(len(query), len(chunk))
+            torch.mm(query, chunk.T, out=sims)
+            v, i = torch.topk(sims, min(k, len(chunk)), dim=1)
+            i += c
+            if best_v is not None:
+                v, pick = torch.topk(torch.cat([best_v, v], 1), min(k, best_v.shape[1] + v.shape[1]), dim=1)
+                i = torch.gather(torch.cat([best_i, i], 1), 1, pick)
+            best_v, best_i = v, i
+        values[s:s + len(query)], columns[s:s + len(query)] = best_v.numpy(), best_i.numpy()
+    return values, columns
+
+
+def search(probes, gallery, gallery_subjects, probe_subjects, block=SEARCH_BLOCK, depth=SEARCH_DEPTH):
+    """Exact 1:N search of ``probes`` in ``gallery`` (features): the :class:`metrics.Search` that
+    :func:`metrics.search` gives on the whole similarity matrix, from :func:`top_k` lists of ``depth``.
+
+    Ranks are exact below ``depth``; a rank of ``depth`` means ``depth`` or more (only ranks below
+    ``depth`` are counted: top-k for k < ``depth``). Rows the lists cannot settle exactly — a target
+    score equal (within float rounding) to the last listed value, or a target outside the list whose
+    listed columns all hold its own subject — are searched again against the whole gallery.
+    """
+    if len(gallery) == 0:
+        raise UserError("1:N evaluation: empty gallery")
+    index = metrics.gallery_index(gallery_subjects)
+    subjects, first = index.subjects, index.first
+    probe_subjects = np.asarray(probe_subjects)
+    pos = np.minimum(np.searchsorted(subjects, probe_subjects), len(subjects) - 1)
+    mated = subjects[pos] == probe_subjects
+    rows = np.flatnonzero(mated)
+    target = first[pos[mated]]
+    values, columns = top_k(probes, gallery, depth, block)
+    listed = columns[rows] == target[:, None]
+    in_list = listed.any(1)
+    score = np.where(in_list, values[rows][np.arange(len(rows)), listed.argmax(1)],
+                     np.einsum("ij,ij->i", probes[rows].astype(np.float32), gallery[target].astype(np.float32)))
+    v, c = values[rows], columns[rows]
+    above = (v > score[:, None]).sum(1)
+    ties_before = ((v == score[:, None]) & (c < target[:, None])).sum(1)
+    rank = np.where(in_list, above + ties_before, values.shape[1])
+    own = np.asarray(gallery_subjects)[c] == probe_subjects[rows][:, None]
+    correct = np.where(in_list, ((v < score[:, None]) | own).all(1), False)
+    last = v[:, -1]
+    unsettled = (np.abs(last - score) <= 1e-6 * np.maximum(1, np.abs(score))) & (values.shape[1] < len(gallery))
+    unsettled |= ~in_list & own.all(1)
+    exact = rows[unsettled]
+    if len(exact):
+        again = _full_search(probes[exact], gallery, gallery_subjects, probe_subjects[exact], index, block)
+        rank[unsettled] = np.minimum(again.rank, values.shape[1])
+        score[unsettled], correct[unsettled] = again.score, again.correct
+    return metrics.Search(mated, rank, score.astype(np.float32), correct, values[~mated, 0].astype(np.float32)
+                          if values.shape[1] else np.full((~mated).sum(), -np.inf), num_gallery=len(gallery))
+
+
+def _full_search(probes, gallery, gallery_subjects, probe_subjects, index, block):
+    """:func:`metrics.search` on whole similarity rows, in blocks of probes (the rows :func:`search` cannot settle)."""
+    step = max(1, block // len(gallery))
     parts = [metrics.search(probes[s:s + step] @ gallery.T, gallery_subjects, probe_subjects[s:s + step], index=index)
              for s in range(0, len(probes), step)]
     return metrics.Search(*(np.concatenate([getattr(p, f) for p in parts]) for f in metrics.Search._fields[:-1]),
