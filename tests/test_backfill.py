@@ -205,3 +205,32 @@ def test_command_writes_the_backfill_report(tmp_path):
     assert os.path.getsize(out + "_backfill.png") > 0
     with pytest.raises(UserError, match="--backfill: unknown generation 'v9'"):
         ce.main(["--restore_embs", saved, "-R", out, "--backfill", "v1", "v9"])
+
+
+def test_demo_backfill_on_ijb_style_images(tmp_path):
+    from tools.synthetic import make_synthetic
+
+    data = str(tmp_path / "data")
+    make_synthetic.main(["--out", data, "--identities", "2", "--images-per-identity", "1", "--ijb-identities", "8",
+                         "--workers", "0"])
+    images, subjects = bf.ijb_subjects(data)
+    from tools.ijbc_eval.meta import load_meta
+
+    count = len(load_meta(data).names)
+    assert len(images) <= count and len(np.unique(subjects)) == 8
+    rng = np.random.default_rng(0)
+    _, labels = np.unique(subjects, return_inverse=True)
+    paths = {}
+    for name in ("old", "L2", "independent"):
+        feats = np.zeros((count, 16), np.float32)
+        feats[images] = _clustered(rng, labels, d=16, spread=0.5)
+        paths[name] = str(tmp_path / f"{name}.npz")
+        np.savez(paths[name], embs=feats, embs_f=feats)
+    out = tmp_path / "out"
+    out.mkdir()
+    report = bf.demo_backfill(data, paths["old"], {"L2": paths["L2"], "independent": paths["independent"]},
+                              str(out), resamples=5)
+    assert [(e["query"], e["order"], e["merge"]) for e in report["backfill"]] == [
+        (n, o, "plain") for n in ("L2", "independent") for o in ("random", "norm")]
+    for suffix in ("json", "md", "png"):
+        assert os.path.getsize(out / f"backfill.{suffix}") > 0
