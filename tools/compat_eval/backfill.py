@@ -203,6 +203,7 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
             flips[f"negative_flips{kind}"].append(pair[0])
             flips[f"positive_flips{kind}"].append(pair[1])
     entry = {"merge": merge, "fractions": list(fractions), "metrics": rows, **flips,
+             "old_self": protocol.figures(old_scores, old_search)[0],
              "flip_far": far, "area": {name: float(area(fractions, rows[name])) for name in rows}}
     if counts is not None:
         stacked = {name: np.stack(reps[name], 1) for name in rows}   # resamples × fractions
@@ -278,10 +279,12 @@ def format_backfill(entries, main):
                                                      "positive_flips_1to1")]
             lines.append(f"| {fraction:.1f} | " + " | ".join(cells) + " |")
         areas = ", ".join(f"{name} {e['area'][name]:.4f}" + _area_interval(e, name) for name in (main, "top1"))
-        lines += ["", f"Area under the curve: {areas}"]
+        lines += ["", f"Area under the curve: {areas}; the old system ({e['gallery']} self-test): "
+                  f"{main} {e['old_self'][main]:.4f}, top1 {e['old_self']['top1']:.4f}"]
     if entries:
         lines += ["", "Areas side by side (" + main + " / top1):", ""]
-        lines += [f"- {e['order']}, {e['merge']}: {e['area'][main]:.4f} / {e['area']['top1']:.4f}" for e in entries]
+        lines += [f"- {e['query']} → {e['gallery']}, {e['order']} order, {e['merge']} merge: {e['area'][main]:.4f} / "
+                  f"{e['area']['top1']:.4f}" for e in entries]
     return "\n".join(lines) + "\n"
 
 
@@ -292,8 +295,8 @@ def _area_interval(entry, name):
 
 
 def plot_backfill(entries, path, main):
-    """PNG: ``main`` and top-1 (with 95 % bands) and the top-1 negative-flip share against the fraction
-    re-extracted, one line per curve."""
+    """PNG: ``main`` and top-1 (with 95 % bands; dashed: the old system's self-test) and the top-1
+    negative-flip share against the fraction re-extracted, one line per curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,6 +311,9 @@ def plot_backfill(entries, path, main):
                 ax.fill_between(e["fractions"], e["ci_low"][name], e["ci_high"][name], color=line.get_color(),
                                 alpha=0.12, linewidth=0)
         axes[2].plot(e["fractions"], e["negative_flips"], marker="o", markersize=3, label=label)
+    for ax, name in zip(axes[:2], (main, "top1")):
+        for gallery, old_self in {e["gallery"]: e["old_self"][name] for e in entries}.items():
+            ax.axhline(old_self, color="k", linestyle="--", linewidth=1, label=f"{gallery} self-test")
     for ax, title in zip(axes, (main, "top1", "negative flips (share of mated probes)")):
         ax.set(xlabel="fraction of the gallery re-extracted", title=title, xlim=(0, 1))
         ax.legend(fontsize=6)
