@@ -99,9 +99,43 @@ def test_blocked_search_equals_one_block():
     gallery, probes = _clustered(rng, np.arange(20)), _clustered(rng, rng.integers(0, 25, 60))
     subjects, probe_subjects = np.arange(20), rng.integers(0, 25, 60)
     whole = metrics.search(probes @ gallery.T, subjects, probe_subjects)
-    blocked = ce.search(probes, gallery, subjects, probe_subjects, block=50)    # 2 probes per block
-    for name in metrics.Search._fields:
+    blocked = ce.search(probes, gallery, subjects, probe_subjects, block=50, depth=20)   # the whole gallery listed
+    for name in ("mated", "rank", "correct"):
         np.testing.assert_array_equal(getattr(blocked, name), getattr(whole, name))
+    np.testing.assert_allclose(blocked.score, whole.score, atol=1e-6)
+    np.testing.assert_allclose(blocked.nonmated_best, whole.nonmated_best, atol=1e-6)
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_top_k_search_equals_the_full_search_with_ties(trial):
+    """Small-integer features make exact ties (duplicate templates, repeated subjects); ranks agree
+    below the depth and read ``depth`` above it, whatever the blocking."""
+    rng = np.random.default_rng(trial)
+    size, count = int(rng.integers(1, 30)), int(rng.integers(1, 40))
+    gallery = rng.integers(-2, 3, (size, 6)).astype(np.float32)
+    gallery[size // 2:] = gallery[:size - size // 2]
+    probes = rng.integers(-2, 3, (count, 6)).astype(np.float32)
+    probes[:min(count, size)] = gallery[:min(count, size)]
+    subjects = rng.integers(0, size, size) if trial % 2 else np.arange(size)
+    probe_subjects = rng.integers(0, size + 4, count)
+    whole = metrics.search(probes @ gallery.T, subjects, probe_subjects)
+    for block in (7, 1 << 20):
+        found = ce.search(probes, gallery, subjects, probe_subjects, block=block, depth=4)
+        np.testing.assert_array_equal(found.mated, whole.mated)
+        np.testing.assert_array_equal(found.rank, np.minimum(whole.rank, min(4, size)))
+        np.testing.assert_array_equal(found.correct, whole.correct)
+        listed = whole.rank < 4
+        np.testing.assert_array_equal(found.score[listed], whole.score[listed])
+        np.testing.assert_array_equal(found.nonmated_best, whole.nonmated_best)
+
+
+def test_top_k_lists_the_best_columns():
+    rng = np.random.default_rng(3)
+    gallery, probes = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
+    values, columns = ce.top_k(probes, gallery, 5, block=1000, probe_rows=16)     # 62-column chunks
+    sims = probes @ gallery.T
+    np.testing.assert_array_equal(columns, np.argsort(-sims, 1)[:, :5])
+    np.testing.assert_allclose(values, -np.sort(-sims, 1)[:, :5], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- end to end

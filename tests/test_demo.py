@@ -44,6 +44,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in METHODS:
         assert os.path.isfile(out / method / "model.pt")
+    cross = {r["method"]: r["value"] for r in rows if r["test"] == "cross" and r["metric"] == "TAR@FAR=1e-3"}
+    best = max(METHODS[1:], key=cross.get)          # the methods, the independent model left out
+    curves = json.loads((out / "backfill.json").read_text())["backfill"]
+    assert [(c["query"], c["order"]) for c in curves] == [(n, o) for n in (best, "independent") for o in ("random", "norm")]
+    assert report["seconds"]["backfill"] > 0 and (out / "backfill.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # one key switch and the denoising switch, retrained and evaluated against the run above
     proc = python("tools/demo_switches.py", "--profile", "quick", "--out", str(out), "--data", str(data),

@@ -831,6 +831,17 @@ def compat_restore_other_file(w, s):
     return ["--restore_embs", path, "-R", os.path.join(w, "out", "compat")]
 
 
+@case(COMPAT, "`--backfill_order` file naming an unknown identity", "line 2: unknown identity 'nobody'")
+def compat_backfill_order_unknown(w, s):
+    rng = np.random.default_rng(0)
+    embs = {f"{kind}{g}": rng.normal(size=(6, 16)).astype(np.float32) for kind in ("embs", "embs_f") for g in (0, 1)}
+    path = os.path.join(w, "embs.npz")
+    np.savez(path, generations=np.array(["v1", "v2"]), labels=np.repeat(np.arange(3), 2), **embs)
+    _write(os.path.join(w, "order.txt"), b"2\nnobody\n")
+    return ["--restore_embs", path, "--backfill", "--backfill_order", os.path.join(w, "order.txt"),
+            "-R", os.path.join(w, "out", "compat")]
+
+
 # --- tools/run_demo.py
 @case("tools/run_demo.py", "unknown `--methods` entry", "unknown method 'Foo'")
 def demo_unknown_method(w, s):

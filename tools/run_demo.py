@@ -261,6 +261,7 @@ def run_pipeline(args):
     old_results = evaluated["old"][0]
     per_seed = [_rows("old", old_results)] + [_rows(name, evaluated[run][0], old_results) for name, run, _ in runs]
     rows = combine_seeds([row for rows in per_seed for row in rows])
+    write_backfill(pipe, rows, evaluated, demo, data, out, resamples)
 
     if args.generations == 3:
         run_third_generation(pipe, args, demo, data, out, old_model)
@@ -283,6 +284,22 @@ def run_pipeline(args):
     print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
           f"{os.path.join(out, 'results.png')} ({pipe.seconds['total']:.0f} s)")
     return report
+
+
+def write_backfill(pipe, rows, evaluated, demo, data, out, resamples):
+    """Backfill curves (tools/compat_eval/backfill.py) of the most compatible method (highest cross-test
+    TAR@FAR=1e-3, first seed) and of the independent model re-extracting the old model's gallery of the
+    IJB-C-style images: ``<out>/backfill.json``, ``backfill.md``, ``backfill.png``."""
+    from tools.compat_eval.backfill import demo_backfill
+
+    cross = {r["method"]: r["value"] for r in rows if r["test"] == "cross" and r["metric"] == "TAR@FAR=1e-3"}
+    best = max((m for m in cross if m != "independent"), key=cross.get, default=None)
+    names = [m for m in (best, "independent") if m in cross]
+    start = time.time()
+    demo_backfill(data, evaluated["old"][1], {m: evaluated[demo.run_name(m, 0)][1] for m in names}, out, resamples)
+    pipe.seconds["backfill"] = round(time.time() - start, 1)
+    print(f"[backfill] {', '.join(names)} against the old gallery: {os.path.join(out, 'backfill.md')} "
+          f"({pipe.seconds['backfill']:.1f} s)", flush=True)
 
 
 def run_third_generation(pipe, args, demo, data, out, old_model):

@@ -8,8 +8,10 @@ Data: aligned crops as ``ROOT/<identity>/<image>`` (jpg/png) or a RecordIO set (
 Models: generations oldest first. Every image is embedded once per model; for every ordered pair
 (query generation, gallery generation) the tool reports 1:1 TAR@FAR and AUC, 1:N top-k and
 TPIR@FPIR, with bootstrap 95 % intervals over identities, the matrix of the main metric and a
-verdict per later generation. Writes ``PATH.json``, ``PATH.md``, ``PATH.png`` (and ``PATH.npz``
-with ``-E``). See docs/compat.md.
+verdict per later generation (with 3+ generations also Average Compatibility and Average
+Multi-model accuracy); ``--backfill`` adds the curves of a gallery re-extracted bit by bit
+(:mod:`tools.compat_eval.backfill`). Writes ``PATH.json``, ``PATH.md``, ``PATH.png`` (and
+``PATH_backfill.png`` with ``--backfill``, ``PATH.npz`` with ``-E``). See docs/compat.md.
 """
 import argparse
 import json
@@ -25,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from tools.compat_eval import backfill
 from tools.ijbc_eval import bootstrap, metrics
 from utils.errors import ArgumentParser, UserError, require, run_cli
 from utils.io import atomic_np_savez, atomic_open, atomic_path, numpy_read_errors, safe_np_load
@@ -37,6 +40,8 @@ TOPK = (1, 5)
 METRICS = tuple(f"TAR@FAR={k}" for k in FAR_KEYS) + ("AUC",) + tuple(f"top{k}" for k in TOPK) \
     + tuple(f"TPIR@FPIR={k}" for k in FPIR_KEYS)
 SEARCH_BLOCK = 1 << 25          # similarity entries per block of the exact 1:N search (128 MB of float32)
+PROBE_ROWS = 2048               # probes per block of the search (the gallery is cut in chunks to fit the block)
+SEARCH_DEPTH = 8                # gallery columns listed per probe: ranks are exact below it (top-k for k < 8)
 READ_OK, READ_FAILED, WRONG_SIZE = 0, 1, 2
 
 
@@ -218,12 +223,103 @@ def identification_split(labels, gallery_per_id=1, nonmated_share=0.1, seed=0):
     return gallery, ~gallery, mated_identities
 
 
-def search(probes, gallery, gallery_subjects, probe_subjects, block=SEARCH_BLOCK):
-    """Exact 1:N search (:func:`metrics.search`) in blocks of probes, so memory stays bounded by ``block``
-    similarities (plus the features); returns the :class:`metrics.Search` of all probes."""
-    step = max(1, block // max(1, len(gallery)))
-    index = metrics.gallery_index(gallery_subjects)   # the gallery's side, once for every block
-    parts = [metrics.search(probes[s:s + step] @ gallery.T, gallery_subjects, probe_subjects[s:s + step], index=index)
+def top_k(probes, gallery, k, block=SEARCH_BLOCK, probe_rows=PROBE_ROWS, transform=None):
+    """Exact top-``k`` inner products: ``(values, columns)``, each (probes × k), best first.
+
+    Blocked float32 matrix products (torch's BLAS) of ``probe_rows`` probes against gallery chunks of
+    ``block // probe_rows`` rows, each chunk reduced to its own top k at once and merged into the
+    running top k, so memory stays at one block of similarities whatever the gallery size. Values are
+    exact; among equal values the columns kept are arbitrary (:func:`search` resolves such ties).
+    ``transform(sims, rows, columns)``: a monotone map of the similarities (rows × columns indices,
+    broadcast to their shape), applied to each block before its top k.
+    """
+    k = min(k, len(gallery))
+    rows = max(1, min(probe_rows, len(probes), block))
+    step = max(1, block // rows)
+    gallery_t = torch.from_numpy(np.ascontiguousarray(gallery, np.float32))
+    buffer = torch.empty(rows * min(step, len(gallery)), dtype=torch.float32)
+    values = np.empty((len(probes), k), np.float32)
+    columns = np.empty((len(probes), k), np.int64)
+    for s in range(0, len(probes), rows):
+        query = torch.from_numpy(np.ascontiguousarray(probes[s:s + rows], np.float32))
+        best_v = best_i = None
+        for c in range(0, len(gallery), step):
+            chunk = gallery_t[c:c + step]
+            sims = buffer[:len(query) * len(chunk)].view(len(query), len(chunk))
+            torch.mm(query, chunk.T, out=sims)
+            if transform is not None:
+                sims.copy_(torch.from_numpy(_transformed(transform, sims.numpy(), np.arange(s, s + len(query))[:, None],
+                                                         np.arange(c, c + len(chunk))[None, :])))
+            v, i = torch.topk(sims, min(k, len(chunk)), dim=1)
+            i += c
+            if best_v is not None:
+                v, pick = torch.topk(torch.cat([best_v, v], 1), min(k, best_v.shape[1] + v.shape[1]), dim=1)
+                i = torch.gather(torch.cat([best_i, i], 1), 1, pick)
+            best_v, best_i = v, i
+        values[s:s + len(query)], columns[s:s + len(query)] = best_v.numpy(), best_i.numpy()
+    return values, columns
+
+
+def _transformed(transform, sims, rows, columns):
+    """``transform`` of a block of similarities (float32, its shape); ``rows``, ``columns`` broadcast to it."""
+    return np.asarray(transform(sims, rows, columns), np.float32).reshape(sims.shape)
+
+
+def search(probes, gallery, gallery_subjects, probe_subjects, block=SEARCH_BLOCK, depth=SEARCH_DEPTH, transform=None):
+    """Exact 1:N search of ``probes`` in ``gallery`` (features): the :class:`metrics.Search` that
+    :func:`metrics.search` gives on the whole similarity matrix, from :func:`top_k` lists of ``depth``.
+
+    Ranks are exact below ``depth``; a rank of ``depth`` means ``depth`` or more (only ranks below
+    ``depth`` are counted: top-k for k < ``depth``). Rows the lists cannot settle exactly — a target
+    score equal (within float rounding) to the last listed value, or a target outside the list whose
+    listed columns all hold its own subject — are searched again against the whole gallery.
+    """
+    if len(gallery) == 0:
+        raise UserError("1:N evaluation: empty gallery")
+    index = metrics.gallery_index(gallery_subjects)
+    subjects, first = index.subjects, index.first
+    probe_subjects = np.asarray(probe_subjects)
+    pos = np.minimum(np.searchsorted(subjects, probe_subjects), len(subjects) - 1)
+    mated = subjects[pos] == probe_subjects
+    rows = np.flatnonzero(mated)
+    target = first[pos[mated]]
+    values, columns = top_k(probes, gallery, depth, block, transform=transform)
+    listed = columns[rows] == target[:, None]
+    in_list = listed.any(1)
+    direct = np.einsum("ij,ij->i", probes[rows].astype(np.float32), gallery[target].astype(np.float32))
+    if transform is not None:
+        direct = _transformed(transform, direct, rows, target)
+    score = np.where(in_list, values[rows][np.arange(len(rows)), listed.argmax(1)], direct)
+    v, c = values[rows], columns[rows]
+    above = (v > score[:, None]).sum(1)
+    ties_before = ((v == score[:, None]) & (c < target[:, None])).sum(1)
+    rank = np.where(in_list, above + ties_before, values.shape[1])
+    own = np.asarray(gallery_subjects)[c] == probe_subjects[rows][:, None]
+    correct = np.where(in_list, ((v < score[:, None]) | own).all(1), False)
+    last = v[:, -1]
+    unsettled = (np.abs(last - score) <= 1e-6 * np.maximum(1, np.abs(score))) & (values.shape[1] < len(gallery))
+    unsettled |= ~in_list & own.all(1)
+    exact = rows[unsettled]
+    if len(exact):
+        again = _full_search(probes[exact], gallery, gallery_subjects, probe_subjects[exact], index, block,
+                             None if transform is None else lambda sims, r, c: transform(sims, exact[r], c))
+        rank[unsettled] = np.minimum(again.rank, values.shape[1])
+        score[unsettled], correct[unsettled] = again.score, again.correct
+    return metrics.Search(mated, rank, score.astype(np.float32), correct, values[~mated, 0].astype(np.float32)
+                          if values.shape[1] else np.full((~mated).sum(), -np.inf), num_gallery=len(gallery))
+
+
+def _full_search(probes, gallery, gallery_subjects, probe_subjects, index, block, transform=None):
+    """:func:`metrics.search` on whole similarity rows, in blocks of probes (the rows :func:`search` cannot settle)."""
+    step = max(1, block // len(gallery))
+    columns = np.arange(len(gallery))
+
+    def sims(s):
+        block_sims = probes[s:s + step] @ gallery.T
+        rows = np.arange(s, s + len(block_sims))[:, None]
+        return block_sims if transform is None else _transformed(transform, block_sims, rows, columns[None, :])
+
+    parts = [metrics.search(sims(s), gallery_subjects, probe_subjects[s:s + step], index=index)
              for s in range(0, len(probes), step)]
     return metrics.Search(*(np.concatenate([getattr(p, f) for p in parts]) for f in metrics.Search._fields[:-1]),
                           num_gallery=len(gallery))
@@ -251,20 +347,39 @@ class Protocol:
                     gallery_identities=len(self.mated_identities), gallery_images=len(self.gallery_images),
                     mated_probes=int(mated.sum()), nonmated_probes=int((~mated).sum()))
 
-    def cell(self, query, gallery, counts=None):
-        """Figures (and bootstrap replicates over ``counts``) of query features vs gallery features.
+    def cell(self, query, gallery, counts=None, calibration=None):
+        """Figures (and bootstrap replicates over ``counts``) of query features vs gallery features
+        (:meth:`outcomes` counted by :meth:`figures`)."""
+        return self.figures(*self.outcomes(query, gallery, calibration), counts)
+
+    def outcomes(self, query, gallery, calibration=None):
+        """``(pair scores, Search)`` of query features vs gallery features.
 
         1:1: the first image of a pair uses the gallery model, the second the query model; 1:N: gallery
-        templates from the gallery model, probe images from the query model.
+        templates from the gallery model, probe images from the query model. ``calibration``: a
+        monotone map of every score (``calibration(scores, probe images, gallery images)``, arrays
+        broadcast to the scores' shape; the gallery image of a template is its first enrolled image).
         """
         scores = metrics.pair_scores(gallery, query, self.first, self.second)
         require(np.isfinite(scores).all(), "non-finite similarity scores: the embeddings contain NaN or inf")
-        one_to_one = metrics.verification(self.genuine, scores)[0]
         templates = self.templates.features(gallery[self.gallery_images], None, np.ones(len(self.gallery_images)),
                                             "N0D0F0").astype(np.float32)
-        found = search(query[self.probe_images], templates, self.templates.ids, self.labels[self.probe_images])
-        one_to_n = metrics.search_summary(found, TOPK)[0]
-        figures = _flatten(one_to_one, one_to_n)
+        transform = None
+        if calibration is not None:
+            scores = calibration(scores, self.second, self.first)
+            transform = self._on_templates(calibration)
+        found = search(query[self.probe_images], templates, self.templates.ids, self.labels[self.probe_images],
+                       transform=transform)
+        return scores, found
+
+    def _on_templates(self, calibration):
+        """``calibration`` as a search transform: probe rows → probe images, template columns → enrolled images."""
+        enrolled = self.gallery_images[np.unique(self.labels[self.gallery_images], return_index=True)[1]]
+        return lambda sims, rows, columns: calibration(sims, self.probe_images[rows], enrolled[columns])
+
+    def figures(self, scores, found, counts=None):
+        """:data:`METRICS` of pair scores and a :class:`metrics.Search` (and their bootstrap replicates)."""
+        figures = _flatten(metrics.verification(self.genuine, scores)[0], metrics.search_summary(found, TOPK)[0])
         if counts is None:
             return figures, None
         reps = _flatten(bootstrap.verification_replicates(self.genuine, scores, self.labels[self.first],
@@ -312,8 +427,13 @@ def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="
                     bootstrap.difference(reps[later, earlier][metric], reps[earlier, earlier][metric]))
                 verdict.update(margin_interval=[low, high], interval_excludes_zero=bool(low > 0 or high < 0))
             verdicts.append(verdict)
-    return {"metric": metric, "generations": list(names), "protocol": protocol.summary(), "seed": seed,
-            "bootstrap": num_resamples, "cells": cells, "verdicts": verdicts}
+    result = {"metric": metric, "generations": list(names), "protocol": protocol.summary(), "seed": seed,
+              "bootstrap": num_resamples, "cells": cells, "verdicts": verdicts}
+    if len(names) >= 3:
+        grid = {(q, g): value[names[q], names[g]] for q in range(len(names)) for g in range(len(names))}
+        result.update(backfill.generations_summary(names, grid, None if counts is None else
+                                                   {key: reps[key][metric] for key in grid}))
+    return result
 
 
 def format_report(result):
@@ -348,7 +468,17 @@ def format_report(result):
             line += (f", 95 % interval [{low:+.4f}, {high:+.4f}] "
                      + ("excludes 0" if v["interval_excludes_zero"] else "includes 0 (not significant)"))
         lines.append(line)
-    return "\n".join(lines) + "\n"
+    if "average_compatibility" in result:
+        def interval(key):
+            return f" [{result[key + '_ci_low']:.4f}, {result[key + '_ci_high']:.4f}]" if key + "_ci_low" in result else ""
+
+        lines += ["", f"Across the {len(names)} generations ({metric}): Average Compatibility "
+                  f"{result['average_compatibility']:.4f}{interval('average_compatibility')}, Average Multi-model "
+                  f"accuracy {result['average_multimodel_accuracy']:.4f}{interval('average_multimodel_accuracy')}; "
+                  "oldest generation each one is compatible with: "
+                  + ", ".join(f"{k} → {v}" for k, v in result["oldest_compatible"].items())]
+    text = "\n".join(lines) + "\n"
+    return text + backfill.format_backfill(result["backfill"], metric) if result.get("backfill") else text
 
 
 def plot_matrix(result, path):
@@ -429,6 +559,7 @@ def run(args):
     require(args.impostors >= 1 and (args.max_genuine is None or args.max_genuine >= 1) and args.gallery_per_id >= 1,
             "--impostors, --max_genuine and --gallery_per_id must be >= 1")
     require(0 <= args.nonmated_share < 1, f"--nonmated_share must lie in [0, 1), got {args.nonmated_share}")
+    require(args.backfill is not None or not args.backfill_order, "--backfill_order needs --backfill")
     stem = args.save_result[:-len(".json")] if args.save_result.endswith(".json") else args.save_result
     if args.models:
         count = len(args.models)
@@ -450,12 +581,26 @@ def run(args):
         if args.names:
             require(len(args.names) == len(names), f"--names: {args.restore_embs} holds {len(names)} generations")
             names = args.names
-    _, labels = np.unique(labels, return_inverse=True)
+    identity_names, labels = np.unique(labels, return_inverse=True)
+    if faceset is not None:
+        identity_names = faceset.identities
+    pair = backfill.check_pair(names, args.backfill) if args.backfill is not None else None
+    file_order = backfill.read_order(args.backfill_order, identity_names, args.seed) if args.backfill_order else None
     features = [image_features(*e) for e in embeddings]
     require(all(np.isfinite(f).all() for f in features), "the embeddings contain NaN or inf")
     protocol = Protocol(labels, args.max_genuine, args.impostors, args.gallery_per_id, args.nonmated_share, args.seed)
     result = compatibility(features, names, protocol, args.bootstrap, args.seed, args.metric)
     result["models"] = list(args.models) if args.models else args.restore_embs
+    if pair is not None:
+        old, new = pair
+        orders = {"random": backfill.random_order(len(identity_names), args.seed),
+                  "norm": backfill.norm_order(embeddings[old][0] + embeddings[old][1], labels, protocol.gallery_images)}
+        if file_order is not None:
+            orders["file"] = file_order
+        counts = bootstrap.subject_counts(len(identity_names), args.bootstrap, args.seed) if args.bootstrap else None
+        result["backfill"] = backfill.backfill_curves(protocol, features[old], features[new], orders,
+                                                      [names[old], names[new]], counts, args.backfill_merge,
+                                                      backfill.flip_far(args.metric), args.seed)
     if args.save_embeddings:
         atomic_np_savez(stem + ".npz", generations=np.array(names), labels=faceset.labels,
                         **{f"embs{i}": e[0] for i, e in enumerate(embeddings)},
@@ -466,8 +611,11 @@ def run(args):
     with atomic_open(stem + ".md") as handle:
         handle.write(report)
     plot_matrix(result, stem + ".png")
+    if pair is not None:
+        backfill.plot_backfill(result["backfill"], stem + "_backfill.png", args.metric)
     print(report)
-    print(f"wrote {stem}.json, {stem}.md, {stem}.png" + (f", {stem}.npz" if args.save_embeddings else ""))
+    print(f"wrote {stem}.json, {stem}.md, {stem}.png" + (f", {stem}_backfill.png" if pair is not None else "")
+          + (f", {stem}.npz" if args.save_embeddings else ""))
     return result
 
 
@@ -490,6 +638,12 @@ def build_parser():
                    help="share of identities held out of the gallery as non-mated probes (default 0.1)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of identities (0: no intervals)")
     p.add_argument("--metric", default="TAR@FAR=1e-4", help=f"main metric: one of {', '.join(METRICS)}")
+    p.add_argument("--backfill", nargs="*", metavar="GEN",
+                   help="backfill curves: OLD NEW generation names (default: the last two); docs/compat.md")
+    p.add_argument("--backfill_order", metavar="FILE",
+                   help="also the order of FILE: one identity name per line, first re-extracted first")
+    p.add_argument("--backfill_merge", nargs="+", choices=backfill.MERGES, default=list(backfill.MERGES),
+                   help="merges of the two score scales in the mixed gallery (default: both)")
     p.add_argument("-R", "--save_result", default=os.path.join(ROOT, "work_dirs", "compat", "compat"), metavar="PATH",
                    help="write PATH.json, PATH.md, PATH.png (default work_dirs/compat/compat)")
     p.add_argument("-E", "--save_embeddings", action="store_true", help="also write the embeddings to PATH.npz")

@@ -1,0 +1,236 @@
+"""Backfill curves, flips, score calibration and multi-generation figures against hand computations."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from tools.compat_eval import backfill as bf
+from tools.compat_eval import compat_eval as ce
+from tools.ijbc_eval import bootstrap
+from utils.errors import UserError
+
+
+def _clustered(rng, labels, d=8, spread=0.9):
+    feats = rng.normal(size=(labels.max() + 1, d))[labels] + spread * rng.normal(size=(len(labels), d))
+    return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(16), rng.integers(2, 6, 16))
+    old, new = _clustered(rng, labels), _clustered(rng, labels)
+    protocol = ce.Protocol(labels, impostors=400, nonmated_share=0.25, seed=0)
+    return dict(labels=labels, old=old, new=new, protocol=protocol)
+
+
+# -------------------------------------------------------------------------------------- the curve
+def test_endpoints_equal_the_cross_test_and_the_new_self_test(case):
+    p, old, new = case["protocol"], case["old"], case["new"]
+    counts = bootstrap.subject_counts(16, 20, 0)
+    entry = bf.backfill_curve(p, old, new, bf.random_order(16), counts)
+    for position, gallery in ((0, old), (-1, new)):
+        figures, reps = p.cell(new, gallery, counts)
+        intervals = bootstrap.percentile_intervals(reps)
+        for name in ce.METRICS:
+            assert entry["metrics"][name][position] == figures[name]
+            assert [entry["ci_low"][name][position], entry["ci_high"][name][position]] == intervals[name]
+    assert entry["fractions"] == list(bf.FRACTIONS) and len(entry["negative_flips"]) == 11
+
+
+def test_mixed_gallery_search_and_scores_against_brute_force(case):
+    p, labels, old, new = case["protocol"], case["labels"], case["old"], case["new"]
+    order = bf.random_order(16, seed=5)
+    refreshed = bf.refreshed_identities(order, p, 0.5)
+    scores, found = p.outcomes(new, bf.mixed_features(old, new, labels, refreshed))
+    # brute force: every gallery-side image from the model of its identity's state
+    side = [new[i] if refreshed[labels[i]] else old[i] for i in range(len(labels))]
+    want = [float(side[a] @ new[b]) for a, b in zip(p.first, p.second)]
+    np.testing.assert_allclose(scores, want, atol=1e-6)
+    templates = {}
+    for i in p.gallery_images:
+        templates[labels[i]] = templates.get(labels[i], 0) + side[i]
+    ids = sorted(templates)
+    matrix = np.array([templates[c] / np.linalg.norm(templates[c]) for c in ids])
+    mated = [i for i in p.probe_images if labels[i] in templates]
+    ranks = [int(np.sum(matrix @ new[i] > matrix[ids.index(labels[i])] @ new[i] + 1e-7)) for i in mated]
+    np.testing.assert_array_equal(found.rank, np.minimum(ranks, ce.SEARCH_DEPTH))
+    nonmated = [i for i in p.probe_images if labels[i] not in templates]
+    np.testing.assert_allclose(found.nonmated_best, [max(matrix @ new[i]) for i in nonmated], atol=1e-6)
+
+
+def test_refreshed_identities_take_the_share_of_each_gallery():
+    protocol = ce.Protocol(np.repeat(np.arange(20), 3), impostors=50, nonmated_share=0.2, seed=1)
+    order = bf.random_order(20, seed=2)
+    for fraction, in_gallery, held_out in ((0, 0, 0), (0.5, 8, 2), (0.3, 5, 1), (1, 16, 4)):
+        refreshed = bf.refreshed_identities(order, protocol, fraction)
+        assert refreshed[protocol.mated_identities].sum() == in_gallery and refreshed.sum() == in_gallery + held_out
+    first = bf.refreshed_identities(order, protocol, 0.3)
+    assert (bf.refreshed_identities(order, protocol, 0.6) >= first).all()   # nested: items stay re-extracted
+
+
+def test_area_is_the_normalised_trapezoid():
+    assert bf.area([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75)            # 0.25 + 0.5
+    assert bf.area([0.2, 0.6], [0.5, 1]) == pytest.approx(0.75)              # 0.3 / 0.4
+    np.testing.assert_allclose(bf.area([0, 1], [[0, 1], [1, 1]]), [0.5, 1])  # along the last axis
+
+
+# --------------------------------------------------------------------------------------------- flips
+def test_flips_by_hand():
+    from tools.ijbc_eval.metrics import Search
+
+    def ranks(r):
+        return Search(np.ones(len(r), bool), np.array(r), None, None, None, 10)
+
+    assert bf.top1_flips(ranks([0, 0, 3, 1]), ranks([0, 2, 0, 1])) == (0.25, 0.25)
+    genuine = np.array([True, True, False, False])
+    # old threshold: the impostor score of rank floor(2·0.5) − 1 = 0, i.e. 0.5; new: 0.6 (accept: score above it)
+    old, new = np.array([0.9, 0.2, 0.1, 0.5]), np.array([0.3, 0.8, 0.6, 0.05])
+    np.testing.assert_array_equal(bf.decisions(genuine, old, 0.5), [True, False, True, True])
+    np.testing.assert_array_equal(bf.decisions(genuine, new, 0.5), [False, True, True, True])
+    assert bf.pair_flips(genuine, old, new, 0.5) == (0.25, 0.25)
+
+
+def test_flips_close_the_top1_gap(case):
+    """top1(updated) − top1(old system) = positive − negative flips, at every fraction."""
+    p, old, new = case["protocol"], case["old"], case["new"]
+    entry = bf.backfill_curve(p, old, new, bf.random_order(16))
+    old_top1 = p.cell(old, old)[0]["top1"]
+    for k in range(len(entry["fractions"])):
+        assert entry["metrics"]["top1"][k] - old_top1 == pytest.approx(
+            entry["positive_flips"][k] - entry["negative_flips"][k])
+
+
+# ------------------------------------------------------------------------------------------- orders
+def test_orders(tmp_path):
+    assert sorted(bf.random_order(6, 1)) == list(range(6))
+    np.testing.assert_array_equal(bf.random_order(6, 1), bf.random_order(6, 1))
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    raw = np.array([[3.0, 0], [9, 0], [1, 0], [1, 0], [5, 0], [7, 0]])
+    # identity 0 enrolled by image 0 (norm 3), 1 by image 2 (1); 2 has no gallery image: mean of 5 and 7
+    np.testing.assert_array_equal(bf.norm_order(raw, labels, np.array([0, 2])), [1, 0, 2])
+    path = tmp_path / "order.txt"
+    path.write_text("bob\n\ncarl\n")
+    order = bf.read_order(str(path), ["al", "bob", "carl", "dan"], seed=0)
+    assert order[:2].tolist() == [1, 2] and sorted(order.tolist()) == [0, 1, 2, 3]
+    for text, message in (("bob\neve\n", "line 2: unknown identity 'eve'"), ("bob\nbob\n", "line 2: identity 'bob'"),
+                          ("\n", "lists no identity")):
+        path.write_text(text)
+        with pytest.raises(UserError, match=message):
+            bf.read_order(str(path), ["al", "bob", "carl", "dan"])
+
+
+# -------------------------------------------------------------------------------------- calibration
+def test_far_maps_are_monotone_and_equal_far_at_the_fit():
+    rng = np.random.default_rng(0)
+    spaces = [rng.normal(0.0, 0.1, 500), rng.normal(0.3, 0.05, 800)]      # two differently placed impostor scales
+    maps = [bf.FarMap(s) for s in spaces]
+    grid = np.linspace(-1, 1.5, 5001)
+    for far_map in maps:
+        assert (np.diff(far_map(grid)) > 0).all()
+    for far in (0.5, 0.1, 0.01):
+        level = -math.log10(far)
+        shares = [np.mean(far_map(s) >= level - 1e-12) for far_map, s in zip(maps, spaces)]
+        for share, s in zip(shares, spaces):
+            assert abs(share - far) <= 1 / len(s)
+
+
+def test_calibrated_merge_keeps_each_probes_ranking_at_the_endpoints(case):
+    """With the whole gallery in one space every probe's scores go through one monotone map."""
+    p, old, new = case["protocol"], case["old"], case["new"]
+    plain = bf.backfill_curve(p, old, new, bf.random_order(16))
+    calibration = bf.Calibration(p, old, new)
+    calibrated = bf.backfill_curve(p, old, new, bf.random_order(16), merge="calibrated", calibration=calibration)
+    for position in (0, -1):
+        assert calibrated["metrics"]["top1"][position] == plain["metrics"]["top1"][position]
+        assert calibrated["metrics"]["top5"][position] == plain["metrics"]["top5"][position]
+    # cross-fitting: a fold's maps come from impostor pairs of the other fold's identities only
+    labels = p.labels
+    impostor = ~p.genuine
+    for fold in (0, 1):
+        fit = (calibration.fold[labels[p.first]] != fold) & (calibration.fold[labels[p.second]] != fold) & impostor
+        want = bf.FarMap(np.einsum("ij,ij->i", new[p.first[fit]], new[p.second[fit]]).astype(np.float64))
+        np.testing.assert_allclose(calibration.maps[fold, True].points, want.points, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------- generations
+def test_generation_figures_by_hand():
+    m = np.array([[0.5, 0.1, 0.1], [0.6, 0.7, 0.2], [0.4, 0.8, 0.9]])     # rows: query, columns: gallery
+    value = {(q, g): m[q, g] for q in range(3) for g in range(3)}
+    reps = {key: np.array([v, v - 0.3 * (key == (1, 0))]) for key, v in value.items()}
+    out = bf.generations_summary(["a", "b", "c"], value, reps)
+    assert out["average_compatibility"] == pytest.approx(2 / 3)            # (1,0) and (2,1) of 3 pairs
+    assert out["average_multimodel_accuracy"] == pytest.approx(3.9 / 6)
+    assert out["oldest_compatible"] == {"a": "a", "b": "a", "c": "b"}
+    assert out["average_compatibility_ci_low"] == pytest.approx(1 / 3 + 0.025 / 3)   # replicates 2/3 and 1/3
+    assert out["average_multimodel_accuracy_ci_high"] < 3.9 / 6 + 1e-9
+
+
+# -------------------------------------------------------------------------------------- the command
+def _saved(path, generations=3):
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(12), 4)
+    arrays = {}
+    for g in range(generations):
+        feats = _clustered(rng, labels, d=16) * rng.uniform(0.5, 2, (len(labels), 1)).astype(np.float32)
+        arrays[f"embs{g}"], arrays[f"embs_f{g}"] = feats, feats
+    np.savez(path, generations=np.array([f"v{g + 1}" for g in range(generations)]), labels=labels, **arrays)
+    return str(path)
+
+
+def test_command_writes_the_backfill_report(tmp_path):
+    saved = _saved(tmp_path / "embs.npz")
+    (tmp_path / "order.txt").write_text("11\n3\n")
+    out = str(tmp_path / "out" / "r")
+    result = ce.main(["--restore_embs", saved, "-R", out, "--bootstrap", "10", "--impostors", "300",
+                      "--metric", "TAR@FAR=1e-1", "--backfill", "v1", "v3", "--backfill_order", str(tmp_path / "order.txt")])
+    with open(out + ".json") as handle:
+        saved_result = json.load(handle)
+    entries = saved_result["backfill"]
+    assert [(e["order"], e["merge"]) for e in entries] == [(o, m) for o in ("random", "norm", "file")
+                                                           for m in ("plain", "calibrated")]
+    for e in entries:
+        assert (e["query"], e["gallery"]) == ("v3", "v1") and len(e["metrics"]["TAR@FAR=1e-1"]) == 11
+        for key in ("ci_low", "ci_high", "negative_flips", "positive_flips", "area"):
+            assert key in e
+    cross = next(c for c in result["cells"] if (c["query"], c["gallery"]) == ("v3", "v1"))
+    assert entries[0]["metrics"]["top1"][0] == cross["top1"]
+    for key in ("average_compatibility", "average_multimodel_accuracy"):
+        assert {key, key + "_ci_low", key + "_ci_high"} <= set(saved_result)
+    with open(out + ".md") as handle:
+        text = handle.read()
+    assert "Average Compatibility" in text and "Backfill of v1's gallery by v3 (order file, plain merge)" in text
+    assert os.path.getsize(out + "_backfill.png") > 0
+    with pytest.raises(UserError, match="--backfill: unknown generation 'v9'"):
+        ce.main(["--restore_embs", saved, "-R", out, "--backfill", "v1", "v9"])
+
+
+def test_demo_backfill_on_ijb_style_images(tmp_path):
+    from tools.synthetic import make_synthetic
+
+    data = str(tmp_path / "data")
+    make_synthetic.main(["--out", data, "--identities", "2", "--images-per-identity", "1", "--ijb-identities", "8",
+                         "--workers", "0"])
+    images, subjects = bf.ijb_subjects(data)
+    from tools.ijbc_eval.meta import load_meta
+
+    count = len(load_meta(data).names)
+    assert len(images) <= count and len(np.unique(subjects)) == 8
+    rng = np.random.default_rng(0)
+    _, labels = np.unique(subjects, return_inverse=True)
+    paths = {}
+    for name in ("old", "L2", "independent"):
+        feats = np.zeros((count, 16), np.float32)
+        feats[images] = _clustered(rng, labels, d=16, spread=0.5)
+        paths[name] = str(tmp_path / f"{name}.npz")
+        np.savez(paths[name], embs=feats, embs_f=feats)
+    out = tmp_path / "out"
+    out.mkdir()
+    report = bf.demo_backfill(data, paths["old"], {"L2": paths["L2"], "independent": paths["independent"]},
+                              str(out), resamples=5)
+    assert [(e["query"], e["order"], e["merge"]) for e in report["backfill"]] == [
+        (n, o, "plain") for n in ("L2", "independent") for o in ("random", "norm")]
+    for suffix in ("json", "md", "png"):
+        assert os.path.getsize(out / f"backfill.{suffix}") > 0

@@ -1,0 +1,389 @@
+"""The upgrade lifecycle on a compatibility protocol: backfill curves, negative flips, many generations.
+
+A deployment re-extracts its gallery with the new model bit by bit (backfilling, or hot refresh)
+while new-model queries search it. :func:`backfill_curves` measures the figures of
+:mod:`compat_eval` at fractions 0, 0.1, …, 1 of the gallery re-extracted, for several orders of
+re-extraction and two ways of merging the two score scales, with the negative and positive flips
+of each point and the area under each curve. :func:`generations_summary` adds the
+multi-generation figures of CoReS (Biondi et al., TPAMI 2023) to the compatibility matrix.
+Definitions and sources: docs/compat.md.
+
+The unit of re-extraction is an **identity**: at a fraction f the first round(f·n) gallery
+identities of the order (and, for the 1:1 protocol, the first round(f·m) of the m identities held
+out of the 1:N gallery) have every gallery-side image embedded by the new model.
+"""
+import json
+import os
+
+import numpy as np
+
+from tools.ijbc_eval import bootstrap, metrics
+from utils.errors import UserError, require
+from utils.io import atomic_open, atomic_path
+
+FRACTIONS = tuple(np.round(np.linspace(0, 1, 11), 1).tolist())
+ORDERS = ("random", "norm")
+MERGES = ("plain", "calibrated")
+
+
+# ------------------------------------------------------------------------------------------ orders
+def random_order(num_identities, seed=0):
+    """A seeded random permutation of the identities."""
+    return np.random.default_rng([seed, 3]).permutation(num_identities)
+
+
+def norm_order(raw_old, labels, gallery_images):
+    """Identities by increasing mean pre-normalisation norm of their old features (least reliable first).
+
+    ``raw_old``: the old model's image features before L2 normalisation (embedding + mirrored
+    embedding); the mean runs over an identity's 1:N gallery images, or all its images when it has
+    none (identities held out of the 1:N gallery). Ties keep identity order.
+    """
+    labels = np.asarray(labels)
+    norms = np.linalg.norm(np.asarray(raw_old, np.float64), axis=1)
+    num = int(labels.max()) + 1
+    enrolled = np.bincount(labels[gallery_images], minlength=num) > 0
+    use = ~enrolled[labels]
+    use[gallery_images] = True
+    mean = np.bincount(labels[use], norms[use], num) / np.maximum(np.bincount(labels[use], minlength=num), 1)
+    return np.argsort(mean, kind="stable")
+
+
+def read_order(path, identity_names, seed=0):
+    """The identities of ``path`` (one identity name per line, first re-extracted first); those not listed
+    follow in the seeded random order. Unknown or repeated names are refused with the line number."""
+    index = {str(name): i for i, name in enumerate(identity_names)}
+    listed, seen = [], set()
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            name = line.strip()
+            if not name:
+                continue
+            require(name in index, f"{path} line {number}: unknown identity '{name}' (expected one identity "
+                                   "name per line: a folder name of --data, or a label number of --rec)")
+            require(name not in seen, f"{path} line {number}: identity '{name}' listed twice")
+            seen.add(name)
+            listed.append(index[name])
+    require(listed, f"{path}: lists no identity (expected one identity name per line)")
+    rest = random_order(len(identity_names), seed)
+    return np.r_[listed, rest[~np.isin(rest, listed)]].astype(np.int64)
+
+
+def refreshed_identities(order, protocol, fraction):
+    """bool per identity: re-extracted at ``fraction`` — the first round(f·n) of the n 1:N gallery
+    identities in ``order`` and the first round(f·m) of the m other identities (1:1 gallery side)."""
+    refreshed = np.zeros(len(order), bool)
+    in_gallery = np.isin(order, protocol.mated_identities)
+    for group in (order[in_gallery], order[~in_gallery]):
+        refreshed[group[:int(round(fraction * len(group)))]] = True
+    return refreshed
+
+
+def mixed_features(old, new, labels, refreshed):
+    """Per image the new feature when its identity is re-extracted, else the old one."""
+    return np.where(refreshed[np.asarray(labels)][:, None], new, old)
+
+
+# ------------------------------------------------------------------------------------- calibration
+class FarMap:
+    """Monotone map of one score space to the common scale −log10 FAR, fitted on impostor scores.
+
+    FAR(s) = share of the fit impostor scores ≥ s, at each distinct fit score; linear between them
+    and beyond the ends (with the slope of the end segments), so the map is strictly increasing.
+    """
+
+    def __init__(self, impostor_scores):
+        scores = np.sort(np.asarray(impostor_scores, np.float64))
+        require(len(scores) >= 2, "score calibration needs at least 2 impostor scores per space and fold")
+        self.points, first = np.unique(scores, return_index=True)
+        self.levels = -np.log10((len(scores) - first) / len(scores))
+
+    def __call__(self, scores):
+        x, y = self.points, self.levels
+        scores = np.asarray(scores, np.float64)
+        if len(x) == 1:
+            return y[0] + scores - x[0]
+        low, high = (y[1] - y[0]) / (x[1] - x[0]), (y[-1] - y[-2]) / (x[-1] - x[-2])
+        return np.interp(scores, x, y) + np.where(scores < x[0], (scores - x[0]) * low, 0) \
+            + np.where(scores > x[-1], (scores - x[-1]) * high, 0)
+
+
+class Calibration:
+    """The calibrated merge: new-vs-new and new-vs-old scores mapped to −log10 FAR by :class:`FarMap`\\ s.
+
+    Cross-fitted on two halves of the identities (seeded): the scores of a query of one half go through
+    the maps fitted on the impostor pairs of the protocol between identities of the other half, so no
+    score is calibrated with its own query identity's pairs. The space of a score is the gallery side's:
+    new-vs-new when that image's identity is ``refreshed``, else new-vs-old.
+    """
+
+    def __init__(self, protocol, old, new, seed=0):
+        labels = protocol.labels
+        self.fold = np.random.default_rng([seed, 4]).permutation(int(labels.max()) + 1) % 2
+        impostor = ~protocol.genuine
+        first, second = protocol.first[impostor], protocol.second[impostor]
+        self.maps = {}
+        for fold in (0, 1):
+            fit = (self.fold[labels[first]] != fold) & (self.fold[labels[second]] != fold)
+            for space, gallery in ((True, new), (False, old)):
+                self.maps[fold, space] = FarMap(metrics.pair_scores(gallery, new, first[fit], second[fit]))
+        self.labels, self.refreshed = labels, None
+
+    def at(self, refreshed):
+        """This calibration for the gallery state ``refreshed`` (bool per identity)."""
+        self.refreshed = refreshed
+        return self
+
+    def __call__(self, scores, probe_images, gallery_images):
+        scores = np.asarray(scores, np.float64)
+        fold = np.broadcast_to(self.fold[self.labels[probe_images]], scores.shape)
+        space = np.broadcast_to(self.refreshed[self.labels[gallery_images]], scores.shape)
+        out = np.empty(scores.shape)
+        for (f, s), far_map in self.maps.items():
+            where = (fold == f) & (space == s)
+            out[where] = far_map(scores[where])
+        return out
+
+
+# ------------------------------------------------------------------------------------------- flips
+def top1_flips(old_search, new_search):
+    """(negative, positive) flips of 1:N top-1: shares of the mated probes right before (old query, old
+    gallery) and wrong after, and wrong before and right after."""
+    before, after = old_search.rank == 0, new_search.rank == 0
+    count = max(len(before), 1)
+    return float(np.sum(before & ~after) / count), float(np.sum(~before & after) / count)
+
+
+def decisions(genuine, scores, far):
+    """Whether each pair is decided right at the threshold of false accept rate ``far``: accepted when its
+    score is above the impostor score of rank max(floor(n·far) − 1, 0) (highest first)."""
+    impostors = np.sort(scores[~genuine])[::-1]
+    threshold = metrics._threshold(impostors, far, np.arange(1, len(impostors) + 1))
+    return (scores > threshold) == genuine
+
+
+def pair_flips(genuine, old_scores, new_scores, far):
+    """(negative, positive) flips of 1:1 at ``far``: shares of all pairs decided right by the old model
+    at its threshold and wrong by the updated system at its own (the other way round)."""
+    before, after = decisions(genuine, old_scores, far), decisions(genuine, new_scores, far)
+    return float(np.mean(before & ~after)), float(np.mean(~before & after))
+
+
+# ------------------------------------------------------------------------------------------- curves
+def area(fractions, values):
+    """Area under a curve over the fraction axis (trapezoids), divided by the axis length: in [0, 1]
+    for figures in [0, 1]; along the last axis of ``values``."""
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    fractions = np.asarray(fractions, np.float64)
+    return trapezoid(np.asarray(values, np.float64), fractions, axis=-1) / (fractions[-1] - fractions[0])
+
+
+def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e-3, calibration=None,
+                   fractions=FRACTIONS):
+    """One curve: the figures of new-model queries against the mixed gallery at each fraction.
+
+    ``old``, ``new``: image features of the two generations; ``order``: identities, first re-extracted
+    first. Returns the ``"backfill"`` entry of the report (without ``order``/``query``/``gallery``).
+    """
+    labels = protocol.labels
+    old_scores, old_search = protocol.outcomes(old, old)
+    rows, reps = {}, {}
+    flips = {key: [] for key in ("negative_flips", "positive_flips", "negative_flips_1to1", "positive_flips_1to1")}
+    for fraction in fractions:
+        refreshed = refreshed_identities(order, protocol, fraction)
+        gallery = mixed_features(old, new, labels, refreshed)
+        scores, found = protocol.outcomes(new, gallery, None if merge == "plain" else calibration.at(refreshed))
+        figures, replicates = protocol.figures(scores, found, counts)
+        for name in figures:
+            rows.setdefault(name, []).append(figures[name])
+            if replicates is not None:
+                reps.setdefault(name, []).append(replicates[name])
+        for kind, pair in (("", top1_flips(old_search, found)),
+                           ("_1to1", pair_flips(protocol.genuine, old_scores, scores, far))):
+            flips[f"negative_flips{kind}"].append(pair[0])
+            flips[f"positive_flips{kind}"].append(pair[1])
+    entry = {"merge": merge, "fractions": list(fractions), "metrics": rows, **flips,
+             "old_self": protocol.figures(old_scores, old_search)[0],
+             "flip_far": far, "area": {name: float(area(fractions, rows[name])) for name in rows}}
+    if counts is not None:
+        stacked = {name: np.stack(reps[name], 1) for name in rows}   # resamples × fractions
+        intervals = {name: np.array([bootstrap.percentile_intervals(column) for column in stacked[name].T])
+                     for name in rows}
+        entry["ci_low"] = {name: intervals[name][:, 0].tolist() for name in rows}
+        entry["ci_high"] = {name: intervals[name][:, 1].tolist() for name in rows}
+        area_intervals = {name: bootstrap.percentile_intervals(area(fractions, stacked[name])) for name in rows}
+        entry["area_ci_low"] = {name: v[0] for name, v in area_intervals.items()}
+        entry["area_ci_high"] = {name: v[1] for name, v in area_intervals.items()}
+    return entry
+
+
+def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGES, far=1e-3, seed=0):
+    """Every (order, merge) curve of gallery generation ``names[0]`` re-extracted by query generation
+    ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}."""
+    calibration = Calibration(protocol, old, new, seed) if "calibrated" in merges else None
+    return [{"order": order_name, "query": names[1], "gallery": names[0],
+             **backfill_curve(protocol, old, new, order, counts, merge, far, calibration)}
+            for order_name, order in orders.items() for merge in merges]
+
+
+def flip_far(metric):
+    """The FAR of the 1:1 flips: the main metric's when it is a TAR@FAR, else 1e-3."""
+    return float(metric.split("=")[1]) if metric.startswith("TAR@FAR=") else 1e-3
+
+
+# -------------------------------------------------------------------------------------- generations
+def generations_summary(names, value, reps=None):
+    """Average Compatibility, Average Multi-model accuracy (CoReS) and each generation's oldest compatible one.
+
+    ``value[q, g]``: the main metric of query generation q against gallery generation g (indices,
+    oldest first); ``reps[q, g]``: its bootstrap replicates. AC = share of the pairs i > j with
+    M(i, j) > M(j, j); AM = mean of M(i, j) over j ≤ i. The oldest compatible generation of i is the
+    oldest j ≤ i whose self-test i's cross-test reaches (M(i, j) ≥ M(j, j), the verdicts' rule).
+    """
+    count = len(names)
+    later = [(i, j) for i in range(count) for j in range(i)]
+    lower = [(i, j) for i in range(count) for j in range(i + 1)]
+
+    def figures(m):
+        return (np.mean([m[i, j] > m[j, j] for i, j in later], axis=0),
+                np.mean([m[i, j] for i, j in lower], axis=0))
+
+    compatibility, multimodel = figures(value)
+    result = {"average_compatibility": float(compatibility), "average_multimodel_accuracy": float(multimodel),
+              "oldest_compatible": {names[i]: names[min(j for j in range(i + 1) if value[i, j] >= value[j, j])]
+                                    for i in range(count)}}
+    if reps is not None:
+        for key, replicate in zip(("average_compatibility", "average_multimodel_accuracy"), figures(reps)):
+            result[f"{key}_ci_low"], result[f"{key}_ci_high"] = bootstrap.percentile_intervals(replicate)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ report
+def format_backfill(entries, main):
+    """Markdown: per curve the main metric and top-1 at each fraction with intervals, the flips, the areas."""
+    lines = []
+    for e in entries:
+        lines += ["", f"Backfill of {e['gallery']}'s gallery by {e['query']} (order {e['order']}, {e['merge']} merge): "
+                  f"fraction re-extracted, {main} and top1 (95 % intervals), 1:N top-1 flips, 1:1 flips at "
+                  f"FAR={e['flip_far']:g}", "",
+                  f"| fraction | {main} | top1 | negative flips | positive flips | 1:1 negative | 1:1 positive |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, fraction in enumerate(e["fractions"]):
+            cells = []
+            for name in (main, "top1"):
+                text = f"{e['metrics'][name][k]:.4f}"
+                if "ci_low" in e:
+                    text += f" [{e['ci_low'][name][k]:.4f}, {e['ci_high'][name][k]:.4f}]"
+                cells.append(text)
+            cells += [f"{e[key][k]:.4f}" for key in ("negative_flips", "positive_flips", "negative_flips_1to1",
+                                                     "positive_flips_1to1")]
+            lines.append(f"| {fraction:.1f} | " + " | ".join(cells) + " |")
+        areas = ", ".join(f"{name} {e['area'][name]:.4f}" + _area_interval(e, name) for name in (main, "top1"))
+        lines += ["", f"Area under the curve: {areas}; the old system ({e['gallery']} self-test): "
+                  f"{main} {e['old_self'][main]:.4f}, top1 {e['old_self']['top1']:.4f}"]
+    if entries:
+        lines += ["", "Areas side by side (" + main + " / top1):", ""]
+        lines += [f"- {e['query']} → {e['gallery']}, {e['order']} order, {e['merge']} merge: {e['area'][main]:.4f} / "
+                  f"{e['area']['top1']:.4f}" for e in entries]
+    return "\n".join(lines) + "\n"
+
+
+def _area_interval(entry, name):
+    if "area_ci_low" not in entry:
+        return ""
+    return f" [{entry['area_ci_low'][name]:.4f}, {entry['area_ci_high'][name]:.4f}]"
+
+
+def plot_backfill(entries, path, main):
+    """PNG: ``main`` and top-1 (with 95 % bands; dashed: the old system's self-test) and the top-1
+    negative-flip share against the fraction re-extracted, one line per curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for e in entries:
+        label = f"{e['query']}: {e['order']}, {e['merge']}"
+        for ax, name in zip(axes[:2], (main, "top1")):
+            line, = ax.plot(e["fractions"], e["metrics"][name], marker="o", markersize=3,
+                            label=f"{label} (area {e['area'][name]:.3f})")
+            if "ci_low" in e:
+                ax.fill_between(e["fractions"], e["ci_low"][name], e["ci_high"][name], color=line.get_color(),
+                                alpha=0.12, linewidth=0)
+        axes[2].plot(e["fractions"], e["negative_flips"], marker="o", markersize=3, label=label)
+    for ax, name in zip(axes[:2], (main, "top1")):
+        for gallery, old_self in {e["gallery"]: e["old_self"][name] for e in entries}.items():
+            ax.axhline(old_self, color="k", linestyle="--", linewidth=1, label=f"{gallery} self-test")
+    for ax, title in zip(axes, (main, "top1", "negative flips (share of mated probes)")):
+        ax.set(xlabel="fraction of the gallery re-extracted", title=title, xlim=(0, 1))
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- demo
+def ijb_subjects(data_path):
+    """``(images with a subject, their subjects)`` of an IJB-style set: each image's template's subject
+    from the 1:N gallery and probe lists."""
+    from tools.ijbc_eval.meta import load_meta
+
+    meta = load_meta(data_path, one_to_n=True)
+    lists = [*meta.galleries.values(), meta.probes]
+    templates = np.concatenate([t["templates"] for t in lists])
+    subjects = np.concatenate([t["subjects"] for t in lists])
+    templates, first = np.unique(templates, return_index=True)
+    pos = np.minimum(np.searchsorted(templates, meta.templates), len(templates) - 1)
+    known = templates[pos] == meta.templates
+    return np.flatnonzero(known), subjects[first][pos[known]]
+
+
+def demo_backfill(data_path, old_embeddings, new_embeddings, out, resamples=20, metric="TAR@FAR=1e-3", seed=0):
+    """The demo's backfill curves: each new model of ``new_embeddings`` ({name: .npz with ``embs``,
+    ``embs_f``, as ``ijbc_eval.py -E`` saves}) re-extracting the gallery of ``old_embeddings`` on the
+    demo's IJB-C-style images (images as in :mod:`compat_eval`, identities = subjects), random and
+    norm orders, plain merge. Writes ``out/backfill.json``, ``backfill.md`` and ``backfill.png``."""
+    from tools.compat_eval import compat_eval as ce
+    from utils.io import safe_np_load
+
+    images, subjects = ijb_subjects(data_path)
+    _, labels = np.unique(subjects, return_inverse=True)
+
+    def load(path):
+        with safe_np_load(path) as data:
+            return data["embs"][images], data["embs_f"][images]
+
+    old_raw = load(old_embeddings)
+    old = ce.image_features(*old_raw)
+    protocol = ce.Protocol(labels, impostors=100_000, seed=seed)
+    counts = bootstrap.subject_counts(int(labels.max()) + 1, resamples, seed) if resamples else None
+    orders = {"random": random_order(int(labels.max()) + 1, seed),
+              "norm": norm_order(old_raw[0] + old_raw[1], labels, protocol.gallery_images)}
+    entries = []
+    for name, path in new_embeddings.items():
+        entries += backfill_curves(protocol, old, ce.image_features(*load(path)), orders, ["old", name], counts,
+                                   ("plain",), flip_far(metric), seed)
+    report = {"metric": metric, "protocol": protocol.summary(), "bootstrap": resamples, "backfill": entries}
+    with atomic_open(os.path.join(out, "backfill.json")) as handle:
+        json.dump(report, handle, indent=1)
+    text = format_backfill(entries, metric)
+    with atomic_open(os.path.join(out, "backfill.md")) as handle:
+        handle.write(text)
+    plot_backfill(entries, os.path.join(out, "backfill.png"), metric)
+    return report
+
+
+def check_pair(names, pair):
+    """``(old index, new index)`` of ``--backfill [OLD NEW]`` (default: the last two generations)."""
+    if not pair:
+        require(len(names) >= 2, "--backfill needs two generations (give 2+ --models)")
+        return len(names) - 2, len(names) - 1
+    require(len(pair) == 2, f"--backfill: give OLD NEW (two generation names), got {' '.join(pair)}")
+    for name in pair:
+        require(name in names, f"--backfill: unknown generation '{name}' (expected one of {', '.join(names)})")
+    old, new = names.index(pair[0]), names.index(pair[1])
+    if old == new:
+        raise UserError(f"--backfill: OLD and NEW are the same generation '{pair[0]}'")
+    return old, new
