@@ -153,6 +153,7 @@ def common(config, network, width, split, name):
     config.lr = LR
     config.warmup_epoch = WARMUP_EPOCHS
     config.fp16 = False
+    config.channels_last = True   # 1.20x the training images/s of the new models here (bench_demo_training.py)
     config.num_workers = 0
     config.frequent = 20
     config.save_every_steps = 0
