@@ -52,6 +52,9 @@ class Preprocessing:
                 f"{'bgr' if self.bgr else 'rgb'},{'flip_sum' if self.flip_sum else 'no_flip'}")
 
 
+IJB_PREPROCESSING = Preprocessing(mean=(127.5,), std=(128.0,), flip_sum=True)   # insightface IJB: (x − 127.5)/128
+
+
 def _numbers(key, text, option):
     try:
         values = tuple(float(v) for v in text.split("/"))

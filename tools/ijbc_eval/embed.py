@@ -18,19 +18,14 @@ from tools.ijbc_eval import CHUNK_IMAGES
 from tools.ijbc_eval.align import AlignedFaces, init_worker, umeyama
 from tools.ijbc_eval.meta import line_of
 from utils.chunk_cache import file_stamp
-from utils.deployed import Preprocessing, load_model, model_kind
+from utils.deployed import IJB_PREPROCESSING, load_model, model_kind
 from utils.distributed import DistInfo
 from utils.embedding import ModelRunner, embed_rows
 from utils.errors import UserError
 
-INPUT_SCALE = 0.0078125   # (x − 127.5)·1/128, as the insightface IJB evaluation
-
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-IJB_PREPROCESSING = Preprocessing(mean=(127.5,), std=(1 / INPUT_SCALE,))   # (x − 127.5)·0.0078125, RGB
 
 
 class Embedder(ModelRunner):
@@ -38,7 +33,7 @@ class Embedder(ModelRunner):
 
     ``.pt``: a backbone state_dict loaded with :func:`backbones.load_backbone` (AMP fp16 on CUDA);
     an ONNX file or a TorchScript export: a deployed model (:mod:`utils.deployed`, fp32).
-    ``preprocessing`` (default :data:`IJB_PREPROCESSING`) turns the uint8 RGB crops into its input.
+    ``preprocessing`` (default :data:`utils.deployed.IJB_PREPROCESSING`) turns the uint8 RGB crops into its input.
     """
 
     def __init__(self, path, network, width=64, input_size=112, device=None, preprocessing=None):
