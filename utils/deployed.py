@@ -19,6 +19,7 @@ mirrored image, ``no_flip`` does not. Keys left out keep the tool's default.
 """
 import dataclasses
 import os
+import warnings
 import zipfile
 
 from utils.errors import UserError, require
@@ -149,7 +150,9 @@ def _torchscript(path, input_size, device):
     import torch
 
     try:
-        model = torch.jit.load(path, map_location=device)
+        with warnings.catch_warnings():      # newer torch marks TorchScript deprecated; deployed files still use it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(path, map_location=device)
     except Exception as exc:  # torch raises RuntimeError and its own types for files that are not TorchScript
         raise UserError(f"cannot load TorchScript model {path}: {str(exc).strip().splitlines()[0]}") from None
     model.eval()
