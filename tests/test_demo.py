@@ -38,6 +38,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in METHODS:
         assert os.path.isfile(out / method / "model.pt")
+    for label in ("linear", "Procrustes", "FCT"):      # forward compatibility: gallery transforms
+        assert {(f"independent + {label}", "cross", m) for m in METRICS} <= seen
+    assert set(report["transform_cost"]["seconds_per_million"]) == {"linear", "procrustes", "fct"}
+    assert "per million features" in table
 
 
 def test_demo_rejects_unknown_method(tmp_path):

@@ -247,6 +247,10 @@ def run_pipeline(args):
     while evaluate_next(set(pipe.seconds)):
         pass
     per_seed = [_rows("old", evaluated["old"][0])] + [_rows(name, evaluated[run][0]) for name, run, _ in runs]
+    from tools.transform.demo import cost_lines, transform_paths   # the independent model + gallery transforms
+    transformed, transform_cost = transform_paths(pipe, demo, out, evaluated["old"][1], os.path.join(
+        out, "eval", "independent_cross_embs.npz"), "independent", resamples, args.quick)
+    per_seed += [_rows(name, results) for name, results in transformed]
     rows = combine_seeds([row for rows in per_seed for row in rows])
 
     if args.generations == 3:
@@ -255,8 +259,9 @@ def run_pipeline(args):
     pipe.seconds["total"] = round(time.time() - started, 1)
     report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "quick": bool(args.quick),
               "sizes": {option: getattr(demo, name) for option, (name, _) in SIZE_OPTIONS.items()},
-              "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"}}
-    table = results_table(rows, args.scenario, args.seeds, resamples)
+              "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
+              "transform_cost": transform_cost}
+    table = results_table(rows, args.scenario, args.seeds, resamples) + cost_lines(transform_cost)
     with atomic_open(os.path.join(out, "results.json")) as handle:
         json.dump(report, handle, indent=1)
     with atomic_open(os.path.join(out, "results.md")) as handle:
