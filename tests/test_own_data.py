@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import python, tiny_train_config
+from tests.helpers import python, synthetic_faces, tiny_train_config
 
 SD_OLD = "f16_deployed_arc_class100"
 SD_NEW = "f16_mixbct_arc_class100"
@@ -19,28 +19,11 @@ def ok(proc):
     return proc.stdout
 
 
-def crops_folder(root):
-    """Synthetic aligned faces (make_synthetic's renderer), written as ROOT/<identity>/<image>.jpg."""
-    from tools.synthetic import make_synthetic
-    from utils.dataset import MXFaceDataset
-    from utils.recordio import unpack
-
-    make_synthetic.main(["--out", str(root / "synthetic"), "--identities", "8", "--images-per-identity", "6",
-                         "--ijb-identities", "2", "--workers", "0"])
-    dataset = MXFaceDataset(str(root / "synthetic"), train=False)
-    for i, offset in enumerate(dataset.offsets.tolist()):
-        header, jpeg = unpack(dataset.record.read_at(offset))
-        folder = root / "faces" / f"person{int(header.label):02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:03d}.jpg").write_bytes(jpeg)
-    return str(root / "faces")
-
-
 def test_pack_onnx_old_model_mixbct_transform_compat_eval(tmp_path):
     pytest.importorskip("onnxruntime")
     from backbones import get_model
 
-    faces = crops_folder(tmp_path)
+    faces = synthetic_faces(tmp_path, 8, 6)    # aligned crops: make_synthetic's renderer
     ok(python("tools/pack_rec.py", faces, str(tmp_path / "data" / "train")))
 
     torch.manual_seed(0)    # the "deployed" old model: a toolkit backbone exported to ONNX

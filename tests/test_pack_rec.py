@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers import python
+from helpers import python, synthetic_faces
 from tools.pack_rec import main, pack_folder, read_label_map
 from utils.dataset import MXFaceDataset, find_property, read_property
 from utils.errors import UserError
@@ -17,25 +17,16 @@ from utils.recordio import MXIndexedRecordIO, unpack
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A make_synthetic training set (3 identities × 4) and the same images as a folder."""
-    from tools.synthetic import make_synthetic
-
     root = tmp_path_factory.mktemp("pack")
-    make_synthetic.main(["--out", str(root / "syn"), "--identities", "3", "--images-per-identity", "4",
-                         "--ijb-identities", "2", "--workers", "0"])
-    dataset = MXFaceDataset(str(root / "syn"), train=False)
-    for i, offset in enumerate(dataset.offsets.tolist()):
-        header, jpeg = unpack(dataset.record.read_at(offset))
-        folder = root / "faces" / f"person_{int(header.label)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:03d}.jpg").write_bytes(jpeg)
+    synthetic_faces(root, 3, 4)
     return root
 
 
 def test_folder_of_synthetic_jpegs_packs_to_the_same_bytes(synthetic, tmp_path):
     main([str(synthetic / "faces"), str(tmp_path / "train")])
     for name in ("train.rec", "train.idx", "property"):
-        assert (tmp_path / name).read_bytes() == (synthetic / "syn" / name).read_bytes(), name
-    assert read_label_map(str(tmp_path / "train.labels.tsv")) == {0: "person_0", 1: "person_1", 2: "person_2"}
+        assert (tmp_path / name).read_bytes() == (synthetic / "synthetic" / name).read_bytes(), name
+    assert read_label_map(str(tmp_path / "train.labels.tsv")) == {0: "person00", 1: "person01", 2: "person02"}
     assert sorted(os.listdir(tmp_path)) == ["property", "train.idx", "train.labels.tsv", "train.rec"]
 
 
@@ -80,8 +71,8 @@ def test_insightface_layout_and_reader_round_trip(tmp_path):
 def test_unreadable_image_is_named_and_nothing_is_written(synthetic, tmp_path):
     faces = tmp_path / "faces"
     shutil.copytree(synthetic / "faces", faces)
-    (faces / "person_1" / "005.jpg").write_bytes(b"not an image")
-    with pytest.raises(UserError, match=r"cannot read image .*person_1/005\.jpg"):
+    (faces / "person01" / "005.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match=r"cannot read image .*person01/005\.jpg"):
         pack_folder(str(faces), str(tmp_path / "out" / "set"))
     assert os.listdir(tmp_path / "out") == []
 

@@ -34,11 +34,13 @@ JPEG_START = b"\xff\xd8\xff"
 FLOAT32_EXACT = 1 << 24          # record 0's float32 label indexes keys exactly up to here
 
 
-def list_identities(root):
-    """``(identities, image paths, labels)`` of ``ROOT/<identity>/<image>``, sorted by name."""
-    require(os.path.isdir(root), f"{root}: not a folder (expected ROOT/<identity>/<image>)")
+def list_identities(root, name=None):
+    """``(identities, image paths, labels)`` of ``ROOT/<identity>/<image>``, sorted by name (``name``: how
+    messages call the root, default its path)."""
+    name = name or root
+    require(os.path.isdir(root), f"{name}: not a folder (expected ROOT/<identity>/<image>)")
     identities = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    require(identities, f"{root}: holds no identity folders (expected ROOT/<identity>/<image>)")
+    require(identities, f"{name}: holds no identity folders (expected ROOT/<identity>/<image>)")
     files, labels = [], []
     for label, identity in enumerate(identities):
         require("\t" not in identity and "\n" not in identity, f"{root}: identity folder name {identity!r} "

@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tools.ijbc_eval import bootstrap, metrics
+from tools.pack_rec import list_identities
 from utils.errors import ArgumentParser, UserError, require, run_cli
 from utils.io import atomic_np_savez, atomic_open, atomic_path, numpy_read_errors, safe_np_load
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FEATURE_VARIANT = "N1D0F1"      # image feature: embedding + mirrored-image embedding, L2-normalised
 FAR_KEYS = ("1e-5", "1e-4", "1e-3", "1e-2", "1e-1")
 FPIR_KEYS = ("1e-2", "1e-1")
@@ -61,8 +61,8 @@ class FaceSet(Dataset):
             self.source = faces.rec_path
             identities = np.unique(self.labels).astype(str)
         else:
-            identities, files, labels = _list_folder(data)
-            self.names, self.labels, self.source = np.array(files), np.array(labels, np.int64), data
+            identities, files, self.labels = list_identities(data, f"--data {data}")
+            self.names, self.source = np.array(files), data
         require(len(identities) >= 2, f"{self.source}: {len(identities)} identity found ({', '.join(identities)}); "
                                       "compatibility testing needs at least 2 identities")
         self.identities = identities
@@ -105,21 +105,6 @@ class FaceSet(Dataset):
             return f"cannot read image {name} (expected a JPEG or PNG file)"
         return (f"{name} is {width}×{height} pixels, expected {self.image_size}×{self.image_size} aligned "
                 f"crops (pass --resize to resize every image, or --image_size to expect another size)")
-
-
-def _list_folder(root):
-    """``(identities, image paths, labels)`` of ``ROOT/<identity>/<image>``, sorted by name."""
-    require(os.path.isdir(root), f"--data {root}: not a folder (expected ROOT/<identity>/<image>)")
-    identities = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    require(identities, f"--data {root}: holds no identity folders (expected ROOT/<identity>/<image>)")
-    files, labels = [], []
-    for label, identity in enumerate(identities):
-        folder = os.path.join(root, identity)
-        images = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        require(images, f"{folder}: identity folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        files += [os.path.join(folder, name) for name in images]
-        labels += [label] * len(images)
-    return identities, files, labels
 
 
 # ----------------------------------------------------------------------------------------- models
