@@ -15,7 +15,7 @@ import numpy as np
 
 LABELS = {"linear": "linear", "procrustes": "Procrustes", "fct": "FCT"}
 FCT_DEMO_EPOCHS = {"full": 10, "quick": 2}   # published: 80 (at 1,024 pairs a step: 6 steps an epoch here)
-TIMED_ROWS = 1 << 18                          # features transformed to time a kind (the gallery, repeated)
+TIMED_ROWS = 1 << 14                          # features transformed to time a kind (the gallery, repeated)
 TIMED_IMAGES = 4096                           # crops embedded to time a backfill
 
 
@@ -42,23 +42,28 @@ def transform_paths(pipe, demo, out, old_embeddings, cross_embeddings, new_run, 
         pipe.stage(f"fit_{kind}", ["tools/transform/fit_transform.py", "--old", demo.feature("feature"),
                                    "--new", new_features, "--kind", kind, "-o", path, *epochs], done_when=[path])
         cost["fit_seconds"][kind] = pipe.seconds[f"fit_{kind}"]
+        started = time.time()
+        print(f"[eval_transform_{kind}] running …", flush=True)
         cost["seconds_per_million"][kind] = round(seconds_per_million(path, old_embeddings), 3)
         options = dict(restore_embs=cross_embeddings, transform=path, data_path=demo.DATA, resamples=resamples,
                        plot=False, verbose=False)
         named.append((f"independent + {label}", [("cross", evaluate(one_to_n=n, **options)) for n in (False, True)]))
+        pipe.seconds[f"eval_transform_{kind}"] = round(time.time() - started, 1)
+        print(f"[eval_transform_{kind}] done in {pipe.seconds[f'eval_transform_{kind}']:.1f} s", flush=True)
     cost["backfill_seconds_per_million"] = round(backfill_seconds_per_million(demo, out, new_run), 1)
     return named, cost
 
 
 def seconds_per_million(path, embeddings):
-    """Seconds to transform a million features: the saved gallery's rows, repeated to :data:`TIMED_ROWS`."""
+    """Seconds to transform a million features, timed on :data:`TIMED_ROWS` of the saved gallery's rows
+    (repeated when it has fewer)."""
     from tools.transform import transforms
     from utils.io import safe_np_load
 
     model, _ = transforms.load(path)
     with safe_np_load(embeddings) as saved:
         rows = np.concatenate([saved["embs"], saved["embs_f"]])
-    rows = np.resize(rows, (max(TIMED_ROWS, len(rows)), rows.shape[1]))
+    rows = np.resize(rows, (TIMED_ROWS, rows.shape[1]))
     start = time.perf_counter()
     transforms.transform_rows(model, rows)
     return (time.perf_counter() - start) / len(rows) * 1e6
