@@ -65,6 +65,8 @@ def test_kind_detection_and_input_checks(deployed):
     assert scripted(torch.zeros(1, 3, 32, 32)).shape == (1, 16)
     with pytest.raises(UserError, match="fails on \\(B, 3, 48, 48\\) input .*pass the matching --input_size"):
         load_model(str(root / "model.torchscript.pt"), 48, torch.device("cpu"))
+    with pytest.raises(UserError, match="not an ONNX file or a TorchScript export"):
+        load_model(str(root / "model.pt"), 32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("file", ["model.torchscript.pt", "model.onnx"])

@@ -115,8 +115,11 @@ def load_model(path, input_size, device):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"model file not found: {path}")
-    if model_kind(path) == "onnx":
+    kind = model_kind(path)
+    if kind == "onnx":
         return _onnx_session(path, input_size, device)
+    require(kind == "torchscript", f"{path}: not an ONNX file or a TorchScript export (a toolkit state_dict is "
+                                   "read through its config or -net)")
     return _torchscript(path, input_size, device)
 
 
