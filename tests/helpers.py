@@ -34,6 +34,26 @@ def make_tiny_rec(folder, num_classes=6, per_class=8, size=32, seed=0, name="tra
     return folder if name == "train" else prefix
 
 
+def synthetic_faces(root, identities, per_identity):
+    """make_synthetic's training set in ``root/synthetic`` and the same JPEGs as an image folder
+    ``root/faces/person<label>/<index>.jpg``; returns the folder."""
+    from tools.synthetic import make_synthetic
+    from utils.dataset import MXFaceDataset
+    from utils.recordio import unpack
+
+    root = str(root)
+    make_synthetic.main(["--out", os.path.join(root, "synthetic"), "--identities", str(identities),
+                         "--images-per-identity", str(per_identity), "--ijb-identities", "2", "--workers", "0"])
+    dataset = MXFaceDataset(os.path.join(root, "synthetic"), train=False)
+    for i, offset in enumerate(dataset.offsets.tolist()):
+        header, jpeg = unpack(dataset.record.read_at(offset))
+        folder = os.path.join(root, "faces", f"person{int(header.label):02d}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{i:03d}.jpg"), "wb") as handle:
+            handle.write(jpeg)
+    return os.path.join(root, "faces")
+
+
 def chunk_files(cache):
     """Sorted paths of the saved chunks (``chunk_*.npz``) anywhere under a resume-cache root."""
     return sorted(os.path.join(folder, name) for folder, _, names in os.walk(cache) for name in names

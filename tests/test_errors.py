@@ -842,6 +842,57 @@ def compat_backfill_order_unknown(w, s):
             "-R", os.path.join(w, "out", "compat")]
 
 
+# --- own data, deployed models, gallery transforms
+@case("tools/pack_rec.py", "unreadable image in the folder", "cannot read image")
+def pack_unreadable_image(w, s):
+    root = _faces(w)
+    _write(os.path.join(root, "id1", "1.png"), GARBAGE)
+    return [root, os.path.join(w, "out", "train")]
+
+
+@case("tools/pack_rec.py", "crops of different sizes", "a set holds crops of one size")
+def pack_mixed_sizes(w, s):
+    root = _faces(w)
+    cv2.imwrite(os.path.join(root, "id1", "0.png"), np.zeros((30, 32, 3), np.uint8))
+    return [root, os.path.join(w, "out", "train")]
+
+
+@case(GET, "deployed ONNX model of another input size", "pass the matching --input_size")
+def get_feature_onnx_input_size(w, s):
+    from tools import export_onnx
+
+    onnx_file = os.path.join(w, "old.onnx")
+    export_onnx.export(s.model, "r18", onnx_file, width=8, input_size=32)
+    return ["--model", onnx_file, "--input_size", "112", "--dataset", s.data, "--SD", SD,
+            "--output", os.path.join(w, "features"), "--cache_dir", os.path.join(w, "cache")]
+
+
+@case(GET, "unknown `--preprocess` item", "unknown item 'grey'")
+def get_feature_bad_preprocess(w, s):
+    return ["--model", s.model, "--preprocess", "mean=127.5,grey", "--dataset", s.data, "--SD", SD,
+            "--output", os.path.join(w, "features")]
+
+
+@case("tools/transform/fit_transform.py", "old and new features of different row counts",
+      "the two models' features of the same images are needed")
+def transform_row_counts(w, s):
+    old, new = os.path.join(w, "old_feature.npy"), os.path.join(w, "new_feature.npy")
+    np.save(old, np.ones((10, 4), np.float32))
+    np.save(new, np.ones((9, 4), np.float32))
+    return ["--old", old, "--new", new, "--kind", "linear", "-o", os.path.join(w, "out", "h.pt")]
+
+
+@case("tools/transform/apply_transform.py", "a file that is not a transform", "not a gallery transform")
+def transform_not_a_transform(w, s):
+    np.save(os.path.join(w, "gallery.npy"), np.ones((10, 16), np.float32))
+    return [s.model, os.path.join(w, "gallery.npy"), os.path.join(w, "out", "mapped.npy")]
+
+
+@case(IJB, "`--transform` without an old model", "--transform maps the old model's gallery")
+def ijb_transform_without_old_model(w, s):
+    return ["-m", s.model, *MODEL_ARGS, "-d", s.ijb, "--transform", os.path.join(w, "h.pt")]
+
+
 # --- tools/run_demo.py
 @case("tools/run_demo.py", "unknown `--methods` entry", "unknown method 'Foo'")
 def demo_unknown_method(w, s):

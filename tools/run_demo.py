@@ -260,6 +260,10 @@ def run_pipeline(args):
         pass
     old_results = evaluated["old"][0]
     per_seed = [_rows("old", old_results)] + [_rows(name, evaluated[run][0], old_results) for name, run, _ in runs]
+    from tools.transform.demo import cost_lines, transform_paths   # the independent model + gallery transforms
+    transformed, transform_cost = transform_paths(pipe, demo, out, evaluated["old"][1], os.path.join(
+        out, "eval", "independent_cross_embs.npz"), "independent", resamples, args.quick)
+    per_seed += [_rows(name, results, old_results) for name, results in transformed]
     rows = combine_seeds([row for rows in per_seed for row in rows])
     write_backfill(pipe, rows, evaluated, demo, data, out, resamples)
 
@@ -270,8 +274,9 @@ def run_pipeline(args):
     report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "profile": args.profile,
               "quick": bool(args.quick),
               "sizes": {option: getattr(demo, name) for option, (name, _) in SIZE_OPTIONS.items()},
-              "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"}}
-    table = results_table(rows, args.scenario, args.seeds, resamples)
+              "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
+              "transform_cost": transform_cost}
+    table = results_table(rows, args.scenario, args.seeds, resamples) + cost_lines(transform_cost)
     with atomic_open(os.path.join(out, "results.json")) as handle:
         json.dump(report, handle, indent=1)
     with atomic_open(os.path.join(out, "results.md")) as handle:

@@ -102,16 +102,23 @@ def normalise(planes, out):
     return out
 
 
-def to_model_input(images, scale=PIXEL_SCALE):
-    """A uint8 batch (e.g. from ``MXFaceDataset(uint8=True)``) as the model's float input ``(x − 127.5)·scale``.
+def to_model_input(images, scale=PIXEL_SCALE, centre=PIXEL_CENTRE, bgr=False):
+    """A uint8 RGB batch (e.g. from ``MXFaceDataset(uint8=True)``) as the model's float input ``(x − centre)·scale``.
 
     The one input scaling of the toolkit: ``scale`` is ``PIXEL_SCALE`` (training, step 2: ``x/127.5 − 1``,
-    equal to :func:`normalise` to float32 rounding) or ``1/128`` (IJB evaluation, as insightface).
-    Float batches pass through unchanged.
+    equal to :func:`normalise` to float32 rounding) or ``1/128`` (IJB evaluation, as insightface); a
+    deployed model may state its own (:mod:`utils.deployed`): ``centre`` and ``scale`` one value or
+    one per channel, ``bgr`` to reverse the channels first. Float batches pass through unchanged.
     """
     if images.dtype != torch.uint8:
         return images
-    return images.float().mul_(scale).sub_(PIXEL_CENTRE * scale)
+    if bgr:
+        images = images.flip(1)
+    if np.ndim(scale) == 0 and np.ndim(centre) == 0:
+        return images.float().mul_(scale).sub_(centre * scale)
+    per_channel = dict(dtype=torch.float32, device=images.device)
+    return (images.float() - torch.tensor(centre, **per_channel).reshape(-1, 1, 1)) \
+        * torch.tensor(scale, **per_channel).reshape(-1, 1, 1)
 
 
 def flip_mask(seed, epoch, indices):

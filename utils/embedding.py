@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from utils.chunk_cache import CHUNK_ROWS, chunk_ranges, regroup, span_rows
-from utils.dataset import PIXEL_SCALE, batch_loader, to_model_input
+from utils.dataset import PIXEL_CENTRE, PIXEL_SCALE, batch_loader, to_model_input
 from utils.distributed import comm_device
 from utils.errors import UserError
 
@@ -31,19 +31,25 @@ class ModelRunner:
     back after each call; AMP on CUDA when ``amp``, in ``amp_dtype``, fp16 by default) or an onnxruntime
     ``InferenceSession``.
     uint8 images become ``(x − 127.5)·scale`` on the device; float images are used as they are.
+    ``preprocessing`` (a :class:`utils.deployed.Preprocessing`, for a deployed model) replaces the
+    centre and ``scale`` by its mean and std and may reverse the channels.
     """
 
-    def __init__(self, model, device, amp=True, scale=PIXEL_SCALE, flip=False, amp_dtype=torch.float16):
+    def __init__(self, model, device, amp=True, scale=PIXEL_SCALE, flip=False, preprocessing=None,
+                 amp_dtype=torch.float16):
         if isinstance(model, DistributedDataParallel):
             model = model.module
         self.model, self.device, self.scale, self.flip = model, torch.device(device), scale, flip
+        self.centre, self.bgr = PIXEL_CENTRE, False
+        if preprocessing is not None:
+            self.scale, self.centre, self.bgr = preprocessing.scale, preprocessing.centre, preprocessing.bgr
         self.onnx = not isinstance(model, torch.nn.Module)
         self.amp = amp and self.device.type == "cuda" and not self.onnx
         self.amp_dtype = amp_dtype
 
     @torch.no_grad()
     def __call__(self, images):
-        x = to_model_input(images.to(self.device, non_blocking=True), self.scale)
+        x = to_model_input(images.to(self.device, non_blocking=True), self.scale, self.centre, self.bgr)
         if self.flip:
             x = torch.cat([x, torch.flip(x, dims=[3])])
         if self.onnx:
@@ -133,6 +139,7 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
     ``cache`` rank 0 returns one float32 N×d array in dataset order; with a
     :class:`~utils.chunk_cache.ChunkCache` it returns the cache (all chunks saved as
     ``embedding``). Other ranks return None. AMP (``amp_dtype``, fp16 by default) is used on CUDA when ``amp``.
+    A runner with ``flip`` gives each image the sum of its embedding and its mirror image's (flip-sum).
     """
     if batch_size < 1 or num_workers < 0:
         raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
@@ -143,7 +150,11 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
         loader = _loader(dataset, rows, batch_size, num_workers, dist_info.device.type == "cuda")
         return tqdm(loader, desc=desc, disable=not dist_info.is_main, mininterval=5)
 
-    out = embed_rows(lambda batch: (batch[2], {"embedding": runner(batch[0])[0]}), make_loader, len(dataset),
+    def embed_batch(batch):   # a runner with ``flip`` gives (embeddings, mirror-image embeddings): their sum
+        outputs = runner(batch[0])
+        return batch[2], {"embedding": outputs[0] if len(outputs) == 1 else outputs[0] + outputs[1]}
+
+    out = embed_rows(embed_batch, make_loader, len(dataset),
                      {"embedding": dim}, dist_info, cache, chunk_rows, keep=cache is None,
                      require_finite=require_finite)
     if dist_info.rank != 0:

@@ -45,7 +45,7 @@ import torch.multiprocessing as mp
 import bench_methods
 from backbones import get_model
 from losses import ArcFace, PartialFC
-from tools.ijbc_eval.embed import INPUT_SCALE
+from tools.ijbc_eval import INPUT_SCALE
 from tools.synthetic import make_synthetic
 from utils.distributed import cleanup
 from utils.embedding import ModelRunner

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from tools.compat_eval import backfill
 from tools.ijbc_eval import bootstrap, metrics
+from tools.pack_rec import list_identities
 from utils.errors import ArgumentParser, UserError, require, run_cli
 from utils.io import atomic_np_savez, atomic_open, atomic_path, numpy_read_errors, safe_np_load
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FEATURE_VARIANT = "N1D0F1"      # image feature: embedding + mirrored-image embedding, L2-normalised
 FAR_KEYS = ("1e-5", "1e-4", "1e-3", "1e-2", "1e-1")
 FPIR_KEYS = ("1e-2", "1e-1")
@@ -66,8 +66,8 @@ class FaceSet(Dataset):
             self.source = faces.rec_path
             identities = np.unique(self.labels).astype(str)
         else:
-            identities, files, labels = _list_folder(data)
-            self.names, self.labels, self.source = np.array(files), np.array(labels, np.int64), data
+            identities, files, self.labels = list_identities(data, f"--data {data}")
+            self.names, self.source = np.array(files), data
         require(len(identities) >= 2, f"{self.source}: {len(identities)} identity found ({', '.join(identities)}); "
                                       "compatibility testing needs at least 2 identities")
         self.identities = identities
@@ -112,27 +112,14 @@ class FaceSet(Dataset):
                 f"crops (pass --resize to resize every image, or --image_size to expect another size)")
 
 
-def _list_folder(root):
-    """``(identities, image paths, labels)`` of ``ROOT/<identity>/<image>``, sorted by name."""
-    require(os.path.isdir(root), f"--data {root}: not a folder (expected ROOT/<identity>/<image>)")
-    identities = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    require(identities, f"--data {root}: holds no identity folders (expected ROOT/<identity>/<image>)")
-    files, labels = [], []
-    for label, identity in enumerate(identities):
-        folder = os.path.join(root, identity)
-        images = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        require(images, f"{folder}: identity folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        files += [os.path.join(folder, name) for name in images]
-        labels += [label] * len(images)
-    return identities, files, labels
-
-
 # ----------------------------------------------------------------------------------------- models
-def build_embedders(models, networks, widths, input_sizes, device):
+def build_embedders(models, networks, widths, input_sizes, device, preprocessings=None):
     """One :class:`tools.ijbc_eval.embed.Embedder` per generation (the toolkit's model runner)."""
     from tools.ijbc_eval.embed import Embedder
 
-    return [Embedder(m, n, w, s, device) for m, n, w, s in zip(models, networks, widths, input_sizes)]
+    preprocessings = preprocessings or [None] * len(models)
+    return [Embedder(*arguments, device, p) for *arguments, p in zip(models, networks, widths, input_sizes,
+                                                                     preprocessings)]
 
 
 def embed(faceset, embedders, batch_size=128, num_workers=2):
@@ -156,9 +143,10 @@ def _init_worker(_):
     cv2.setNumThreads(1)
 
 
-def image_features(embs, embs_f):
-    """Image features as the IJB evaluation forms them (:data:`FEATURE_VARIANT`), float32."""
-    return metrics.image_features(embs, embs_f, None, FEATURE_VARIANT)
+def image_features(embs, embs_f, flip=True):
+    """Image features as the IJB evaluation forms them (:data:`FEATURE_VARIANT`; without the mirror
+    image for a deployed model stated ``no_flip``), float32."""
+    return metrics.image_features(embs, embs_f, None, FEATURE_VARIANT if flip else FEATURE_VARIANT[:-1] + "0")
 
 
 # --------------------------------------------------------------------------------------- protocol
@@ -398,11 +386,13 @@ def _flatten(one_to_one, one_to_n):
 
 
 # ----------------------------------------------------------------------------------------- report
-def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="TAR@FAR=1e-4"):
+def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="TAR@FAR=1e-4", transformed=None):
     """The result dict: every (query, gallery) cell with intervals, and a verdict per later generation.
 
     ``features``: per generation the (images × d) image features. Intervals are bootstrap
     percentile intervals over identities (the same resamples for every cell, so differences are paired).
+    ``transformed``: ``(name, features, old index, new index)`` of an old gallery mapped by a gallery
+    transform: one more cell (new queries vs it) and its verdict against the old model's self-test.
     """
     require(metric in METRICS, f"--metric {metric}: expected one of {', '.join(METRICS)}")
     counts = bootstrap.subject_counts(int(protocol.labels.max()) + 1, num_resamples, seed) if num_resamples else None
@@ -415,18 +405,21 @@ def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="
             if counts is not None:
                 cell["interval"] = bootstrap.percentile_intervals(reps[q, g])
             cells.append(cell)
+    if transformed is not None:
+        name, gallery, old, new = transformed
+        figures, reps[new, name] = protocol.cell(features[new], gallery, counts)
+        cells.append({"query": names[new], "gallery": name, "transform": True, **figures})
+        if counts is not None:
+            cells[-1]["interval"] = bootstrap.percentile_intervals(reps[new, name])
     value = {(c["query"], c["gallery"]): c[metric] for c in cells}
     verdicts = []
     for later in range(1, len(names)):
         for earlier in range(later):
-            cross, own = value[names[later], names[earlier]], value[names[earlier], names[earlier]]
-            verdict = {"generation": names[later], "earlier": names[earlier], "metric": metric, "cross": cross,
-                       "earlier_self": own, "margin": cross - own, "compatible": bool(cross >= own)}
-            if counts is not None:
-                low, high = bootstrap.percentile_intervals(
-                    bootstrap.difference(reps[later, earlier][metric], reps[earlier, earlier][metric]))
-                verdict.update(margin_interval=[low, high], interval_excludes_zero=bool(low > 0 or high < 0))
-            verdicts.append(verdict)
+            verdicts.append(_verdict(value, reps, counts is not None, metric, names[later], names[earlier],
+                                     names[earlier], (later, earlier), (earlier, earlier)))
+    if transformed is not None:
+        verdicts.append(_verdict(value, reps, counts is not None, metric, names[new], name, names[old], (new, name),
+                                 (old, old)))
     result = {"metric": metric, "generations": list(names), "protocol": protocol.summary(), "seed": seed,
               "bootstrap": num_resamples, "cells": cells, "verdicts": verdicts}
     if len(names) >= 3:
@@ -434,6 +427,20 @@ def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="
         result.update(backfill.generations_summary(names, grid, None if counts is None else
                                                    {key: reps[key][metric] for key in grid}))
     return result
+
+
+def _verdict(value, reps, intervals, metric, query, gallery, reference, cross_cell, self_cell):
+    """``query`` searching ``gallery`` against the self-test of ``reference`` (the earlier generation)."""
+    cross, own = value[query, gallery], value[reference, reference]
+    verdict = {"generation": query, "earlier": gallery, "metric": metric, "cross": cross, "earlier_self": own,
+               "margin": cross - own, "compatible": bool(cross >= own)}
+    if gallery != reference:
+        verdict["self_of"] = reference
+    if intervals:
+        difference = bootstrap.difference(reps[cross_cell][metric], reps[self_cell][metric])
+        low, high = bootstrap.percentile_intervals(difference)
+        verdict.update(margin_interval=[low, high], interval_excludes_zero=bool(low > 0 or high < 0))
+    return verdict
 
 
 def format_report(result):
@@ -462,7 +469,8 @@ def format_report(result):
                   "cross-test reaches the earlier model's self-test):", ""]
     for v in result["verdicts"]:
         line = (f"- {v['generation']} → {v['earlier']}: {'compatible' if v['compatible'] else 'NOT compatible'}, "
-                f"cross {v['cross']:.4f} vs {v['earlier']} self {v['earlier_self']:.4f}, margin {v['margin']:+.4f}")
+                f"cross {v['cross']:.4f} vs {v.get('self_of', v['earlier'])} self {v['earlier_self']:.4f}, "
+                f"margin {v['margin']:+.4f}")
         if "margin_interval" in v:
             low, high = v["margin_interval"]
             line += (f", 95 % interval [{low:+.4f}, {high:+.4f}] "
@@ -543,6 +551,33 @@ def check_sizes(names, sizes):
                                   "compatibility needs equal sizes")
 
 
+def preprocessings(texts, count):
+    """Each generation's :class:`utils.deployed.Preprocessing` from ``--preprocess`` (one per model, or one)."""
+    from utils.deployed import IJB_PREPROCESSING, parse_preprocessing
+
+    return [parse_preprocessing(t, IJB_PREPROCESSING) for t in _per_model(texts or [""], count, "--preprocess", str)]
+
+
+def transformed_gallery(args, names, embeddings, flips):
+    """``(name, image features, old index, new index)`` of the old generation mapped by ``--transform``."""
+    from tools.ijbc_eval.ijbc_eval import apply_transform
+    from tools.transform.transforms import load
+
+    old, new = (_generation(names, g) for g in args.transform_generations or (names[0], names[-1]))
+    require(old != new, f"--transform_generations: give two different generations, got {names[old]} twice")
+    mapped = apply_transform(args.transform, embeddings[old], embeddings[new][0].shape[1])
+    return f"{names[old]} + {load(args.transform)[1]['kind']}", image_features(*mapped, flips[old]), old, new
+
+
+def _generation(names, text):
+    """Index of a generation given by name or 1-based position."""
+    if text in names:
+        return names.index(text)
+    require(text.isdigit() and 1 <= int(text) <= len(names),
+            f"--transform_generations: {text} is neither a generation name ({', '.join(names)}) nor a position 1..{len(names)}")
+    return int(text) - 1
+
+
 def _default_names(models):
     stems = [os.path.splitext(os.path.basename(m))[0] for m in models]
     return stems if len(set(stems)) == len(stems) else [f"gen{i + 1}" for i in range(len(models))]
@@ -570,7 +605,8 @@ def run(args):
         require(len(names) == count and len(set(names)) == count,
                 f"--names: give {count} distinct names, got {' '.join(names)}")
         faceset = FaceSet(args.data, args.rec, args.image_size, args.resize, sorted(set(sizes)))
-        embedders = build_embedders(args.models, networks, widths, sizes, args.device)
+        embedders = build_embedders(args.models, networks, widths, sizes, args.device,
+                                    preprocessings(args.preprocess, count))
         check_sizes(args.models, [e.embedding_size for e in embedders])
         embeddings = embed(faceset, embedders, args.batch_size,
                            min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers)
@@ -586,11 +622,14 @@ def run(args):
         identity_names = faceset.identities
     pair = backfill.check_pair(names, args.backfill) if args.backfill is not None else None
     file_order = backfill.read_order(args.backfill_order, identity_names, args.seed) if args.backfill_order else None
-    features = [image_features(*e) for e in embeddings]
+    flips = [p.flip_sum for p in preprocessings(args.preprocess, len(names))]
+    features = [image_features(*e, flip) for e, flip in zip(embeddings, flips)]
     require(all(np.isfinite(f).all() for f in features), "the embeddings contain NaN or inf")
     protocol = Protocol(labels, args.max_genuine, args.impostors, args.gallery_per_id, args.nonmated_share, args.seed)
-    result = compatibility(features, names, protocol, args.bootstrap, args.seed, args.metric)
+    transformed = transformed_gallery(args, names, embeddings, flips) if args.transform else None
+    result = compatibility(features, names, protocol, args.bootstrap, args.seed, args.metric, transformed)
     result["models"] = list(args.models) if args.models else args.restore_embs
+    result["transform"] = args.transform
     if pair is not None:
         old, new = pair
         orders = {"random": backfill.random_order(len(identity_names), args.seed),
@@ -651,6 +690,14 @@ def build_parser():
     p.add_argument("-b", "--batch_size", type=int, default=128)
     p.add_argument("--num_workers", type=int, default=None, help="image loading workers (default min(4, CPUs))")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--preprocess", nargs="+", metavar="SPEC",
+                   help="input of each model (one per model, or one): mean=V[/V/V],std=V[/V/V] (or scale=V),"
+                        "rgb|bgr,flip_sum|no_flip (default mean=127.5,scale=0.0078125,rgb,flip_sum; "
+                        "docs/features.md)")
+    p.add_argument("--transform", metavar="H.pt", help="gallery transform (tools/transform): adds the cell new "
+                                                       "queries vs the transformed old gallery, and its verdict")
+    p.add_argument("--transform_generations", nargs=2, metavar=("OLD", "NEW"),
+                   help="the generations the transform maps from and to (names or positions; default first, last)")
     return p
 
 

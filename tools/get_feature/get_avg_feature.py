@@ -32,8 +32,8 @@ def main(argv=None):
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num_classes must be >= 1, got {args.num_classes}")
     sources = [feature_path(args.SD, kind, args.output) for kind in ("feature", "label")]
-    if args.config and not all(os.path.isfile(p) for p in sources):
-        cfg = get_config(args.config)
+    if (args.config or args.model) and not all(os.path.isfile(p) for p in sources):
+        cfg = get_config(args.config) if args.config else None
         if not extract_from_args(cfg, args):
             return
     elif int(os.environ.get("RANK", "0")) != 0:

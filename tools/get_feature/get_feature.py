@@ -9,6 +9,11 @@ the full ``train`` set); files go to ``feature_save/<scenario>/``. Raw (un-norma
 embeddings without flip, in dataset order; labels int64. Finished chunks of images are kept in
 ``work_dirs/cache/get_feature/`` (``$BCT_CACHE_DIR``, ``--cache_dir``), so rerunning an interrupted
 command embeds only what is missing (docs/features.md).
+
+A deployed old model (ONNX or TorchScript, e.g. insightface's ``w600k_r50.onnx``) with its preprocessing:
+
+    python tools/get_feature/get_feature.py --model w600k_r50.onnx --input_size 112 \
+        --preprocess mean=127.5,std=127.5,rgb,flip_sum --dataset dataset/mine/train --SD f512_w600k_arc_class100
 """
 import argparse
 import os
@@ -24,11 +29,12 @@ from utils.old_features import add_sd_args, parse_sd
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Extract old-model features of the new training split.")
-    parser.add_argument("config", help="config of the old model (work_dirs/<name>/model.pt)")
+    parser.add_argument("config", nargs="?", help="config of the old model (work_dirs/<name>/model.pt); "
+                                                  "optional with --model and --dataset")
     add_extract_args(add_sd_args(parser))
     args = parser.parse_args(argv)
     parse_sd(args.SD)
-    cfg = get_config(args.config)
+    cfg = get_config(args.config) if args.config else None
     paths = extract_from_args(cfg, args)
     if paths:
         print(f"saved {paths[0]} and {paths[1]}")

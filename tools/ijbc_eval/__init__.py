@@ -7,3 +7,4 @@ their cache), ``align`` (Umeyama alignment, image dataset), ``embed`` (model run
 """
 
 CHUNK_IMAGES = 8192   # images per chunk of the embedding pass: the unit of resuming an interrupted embedding
+INPUT_SCALE = 0.0078125   # model input (x − 127.5)·1/128, RGB, as the insightface IJB evaluation

@@ -1,6 +1,7 @@
-"""Image embeddings for IJB evaluation: the model files (PyTorch ``.pt`` or ONNX) and the extraction pass.
+"""Image embeddings for IJB evaluation: the model files (PyTorch ``.pt``, ONNX, TorchScript) and the extraction pass.
 
-Models see RGB input ``(x − 127.5) · 0.0078125`` at their input size; every image is embedded
+Models see RGB input ``(x − 127.5) · 0.0078125`` at their input size (a deployed model: its stated
+preprocessing); every image is embedded
 as is and horizontally flipped (both kept, so every test variant can be formed later). The model
 runner and the loop are those of step 2 (:mod:`utils.embedding`), so the pass also runs on
 several GPUs under torchrun.
@@ -17,11 +18,10 @@ from tools.ijbc_eval import CHUNK_IMAGES
 from tools.ijbc_eval.align import AlignedFaces, init_worker, umeyama
 from tools.ijbc_eval.meta import line_of
 from utils.chunk_cache import file_stamp
+from utils.deployed import IJB_PREPROCESSING, load_model, model_kind
 from utils.distributed import DistInfo
 from utils.embedding import ModelRunner, embed_rows
 from utils.errors import UserError
-
-INPUT_SCALE = 0.0078125   # (x − 127.5)·1/128, as the insightface IJB evaluation
 
 
 def default_device():
@@ -32,46 +32,31 @@ class Embedder(ModelRunner):
     """Embeds uint8 image batches (B, 3, S, S) → (embeddings, flipped-image embeddings), float32 numpy.
 
     ``.pt``: a backbone state_dict loaded with :func:`backbones.load_backbone` (AMP fp16 on CUDA);
-    ``.onnx``: an onnxruntime session (CUDA provider when asked for and available).
+    an ONNX file or a TorchScript export: a deployed model (:mod:`utils.deployed`, fp32).
+    ``preprocessing`` (default :data:`utils.deployed.IJB_PREPROCESSING`) turns the uint8 RGB crops into its input.
     """
 
-    def __init__(self, path, network, width=64, input_size=112, device=None):
+    def __init__(self, path, network, width=64, input_size=112, device=None, preprocessing=None):
         self.path, self.network, self.width, self.input_size = os.fspath(path), network, width, input_size
+        self.preprocessing = preprocessing or IJB_PREPROCESSING
         device = torch.device(device or default_device())
         if not os.path.isfile(self.path):
             raise UserError(f"model file not found: {self.path}")
-        if self.path.endswith(".onnx"):
-            model = self._onnx_session(device)
-        else:
+        self.kind = model_kind(self.path)
+        if self.kind == "state_dict":
             model = load_backbone(self.path, network, width, input_size, device)
-        super().__init__(model, device, amp=True, scale=INPUT_SCALE, flip=True)
+        else:
+            model = load_model(self.path, input_size, device)
+        super().__init__(model, device, amp=self.kind == "state_dict", flip=True, preprocessing=self.preprocessing)
         self.embedding_size = self(torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8))[0].shape[1]
 
     def describe(self):
         """What its embeddings depend on (for a :class:`~utils.chunk_cache.ChunkCache` key)."""
-        return dict(model=file_stamp(self.path), network=None if self.onnx else self.network,
-                    width=None if self.onnx else self.width, input_size=self.input_size,
-                    runtime="onnx" if self.onnx else "torch", device=self.device.type)
-
-    def _onnx_session(self, device):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise UserError(f"{self.path} is an ONNX model, which needs onnxruntime (not installed): "
-                            f"pip install onnxruntime (or onnxruntime-gpu for CUDA)") from None
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            session = onnxruntime.InferenceSession(self.path, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-            raise UserError(f"cannot load ONNX model {self.path}: {str(exc).splitlines()[0]}") from None
-        shape = session.get_inputs()[0].shape
-        if len(shape) != 4 or any(isinstance(s, int) and s != want for s, want in
-                                  zip(shape[1:], (3, self.input_size, self.input_size))):
-            raise UserError(f"{self.path} expects input of shape {shape}, not (B, 3, {self.input_size}, "
-                            f"{self.input_size}); pass the matching --input_size")
-        return session
+        backbone = self.kind == "state_dict"
+        return dict(model=file_stamp(self.path), network=self.network if backbone else None,
+                    width=self.width if backbone else None, input_size=self.input_size,
+                    runtime=self.kind,
+                    device=self.device.type, preprocessing=self.preprocessing.describe())
 
 
 def alignment_matrices(meta):

@@ -23,6 +23,7 @@ from tools.ijbc_eval import CHUNK_IMAGES, bootstrap, metrics
 from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta
 from utils.chunk_cache import ChunkCache, file_stamp
 from utils.config import add_launcher_args
+from utils.deployed import IJB_PREPROCESSING, parse_preprocessing
 from utils.errors import ArgumentParser, require, run_cli
 from utils.io import atomic_np_savez, atomic_open, npz_member_memmap, numpy_read_errors, safe_np_load
 
@@ -52,7 +53,7 @@ def _embeddings(data, key, path):
     return np.asarray(_array(data, key, path), np.float32)
 
 
-def _restore(path, num_images):
+def _restore(path, num_images, same_sizes=True):
     """``(new, old)`` embedding pairs from a saved result; ``old`` is None without ``embs_old``."""
     with _open_npz(path) as data:
         require("embs" in data.files and "embs_f" in data.files,
@@ -66,7 +67,7 @@ def _restore(path, num_images):
     require(arrays["embs_f"].shape == arrays["embs"].shape, f"{path}: 'embs_f' and 'embs' differ in shape")
     new = (arrays["embs"], arrays["embs_f"])
     old = (arrays["embs_old"], arrays["embs_f_old"]) if "embs_old" in arrays else None
-    if old is not None:
+    if old is not None and same_sizes:
         _check_sizes(old[0].shape[1], new[0].shape[1], f"{path}: embs_old", f"{path}: embs")
     return new, old
 
@@ -91,11 +92,13 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
     device = dist_info.device if launched else options["device"]
     try:
         check_images(meta)
-        embedders = [Embedder(model_file, network, options["width"], options["input_size"], device)]
+        embedders = [Embedder(model_file, network, options["width"], options["input_size"], device,
+                              options["preprocess"])]
         if model_file_old:
             embedders.append(Embedder(model_file_old, network_old, options["old_width"], options["old_input_size"],
-                                      device))
-            _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
+                                      device, options["old_preprocess"]))
+            if not options["transform"]:
+                _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
         inputs = dict(images=os.path.abspath(meta.image_folder), models=[e.describe() for e in embedders],
                       meta=[file_stamp(meta.files[key]) for key in ("tid_mid", "landmarks")])
         cache = ChunkCache(f"ijb_embed/{meta.subset}", inputs, len(meta), options["chunk_size"],
@@ -107,6 +110,18 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
     if outputs is None:
         return None, None, None
     return outputs[0], (outputs[1] if model_file_old else None), cache
+
+
+def apply_transform(path, old, new_size):
+    """The old model's ``(embs, embs_f)`` mapped by the gallery transform in ``path`` into the new space."""
+    from tools.transform import transforms
+
+    model, saved = transforms.load(path)
+    require(saved["out_dim"] == new_size, f"--transform {path} maps into a {saved['out_dim']}-d space, but the new "
+                                          f"model makes {new_size}-d embeddings")
+    require(saved["in_dim"] == old[0].shape[1], f"--transform {path} maps {saved['in_dim']}-d old embeddings, but "
+                                                f"the old model makes {old[0].shape[1]}-d ones")
+    return tuple(transforms.transform_rows(model, part) for part in old)
 
 
 def _verification(meta, templates, new, old, variants):
@@ -252,14 +267,18 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
              network_old="r18", subset="IJBC", batch_size=128, bunch=False, save_embeddings=False,
              restore_embs=None, save_result=None, force_reload=False, width=64, input_size=112, old_width=None,
              old_input_size=None, num_workers=None, device=None, plot=True, verbose=True, cache_dir=None,
-             chunk_size=CHUNK_IMAGES, local_rank=None, resamples=0, bootstrap_seed=0):
+             chunk_size=CHUNK_IMAGES, local_rank=None, resamples=0, bootstrap_seed=0, preprocess=None,
+             old_preprocess=None, transform=None):
     """Evaluate a model (or saved embeddings) on IJB-C/IJB-B; returns the result dict written as JSON.
 
     1:1 → ``{"protocol", "subset", "test", "TAR@FAR": {"1e-6"…"1e-1"}, "AUC", …}``;
     1:N → ``{"protocol", "subset", "test", "top1", "top5", "top10", "TPIR@FPIR", "G1", "G2", "mixed", …}``.
     With ``bunch`` all eight N/D/F variants are added under ``"variants"`` (top level: N0D1F1).
     ``resamples`` > 0 adds ``"CI95"``: a 95 % subject-bootstrap interval ``[low, high]`` of every
-    figure of the top level, nested like it (:func:`intervals`).
+    figure of the top level, nested like it (:func:`intervals`). ``preprocess``/``old_preprocess``:
+    the input of a deployed model (:func:`utils.deployed.parse_preprocessing` text). ``transform``: a
+    gallery transform file (``tools/transform``) applied to every old embedding, so the cross-test
+    becomes new queries against the transformed old gallery (``"test": "transform"``).
     """
     require((model_file is None) != (restore_embs is None),
             "give a model (-m) or saved embeddings (--restore_embs), exactly one of them")
@@ -269,20 +288,28 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
             f"-R/--save_result must be a path ending in .npz, got {save_result}")
     require(not save_embeddings or save_result, "-E/--save_embeddings needs -R/--save_result PATH.npz")
     require(resamples >= 0, f"--bootstrap must be 0 (off) or a number of resamples, got {resamples}")
+    require(not transform or model_file_old or restore_embs,
+            "--transform maps the old model's gallery: give the old model (-m_old) or saved embeddings with embs_old")
+    preprocessings = [parse_preprocessing(text, IJB_PREPROCESSING, option, allow_flip=False) if text else None
+                      for text, option in ((preprocess, "--preprocess"), (old_preprocess, "--old_preprocess"))]
     meta = load_meta(data_path, subset, one_to_n, force_reload)
     cache = None
     if restore_embs:
-        new, old = _restore(restore_embs, len(meta))
+        new, old = _restore(restore_embs, len(meta), same_sizes=not transform)
     else:
         options = dict(width=width, input_size=input_size, device=device, batch_size=batch_size,
                        old_width=width if old_width is None else old_width,
                        old_input_size=input_size if old_input_size is None else old_input_size,
                        num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers,
-                       cache_dir=cache_dir, chunk_size=chunk_size)
+                       cache_dir=cache_dir, chunk_size=chunk_size, preprocess=preprocessings[0],
+                       old_preprocess=preprocessings[1], transform=transform)
         new, old, cache = _embed(meta, model_file, network, model_file_old, network_old, options, local_rank)
         if new is None:   # a rank other than 0 under torchrun: its share of the images is embedded
             return None
-    test = "cross" if old is not None else "self"
+    if transform:
+        require(old is not None, f"--transform: {restore_embs} holds no old-model embeddings (embs_old)")
+        old = apply_transform(transform, old, new[0].shape[1])
+    test = "transform" if transform else "cross" if old is not None else "self"
     protocol = "1:N" if one_to_n else "1:1"
     variants = metrics.VARIANTS if bunch else (metrics.DEFAULT_VARIANT,)
     templates = metrics.Templates(meta.templates, meta.medias)
@@ -295,7 +322,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
               "variant": metrics.DEFAULT_VARIANT, "model": model_file or restore_embs,
               "network": network if model_file else None,
               "model_old": model_file_old if old is not None and not restore_embs else None,
-              "network_old": network_old if old is not None else None,
+              "network_old": network_old if old is not None else None, "transform": transform,
               "data": meta.root, "num_images": len(meta), "num_templates": len(templates.ids)}
     if not one_to_n:
         result["num_pairs"] = int(len(meta.pairs["labels"]))
@@ -373,7 +400,8 @@ def plot_only(files, save_result=None):
 
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model_file", help="new model: backbone state_dict (.pt) or ONNX file (.onnx)")
+    p.add_argument("-m", "--model_file", "--model", dest="model_file",
+                   help="new model: backbone state_dict (.pt), ONNX file (.onnx) or TorchScript export")
     p.add_argument("-net", "--network", default="r50", help="backbone of -m (default r50)")
     p.add_argument("-m_old", "--model_file_old", help="old model (cross-test: gallery side)")
     p.add_argument("-old_net", "--network_old", default="r18", help="backbone of -m_old (default r18)")
@@ -401,6 +429,13 @@ def build_parser():
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="95 %% intervals from N subject resamples (JSON 'CI95', ± column in the table)")
     p.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the resamples (default 0)")
+    p.add_argument("--preprocess", metavar="SPEC",
+                   help="input of -m: mean=V[/V/V],std=V[/V/V] (or scale=V),rgb|bgr (default mean=127.5,"
+                        "scale=0.0078125,rgb; docs/features.md)")
+    p.add_argument("--old_preprocess", metavar="SPEC", help="the same for -m_old")
+    p.add_argument("--transform", metavar="H.pt",
+                   help="gallery transform (tools/transform) applied to the old embeddings: new queries vs the "
+                        "transformed old gallery")
     return add_launcher_args(p)
 
 
@@ -415,7 +450,8 @@ def main(argv=None):
                     args.restore_embs, args.save_result, args.force_reload, args.width, args.input_size,
                     args.old_width, args.old_input_size, args.num_workers, args.device,
                     cache_dir=args.cache_dir, chunk_size=args.chunk_size, local_rank=args.local_rank,
-                    resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+                    resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed, preprocess=args.preprocess,
+                    old_preprocess=args.old_preprocess, transform=args.transform)
 
 
 if __name__ == "__main__":

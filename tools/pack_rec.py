@@ -1,0 +1,146 @@
+"""Pack a folder of aligned face crops into an insightface RecordIO training set.
+
+    python tools/pack_rec.py ROOT OUT_PREFIX [--workers 4] [--quality 95] [--overwrite]
+
+``ROOT/<identity>/<image>`` (jpg/png/bmp): identity folders in sorted order become labels 0..C−1,
+images in sorted order inside each. Writes ``OUT_PREFIX.rec``/``.idx`` in the insightface layout
+(record 0: flag 2, label ``[N+1, N+1+C]``; images 1..N: flag 0, label, id = key, the JPEG bytes;
+then one identity record per class with its key range ``[first, last+1)``), the property file
+``num_classes,height,width`` (``OUT_PREFIX.property``; the folder's ``property`` when the prefix
+ends in ``train``, as insightface's ``train.rec``) and ``OUT_PREFIX.labels.tsv`` (``label<TAB>identity``).
+JPEG files are stored byte for byte (as insightface's packer); other formats are encoded as JPEG.
+Every file is written under a temporary name and renamed at the end (the ``.idx`` last), so a
+failed run leaves no set behind. See docs/data.md.
+"""
+import argparse
+import contextlib
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from utils.errors import UserError, require, run_cli
+from utils.io import atomic_path
+from utils.recordio import IRHeader, MXIndexedRecordIO, encode_image, pack
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+JPEG_START = b"\xff\xd8\xff"
+FLOAT32_EXACT = 1 << 24          # record 0's float32 label indexes keys exactly up to here
+
+
+def list_identities(root, name=None):
+    """``(identities, image paths, labels)`` of ``ROOT/<identity>/<image>``, sorted by name (``name``: how
+    messages call the root, default its path)."""
+    name = name or root
+    require(os.path.isdir(root), f"{name}: not a folder (expected ROOT/<identity>/<image>)")
+    identities = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    require(identities, f"{name}: holds no identity folders (expected ROOT/<identity>/<image>)")
+    files, labels = [], []
+    for label, identity in enumerate(identities):
+        require("\t" not in identity and "\n" not in identity, f"{root}: identity folder name {identity!r} "
+                                                               "contains a tab or newline")
+        folder = os.path.join(root, identity)
+        images = sorted(e.name for e in os.scandir(folder)
+                        if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        require(images, f"{folder}: identity folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        files += [os.path.join(folder, name) for name in images]
+        labels += [label] * len(images)
+    return identities, files, np.array(labels, np.int64)
+
+
+def read_image(path, quality=95):
+    """``(JPEG bytes, height, width)`` of an image file; an undecodable file → UserError naming it."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    except cv2.error:
+        image = None
+    if image is None:
+        raise UserError(f"cannot read image {path} (expected a JPEG, PNG or BMP file)")
+    if not data.startswith(JPEG_START):
+        data = encode_image(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), quality)
+    return data, image.shape[0], image.shape[1]
+
+
+def property_path(prefix):
+    """The property file of a set: the folder's ``property`` for a ``train`` prefix, else ``<prefix>.property``."""
+    if os.path.basename(prefix) == "train":
+        return os.path.join(os.path.dirname(prefix), "property")
+    return prefix + ".property"
+
+
+def output_paths(prefix):
+    """The four files of a packed set, in the order they are moved into place (the index last)."""
+    return [prefix + ".rec", property_path(prefix), prefix + ".labels.tsv", prefix + ".idx"]
+
+
+def pack_folder(root, prefix, workers=4, quality=95, overwrite=False):
+    """Write the set of ``root`` at ``prefix``; returns ``(images, identities, (height, width))``."""
+    prefix = os.path.abspath(prefix[:-4] if prefix.endswith((".rec", ".idx")) else prefix)
+    existing = [p for p in output_paths(prefix) if os.path.exists(p)]
+    require(overwrite or not existing, f"{existing[0] if existing else ''}: exists (pass --overwrite to replace it)")
+    identities, files, labels = list_identities(root)
+    count, classes = len(files), len(identities)
+    require(count + classes + 1 < FLOAT32_EXACT,
+            f"{root}: {count} images and {classes} identities exceed what the float32 record-0 header can index")
+    ends = np.cumsum(np.bincount(labels, minlength=classes)) + 1          # key one past each identity's last image
+    starts = np.r_[1, ends[:-1]]
+    shape = None
+    with contextlib.ExitStack() as stack:
+        # entered last to first, so on success they are renamed first to last (the index last)
+        tmp = [stack.enter_context(atomic_path(p)) for p in reversed(output_paths(prefix))][::-1]
+        writer = stack.enter_context(MXIndexedRecordIO(tmp[3], tmp[0], "w"))
+        writer.write_idx(0, pack(IRHeader(2, [count + 1, count + 1 + classes], 0, 0), b""))
+        pool = stack.enter_context(ThreadPoolExecutor(max(1, workers)))
+        bar = stack.enter_context(tqdm(total=count, unit="img", desc=f"packing {os.path.basename(prefix)}",
+                                       mininterval=2))
+        for key, (label, path, (jpeg, height, width)) in enumerate(
+                zip(labels.tolist(), files, pool.map(lambda p: read_image(p, quality), files)), 1):
+            shape = shape or (height, width)
+            require((height, width) == shape, f"{path} is {width}×{height} pixels, but {files[0]} is "
+                                              f"{shape[1]}×{shape[0]}: a set holds crops of one size")
+            writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), jpeg))
+            bar.update()
+        for label in range(classes):
+            key = count + 1 + label
+            writer.write_idx(key, pack(IRHeader(2, [float(starts[label]), float(ends[label])], key, 0), b""))
+        writer.close()
+        with open(tmp[1], "w") as handle:
+            handle.write(f"{classes},{shape[0]},{shape[1]}\n")
+        with open(tmp[2], "w", encoding="utf-8") as handle:
+            handle.writelines(f"{label}\t{name}\n" for label, name in enumerate(identities))
+    return count, classes, shape
+
+
+def read_label_map(path):
+    """``{label: identity}`` of a ``.labels.tsv`` file written by :func:`pack_folder`."""
+    with open(path, encoding="utf-8") as handle:
+        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    require(all(len(r) == 2 and r[0].isdigit() for r in rows), f"{path}: expected lines 'label<TAB>identity'")
+    return {int(label): name for label, name in rows}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", help="image folder ROOT/<identity>/<image>")
+    parser.add_argument("out_prefix", help="output prefix: writes OUT_PREFIX.rec, .idx, .property, .labels.tsv")
+    parser.add_argument("--workers", type=int, default=4, help="threads reading and checking images (default 4)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality for images that are not JPEG files")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing set at OUT_PREFIX")
+    args = parser.parse_args(argv)
+    require(1 <= args.quality <= 100, f"--quality must lie in 1..100, got {args.quality}")
+    count, classes, shape = pack_folder(args.root, args.out_prefix, args.workers, args.quality, args.overwrite)
+    prefix = os.path.abspath(args.out_prefix)
+    print(f"packed {count} images of {classes} identities ({shape[1]}×{shape[0]}) → {prefix}.rec, .idx, "
+          f"{os.path.basename(property_path(prefix))}, {os.path.basename(prefix)}.labels.tsv")
+
+
+if __name__ == "__main__":
+    run_cli(main)
