@@ -298,7 +298,7 @@ def write_backfill(pipe, rows, evaluated, demo, data, out, resamples):
     from tools.compat_eval.backfill import demo_backfill
 
     cross = {r["method"]: r["value"] for r in rows if r["test"] == "cross" and r["metric"] == "TAR@FAR=1e-3"}
-    best = max((m for m in cross if m != "independent"), key=cross.get, default=None)
+    best = max((m for m in cross if m in METHODS), key=cross.get, default=None)   # a BCT method
     names = [m for m in (best, "independent") if m in cross]
     start = time.time()
     demo_backfill(data, evaluated["old"][1], {m: evaluated[demo.run_name(m, 0)][1] for m in names}, out, resamples)
