@@ -7,6 +7,7 @@ import importlib.util
 import math
 import os
 
+from easydict import EasyDict as edict
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from tests.helpers import ROOT
 from tests.test_methods import fake_ctx
 from utils.errors import UserError
 from utils.old_features import feature_path, parse_sd, scenario_of
-from utils.schedule import lr_multiplier
+from utils.schedule import lr_multiplier, run_multiplier
 from utils.trainer import optimizer_step
 
 WORLD = 2
@@ -35,7 +36,8 @@ def test_defaults_are_the_published_settings():
     adv, uni, nccl = _base("AdvBCT"), _base("UniBCT"), _base("NCCL")
     assert (adv.discriminator_joint_batch, adv.p2s_average, adv.clip_extra_modules) == (False, "violating", True)
     assert (uni.refine_softmax, uni.refine_normalize) == ("column", False)
-    assert (nccl.l2_gradient, nccl.l1_gradient_scale) == (False, 8.0)
+    assert (nccl.l2_gradient, nccl.l1_gradient_scale, nccl.mask_empty_slots) == (False, 8.0, False)
+    assert _base("BCT").warmup_epoch == _base("UniBCT").warmup_epoch == -1
 
 
 # AdvBCT ------------------------------------------------------------------------------------------
@@ -156,6 +158,53 @@ def test_published_step_decay_matches_the_step_schedule():
     np.testing.assert_allclose(published, ours, rtol=1e-9)
     assert published[19] == pytest.approx(0.1) and published[20] == pytest.approx(0.01)
     assert published[32] == pytest.approx(1e-4)
+
+
+# Learning-rate schedule ----------------------------------------------------------------------------
+
+def _lrs(cfg, steps_per_epoch, global_batch, steps):
+    """Learning rates the optimiser steps 0..steps-1 use under LambdaLR(run_multiplier(...))."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run_multiplier(cfg, steps_per_epoch, global_batch))
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return np.array(rates)
+
+
+def _schedule_cfg(**keys):
+    return edict(dict(dict(num_image=100, num_epoch=35, warmup_epoch=0, lr_schedule="poly", lr_power=2.0,
+                           lr_steps=()), **keys))
+
+
+def test_published_warmup_minus_one_scales_the_poly_schedule():
+    """num_image 100, global batch 10: S = 10 steps per epoch, T = 350 steps, warm-up −1 epoch = −10 steps;
+    the published PolyScheduler gives lr_k = 0.1·(1 − (k + 10)/360)² = 0.1·((350 − k)/360)²."""
+    rates = _lrs(_schedule_cfg(warmup_epoch=-1), 10, 10, 350)
+    for step, expected in [(0, 0.1 * (350 / 360) ** 2), (1, 0.1 * (349 / 360) ** 2), (175, 0.1 * (175 / 360) ** 2),
+                           (349, 0.1 * (1 / 360) ** 2)]:
+        assert rates[step] == pytest.approx(expected, rel=1e-12)
+    assert rates[0] == pytest.approx(0.1 * 0.9452160493827161, rel=1e-12)  # (35/36)² of the base rate
+    plain = _lrs(_schedule_cfg(warmup_epoch=0), 10, 10, 350)
+    assert plain[0] == 0.1 and plain[175] == pytest.approx(0.1 * 0.25)
+    np.testing.assert_allclose(rates, plain * (35 / 36) ** 2, rtol=1e-12)
+    step_cfg = dict(lr_schedule="step", lr_steps=(20, 26, 32))
+    np.testing.assert_array_equal(_lrs(_schedule_cfg(warmup_epoch=-1, **step_cfg), 10, 10, 350),
+                                  _lrs(_schedule_cfg(**step_cfg), 10, 10, 350))  # UniBCT's step decay: no effect
+
+
+def test_poly_horizon_comes_from_num_image():
+    """Published MixBCT OPclass: num_image above the data's count. 120 images / batch 10 → a 420-step
+    horizon while the data gives 10 steps per epoch (350 trained): the last step is at (1 − 349/420)²."""
+    rates = _lrs(_schedule_cfg(num_image=120), 10, 10, 350)
+    assert rates[349] == pytest.approx(0.1 * (71 / 420) ** 2, rel=1e-12)
+    assert rates[100] == pytest.approx(0.1 * (320 / 420) ** 2, rel=1e-12)
+    # fewer images than the data: the published formula rises again past its horizon, (t − 1)²
+    assert lr_multiplier(110, 100) == pytest.approx(0.01)
+    with pytest.raises(UserError, match="num_image = 5 is fewer than one global batch"):
+        run_multiplier(_schedule_cfg(num_image=5), 10, 10)
 
 
 # NCCL --------------------------------------------------------------------------------------------

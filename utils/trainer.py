@@ -24,7 +24,7 @@ from utils.distributed import (DistInfo, add_launcher_args, any_rank, average_gr
 from utils.errors import UserError, require, run_cli
 from utils.io import atomic_torch_save
 from utils.logging_utils import SpeedLogger, setup_logger
-from utils.schedule import lr_multiplier
+from utils.schedule import run_multiplier
 
 
 @dataclasses.dataclass
@@ -196,10 +196,8 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
     if extra_params:
         param_groups.append({"params": extra_params})
     optimizer = _build_optimizer(cfg, param_groups)
-    steps_per_epoch, total_steps = ctx.steps_per_epoch, ctx.total_steps
-    warmup_steps = steps_per_epoch * cfg.warmup_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-        step, total_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, steps_per_epoch, cfg.lr_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run_multiplier(cfg, ctx.steps_per_epoch,
+                                                                            cfg.batch_size * world))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and bool(cfg.fp16))
     return TrainingRun(backbone, model, classifier, extra, extra_params, optimizer, scheduler, scaler, method, device)
 
@@ -247,7 +245,7 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
     seed_everything(cfg.seed + rank)
 
     dataset = MXFaceDataset(cfg.rec, train=True, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
-    check_data_config(cfg, dataset)
+    data_notes = check_data_config(cfg, dataset)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     require(steps_per_epoch > 0, f"{cfg.rec}: {len(dataset)} images are fewer than one global batch "
                                  f"({cfg.batch_size} x {world} processes)")
@@ -273,6 +271,8 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
         logger.info(f"config {cfg.config_path}: {len(dataset)} images, {cfg.num_classes} classes, "
                     f"{world} process(es) on {device} ({dist.get_backend()}), {steps_per_epoch} steps/epoch, {total_steps} steps, "
                     f"method {method.name}")
+        for note in data_notes:
+            logger.info(note)
         speed = SpeedLogger(cfg.frequent, total_steps, cfg.batch_size * world, logger, writer)
 
     stopped = False
