@@ -26,6 +26,7 @@ config.dropout = 0.0
 config.margin_list = (1.0, 0.5, 0.0)
 config.scale = 64.0
 config.sample_rate = 1.0
+config.softmax_head = "linear"     # train_old_softmax.py: "linear" nn.Linear head clipped with the backbone (published) | "partial_fc"
 config.interclass_filtering_threshold = 0
 
 # optimisation
@@ -41,6 +42,11 @@ config.lr_power = 2.0              # poly schedule power
 config.lr_steps = ()               # step schedule: epochs where lr is multiplied by 0.1
 config.clip_grad = 5.0             # gradient-norm clip on the backbone (0 = off)
 config.fp16 = True                 # AMP fp16 on CUDA (always off on CPU)
+# under AMP: "body" conv body fp16, final fc + feature BN fp32 (published BCT, UniBCT, AdvBCT, old softmax);
+# "none" backbone fp32 (published MixBCT, NCCL, L2, old ArcFace, independent); "all" whole backbone fp16
+config.backbone_amp = "body"
+config.amp_logits = True           # under AMP: Partial FC cosine logits computed in fp16 (published); False: fp32
+config.amp_growth_interval = 100   # GradScaler growth interval (published 100; PyTorch's default 2000)
 config.seed = 666                  # each process uses seed + rank
 config.deterministic = False       # deterministic kernels (exact resume on CPU)
 config.device = None               # None: cuda if available, else cpu

@@ -58,12 +58,17 @@ def training_keys(network, dim, split):
 def old_model(split, loss, dim):
     """Step 1: the old r18 model (``loss`` softmax or arc) on the 30 % ``split`` (class30 | data30)."""
     require_choice(loss, OLD_LOSSES, "old loss")
-    return training_keys(OLD_NETWORK, dim, split)
+    config = training_keys(OLD_NETWORK, dim, split)
+    if loss == "arc":
+        config.backbone_amp = "none"  # the published train_old_arc.py backbone ran in fp32 (no autocast)
+    return config
 
 
 def independent_model(dim):
-    """The independent r50 ArcFace reference on the whole training set."""
-    return training_keys(NEW_NETWORK, dim, "full")
+    """The independent r50 ArcFace reference on the whole training set (train_old_arc.py: fp32 backbone)."""
+    config = training_keys(NEW_NETWORK, dim, "full")
+    config.backbone_amp = "none"
+    return config
 
 
 class Experiment:

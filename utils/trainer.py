@@ -127,8 +127,10 @@ class TrainingRun:
         self.backbone, self.model, self.classifier, self.extra = backbone, model, classifier, extra
         self.optimizer, self.scheduler, self.scaler, self.method = optimizer, scheduler, scaler, method
         self.device = device
-        self.replicated_params = replicated_params   # the method modules' trainable parameters (outside DDP)
+        self.replicated_params = replicated_params   # trainable parameters every process holds whole (outside DDP)
         self.clipped_params = [*backbone.parameters(), *method.clipped_with_backbone()]
+        if getattr(classifier, "clip_with_backbone", False):
+            self.clipped_params += list(classifier.parameters())
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.pending_rng = None
 
@@ -184,11 +186,15 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
                                             broadcast_buffers=False, bucket_cap_mb=16)
     classifier = build_classifier(cfg).to(device)
     classifier.check_inputs = False  # every label was checked against num_classes; batches are full
+    amp = device.type == "cuda" and bool(cfg.fp16)
+    classifier.autocast_logits = torch.float16 if amp and cfg.amp_logits else None
     ctx.backbone, ctx.classifier = model, classifier
     method.setup(ctx)
     extra = method.extra_modules()
+    replicated = [classifier] if getattr(classifier, "replicated", False) else []  # held whole, not sharded
     for module in extra.values():
         module.to(device)
+    for module in [*extra.values(), *replicated]:
         for param in module.parameters():
             dist.broadcast(param.data, 0)
     param_groups = [{"params": trainable_params([backbone])}, {"params": list(classifier.parameters())}]
@@ -198,8 +204,9 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
     optimizer = _build_optimizer(cfg, param_groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run_multiplier(cfg, ctx.steps_per_epoch,
                                                                             cfg.batch_size * world))
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and bool(cfg.fp16))
-    return TrainingRun(backbone, model, classifier, extra, extra_params, optimizer, scheduler, scaler, method, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp, growth_interval=cfg.amp_growth_interval)
+    return TrainingRun(backbone, model, classifier, extra, extra_params + trainable_params(replicated), optimizer,
+                       scheduler, scaler, method, device)
 
 
 def train_one_epoch(run, ctx, loader, last_step, checkpoints, speed, stop):
@@ -211,7 +218,7 @@ def train_one_epoch(run, ctx, loader, last_step, checkpoints, speed, stop):
         images = to_model_input(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         ctx.global_step = run.global_step
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and cfg.backbone_amp != "none"):
             embeddings = run.model(images)
         loss, parts = run.method.compute_loss(embeddings.float(), labels, indices, ctx)
         optimizer_step(loss, run.optimizer, run.scaler, run.clipped_params, cfg.clip_grad, run.replicated_params)

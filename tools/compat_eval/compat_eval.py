@@ -124,10 +124,10 @@ def _list_folder(root):
 
 # ----------------------------------------------------------------------------------------- models
 def build_embedders(models, networks, widths, input_sizes, device):
-    """One :class:`tools.ijbc_eval.embed.Embedder` per generation (the toolkit's model runner)."""
+    """One :class:`tools.ijbc_eval.embed.Embedder` per generation (the toolkit's model runner, AMP fp16 on CUDA)."""
     from tools.ijbc_eval.embed import Embedder
 
-    return [Embedder(m, n, w, s, device) for m, n, w, s in zip(models, networks, widths, input_sizes)]
+    return [Embedder(m, n, w, s, device, amp=True) for m, n, w, s in zip(models, networks, widths, input_sizes)]
 
 
 def embed(faceset, embedders, batch_size=128, num_workers=2):

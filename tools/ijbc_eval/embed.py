@@ -31,11 +31,12 @@ def default_device():
 class Embedder(ModelRunner):
     """Embeds uint8 image batches (B, 3, S, S) → (embeddings, flipped-image embeddings), float32 numpy.
 
-    ``.pt``: a backbone state_dict loaded with :func:`backbones.load_backbone` (AMP fp16 on CUDA);
+    ``.pt``: a backbone state_dict loaded with :func:`backbones.load_backbone`, run in fp32 as the
+    published IJB-C evaluation (``amp``: AMP fp16 on CUDA, faster);
     ``.onnx``: an onnxruntime session (CUDA provider when asked for and available).
     """
 
-    def __init__(self, path, network, width=64, input_size=112, device=None):
+    def __init__(self, path, network, width=64, input_size=112, device=None, amp=False):
         self.path, self.network, self.width, self.input_size = os.fspath(path), network, width, input_size
         device = torch.device(device or default_device())
         if not os.path.isfile(self.path):
@@ -44,14 +45,15 @@ class Embedder(ModelRunner):
             model = self._onnx_session(device)
         else:
             model = load_backbone(self.path, network, width, input_size, device)
-        super().__init__(model, device, amp=True, scale=INPUT_SCALE, flip=True)
+        super().__init__(model, device, amp=amp, scale=INPUT_SCALE, flip=True)
         self.embedding_size = self(torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8))[0].shape[1]
 
     def describe(self):
         """What its embeddings depend on (for a :class:`~utils.chunk_cache.ChunkCache` key)."""
         return dict(model=file_stamp(self.path), network=None if self.onnx else self.network,
                     width=None if self.onnx else self.width, input_size=self.input_size,
-                    runtime="onnx" if self.onnx else "torch", device=self.device.type)
+                    runtime="onnx" if self.onnx else "torch", device=self.device.type,
+                    precision="fp16" if self.amp else "fp32")
 
     def _onnx_session(self, device):
         try:

@@ -91,10 +91,10 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
     device = dist_info.device if launched else options["device"]
     try:
         check_images(meta)
-        embedders = [Embedder(model_file, network, options["width"], options["input_size"], device)]
+        embedders = [Embedder(model_file, network, options["width"], options["input_size"], device, options["amp"])]
         if model_file_old:
             embedders.append(Embedder(model_file_old, network_old, options["old_width"], options["old_input_size"],
-                                      device))
+                                      device, options["amp"]))
             _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
         inputs = dict(images=os.path.abspath(meta.image_folder), models=[e.describe() for e in embedders],
                       meta=[file_stamp(meta.files[key]) for key in ("tid_mid", "landmarks")])
@@ -246,14 +246,15 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
              network_old="r18", subset="IJBC", batch_size=128, bunch=False, save_embeddings=False,
              restore_embs=None, save_result=None, force_reload=False, width=64, input_size=112, old_width=None,
              old_input_size=None, num_workers=None, device=None, plot=True, verbose=True, cache_dir=None,
-             chunk_size=CHUNK_IMAGES, local_rank=None, resamples=0, bootstrap_seed=0):
+             chunk_size=CHUNK_IMAGES, local_rank=None, resamples=0, bootstrap_seed=0, amp=False):
     """Evaluate a model (or saved embeddings) on IJB-C/IJB-B; returns the result dict written as JSON.
 
     1:1 → ``{"protocol", "subset", "test", "TAR@FAR": {"1e-6"…"1e-1"}, "AUC", …}``;
     1:N → ``{"protocol", "subset", "test", "top1", "top5", "top10", "TPIR@FPIR", "G1", "G2", "mixed", …}``.
     With ``bunch`` all eight N/D/F variants are added under ``"variants"`` (top level: N0D1F1).
     ``resamples`` > 0 adds ``"CI95"``: a 95 % subject-bootstrap interval ``[low, high]`` of every
-    figure of the top level, nested like it (:func:`intervals`).
+    figure of the top level, nested like it (:func:`intervals`). Models run in fp32 as published;
+    ``amp`` embeds in AMP fp16 on CUDA.
     """
     require((model_file is None) != (restore_embs is None),
             "give a model (-m) or saved embeddings (--restore_embs), exactly one of them")
@@ -272,7 +273,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
                        old_width=width if old_width is None else old_width,
                        old_input_size=input_size if old_input_size is None else old_input_size,
                        num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers,
-                       cache_dir=cache_dir, chunk_size=chunk_size)
+                       cache_dir=cache_dir, chunk_size=chunk_size, amp=amp)
         new, old, cache = _embed(meta, model_file, network, model_file_old, network_old, options, local_rank)
         if new is None:   # a rank other than 0 under torchrun: its share of the images is embedded
             return None
@@ -385,6 +386,7 @@ def build_parser():
     p.add_argument("--old_input_size", type=int, default=None, help="input size of -m_old (default --input_size)")
     p.add_argument("--num_workers", type=int, default=None, help="image loading workers (default min(8, CPUs))")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="embed in AMP fp16 on CUDA (faster; default fp32 as published)")
     p.add_argument("--cache_dir", default=None, help="where finished chunks of embeddings are kept so a rerun "
                                                      "resumes (default: $BCT_CACHE_DIR or work_dirs/cache)")
     p.add_argument("--chunk_size", type=int, default=CHUNK_IMAGES,
@@ -406,7 +408,7 @@ def main(argv=None):
                     args.restore_embs, args.save_result, args.force_reload, args.width, args.input_size,
                     args.old_width, args.old_input_size, args.num_workers, args.device,
                     cache_dir=args.cache_dir, chunk_size=args.chunk_size, local_rank=args.local_rank,
-                    resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+                    resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed, amp=args.amp)
 
 
 if __name__ == "__main__":
