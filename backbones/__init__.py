@@ -40,12 +40,13 @@ BACKBONE_AMP = ("body", "none", "all")
 def build_backbone(cfg):
     """The backbone a training config describes (network, embedding_size, dropout, width, input size);
     ``backbone_amp = "body"`` runs the final layers of iresnet and MobileFaceNet in fp32 (``fp32_head``)."""
-    if cfg.backbone_amp not in BACKBONE_AMP:
-        raise UserError(f"config {cfg.get('config_path', '')}: backbone_amp '{cfg.backbone_amp}' is not supported "
+    amp = cfg.get("backbone_amp", "body")
+    if amp not in BACKBONE_AMP:
+        raise UserError(f"config {cfg.get('config_path', '')}: backbone_amp '{amp}' is not supported "
                         f"(expected one of {', '.join(BACKBONE_AMP)})")
     model = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
                       width=cfg.network_width, input_size=cfg.input_size)
-    model.fp32_head = cfg.backbone_amp == "body"
+    model.fp32_head = amp == "body"
     return model
 
 
