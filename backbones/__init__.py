@@ -34,10 +34,20 @@ def get_model(name, num_features=512, dropout=0.0, width=64, input_size=112):
     return vit(name, num_features, dropout, width, input_size)
 
 
+BACKBONE_AMP = ("body", "none", "all")
+
+
 def build_backbone(cfg):
-    """The backbone a training config describes (network, embedding_size, dropout, width, input size)."""
-    return get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
-                     width=cfg.network_width, input_size=cfg.input_size)
+    """The backbone a training config describes (network, embedding_size, dropout, width, input size);
+    ``backbone_amp = "body"`` runs the final layers of iresnet and MobileFaceNet in fp32 (``fp32_head``)."""
+    amp = cfg.get("backbone_amp", "body")
+    if amp not in BACKBONE_AMP:
+        raise UserError(f"config {cfg.get('config_path', '')}: backbone_amp '{amp}' is not supported "
+                        f"(expected one of {', '.join(BACKBONE_AMP)})")
+    model = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
+                      width=cfg.network_width, input_size=cfg.input_size)
+    model.fp32_head = amp == "body"
+    return model
 
 
 def _family(network):

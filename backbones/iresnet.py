@@ -7,6 +7,7 @@ published network) and ``input_size`` the input side; the flattened map feeding 
 """
 import numbers
 
+import torch
 from torch import nn
 
 from utils.errors import UserError
@@ -42,6 +43,14 @@ def check_images(x, input_size):
                         f"got {tuple(x.shape)}")
 
 
+def run_head(head, x, fp32):
+    """``head(x)``; with ``fp32``, in fp32 outside any autocast (the published final layers under AMP)."""
+    if not fp32:
+        return head(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return head(x.float())
+
+
 def downsampled_size(size, stages):
     """Side after ``stages`` stride-2 convolutions (kernel 3, padding 1): ceil(size / 2) each time."""
     for _ in range(stages):
@@ -75,8 +84,12 @@ class IBasicBlock(nn.Module):
 class IResNet(nn.Module):
     """Stem conv3×3 + BN + PReLU, four stride-2 stages of IBasicBlocks, BN2d → dropout → fc → BN1d.
 
-    The final ``features`` BatchNorm1d has its scale fixed to 1 (``requires_grad=False``).
+    The final ``features`` BatchNorm1d has its scale fixed to 1 (``requires_grad=False``). With
+    ``fp32_head`` (set by the training config's ``backbone_amp = "body"``) ``fc`` and ``features`` run
+    in fp32 outside autocast.
     """
+
+    fp32_head = False
 
     def __init__(self, layers, num_features=512, dropout=0.0, width=64, input_size=112):
         super().__init__()
@@ -120,7 +133,7 @@ class IResNet(nn.Module):
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(self.bn2(x).flatten(1))
-        return self.features(self.fc(x))
+        return run_head(lambda t: self.features(self.fc(t)), x, self.fp32_head)
 
 
 def iresnet(name, num_features=512, dropout=0.0, width=64, input_size=112):

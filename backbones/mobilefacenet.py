@@ -6,7 +6,7 @@ depthwise ("GDC") kernel equals the side of the final feature map (7 for 112 px,
 """
 from torch import nn
 
-from backbones.iresnet import check_images, check_input_size, check_width, downsampled_size
+from backbones.iresnet import check_images, check_input_size, check_width, downsampled_size, run_head
 
 
 class ConvBlock(nn.Module):
@@ -85,7 +85,12 @@ class GDC(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    """MobileFaceNet: four stride-2 steps (stem, three DepthWise), residual stages, 1×1 conv, GDC."""
+    """MobileFaceNet: four stride-2 steps (stem, three DepthWise), residual stages, 1×1 conv, GDC.
+
+    With ``fp32_head`` the 1×1 conv and GDC run in fp32 outside autocast (as the published model).
+    """
+
+    fp32_head = False
 
     def __init__(self, num_features=512, dropout=0.0, width=64, input_size=112,
                  blocks=(1, 4, 6, 2), scale=2):
@@ -117,4 +122,4 @@ class MobileFaceNet(nn.Module):
         check_images(x, self.input_size)
         for layer in self.layers:
             x = layer(x)
-        return self.features(self.conv_sep(x))
+        return run_head(lambda t: self.features(self.conv_sep(t)), x, self.fp32_head)

@@ -26,6 +26,7 @@ config.dropout = 0.0
 config.margin_list = (1.0, 0.5, 0.0)
 config.scale = 64.0
 config.sample_rate = 1.0
+config.softmax_head = "linear"     # train_old_softmax.py: "linear" nn.Linear head clipped with the backbone (published) | "partial_fc"
 config.interclass_filtering_threshold = 0
 
 # optimisation
@@ -45,6 +46,11 @@ config.amp_dtype = "float16"       # AMP dtype when fp16 = True: float16 (publis
 config.tf32 = False                # TF32 for fp32 matrix products on Ampere and newer GPUs (False: torch default, off)
 config.channels_last = False       # backbone and input batches in channels_last memory format
 config.compile = False             # torch.compile the training model: True (inductor) or a backend name ("aot_eager")
+# under AMP: "body" conv body in the AMP dtype, final fc + feature BN fp32 (published BCT, UniBCT, AdvBCT, old
+# softmax); "none" backbone fp32 (published MixBCT, NCCL, L2, old ArcFace, independent); "all" whole backbone in AMP
+config.backbone_amp = "body"
+config.amp_logits = True           # under AMP: Partial FC cosine logits computed in the AMP dtype (published); False: fp32
+config.amp_growth_interval = 100   # GradScaler growth interval (published 100; PyTorch's default 2000)
 config.seed = 666                  # each process uses seed + rank
 config.deterministic = False       # deterministic kernels (exact resume on CPU)
 config.device = None               # None: cuda if available, else cpu

@@ -18,14 +18,20 @@ DATASET = "dataset/ms1m-retinaface-t1"
 OLD_NETWORK, NEW_NETWORK = "r18", "r50"
 OLD_LOSSES = ("softmax", "arc")
 
-# training split → (rec below DATASET, identities, images; None = read from the data)
+# training split → (rec below DATASET, num_classes, num_image) as the published configs set them.
+# num_image sizes the learning-rate schedule (num_image // global batch steps per epoch); the data
+# splits' values are the published 5,179,510 − 1,554,138, whatever the split files hold.
 SPLITS = {
     "class30": ("train_part_30_class", 28029, 1581241),
     "class70": ("train_part_70_class", 65402, 3598269),
-    "data30": ("train_part_30_data", 93431, None),
-    "data70": ("train_part_70_data", 93431, None),
+    "data30": ("train_part_30_data", 93431, 1554138),
+    "data70": ("train_part_70_data", 93431, 3625372),
     "full": ("", 93431, 5179510),
 }
+# The published OPclass configs of these methods kept the OPdata counts (93,431 classes, 3,625,372
+# images) on class70: 28,029 ArcFace centres that no label uses (extra negatives) and a schedule sized
+# for 3,625,372 images. Set num_classes = num_image = None in a config to size both from the data.
+OPDATA_COUNTS_ON_OPCLASS = ("MixBCT", "L2", "weakenedL2")
 # scenario → (old model's training split, new model's training split, split the old features are extracted on)
 SCENARIOS = {
     "OPclass": ("class30", "class70", "class70"),
@@ -52,27 +58,36 @@ def training_keys(network, dim, split):
 def old_model(split, loss, dim):
     """Step 1: the old r18 model (``loss`` softmax or arc) on the 30 % ``split`` (class30 | data30)."""
     require_choice(loss, OLD_LOSSES, "old loss")
-    return training_keys(OLD_NETWORK, dim, split)
+    config = training_keys(OLD_NETWORK, dim, split)
+    if loss == "arc":
+        config.backbone_amp = "none"  # the published train_old_arc.py backbone ran in fp32 (no autocast)
+    return config
 
 
 def independent_model(dim):
-    """The independent r50 ArcFace reference on the whole training set."""
-    return training_keys(NEW_NETWORK, dim, "full")
+    """The independent r50 ArcFace reference on the whole training set (train_old_arc.py: fp32 backbone)."""
+    config = training_keys(NEW_NETWORK, dim, "full")
+    config.backbone_amp = "none"
+    return config
 
 
 class Experiment:
-    """One published step-5 experiment: ``scenario`` × ``combination`` (e.g. ``softmax_to_arc_f128``)."""
+    """One published step-5 experiment: ``scenario`` × ``combination`` (e.g. ``softmax_to_arc_f128``);
+    ``method`` (e.g. ``"MixBCT"``) only matters where its published counts differ from the split's."""
 
-    def __init__(self, scenario, combination):
+    def __init__(self, scenario, combination, method=None):
         require_choice(scenario, SCENARIOS, "scenario")
         old_loss, dim = _parse_combination(combination)
         _, self.new_split, feature_split = SCENARIOS[scenario]
-        self.scenario, self.dim = scenario, dim
+        self.scenario, self.dim, self.method = scenario, dim, method
         self.sd = f"f{dim}_{OLD_NETWORK}_{old_loss}_{feature_split}"
 
     def new_model(self):
         """Keys of the new r50 ArcFace model trained on this scenario's new split."""
-        return training_keys(NEW_NETWORK, self.dim, self.new_split)
+        config = training_keys(NEW_NETWORK, self.dim, self.new_split)
+        if self.scenario == "OPclass" and self.method in OPDATA_COUNTS_ON_OPCLASS:
+            _, config.num_classes, config.num_image = SPLITS["data70"]
+        return config
 
     def feature(self, kind):
         """Path of an old-feature file (kind: feature, avg_feature, credible_ratio_90_feature)."""

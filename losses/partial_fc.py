@@ -85,7 +85,8 @@ class PartialFC(nn.Module):
     entropy — the softmax old model. ``sample_rate`` < 1: each step uses, per rank, the centres of
     all classes present in the global batch plus random others up to ``max(1,
     int(sample_rate·num_local))`` (only those rows get a gradient). Logits and the loss are
-    computed in fp32 also under AMP. The module must not be wrapped in DDP (it is model-parallel).
+    computed in fp32 unless ``autocast_logits`` is set (see :meth:`_shard_logits`). The module must
+    not be wrapped in DDP (it is model-parallel).
     ``check_inputs`` (default True) checks batch sizes and labels on every call; the training loop,
     which has checked every label of the data set and drops the last partial batch, turns it off.
     """
@@ -116,18 +117,25 @@ class PartialFC(nn.Module):
         # Each forward checks that every process has the same batch size and every label lies in
         # [0, num_classes); both wait for the device. A caller that guarantees both sets this False.
         self.check_inputs = True
+        self.autocast_logits = None  # the training loop sets torch.float16 under AMP with amp_logits (published)
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, sample_rate={self.sample_rate}")
 
     def _shard_logits(self, embeddings, weight, bias):
-        """fp32 logits of ``embeddings`` against the given centres (cosine, or linear + bias)."""
+        """fp32 logits of ``embeddings`` against the given centres (cosine, or linear + bias). With
+        ``autocast_logits`` (a dtype) the cosine product runs under autocast in it, as the published
+        Partial FC under AMP, and is cast back to fp32."""
         with torch.autocast(embeddings.device.type, enabled=False):
             embeddings = embeddings.float()
             if self.margin_loss is None:
                 return F.linear(embeddings, weight.float(), bias.float())
-            return F.linear(F.normalize(embeddings), F.normalize(weight.float())).clamp(-1, 1)
+            embeddings, weight = F.normalize(embeddings), F.normalize(weight.float())
+        amp = {"dtype": self.autocast_logits} if self.autocast_logits is not None else {"enabled": False}
+        with torch.autocast(embeddings.device.type, **amp):
+            logits = F.linear(embeddings, weight)
+        return logits.float().clamp(-1, 1)
 
     def logits(self, embeddings):
         """This rank's N × num_local logits of ``embeddings`` (cosine in margin mode): no margin, no sampling."""
@@ -192,6 +200,46 @@ def arcface_classifier(cfg):
     return PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate)
 
 
+class LinearSoftmaxHead(nn.Linear):
+    """The published softmax old model's head: ``nn.Linear(embedding_size, num_classes)`` with bias and
+    PyTorch's default initialisation, full softmax cross entropy on fp32 logits (outside autocast).
+
+    Every process holds it whole (``replicated``: the training loop broadcasts it and averages its
+    gradients) and it is clipped to one gradient norm with the backbone (``clip_with_backbone``), as
+    the published head that lived inside the backbone. It is not saved in ``model.pt``.
+    """
+
+    replicated = True
+    clip_with_backbone = True
+
+    def __init__(self, embedding_size, num_classes):
+        super().__init__(embedding_size, num_classes)
+        self.check_inputs = True
+
+    def forward(self, embeddings, labels):
+        labels = labels.reshape(-1).long()
+        if self.check_inputs and bool(((labels < 0) | (labels >= self.out_features)).any()):
+            bad = labels[(labels < 0) | (labels >= self.out_features)][0].item()
+            raise UserError(f"label {bad} is outside [0, {self.out_features}) (num_classes of the classifier)")
+        with torch.autocast(embeddings.device.type, enabled=False):
+            logits = F.linear(embeddings.float(), self.weight, self.bias)
+        return F.cross_entropy(logits, labels)
+
+
+SOFTMAX_HEADS = ("linear", "partial_fc")
+
+
 def softmax_classifier(cfg):
-    """The Partial FC of a plain softmax training config: linear classifier with bias, no margin."""
-    return PartialFC(None, cfg.embedding_size, cfg.num_classes, cfg.sample_rate)
+    """The classifier of a plain softmax training config (``softmax_head``): ``"linear"``, the published
+    :class:`LinearSoftmaxHead`; ``"partial_fc"``, a Partial FC linear classifier (weights N(0, 0.01),
+    zero bias, not clipped, ``sample_rate`` honoured)."""
+    head = cfg.get("softmax_head", "linear")
+    if head not in SOFTMAX_HEADS:
+        raise UserError(f"config {cfg.get('config_path', '')}: softmax_head '{head}' is not supported "
+                        f"(expected {' or '.join(SOFTMAX_HEADS)})")
+    if head == "partial_fc":
+        return PartialFC(None, cfg.embedding_size, cfg.num_classes, cfg.sample_rate)
+    if cfg.sample_rate != 1.0:
+        raise UserError(f"config {cfg.get('config_path', '')}: sample_rate {cfg.sample_rate} needs "
+                        "softmax_head = 'partial_fc' (the published linear head uses every class)")
+    return LinearSoftmaxHead(cfg.embedding_size, cfg.num_classes)

@@ -1,11 +1,13 @@
 """Every shipped config resolves to the merged values recorded before configs/scenarios.py existed.
 
 ``tests/data/shipped_configs.json`` holds the merged configs of commit 6ff64e0 (each config restating
-all its keys), paths relative to the repository root.
+all its keys), paths relative to the repository root; CHANGED_SINCE_SNAPSHOT lists every value changed
+on purpose since then.
 """
 import glob
 import json
 import os
+import re
 
 import pytest
 
@@ -14,8 +16,23 @@ from utils.config import ROOT, get_config
 from utils.errors import UserError
 
 SNAPSHOT = os.path.join(ROOT, "tests", "data", "shipped_configs.json")
-# defaults deliberately changed since the snapshot: the published behaviour became the default
-CHANGED_DEFAULTS = {"UniBCT": {"refine_normalize": False}}
+# values deliberately changed since the snapshot, where the published value became the default:
+# (regular expression on the config path, {key: value})
+CHANGED_SINCE_SNAPSHOT = [
+    (r"/UniBCT/", {"refine_normalize": False}),
+    (r"/(BCT|UniBCT)/", {"warmup_epoch": -1}),                              # published BCT and UniBCT configs
+    (r"/(MixBCT|L2)/configs/OPclass_", {"num_classes": 93431, "num_image": 3625372}),   # the OPdata counts
+    (r"/OPdata_", {"num_image": 3625372}),                                  # 5,179,510 − 1,554,138
+    (r"_data30\.py$", {"num_image": 1554138}),
+]
+
+
+def changed_since_snapshot(path):
+    changes = {}
+    for pattern, values in CHANGED_SINCE_SNAPSHOT:
+        if re.search(pattern, path):
+            changes.update(values)
+    return changes
 
 
 def shipped_configs():
@@ -43,7 +60,7 @@ def test_every_shipped_config_is_in_the_snapshot():
 @pytest.mark.parametrize("method", ["AdvBCT", "BCT", "L2", "MixBCT", "NCCL", "UniBCT", "old"])
 def test_shipped_configs_resolve_as_before(method):
     """Every key of the snapshot keeps its value (keys a base declared later are not compared), but for the
-    defaults listed in CHANGED_DEFAULTS."""
+    values listed in CHANGED_SINCE_SNAPSHOT."""
     with open(SNAPSHOT) as handle:
         snapshot = json.load(handle)
     paths = [p for p in shipped_configs() if (p.startswith("configs/") if method == "old" else f"/{method}/" in p)]
@@ -52,7 +69,7 @@ def test_shipped_configs_resolve_as_before(method):
         merged = get_config(os.path.join(ROOT, path))
         merged.pop("config_path")
         got = {key: plain(value) for key, value in merged.items()}
-        want = dict(snapshot[path], **CHANGED_DEFAULTS.get(method, {}))
+        want = dict(snapshot[path], **changed_since_snapshot(path))
         assert {k: got[k] for k in want} == want, path
 
 
@@ -79,3 +96,15 @@ def test_scenario_helper_rejects_unknown_names(call, message):
         return
     with pytest.raises(UserError, match=message):
         call()
+
+
+def test_changes_since_the_snapshot_are_exactly_the_listed_ones():
+    """Each listed change touches the configs it names (13 UniBCT, 13 BCT + 13 UniBCT, 12 MixBCT/L2 OPclass,
+    21 OPdata, 3 data30 old models) and every listed value differs from the snapshot's."""
+    paths = shipped_configs()
+    counts = [sum(bool(re.search(pattern, p)) for p in paths) for pattern, _ in CHANGED_SINCE_SNAPSHOT]
+    assert counts == [13, 26, 12, 21, 3]
+    with open(SNAPSHOT) as handle:
+        snapshot = json.load(handle)
+    differing = {(p, k) for p in paths for k, v in changed_since_snapshot(p).items() if snapshot[p][k] != v}
+    assert len(differing) == 13 + 26 + 2 * 12 + 21 + 3

@@ -174,11 +174,12 @@ def test_check_data_config(tmp_path):
     prefix = str(tmp_path / "c")
     make_rec(prefix, [0, 3, 1])
     ds = MXFaceDataset(prefix, input_size=8)
-    cfg = check_data_config(edict(num_classes=None, num_image=None, config_path="run.py"), ds)
-    assert cfg.num_classes == 4 and cfg.num_image == 3
-    check_data_config(edict(num_classes=10, num_image=3), ds)  # no property file: more classes allowed
-    with pytest.raises(UserError, match="num_image = 5 but .*c.rec holds 3 images"):
-        check_data_config(edict(num_classes=None, num_image=5, config_path="run.py"), ds)
+    cfg = edict(num_classes=None, num_image=None, config_path="run.py")
+    assert check_data_config(cfg, ds) == [] and cfg.num_classes == 4 and cfg.num_image == 3
+    notes = check_data_config(edict(num_classes=10, num_image=5, config_path="run.py"), ds)
+    assert len(notes) == 2  # more classes than labels (unused centres) and a schedule sized for 5 images
+    assert "num_image = 5 but " in notes[0] and "c.rec holds 3 images" in notes[0]
+    assert notes[1] == "config run.py: num_classes = 10 but the data has 4 classes: 6 classifier centres get no label"
     with pytest.raises(UserError, match=r"c\.rec: image key 2 has label 3, outside 0..2 \(num_classes = 3 from"):
         check_data_config(edict(num_classes=3, num_image=None, config_path="run.py"), ds)
     with open(prefix + ".property", "w") as handle:
@@ -186,6 +187,7 @@ def test_check_data_config(tmp_path):
     ds = MXFaceDataset(prefix, input_size=8)
     with pytest.raises(UserError, match=r"num_classes = 5 but .*c\.property says 6"):
         check_data_config(edict(num_classes=5, num_image=None), ds)
+    assert "2 classifier centres get no label" in check_data_config(edict(num_classes=8, num_image=None), ds)[0]
     with open(prefix + ".property", "w") as handle:
         handle.write("2,8,8\n")
     with pytest.raises(UserError, match=r"label 3, outside 0..1 \(num_classes = 2 from .*c\.property\)"):

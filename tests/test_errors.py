@@ -246,14 +246,9 @@ def softmax_label_beyond_config(w, s):
     return _config(w, data, num_classes=5)
 
 
-@case(ARC, "config `num_classes` contradicts the data's `property`", "num_classes = 4 but")
+@case(ARC, "config `num_classes` below the data's `property`", "num_classes = 4 but")
 def train_num_classes_mismatch(w, s):
     return _config(w, s.data, num_classes=4)
-
-
-@case(ARC, "config `num_image` contradicts the data", "num_image = 40 but")
-def train_num_image_mismatch(w, s):
-    return _config(w, s.data, num_image=40)
 
 
 @case(ARC, "fewer images than one batch", "fewer than one global batch")

@@ -59,10 +59,17 @@ def test_credible_mask_hand_cases(T, expected):
     assert mask.tolist() == expected
 
 
-def test_credible_ceil_is_exact_for_decimal_T():
-    features = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
-    assert fs.credible_mask(features, np.zeros(10, int), 0.7).sum() == 7      # 0.7·10 = 7.000000000000001
-    assert fs.credible_mask(features, np.zeros(10, int), 0.71).sum() == 8
+@pytest.mark.parametrize("T, n, kept", [
+    (0.07, 100, 8),     # 0.07 * 100 = 7.000000000000001 in float64, as the published math.ceil(T * n)
+    (0.55, 100, 56),    # 0.55 * 100 = 55.00000000000001
+    (0.7, 10, 7),       # 0.7 * 10 = 7.0 exactly
+    (0.9, 10, 9),       # 0.9 * 10 = 9.0 exactly
+    (0.5, 7, 4),
+])
+def test_credible_count_is_the_published_float_ceil(T, n, kept):
+    assert math.ceil(T * n) == kept  # the published count, computed independently
+    features = np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32)
+    assert fs.credible_mask(features, np.zeros(n, int), T).sum() == kept
 
 
 def _published_denoise(features, labels, T, column_norm):
@@ -74,7 +81,7 @@ def _published_denoise(features, labels, T, column_norm):
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         dist = np.linalg.norm(data[idx] - data[idx].mean(axis=0), axis=1)
-        mask[idx[np.argsort(dist, kind="stable")[:math.ceil(round(T * len(idx), 9))]]] = 1
+        mask[idx[np.argsort(dist, kind="stable")[:math.ceil(T * len(idx))]]] = 1
     return mask
 
 

@@ -198,7 +198,7 @@ def _nccl_steps(rank, world, folder, labels, batch):
     local = 2 * batch // world
     cfg = edict(config_path="nccl.py", embedding_size=6, batch_size=local, queue_size=16, alpha=1.0, beta=0.5,
                 temperature=0.7, credible_old_feature=None, old_embedding=os.path.join(folder, "old.npy"),
-                l1_gradient_scale=1.0, l2_gradient=True)
+                l1_gradient_scale=1.0, l2_gradient=True, mask_empty_slots=False)
     ctx = types.SimpleNamespace(cfg=cfg, classifier=classifier, device=torch.device("cpu"), dataset=labels,
                                 dist=types.SimpleNamespace(world_size=world, rank=rank),
                                 logger=types.SimpleNamespace(info=lambda *a: None))

@@ -38,7 +38,7 @@ def fake_ctx(tmp_path, num_images=12, num_classes=3, dim=4, batch_size=6, **keys
         np.save(tmp_path / f"{name}.npy", array)
     cfg = edict(config_path="test.py", embedding_size=dim, batch_size=batch_size, num_epoch=4,
                 old_embedding=str(tmp_path / "feature.npy"), credible_old_feature=str(tmp_path / "mask.npy"),
-                old_prototype=str(tmp_path / "avg.npy"))
+                old_prototype=str(tmp_path / "avg.npy"), mask_empty_slots=False)
     cfg.update(keys)
     torch.manual_seed(0)
     classifier = PartialFC(ArcFace(), dim, num_classes)
@@ -193,9 +193,11 @@ def test_consensus_contrastive_loss_hand_computed():
     assert got.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
     half = consensus_contrastive_loss(scores * 2, labels, queue_labels, weights, tau=2.0)
     assert half.item() == pytest.approx(got.item(), abs=1e-6)
-    empty = consensus_contrastive_loss(scores, labels, torch.tensor([7, -1, -1]), weights)
-    log_p = 0.0  # only one valid slot: softmax over it is 1
-    assert empty.item() == pytest.approx(-0.5 * log_p, abs=1e-6)
+    # two empty slots: row 1 (label 3) has no positive and is left out of the mean
+    published = consensus_contrastive_loss(scores, labels, torch.tensor([7, -1, -1]), weights)
+    assert published.item() == pytest.approx(-0.5 * (1 - log_z0), abs=1e-6)  # empty slots stay in the denominator
+    masked = consensus_contrastive_loss(scores, labels, torch.tensor([7, -1, -1]), weights, mask_empty=True)
+    assert masked.item() == pytest.approx(0.0, abs=1e-6)  # only one slot left: its softmax is 1
     only_second = consensus_contrastive_loss(scores, labels, queue_labels, weights, anchors=torch.tensor([False, True]))
     assert only_second.item() == pytest.approx(row1, abs=1e-6)
 
@@ -216,10 +218,12 @@ def test_queue_is_fifo_and_positives_include_self():
     assert torch.allclose(consensus_weights(batch, queue.features)[torch.arange(3), torch.arange(3)], torch.ones(3))
 
 
-def _nccl_reference(new, old, labels, q_feat, q_logit, q_labels, new_logits, tau):
-    """Direct per-sample loops of the NCCL formulas (numpy, float64) over the filled queue slots."""
-    filled = q_labels >= 0
-    q_feat, q_logit, q_labels = q_feat[filled], q_logit[filled], q_labels[filled]
+def _nccl_reference(new, old, labels, q_feat, q_logit, q_labels, new_logits, tau, filled_only):
+    """Direct per-sample loops of the NCCL formulas (numpy, float64) over every queue slot, or only
+    over the filled ones."""
+    if filled_only:
+        filled = q_labels >= 0
+        q_feat, q_logit, q_labels = q_feat[filled], q_logit[filled], q_labels[filled]
     l1 = l2 = 0.0
     for i in range(len(new)):
         pos = np.flatnonzero(q_labels == labels[i])
@@ -234,9 +238,12 @@ def _nccl_reference(new, old, labels, q_feat, q_logit, q_labels, new_logits, tau
     return l1, l2
 
 
-def test_nccl_method_matches_direct_formulas(tmp_path):
+@pytest.mark.parametrize("mask_empty_slots", [False, True])
+def test_nccl_method_matches_direct_formulas(tmp_path, mask_empty_slots):
+    """12 of the 16 queue slots are filled: the 4 empty ones are in the softmax unless masked."""
     ctx, features, _, _, labels = fake_ctx(tmp_path, queue_size=16, alpha=1.0, beta=0.5, temperature=0.7,
-                                           credible_old_feature=None, l1_gradient_scale=1.0, l2_gradient=True)
+                                           credible_old_feature=None, l1_gradient_scale=1.0, l2_gradient=True,
+                                           mask_empty_slots=mask_empty_slots)
     method = NCCL(ctx.cfg)
     method.setup(ctx)
     for indices in ([0, 4, 8, 1, 5, 9], [2, 6, 10, 3, 7, 11]):
@@ -250,7 +257,7 @@ def test_nccl_method_matches_direct_formulas(tmp_path):
         new_logits = ctx.classifier.logits(embeddings).double().numpy()
         cls = ctx.classifier(embeddings, y)
     l1, l2 = _nccl_reference(F.normalize(embeddings).double().numpy(), old, y.numpy(), queue.features.double().numpy(),
-                             queue.logits.double().numpy(), queue.labels.numpy(), new_logits, 0.7)
+                             queue.logits.double().numpy(), queue.labels.numpy(), new_logits, 0.7, mask_empty_slots)
     assert parts["l1"].item() == pytest.approx(l1, abs=1e-5) and parts["l2"].item() == pytest.approx(l2, abs=1e-5)
     assert loss.item() == pytest.approx(cls.item() + l1 + 0.5 * l2, abs=1e-5)
     restored = NCCL(ctx.cfg)
@@ -393,6 +400,8 @@ def test_every_shipped_config_loads_and_the_matrix_is_complete():
             fields = name.split("_")
             scenario, old_loss, dim = fields[0], fields[-4], int(fields[-1][1:])
             split, detail, classes = SCENARIOS[scenario]
+            if scenario == "OPclass" and method in ("MixBCT", "L2"):
+                classes = 93431  # the published MixBCT and L2 OPclass configs kept the OPdata count
             assert cfg.network == "r50" and cfg.embedding_size == dim and cfg.num_classes == classes
             assert cfg.num_epoch == 35 and cfg.batch_size == 128 and cfg.lr == 0.1 and cfg.fp16
             assert cfg.rec == os.path.normpath(os.path.join(ROOT, "dataset/ms1m-retinaface-t1", split))

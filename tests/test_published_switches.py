@@ -6,7 +6,9 @@ import importlib
 import importlib.util
 import math
 import os
+import types
 
+from easydict import EasyDict as edict
 import numpy as np
 import pytest
 import torch
@@ -21,8 +23,11 @@ from tests.helpers import ROOT
 from tests.test_methods import fake_ctx
 from utils.errors import UserError
 from utils.old_features import feature_path, parse_sd, scenario_of
-from utils.schedule import lr_multiplier
-from utils.trainer import optimizer_step
+from utils.schedule import lr_multiplier, run_multiplier
+from backbones import build_backbone
+from losses import ArcFace, LinearSoftmaxHead, PartialFC, softmax_classifier
+from utils.config import get_config
+from utils.trainer import Method, TrainingRun, build_run, optimizer_step
 
 WORLD = 2
 
@@ -35,7 +40,8 @@ def test_defaults_are_the_published_settings():
     adv, uni, nccl = _base("AdvBCT"), _base("UniBCT"), _base("NCCL")
     assert (adv.discriminator_joint_batch, adv.p2s_average, adv.clip_extra_modules) == (False, "violating", True)
     assert (uni.refine_softmax, uni.refine_normalize) == ("column", False)
-    assert (nccl.l2_gradient, nccl.l1_gradient_scale) == (False, 8.0)
+    assert (nccl.l2_gradient, nccl.l1_gradient_scale, nccl.mask_empty_slots) == (False, 8.0, False)
+    assert _base("BCT").warmup_epoch == _base("UniBCT").warmup_epoch == -1
 
 
 # AdvBCT ------------------------------------------------------------------------------------------
@@ -156,6 +162,159 @@ def test_published_step_decay_matches_the_step_schedule():
     np.testing.assert_allclose(published, ours, rtol=1e-9)
     assert published[19] == pytest.approx(0.1) and published[20] == pytest.approx(0.01)
     assert published[32] == pytest.approx(1e-4)
+
+
+# Old softmax model's head -------------------------------------------------------------------------
+
+def _softmax_cfg(**keys):
+    return edict(dict(dict(config_path="old.py", embedding_size=4, num_classes=3, sample_rate=1.0), **keys))
+
+
+def test_published_softmax_head_is_a_default_linear_layer_in_fp32():
+    assert importlib.import_module("configs.base").config.softmax_head == "linear"
+    torch.manual_seed(3)
+    head = softmax_classifier(_softmax_cfg())
+    torch.manual_seed(3)
+    reference = nn.Linear(4, 3)  # PyTorch's default initialisation, bias included
+    assert isinstance(head, LinearSoftmaxHead) and head.replicated and head.clip_with_backbone
+    assert torch.equal(head.weight, reference.weight) and torch.equal(head.bias, reference.bias)
+    assert float(head.bias.detach().abs().min()) > 0 and float(head.weight.detach().abs().max()) <= 0.5  # U(±1/√4)
+    embeddings, labels = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.5, 0.5, 0.0, 3.0]]), torch.tensor([2, 0])
+    logits = embeddings.double() @ head.weight.double().t() + head.bias.double()
+    expected = (torch.logsumexp(logits, 1) - logits[[0, 1], labels]).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the head's logits stay fp32 under autocast
+        loss = head(embeddings.bfloat16(), labels)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-2)  # inputs rounded to bf16 only
+    assert head(embeddings, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+    with pytest.raises(UserError, match=r"label 3 is outside \[0, 3\)"):
+        head(embeddings, torch.tensor([3, 0]))
+    with pytest.raises(UserError, match="sample_rate 0.5 needs softmax_head = 'partial_fc'"):
+        softmax_classifier(_softmax_cfg(sample_rate=0.5))
+    with pytest.raises(UserError, match="softmax_head 'mlp' is not supported"):
+        softmax_classifier(_softmax_cfg(softmax_head="mlp"))
+
+
+@pytest.mark.parametrize("head", ["linear", "partial_fc"])
+def test_softmax_head_is_clipped_with_the_backbone_only_as_published(head):
+    classifier = softmax_classifier(_softmax_cfg(softmax_head=head))
+    backbone = nn.Linear(2, 4)
+    run = TrainingRun(backbone, backbone, classifier, {}, [], None, None, None, Method(edict()), torch.device("cpu"))
+    clipped = [*backbone.parameters(), *classifier.parameters()] if head == "linear" else [*backbone.parameters()]
+    assert len(run.clipped_params) == len(clipped) and all(a is b for a, b in zip(run.clipped_params, clipped))
+    if head == "partial_fc":
+        assert isinstance(classifier, PartialFC) and float(classifier.bias.detach().abs().max()) == 0.0
+        assert float(classifier.weight.detach().std()) < 0.05  # N(0, 0.01)
+
+
+# Precision -----------------------------------------------------------------------------------------
+
+def _backbone_cfg(network, backbone_amp):
+    return edict(config_path="c.py", network=network, embedding_size=8, dropout=0.0, network_width=8, input_size=32,
+                 backbone_amp=backbone_amp)
+
+
+@pytest.mark.parametrize("network, head", [("r18", "fc"), ("mbf", "conv_sep")])
+@pytest.mark.parametrize("backbone_amp", ["body", "all"])
+def test_backbone_amp_body_runs_the_final_layers_in_fp32(network, head, backbone_amp):
+    torch.manual_seed(0)
+    model = build_backbone(_backbone_cfg(network, backbone_amp)).eval()
+    seen = {}
+    getattr(model, head).register_forward_hook(lambda m, inputs, out: seen.update(inp=inputs[0].dtype, out=out.dtype))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    half = backbone_amp == "all"
+    assert model.fp32_head == (not half)
+    assert (seen["inp"], seen["out"], out.dtype) == ((torch.bfloat16,) * 3 if half else (torch.float32,) * 3)
+    np.testing.assert_allclose(out.float().detach().numpy(), model(images).detach().numpy(), atol=0.1)
+
+
+def test_backbone_amp_key_is_checked_and_defaults_are_the_published_ones():
+    with pytest.raises(UserError, match="backbone_amp 'fp16' is not supported"):
+        build_backbone(_backbone_cfg("r18", "fp16"))
+    base = importlib.import_module("configs.base").config
+    assert (base.backbone_amp, base.amp_logits, base.amp_growth_interval) == ("body", True, 100)
+    for method in ("MixBCT", "NCCL", "L2"):
+        assert _base(method).backbone_amp == "none"
+    arc = get_config(os.path.join(ROOT, "configs", "f512_r18_arc_class30.py"))
+    independent = get_config(os.path.join(ROOT, "configs", "f512_r50_arc_data100.py"))
+    softmax = get_config(os.path.join(ROOT, "configs", "f128_r18_softmax_class30.py"))
+    assert (arc.backbone_amp, independent.backbone_amp, softmax.backbone_amp) == ("none", "none", "body")
+
+
+def test_partial_fc_logits_under_autocast_as_published():
+    torch.manual_seed(1)
+    pfc = PartialFC(ArcFace(), 6, 5)
+    embeddings = torch.randn(4, 6)
+    unit_e, unit_w = F.normalize(embeddings), F.normalize(pfc.weight.detach())
+    exact = (unit_e.double() @ unit_w.double().t()).clamp(-1, 1)
+    fp32 = pfc.logits(embeddings).detach()
+    assert fp32.dtype == torch.float32 and torch.allclose(fp32.double(), exact, atol=1e-6)
+    pfc.autocast_logits = torch.bfloat16  # on CUDA the training loop sets torch.float16
+    low = pfc.logits(embeddings).detach()
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, F.linear(unit_e.bfloat16(), unit_w.bfloat16()).float().clamp(-1, 1))
+    assert 1e-4 < float((low.double() - exact).abs().max()) < 2e-2  # bf16 rounding of the cosine product
+
+
+def test_build_run_sizes_the_scaler_and_leaves_cpu_logits_in_fp32(tmp_path, monkeypatch):
+    cfg = get_config(os.path.join(ROOT, "configs", "f512_r18_arc_class30.py"))
+    cfg.update(embedding_size=8, network_width=8, input_size=32, num_classes=5, num_image=40, batch_size=4,
+               amp_growth_interval=37)
+    made = {}
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kw: made.update(kw) or nn.Module())
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), dist=types.SimpleNamespace(world_size=1), steps_per_epoch=10)
+    run = build_run(cfg, Method(cfg), ctx, build_backbone, lambda c: PartialFC(ArcFace(), 8, 5))
+    assert made == {"enabled": False, "growth_interval": 37}  # AMP (and so the scaler) is off on the CPU
+    assert run.classifier.autocast_logits is None
+
+
+# Learning-rate schedule ----------------------------------------------------------------------------
+
+def _lrs(cfg, steps_per_epoch, global_batch, steps):
+    """Learning rates the optimiser steps 0..steps-1 use under LambdaLR(run_multiplier(...))."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run_multiplier(cfg, steps_per_epoch, global_batch))
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return np.array(rates)
+
+
+def _schedule_cfg(**keys):
+    return edict(dict(dict(num_image=100, num_epoch=35, warmup_epoch=0, lr_schedule="poly", lr_power=2.0,
+                           lr_steps=()), **keys))
+
+
+def test_published_warmup_minus_one_scales_the_poly_schedule():
+    """num_image 100, global batch 10: S = 10 steps per epoch, T = 350 steps, warm-up −1 epoch = −10 steps;
+    the published PolyScheduler gives lr_k = 0.1·(1 − (k + 10)/360)² = 0.1·((350 − k)/360)²."""
+    rates = _lrs(_schedule_cfg(warmup_epoch=-1), 10, 10, 350)
+    for step, expected in [(0, 0.1 * (350 / 360) ** 2), (1, 0.1 * (349 / 360) ** 2), (175, 0.1 * (175 / 360) ** 2),
+                           (349, 0.1 * (1 / 360) ** 2)]:
+        assert rates[step] == pytest.approx(expected, rel=1e-12)
+    assert rates[0] == pytest.approx(0.1 * 0.9452160493827161, rel=1e-12)  # (35/36)² of the base rate
+    plain = _lrs(_schedule_cfg(warmup_epoch=0), 10, 10, 350)
+    assert plain[0] == 0.1 and plain[175] == pytest.approx(0.1 * 0.25)
+    np.testing.assert_allclose(rates, plain * (35 / 36) ** 2, rtol=1e-12)
+    step_cfg = dict(lr_schedule="step", lr_steps=(20, 26, 32))
+    np.testing.assert_array_equal(_lrs(_schedule_cfg(warmup_epoch=-1, **step_cfg), 10, 10, 350),
+                                  _lrs(_schedule_cfg(**step_cfg), 10, 10, 350))  # UniBCT's step decay: no effect
+
+
+def test_poly_horizon_comes_from_num_image():
+    """Published MixBCT OPclass: num_image above the data's count. 120 images / batch 10 → a 420-step
+    horizon while the data gives 10 steps per epoch (350 trained): the last step is at (1 − 349/420)²."""
+    rates = _lrs(_schedule_cfg(num_image=120), 10, 10, 350)
+    assert rates[349] == pytest.approx(0.1 * (71 / 420) ** 2, rel=1e-12)
+    assert rates[100] == pytest.approx(0.1 * (320 / 420) ** 2, rel=1e-12)
+    # fewer images than the data: the published formula rises again past its horizon, (t − 1)²
+    assert lr_multiplier(110, 100) == pytest.approx(0.01)
+    with pytest.raises(UserError, match="num_image = 5 is fewer than one global batch"):
+        run_multiplier(_schedule_cfg(num_image=5), 10, 10)
 
 
 # NCCL --------------------------------------------------------------------------------------------

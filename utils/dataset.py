@@ -358,25 +358,37 @@ def batch_loader(dataset, indices, batch_size, num_workers, pin_memory, drop_las
 
 
 def check_data_config(cfg, dataset):
-    """Fill ``cfg.num_classes``/``cfg.num_image`` when ``None``; UserError when config and data disagree."""
+    """Fill ``cfg.num_classes``/``cfg.num_image`` when ``None`` and check the labels against num_classes.
+
+    A config may set more classes than the data has (classifier centres no label uses, as the
+    published MixBCT and L2 OPclass configs) and another image count than the data holds
+    (``num_image`` sizes the learning-rate schedule, as published); each is returned as a note to
+    log. UserError when a label lies outside ``[0, num_classes)`` or num_classes is below the count
+    of the data's ``property`` file.
+    """
     name = f"config {cfg.get('config_path') or ''}".rstrip()
+    notes = []
     count = len(dataset)
     if cfg.get("num_image") is None:
         cfg.num_image = count
     elif int(cfg.num_image) != count:
-        raise UserError(f"{name}: num_image = {cfg.num_image} but {dataset.rec_path} holds {count} images")
+        notes.append(f"{name}: num_image = {cfg.num_image} but {dataset.rec_path} holds {count} images: the "
+                     f"learning-rate schedule is sized for {cfg.num_image} images per epoch")
     if cfg.get("num_classes") is None:
         cfg.num_classes = dataset.num_classes
         source = dataset.property_path or "the largest label + 1"
-    elif dataset.property_path and int(cfg.num_classes) != dataset.num_classes:
+    elif dataset.property_path and int(cfg.num_classes) < dataset.num_classes:
         raise UserError(f"{name}: num_classes = {cfg.num_classes} but {dataset.property_path} says "
                         f"{dataset.num_classes}")
     else:
         source = name
+        if int(cfg.num_classes) > dataset.num_classes:
+            notes.append(f"{name}: num_classes = {cfg.num_classes} but the data has {dataset.num_classes} classes: "
+                         f"{int(cfg.num_classes) - dataset.num_classes} classifier centres get no label")
     limit = int(cfg.num_classes)
     bad = np.flatnonzero((dataset.labels < 0) | (dataset.labels >= limit))
     if bad.size:
         i = bad[0]
         raise UserError(f"{dataset.rec_path}: image key {dataset.keys[i]} has label {dataset.labels[i]}, "
                         f"outside 0..{limit - 1} (num_classes = {limit} from {source})")
-    return cfg
+    return notes

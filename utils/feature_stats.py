@@ -185,8 +185,8 @@ def credible_mask(features, labels, T, column_norm=False, num_classes=None, chun
     """MixBCT denoising mask (uint8, length N): 1 for the ``ceil(T·n_c)`` rows of each class nearest
     (Euclidean) to the class mean of the n̂ rows; ties go to the earlier row in dataset order.
 
-    ``ceil(T·n)`` is taken on ``T·n`` rounded to 9 decimals, so ``T = 0.7, n = 10`` keeps 7 (plain
-    floating point gives 7.000000000000001 → 8). ``column_norm`` first applies
+    ``ceil(T·n)`` is the published ``math.ceil(T * n)`` in float64, rounding error included: ``T = 0.55,
+    n = 100`` keeps 56 (55.00000000000001), ``T = 0.7, n = 10`` keeps 7 (exactly 7.0). ``column_norm`` first applies
     :func:`column_scale` (the published denoiser's extra step).
     """
     T = float(T)
@@ -198,7 +198,7 @@ def credible_mask(features, labels, T, column_norm=False, num_classes=None, chun
     order, starts = _class_order(distances, labels, counts)
     rank = np.empty(len(labels), dtype=np.int64)
     rank[order] = np.arange(len(labels)) - starts[labels[order]]
-    keep = np.ceil(np.round(T * counts, 9)).astype(np.int64)
+    keep = np.ceil(T * counts.astype(np.float64)).astype(np.int64)
     return (rank < keep[labels]).astype(np.uint8)
 
 

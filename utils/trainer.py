@@ -24,7 +24,7 @@ from utils.distributed import (DistInfo, add_launcher_args, any_rank, average_gr
 from utils.errors import UserError, about_file, require, run_cli
 from utils.io import atomic_torch_save
 from utils.logging_utils import SpeedLogger, setup_logger
-from utils.schedule import lr_multiplier
+from utils.schedule import run_multiplier
 
 
 @dataclasses.dataclass
@@ -152,8 +152,10 @@ class TrainingRun:
         self.backbone, self.model, self.classifier, self.extra = backbone, model, classifier, extra
         self.optimizer, self.scheduler, self.scaler, self.method = optimizer, scheduler, scaler, method
         self.device = device
-        self.replicated_params = replicated_params   # the method modules' trainable parameters (outside DDP)
+        self.replicated_params = replicated_params   # trainable parameters every process holds whole (outside DDP)
         self.clipped_params = [*backbone.parameters(), *method.clipped_with_backbone()]
+        if getattr(classifier, "clip_with_backbone", False):
+            self.clipped_params += list(classifier.parameters())
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.pending_rng = None
 
@@ -219,11 +221,15 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
         model = torch.compile(model, **({} if cfg.compile is True else {"backend": cfg.compile}))
     classifier = build_classifier(cfg).to(device)
     classifier.check_inputs = False  # every label was checked against num_classes; batches are full
+    amp_dtype = autocast_dtype(cfg, device)
+    classifier.autocast_logits = amp_dtype if amp_dtype is not None and cfg.amp_logits else None
     ctx.backbone, ctx.classifier = model, classifier
     method.setup(ctx)
     extra = method.extra_modules()
+    replicated = [classifier] if getattr(classifier, "replicated", False) else []  # held whole, not sharded
     for module in extra.values():
         module.to(device)
+    for module in [*extra.values(), *replicated]:
         for param in module.parameters():
             dist.broadcast(param.data, 0)
     param_groups = [{"params": trainable_params([backbone])}, {"params": list(classifier.parameters())}]
@@ -231,12 +237,12 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
     if extra_params:
         param_groups.append({"params": extra_params})
     optimizer = _build_optimizer(cfg, param_groups)
-    steps_per_epoch, total_steps = ctx.steps_per_epoch, ctx.total_steps
-    warmup_steps = steps_per_epoch * cfg.warmup_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-        step, total_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, steps_per_epoch, cfg.lr_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
-    return TrainingRun(backbone, model, classifier, extra, extra_params, optimizer, scheduler, scaler, method, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run_multiplier(cfg, ctx.steps_per_epoch,
+                                                                            cfg.batch_size * world))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16,
+                                  growth_interval=cfg.amp_growth_interval)
+    return TrainingRun(backbone, model, classifier, extra, extra_params + trainable_params(replicated), optimizer,
+                       scheduler, scaler, method, device)
 
 
 def train_one_epoch(run, ctx, loader, last_step, checkpoints, speed, stop):
@@ -250,7 +256,8 @@ def train_one_epoch(run, ctx, loader, last_step, checkpoints, speed, stop):
         labels = labels.to(device, non_blocking=True)
         ctx.batch_rows = {name: value.to(device, non_blocking=True) for name, value in rows.items()}
         ctx.global_step = run.global_step
-        with torch.autocast(device.type, dtype=dtype or torch.float16, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.float16,
+                            enabled=dtype is not None and cfg.backbone_amp != "none"):
             embeddings = run.model(images)
         loss, parts = run.method.compute_loss(embeddings.float(), labels, indices, ctx)
         optimizer_step(loss, run.optimizer, run.scaler, run.clipped_params, cfg.clip_grad, run.replicated_params)
@@ -285,7 +292,7 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
     seed_everything(cfg.seed + rank)
 
     dataset = MXFaceDataset(cfg.rec, train=True, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
-    check_data_config(cfg, dataset)
+    data_notes = check_data_config(cfg, dataset)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     require(steps_per_epoch > 0, f"{cfg.rec}: {len(dataset)} images are fewer than one global batch "
                                  f"({cfg.batch_size} x {world} processes)")
@@ -312,6 +319,8 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
         logger.info(f"config {cfg.config_path}: {len(dataset)} images, {cfg.num_classes} classes, "
                     f"{world} process(es) on {device} ({dist.get_backend()}), {steps_per_epoch} steps/epoch, {total_steps} steps, "
                     f"method {method.name}")
+        for note in data_notes:
+            logger.info(note)
         speed = SpeedLogger(cfg.frequent, total_steps, cfg.batch_size * world, logger, writer)
 
     stopped, loader = False, None

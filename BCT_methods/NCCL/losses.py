@@ -13,13 +13,15 @@ w_ij = (1 + n̂(o_i)·q_j) / 2:
 
 z_i = the new embedding's cosine logits over all C classes. The classifier is sharded over the
 ranks, so each rank holds its columns of z and ζ: z_i·ζ_j is the sum over ranks of the shards' dot
-products (an all-reduce). Two switches reproduce the published code by default:
+products (an all-reduce). Three switches reproduce the published code by default:
 
 * ``l2_gradient = False``: the published l2 logits came through a plain all-gather, so l2 carried
   no gradient (it is computed and logged, and trains nothing); True back-propagates l2 into the
   backbone and the classifier.
 * ``l1_gradient_scale = 8`` (s): the published all-gather's backward multiplied l1's gradient by
   the process count, so on its 8 GPUs l1 weighed 8·α against the classification loss; 1 gives α.
+* ``mask_empty_slots = False``: until the queue has filled, its zero-filled empty slots enter both
+  softmax denominators with score 0, as published; True leaves them out.
 
 Optional highly-credible filtering (``credible_old_feature``, off by default as in the published
 runs, which found almost every MS1MV3 sample credible): samples whose mask is 0 are neither
@@ -36,17 +38,19 @@ from utils.old_features import open_features, open_mask, require_keys
 from utils.trainer import Method
 
 
-def consensus_contrastive_loss(scores, labels, queue_labels, weights, tau=1.0, anchors=None):
-    """``−mean_i Σ_{j pos} w_ij log softmax_j(scores_ij / τ) / |pos_i|`` over the valid queue entries.
+def consensus_contrastive_loss(scores, labels, queue_labels, weights, tau=1.0, anchors=None, mask_empty=False):
+    """``−mean_i Σ_{j pos} w_ij log softmax_j(scores_ij / τ) / |pos_i|`` over the queue entries.
 
-    ``scores``, ``weights``: N×Q; ``labels``: N; ``queue_labels``: Q (−1 = empty slot, excluded from
-    the softmax). Rows without positives, or with ``anchors`` False, are left out of the mean
-    (0 if no row is left).
+    ``scores``, ``weights``: N×Q; ``labels``: N; ``queue_labels``: Q (−1 = empty slot, never a
+    positive). Empty slots stay in the softmax denominator with their score (0 for the zero-filled
+    queue, as published) unless ``mask_empty``. Rows without positives, or with ``anchors`` False,
+    are left out of the mean (0 if no row is left).
     """
     valid = queue_labels >= 0
-    # empty slots get the lowest finite value: exp() of it is exactly 0 next to any valid entry, and a
-    # queue without valid entries gives finite (zero) gradients instead of NaN
-    logits = (scores / tau).masked_fill(~valid, torch.finfo(scores.dtype).min)
+    logits = scores / tau
+    if mask_empty:   # the lowest finite value: exp() of it is exactly 0 next to any valid entry, and a queue
+        # without valid entries gives finite (zero) gradients instead of NaN
+        logits = logits.masked_fill(~valid, torch.finfo(scores.dtype).min)
     log_prob = torch.log_softmax(logits, dim=1)
     positive = (labels[:, None] == queue_labels[None, :]) & valid
     count = positive.sum(dim=1)
@@ -120,7 +124,8 @@ class OldFeatureQueue:
 
 class NCCL(Method):
     """``L = L_cls + l1_gradient_scale·alpha·l1 + beta·l2``; keys ``old_embedding``, ``queue_size``, ``alpha``,
-    ``beta``, ``temperature``, ``l1_gradient_scale``, ``l2_gradient`` and optionally ``credible_old_feature``.
+    ``beta``, ``temperature``, ``l1_gradient_scale``, ``l2_gradient``, ``mask_empty_slots`` and optionally
+    ``credible_old_feature``.
     The queue is method state."""
 
     name = "NCCL"
@@ -128,7 +133,7 @@ class NCCL(Method):
     def setup(self, ctx):
         cfg = ctx.cfg
         require_keys(cfg, self.name, "old_embedding", "queue_size", "alpha", "beta", "temperature",
-                     "l1_gradient_scale", "l2_gradient")
+                     "l1_gradient_scale", "l2_gradient", "mask_empty_slots")
         global_batch = cfg.batch_size * ctx.dist.world_size
         require(cfg.queue_size >= global_batch,
                 f"config {cfg.config_path}: queue_size {cfg.queue_size} is smaller than the global batch "
@@ -158,11 +163,12 @@ class NCCL(Method):
         cls = ctx.classifier(embeddings, labels)
         weights = consensus_weights(old, self.queue.features)
         l1 = consensus_contrastive_loss(F.normalize(embeddings) @ self.queue.features.t(), labels,
-                                        self.queue.labels, weights, cfg.temperature, anchors)
+                                        self.queue.labels, weights, cfg.temperature, anchors, cfg.mask_empty_slots)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(cfg.l2_gradient)):
             new_logits = ctx.classifier.logits(AllGatherRows.apply(embeddings))
             scores = SumOverRanks.apply(new_logits @ self.queue.logits.t(), world)[rank * batch:(rank + 1) * batch]
-            l2 = consensus_contrastive_loss(scores, labels, self.queue.labels, weights, cfg.temperature, anchors)
+            l2 = consensus_contrastive_loss(scores, labels, self.queue.labels, weights, cfg.temperature, anchors,
+                                            cfg.mask_empty_slots)
         loss = cls + cfg.l1_gradient_scale * cfg.alpha * l1 + cfg.beta * l2
         return loss, {"cls": cls.detach(), "l1": l1.detach(), "l2": l2.detach()}
 

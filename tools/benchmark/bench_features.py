@@ -128,7 +128,7 @@ def loop_denoise(feat_path, label_path):
     for _, a, b in _class_runs(labels):
         chunk = data[a:b]
         dist = cdist(chunk, chunk.mean(axis=0, keepdims=True)).ravel()
-        keep = math.ceil(round(T * (b - a), 9))
+        keep = math.ceil(T * (b - a))
         mask[order[a + np.argsort(dist, kind="stable")[:keep]]] = 1
     return mask
 

@@ -114,12 +114,13 @@ class FaceSet(Dataset):
 
 # ----------------------------------------------------------------------------------------- models
 def build_embedders(models, networks, widths, input_sizes, device, preprocessings=None):
-    """One :class:`tools.ijbc_eval.embed.Embedder` per generation (the toolkit's model runner)."""
+    """One :class:`tools.ijbc_eval.embed.Embedder` per generation (the toolkit's model runner; a
+    toolkit backbone in AMP fp16 on CUDA)."""
     from tools.ijbc_eval.embed import Embedder
 
     preprocessings = preprocessings or [None] * len(models)
-    return [Embedder(*arguments, device, p) for *arguments, p in zip(models, networks, widths, input_sizes,
-                                                                     preprocessings)]
+    return [Embedder(*arguments, device, p, amp=True) for *arguments, p in zip(models, networks, widths, input_sizes,
+                                                                               preprocessings)]
 
 
 def embed(faceset, embedders, batch_size=128, num_workers=2):

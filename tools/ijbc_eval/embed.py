@@ -31,12 +31,13 @@ def default_device():
 class Embedder(ModelRunner):
     """Embeds uint8 image batches (B, 3, S, S) → (embeddings, flipped-image embeddings), float32 numpy.
 
-    ``.pt``: a backbone state_dict loaded with :func:`backbones.load_backbone` (AMP fp16 on CUDA);
-    an ONNX file or a TorchScript export: a deployed model (:mod:`utils.deployed`, fp32).
-    ``preprocessing`` (default :data:`utils.deployed.IJB_PREPROCESSING`) turns the uint8 RGB crops into its input.
+    ``.pt``: a backbone state_dict loaded with :func:`backbones.load_backbone`, run in fp32 as the
+    published IJB-C evaluation (``amp``: AMP fp16 on CUDA, faster); an ONNX file or a TorchScript
+    export: a deployed model (:mod:`utils.deployed`, fp32). ``preprocessing`` (default
+    :data:`utils.deployed.IJB_PREPROCESSING`) turns the uint8 RGB crops into its input.
     """
 
-    def __init__(self, path, network, width=64, input_size=112, device=None, preprocessing=None):
+    def __init__(self, path, network, width=64, input_size=112, device=None, preprocessing=None, amp=False):
         self.path, self.network, self.width, self.input_size = os.fspath(path), network, width, input_size
         self.preprocessing = preprocessing or IJB_PREPROCESSING
         device = torch.device(device or default_device())
@@ -47,7 +48,8 @@ class Embedder(ModelRunner):
             model = load_backbone(self.path, network, width, input_size, device)
         else:
             model = load_model(self.path, input_size, device)
-        super().__init__(model, device, amp=self.kind == "state_dict", flip=True, preprocessing=self.preprocessing)
+        super().__init__(model, device, amp=amp and self.kind == "state_dict", flip=True,
+                         preprocessing=self.preprocessing)
         self.embedding_size = self(torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8))[0].shape[1]
 
     def describe(self):
@@ -55,8 +57,8 @@ class Embedder(ModelRunner):
         backbone = self.kind == "state_dict"
         return dict(model=file_stamp(self.path), network=self.network if backbone else None,
                     width=self.width if backbone else None, input_size=self.input_size,
-                    runtime=self.kind,
-                    device=self.device.type, preprocessing=self.preprocessing.describe())
+                    runtime=self.kind, device=self.device.type, preprocessing=self.preprocessing.describe(),
+                    precision="fp16" if self.amp else "fp32")
 
 
 def alignment_matrices(meta):

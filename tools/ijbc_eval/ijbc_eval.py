@@ -93,10 +93,10 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
     try:
         check_images(meta)
         embedders = [Embedder(model_file, network, options["width"], options["input_size"], device,
-                              options["preprocess"])]
+                              options["preprocess"], options["amp"])]
         if model_file_old:
             embedders.append(Embedder(model_file_old, network_old, options["old_width"], options["old_input_size"],
-                                      device, options["old_preprocess"]))
+                                      device, options["old_preprocess"], options["amp"]))
             if not options["transform"]:
                 _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
         inputs = dict(images=os.path.abspath(meta.image_folder), models=[e.describe() for e in embedders],
@@ -268,7 +268,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
              restore_embs=None, save_result=None, force_reload=False, width=64, input_size=112, old_width=None,
              old_input_size=None, num_workers=None, device=None, plot=True, verbose=True, cache_dir=None,
              chunk_size=CHUNK_IMAGES, local_rank=None, resamples=0, bootstrap_seed=0, preprocess=None,
-             old_preprocess=None, transform=None):
+             old_preprocess=None, transform=None, amp=False):
     """Evaluate a model (or saved embeddings) on IJB-C/IJB-B; returns the result dict written as JSON.
 
     1:1 → ``{"protocol", "subset", "test", "TAR@FAR": {"1e-6"…"1e-1"}, "AUC", …}``;
@@ -278,7 +278,8 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
     figure of the top level, nested like it (:func:`intervals`). ``preprocess``/``old_preprocess``:
     the input of a deployed model (:func:`utils.deployed.parse_preprocessing` text). ``transform``: a
     gallery transform file (``tools/transform``) applied to every old embedding, so the cross-test
-    becomes new queries against the transformed old gallery (``"test": "transform"``).
+    becomes new queries against the transformed old gallery (``"test": "transform"``). Models run in
+    fp32 as published; ``amp`` embeds in AMP fp16 on CUDA.
     """
     require((model_file is None) != (restore_embs is None),
             "give a model (-m) or saved embeddings (--restore_embs), exactly one of them")
@@ -302,7 +303,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
                        old_input_size=input_size if old_input_size is None else old_input_size,
                        num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers,
                        cache_dir=cache_dir, chunk_size=chunk_size, preprocess=preprocessings[0],
-                       old_preprocess=preprocessings[1], transform=transform)
+                       old_preprocess=preprocessings[1], transform=transform, amp=amp)
         new, old, cache = _embed(meta, model_file, network, model_file_old, network_old, options, local_rank)
         if new is None:   # a rank other than 0 under torchrun: its share of the images is embedded
             return None
@@ -422,6 +423,7 @@ def build_parser():
     p.add_argument("--old_input_size", type=int, default=None, help="input size of -m_old (default --input_size)")
     p.add_argument("--num_workers", type=int, default=None, help="image loading workers (default min(8, CPUs))")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="embed in AMP fp16 on CUDA (faster; default fp32 as published)")
     p.add_argument("--cache_dir", default=None, help="where finished chunks of embeddings are kept so a rerun "
                                                      "resumes (default: $BCT_CACHE_DIR or work_dirs/cache)")
     p.add_argument("--chunk_size", type=int, default=CHUNK_IMAGES,
@@ -451,7 +453,7 @@ def main(argv=None):
                     args.old_width, args.old_input_size, args.num_workers, args.device,
                     cache_dir=args.cache_dir, chunk_size=args.chunk_size, local_rank=args.local_rank,
                     resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed, preprocess=args.preprocess,
-                    old_preprocess=args.old_preprocess, transform=args.transform)
+                    old_preprocess=args.old_preprocess, transform=args.transform, amp=args.amp)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Old features: feature_save/OPclass/f512_r18_arc_class70_*.npy (steps 2–4).
 """
 from configs.scenarios import Experiment
 
-run = Experiment("OPclass", "arc_to_arc_f512")
+run = Experiment("OPclass", "arc_to_arc_f512", "weakenedL2")
 config = run.new_model()
 config.old_embedding = run.feature("feature")
 config.threshold = 0.2

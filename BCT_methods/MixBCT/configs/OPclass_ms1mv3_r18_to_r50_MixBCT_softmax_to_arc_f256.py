@@ -9,7 +9,7 @@ Old features: feature_save/OPclass/f256_r18_softmax_class70_*.npy (steps 2–4).
 """
 from configs.scenarios import Experiment
 
-run = Experiment("OPclass", "softmax_to_arc_f256")
+run = Experiment("OPclass", "softmax_to_arc_f256", "MixBCT")
 config = run.new_model()
 config.credible_old_feature = run.feature("credible_ratio_90_feature")
 config.old_embedding = run.feature("feature")

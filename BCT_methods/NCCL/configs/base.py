@@ -11,3 +11,5 @@ config.temperature = 1.0             # τ of both contrastive softmaxes
 # published behaviour by default (docs/methods.md, "Differences from the published code"):
 config.l1_gradient_scale = 8.0       # l1 × this: the published all-gather backward scaled l1 by the 8 GPUs; 1 = α
 config.l2_gradient = False           # False: l2 is logged and trains nothing (published); True: l2 trains the model
+config.mask_empty_slots = False      # False: empty queue slots (zeros) stay in the softmax denominators (published); True: masked
+config.backbone_amp = "none"        # published: this method's backbone ran in fp32 (no autocast) also with fp16

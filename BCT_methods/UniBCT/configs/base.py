@@ -13,3 +13,4 @@ config.refine_tau = 0.05             # τ of the new-feature affinities S = n̂(
 # published behaviour by default (docs/methods.md, "Differences from the published code"):
 config.refine_softmax = "column"     # "column": prototype = plain class mean (published); "row": real propagation
 config.refine_normalize = False      # False: un-normalised prototypes, logits ‖μ‖·cos (published); True: unit prototypes
+config.warmup_epoch = -1            # published: with the poly schedule no warm-up and lr × (T/(T+1 epoch))² throughout; no effect on the step schedule
