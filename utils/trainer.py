@@ -62,6 +62,9 @@ class Method:
     """
 
     name = "independent"
+    # the loader's workers live across epochs; a method that starts processes of its own during training
+    # (a DataLoader with workers) sets False: forking beside live workers and their queue threads can hang
+    persistent_workers = True
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -334,10 +337,10 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
                 method.on_epoch_start(run.epoch, ctx)
                 run.model.train()
             dataset.set_epoch(run.epoch)
-            if loader is None:   # built once: its workers live across epochs
+            if loader is None:   # built once: its workers live across epochs (Method.persistent_workers)
                 loader = build_loader(dataset, cfg.batch_size, info, cfg.seed, cfg.num_workers, shuffle=True,
                                       drop_last=True, start_batch=run.batch, arrays=method.per_image_arrays(),
-                                      persistent=True)
+                                      persistent=method.persistent_workers)
             else:
                 set_loader_epoch(loader, run.epoch, run.batch)
             batches = iter(loader)

@@ -96,6 +96,8 @@ class UniBCT(BCT):
     resumed after a refine epoch continues with the refined prototypes.
     """
 
+    persistent_workers = False   # refine re-embeds the data with loader workers of its own: no live workers beside them
+
     name = "UniBCT"
 
     def setup(self, ctx):
