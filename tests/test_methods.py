@@ -420,9 +420,10 @@ def test_every_shipped_config_loads_and_the_matrix_is_complete():
 
 # --- the masked (host-sync-free) losses against the boolean-indexing form they replace
 
-def _consensus_by_indexing(scores, labels, queue_labels, weights, tau=1.0, anchors=None):
+def _consensus_by_indexing(scores, labels, queue_labels, weights, tau=1.0, anchors=None, mask_empty=False):
     valid = queue_labels >= 0
-    log_prob = torch.log_softmax((scores / tau).masked_fill(~valid, float("-inf")), dim=1)
+    logits = (scores / tau).masked_fill(~valid, float("-inf")) if mask_empty else scores / tau
+    log_prob = torch.log_softmax(logits, dim=1)
     positive = (labels[:, None] == queue_labels[None, :]) & valid
     count = positive.sum(dim=1)
     per_row = -(weights * log_prob.masked_fill(~positive, 0.0)).sum(dim=1)
@@ -456,12 +457,17 @@ def test_masked_consensus_loss_equals_indexing(seed):
     queue_labels = torch.randint(-1, 5, (q,), generator=g)          # −1: empty slots
     anchors = [None, torch.rand(n, generator=g) > 0.5, torch.zeros(n, dtype=torch.bool)][seed % 3]
     for tau in (1.0, 0.3):
-        got = _value_and_grad(consensus_contrastive_loss, scores, labels, queue_labels, weights, tau, anchors)
-        want = _value_and_grad(_consensus_by_indexing, scores, labels, queue_labels, weights, tau, anchors)
-        assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
-        assert torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
-    empty = _value_and_grad(consensus_contrastive_loss, scores, labels, torch.full((q,), -1), weights)
-    assert empty[0].item() == 0.0 and torch.equal(empty[1], torch.zeros_like(scores))   # no NaN gradient
+        for mask_empty in (False, True):   # published: empty slots in the denominators; True: masked
+            got = _value_and_grad(consensus_contrastive_loss, scores, labels, queue_labels, weights, tau, anchors,
+                                  mask_empty)
+            want = _value_and_grad(_consensus_by_indexing, scores, labels, queue_labels, weights, tau, anchors,
+                                   mask_empty)
+            assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+            assert torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
+    for mask_empty in (False, True):
+        empty = _value_and_grad(consensus_contrastive_loss, scores, labels, torch.full((q,), -1), weights,
+                                mask_empty=mask_empty)
+        assert empty[0].item() == 0.0 and torch.equal(empty[1], torch.zeros_like(scores))   # no NaN gradient
 
 
 @pytest.mark.parametrize("seed", range(6))
