@@ -507,7 +507,7 @@ def plot_results(rows, path):
     bx.axhline(0, color="k", linewidth=1)
     bx.set_xticks(range(len(crossed)), crossed, rotation=30)
     bx.set_ylabel("cross-test − old self-test (paired 95 % interval)")
-    bx.set_title("BCT methods (above 0 with its interval: compatible)", fontsize=9)
+    bx.set_title("BCT methods and gallery transforms (above 0 with its interval: compatible)", fontsize=9)
     bx.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
