@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.run_demo import Pipeline, _rows, margin_text, settings
+from tools.run_demo import Pipeline, _rows, margin_text, settings, write_method_config
 from utils.errors import require, run_cli
 from utils.io import atomic_open
 
@@ -43,18 +43,11 @@ FIGURES = ("TAR@FAR=1e-3", "top1")
 def write_config(folder, tag, method, keys, mask=None):
     """A config over ``demo_<method>.py`` with ``keys`` set (and the denoising mask ``mask``)."""
     name = f"{method}_switch{tag.replace('+', '_')}"
-    path = os.path.join(folder, "configs", method, f"{name}.py")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_open(os.path.join(os.path.dirname(path), "base.py")) as handle:   # the method's keys are known here
-        handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
-    lines = [f"from BCT_methods.{method}.configs.demo_{method} import config\n",
-             f"config.output = {os.path.join(folder, name)!r}\n"]
-    lines += [f"config.{key} = {value!r}\n" for key, value in keys.items()]
+    body = f"config.output = {os.path.join(folder, name)!r}\n"
+    body += "".join(f"config.{key} = {value!r}\n" for key, value in keys.items())
     if mask:
-        lines.append(f"config.credible_old_feature = {mask!r}\n")
-    with atomic_open(path) as handle:
-        handle.writelines(lines)
-    return name, path
+        body += f"config.credible_old_feature = {mask!r}\n"
+    return name, write_method_config(os.path.join(folder, "configs", method), method, name, body)
 
 
 def switches_table(published, corrected):

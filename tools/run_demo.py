@@ -307,6 +307,19 @@ def write_backfill(pipe, rows, evaluated, demo, data, out, resamples):
           f"({pipe.seconds['backfill']:.1f} s)", flush=True)
 
 
+def write_method_config(folder, method, name, body, doc=None):
+    """``folder/name.py``: ``method``'s demo config with the config lines ``body`` after it; beside it a
+    ``base.py`` with the method's keys (a config is checked against its folder's ``base.py``)."""
+    os.makedirs(folder, exist_ok=True)
+    with atomic_open(os.path.join(folder, "base.py")) as handle:
+        handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
+    path = os.path.join(folder, f"{name}.py")
+    with atomic_open(path) as handle:
+        handle.write((f'"""{doc}"""\n' if doc else "") +
+                     f"from BCT_methods.{method}.configs.demo_{method} import config\n\n" + body)
+    return path
+
+
 def run_third_generation(pipe, args, demo, data, out, old_model):
     """Generation 3: ``--generation_method`` against generation 2's features (the model that method
     trained), then the compatibility matrix of generations 1–3 on held-out synthetic identities."""
@@ -324,20 +337,14 @@ def run_third_generation(pipe, args, demo, data, out, old_model):
                                     "--output", feature_dir],
                    done_when=[os.path.join(feature_dir, f"{sd2}_credible_ratio_90_feature.npy")])
     name = f"{method}_gen3"
-    folder = os.path.join(out, "configs_gen3")
-    os.makedirs(folder, exist_ok=True)
-    with atomic_open(os.path.join(folder, "base.py")) as handle:
-        handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
-    config = os.path.join(folder, f"{name}.py")
-    with atomic_open(config) as handle:      # the method's demo config, one size wider, against generation 2
-        handle.write(f'"""Written by tools/run_demo.py --generations 3: {method}, generation 3 against the '
-                     f'features of generation 2."""\n'
-                     f"from BCT_methods.{method}.configs.demo_{method} import config\n\n"
-                     f"config.output = {os.path.join(out, name)!r}\n"
-                     f"config.network_width = {GEN3_WIDTH}\n"
-                     f"for key in ('old_embedding', 'old_prototype', 'credible_old_feature'):\n"
-                     f"    if config.get(key):\n"
-                     f"        config[key] = config[key].replace({demo.SD!r}, {sd2!r})\n")
+    config = write_method_config(  # the method's demo config, one size wider, against generation 2
+        os.path.join(out, "configs_gen3"), method, name,
+        f"config.output = {os.path.join(out, name)!r}\n"
+        f"config.network_width = {GEN3_WIDTH}\n"
+        f"for key in ('old_embedding', 'old_prototype', 'credible_old_feature'):\n"
+        f"    if config.get(key):\n"
+        f"        config[key] = config[key].replace({demo.SD!r}, {sd2!r})\n",
+        f"Written by tools/run_demo.py --generations 3: {method}, generation 3 against the features of generation 2.")
     third = os.path.join(out, name, "model.pt")
     pipe.stage("train_gen3", [os.path.join("BCT_methods", method, "train.py"), config], done_when=[third])
     heldout = data + "_heldout"
