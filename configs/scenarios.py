@@ -13,42 +13,26 @@ Old models and independent references: ``old_model(split, loss, dim)`` and
 from easydict import EasyDict as edict
 
 from utils.errors import UserError
+from utils.scenarios import SCENARIOS, SPLITS, feature_path, require_choice, sd_name, split_rec
 
 DATASET = "dataset/ms1m-retinaface-t1"
 OLD_NETWORK, NEW_NETWORK = "r18", "r50"
 OLD_LOSSES = ("softmax", "arc")
 
-# training split → (rec below DATASET, num_classes, num_image) as the published configs set them.
-# num_image sizes the learning-rate schedule (num_image // global batch steps per epoch); the data
-# splits' values are the published 5,179,510 − 1,554,138, whatever the split files hold.
-SPLITS = {
-    "class30": ("train_part_30_class", 28029, 1581241),
-    "class70": ("train_part_70_class", 65402, 3598269),
-    "data30": ("train_part_30_data", 93431, 1554138),
-    "data70": ("train_part_70_data", 93431, 3625372),
-    "full": ("", 93431, 5179510),
-}
 # The published OPclass configs of these methods kept the OPdata counts (93,431 classes, 3,625,372
 # images) on class70: 28,029 ArcFace centres that no label uses (extra negatives) and a schedule sized
 # for 3,625,372 images. Set num_classes = num_image = None in a config to size both from the data.
 OPDATA_COUNTS_ON_OPCLASS = ("MixBCT", "L2", "weakenedL2")
-# scenario → (old model's training split, new model's training split, split the old features are extracted on)
-SCENARIOS = {
-    "OPclass": ("class30", "class70", "class70"),
-    "OPdata": ("data30", "data70", "data70"),
-    "EXclass": ("class30", "full", "class100"),
-    "EXdata": ("data30", "full", "data100"),
-}
 
 
 def training_keys(network, dim, split):
     """Keys of every published training run: ``network`` with ``dim``-d embeddings on ``split`` (8 GPUs × 128)."""
     require_choice(split, SPLITS, "split")
-    folder, classes, images = SPLITS[split]
+    _, classes, images = SPLITS[split]
     config = edict()
     config.network = network
     config.embedding_size = dim
-    config.rec = f"{DATASET}/{folder}" if folder else DATASET
+    config.rec = DATASET if split == "full" else split_rec(DATASET, split)
     config.num_classes = classes
     config.num_image = images
     config.num_workers = 4
@@ -80,7 +64,7 @@ class Experiment:
         old_loss, dim = _parse_combination(combination)
         _, self.new_split, feature_split = SCENARIOS[scenario]
         self.scenario, self.dim, self.method = scenario, dim, method
-        self.sd = f"f{dim}_{OLD_NETWORK}_{old_loss}_{feature_split}"
+        self.sd = sd_name(dim, OLD_NETWORK, old_loss, feature_split)
 
     def new_model(self):
         """Keys of the new r50 ArcFace model trained on this scenario's new split."""
@@ -90,8 +74,8 @@ class Experiment:
         return config
 
     def feature(self, kind):
-        """Path of an old-feature file (kind: feature, avg_feature, credible_ratio_90_feature)."""
-        return f"feature_save/{self.scenario}/{self.sd}_{kind}.npy"
+        """Path of an old-feature file (kind: feature, avg_feature, credible_ratio_90)."""
+        return feature_path(self.sd, kind)
 
 
 def _parse_combination(combination):
@@ -101,9 +85,3 @@ def _parse_combination(combination):
             or not parts[3].startswith("f") or not parts[3][1:].isdigit():
         raise UserError(f"combination {combination!r}: expected <softmax|arc>_to_arc_f<dim>")
     return parts[0], int(parts[3][1:])
-
-
-def require_choice(value, choices, what):
-    """Raise UserError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise UserError(f"{what} {value!r}: expected one of {', '.join(choices)}")

@@ -108,3 +108,28 @@ def test_changes_since_the_snapshot_are_exactly_the_listed_ones():
         snapshot = json.load(handle)
     differing = {(p, k) for p in paths for k, v in changed_since_snapshot(p).items() if snapshot[p][k] != v}
     assert len(differing) == 13 + 26 + 2 * 12 + 21 + 3
+
+
+def test_set_overrides_the_file():
+    """``--set KEY=VALUE``: Python literals, other text as a string, paths resolved like the file's."""
+    path = os.path.join(ROOT, "configs", "demo", "independent.py")
+    cfg = get_config(path, ["lr=0.3", "rec=dataset/mine", "margin_list=(1.0, 0.5, 0.0)", "fp16=True", "seed=7"])
+    assert (cfg.lr, cfg.margin_list, cfg.fp16, cfg.seed) == (0.3, (1.0, 0.5, 0.0), True, 7)
+    assert cfg.rec == os.path.join(ROOT, "dataset", "mine")
+    assert get_config(path, {"output": "/tmp/run"}).output == "/tmp/run"
+    with pytest.raises(UserError, match=r"^--set bogus: unknown key\(s\) for config .*independent.py"):
+        get_config(path, ["bogus=1"])
+    with pytest.raises(UserError, match=r"^--set 'lr': expected KEY=VALUE with KEY a config key$"):
+        get_config(path, ["lr"])
+
+
+def test_set_on_the_command_line(tmp_path):
+    """Every training script and the feature tools take ``--set``; an unknown key is one line, exit 2."""
+    from tests.helpers import python
+
+    for command in (["train_old_arc.py", "configs/demo/independent.py"],
+                    ["tools/get_feature/get_feature.py", "configs/demo/old_softmax.py", "--SD", "f8_r18_arc_class70"]):
+        proc = python(*command, "--set", "lr=0.1", "bogus_key=1")
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert proc.stderr.startswith("error: --set bogus_key: unknown key(s) for config ")

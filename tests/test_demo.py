@@ -5,6 +5,8 @@ import os
 import pytest
 
 from tests.helpers import python
+from utils.config import ROOT, get_config
+from utils.errors import UserError
 
 METHODS = ["independent", "L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT"]
 METRICS = {"TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1"}
@@ -57,12 +59,14 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # one key switch and the denoising switch, retrained and evaluated against the run above
     proc = python("tools/demo_switches.py", "--profile", "quick", "--out", str(out), "--data", str(data),
-                  "--rows", "4,6", timeout=900)
+                  "--rows", "4,6,9a", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (out / "switches" / "configs" / "NCCL" / "NCCL_switch4.py").read_text().splitlines()[-1] == \
-        "config.l1_gradient_scale = 1"
     switches = json.loads((out / "switches" / "switches.json").read_text())
-    assert set(switches) == {"4", "6"} and switches["4"]["keys"] == {"l1_gradient_scale": 1}
+    assert set(switches) == {"4", "6", "9a"} and switches["4"]["keys"] == {"l1_gradient_scale": 1}
+    # row 9a: the published OPdata counts, scaled: 40 classes for 28 labels, 280 × 3,625,372 / 3,598,269 images
+    assert switches["9a"]["keys"] == {"num_classes": 40, "num_image": 282}
+    log = (out / "switches" / "MixBCT_switch9a" / "training.log").read_text()
+    assert "num_classes = 40 but the data has 28 classes: 12 classifier centres get no label" in log
     assert {(r["test"], r["metric"]) for r in switches["6"]["rows"]} == {(t, m) for t in ("self", "cross") for m in METRICS}
     table = (out / "switches" / "switches.md").read_text()
     assert "| 4 | NCCL | `l1_gradient_scale = 1` |" in table and "| 6 | MixBCT | `denoise_credible.py --no_column_norm` |" in table
@@ -131,38 +135,57 @@ def test_paired_interval_of_two_result_files(tmp_path):
     assert all(v != v for v in nan)
 
 
+DEMO_CONFIGS = ["old_softmax", "independent", "L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT"]
+
+
+@pytest.mark.parametrize("name", DEMO_CONFIGS)
+def test_demo_config_files_hold_the_full_profile(name):
+    """The demo's config files are the full profile's keys written out: a default run passes no ``--set``."""
+    from configs.demo.settings import Demo
+    from tools.run_demo import config_file
+
+    config = get_config(os.path.join(ROOT, config_file(name)))
+    assert Demo().overrides(name, config) == []
+    quick = {"old_softmax": [], "UniBCT": ["num_epoch=2", "refine_epochs=(1,)", "lr_steps=(1, 2)"]}
+    assert Demo(profile="quick").overrides(name, config) == quick.get(name, ["num_epoch=2"])
+
+
 def test_seed_index_names_the_run_and_sets_the_seed(tmp_path):
-    """``BCT_DEMO_SEED=k`` (set by ``--seeds``) gives the k-th model its own seed and folder; NCCL's
+    """The k-th seed (``--seeds``) gives the model its own seed and folder, passed with ``--set``; NCCL's
     queue keeps the published fraction of the training set, at least one batch."""
-    code = ("from utils.config import get_config; "
-            "c = get_config('BCT_methods/NCCL/configs/demo_NCCL.py'); print(c.seed, c.output, c.queue_size)")
-    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_SEED="2", BCT_DEMO_PROFILE="full")
-    proc = python("-c", code, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["668", str(tmp_path / "NCCL_seed2"), "64"]
-    env["BCT_DEMO_SEED"] = "0"
-    assert python("-c", code, env=env).stdout.split()[:2] == ["666", str(tmp_path / "NCCL")]
+    from configs.demo.settings import Demo
+    from tools.run_demo import train_command
+
+    command = train_command(Demo(out=str(tmp_path)).seeded(2), "NCCL")
+    assert command[:3] == [os.path.join("BCT_methods", "NCCL", "train.py"),
+                           os.path.join("BCT_methods", "NCCL", "configs", "demo_NCCL.py"), "--set"]
+    config = get_config(os.path.join(ROOT, command[1]), command[3:])
+    assert (config.seed, config.output, config.queue_size) == (668, str(tmp_path / "NCCL_seed2"), 64)
+    assert config.old_embedding == str(tmp_path / "feature_save" / "OPclass" / "f128_r18_softmax_class70_feature.npy")
+    config = get_config(os.path.join(ROOT, command[1]), train_command(Demo(out=str(tmp_path)), "NCCL")[3:])
+    assert (config.seed, config.output) == (666, str(tmp_path / "NCCL"))
 
 
 def test_size_options_override_the_profile(tmp_path):
-    """``--identities`` … ``--warmup_epochs`` reach every config through ``BCT_DEMO_<NAME>``; a bad value
-    is refused with the variable's name."""
-    code = ("from utils.config import get_config; from configs.demo import settings as s; "
-            "c = get_config('BCT_methods/MixBCT/configs/demo_MixBCT.py'); "
-            "o = get_config('configs/demo/old_softmax.py'); "
-            "print(s.IDENTITIES, s.IMAGES_PER_IDENTITY, s.IJB_SUBJECTS, s.OLD_EPOCHS, c.num_epoch, "
-            "o.network_width, c.network_width, c.lr, c.warmup_epoch, o.lr)")
-    env = dict(BCT_DEMO_OUT=str(tmp_path), BCT_DEMO_PROFILE="full", BCT_DEMO_IDENTITIES="800",
-               BCT_DEMO_NEW_EPOCHS="12", BCT_DEMO_NEW_WIDTH="16", BCT_DEMO_LR="0.3", BCT_DEMO_WARMUP_EPOCHS="0")
-    proc = python("-c", code, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["800", "8", "3200", "2", "12", "8", "16", "0.3", "0", "0.3"]
-    for name, value, expected in (("IJB_SUBJECTS", "0", "a positive whole number"), ("LR", "-1", "a positive number"),
-                                  ("WARMUP_EPOCHS", "x", "a whole number")):
-        proc = python("-c", code, env=dict(env, **{f"BCT_DEMO_{name}": value}))
-        assert proc.returncode != 0 and f"BCT_DEMO_{name}={value!r}: expected {expected}" in proc.stderr
-    proc = python("-c", code, env=dict(env, BCT_DEMO_PROFILE="huge"))
-    assert proc.returncode != 0 and "BCT_DEMO_PROFILE='huge': expected one of full, quick" in proc.stderr
+    """``--identities`` … ``--warmup_epochs`` reach every config as ``--set`` values; a bad value is refused
+    with the option's name."""
+    from configs.demo.settings import Demo
+    from tools.run_demo import train_command
+
+    demo = Demo(out=str(tmp_path), identities=800, new_epochs=12, new_width=16, lr=0.3, warmup_epochs=0)
+    new = get_config(os.path.join(ROOT, "BCT_methods/MixBCT/configs/demo_MixBCT.py"), train_command(demo, "MixBCT")[3:])
+    old = get_config(os.path.join(ROOT, "configs/demo/old_softmax.py"), train_command(demo, "old_softmax")[3:])
+    assert (demo.IDENTITIES, demo.IMAGES_PER_IDENTITY, demo.IJB_SUBJECTS, demo.OLD_EPOCHS) == (800, 8, 3200, 2)
+    assert (new.num_epoch, old.network_width, new.network_width, new.lr, new.warmup_epoch, old.lr) == \
+        (12, 8, 16, 0.3, 0, 0.3)
+    for option, value, expected in (("ijb_subjects", 0, "a positive whole number"), ("lr", -1, "a positive number"),
+                                    ("warmup_epochs", 1.5, "a whole number of 0 or more")):
+        with pytest.raises(UserError, match=f"^--{option} {value!r}: expected {expected}$"):
+            Demo(**{option: value})
+    with pytest.raises(UserError, match="^profile 'huge': expected one of full, quick$"):
+        Demo("huge")
+    proc = python("tools/run_demo.py", "--warmup_epochs", "-1", "--out", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --warmup_epochs -1: expected a whole number of 0 or more"
 
 
 def test_demo_refuses_reused_data_of_another_size(tmp_path):

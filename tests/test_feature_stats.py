@@ -7,7 +7,8 @@ from sklearn import preprocessing
 
 from utils import feature_stats as fs
 from utils.errors import UserError
-from utils.old_features import credible_kind, feature_path, parse_sd, scenario_of, split_rec
+from utils.old_features import sd_rec
+from utils.scenarios import credible_kind, feature_path, parse_sd, scenario_of
 
 # class 0: rows 0, 2 (raw [2,0], [0,3]); class 1: rows 1, 3; class 2: row 4 — labels interleaved
 X = np.array([[2, 0], [0, 4], [0, 3], [0, 2], [3, 4]], dtype=np.float32)
@@ -211,8 +212,8 @@ def test_feature_naming():
     assert feature_path(sd, "avg_feature", "/x") == "/x/f128_r18_softmax_class70_avg_feature.npy"
     assert credible_kind(0.9) == "credible_ratio_90" and credible_kind(0.3) == "credible_ratio_30"
     assert feature_path(sd, credible_kind(0.95), "/x") == "/x/f128_r18_softmax_class70_credible_ratio_95_feature.npy"
-    assert split_rec("/d/train_part_30_class", sd) == "/d/train_part_70_class"
-    assert split_rec("/d/train_part_30_data", "f8_r18_arc_data100") == "/d/train"
+    assert sd_rec("/d/train_part_30_class", sd) == "/d/train_part_70_class"
+    assert sd_rec("/d/train_part_30_data", "f8_r18_arc_data100") == "/d/train"
     assert parse_sd("128_r18_softmax_class70") == (None, "class70")  # any name before the split, as published
     for bad in ("f128_r18_softmax_class50", "f128_class", "f128_../x_class70"):
         with pytest.raises(UserError, match="--SD"):

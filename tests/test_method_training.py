@@ -114,8 +114,12 @@ def test_demo_config_from_the_method_folder(tmp_path):
     data, out = tmp_path / "data", tmp_path / "demo"
     make_tiny_rec(str(data), num_classes=8, per_class=10)
     write_features(str(out / "feature_save" / "EXclass"), np.repeat(np.arange(8), 10), 128, "f128_r18_softmax_class100")
-    env = dict(BCT_DEMO_DATA=str(data), BCT_DEMO_OUT=str(out), BCT_DEMO_SCENARIO="EXclass", BCT_DEMO_PROFILE="quick")
-    proc = python("train.py", "configs/demo_MixBCT.py", cwd=os.path.join(ROOT, "BCT_methods", "MixBCT"), env=env)
+    from configs.demo.settings import Demo
+    from tools.run_demo import train_command
+
+    overrides = train_command(Demo("quick", str(data), str(out), "EXclass"), "MixBCT")[3:]
+    proc = python("train.py", "configs/demo_MixBCT.py", "--set", *overrides,
+                  cwd=os.path.join(ROOT, "BCT_methods", "MixBCT"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = safe_torch_load(os.path.join(out, "MixBCT", "model.pt"))
     assert state["fc.weight"].shape[0] == 128

@@ -22,7 +22,7 @@ from BCT_methods.UniBCT.losses import refine_prototypes
 from tests.helpers import ROOT
 from tests.test_methods import fake_ctx
 from utils.errors import UserError
-from utils.old_features import feature_path, parse_sd, scenario_of
+from utils.scenarios import feature_path, parse_sd, scenario_of
 from utils.schedule import lr_multiplier, run_multiplier
 from backbones import build_backbone
 from losses import ArcFace, LinearSoftmaxHead, PartialFC, softmax_classifier

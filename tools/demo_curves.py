@@ -105,11 +105,11 @@ def plot_curves(points, centre_identities, centre_epochs, path):
 
 
 def run(args):
-    from configs.demo import settings
+    from configs.demo.settings import PROFILES
 
     identities = _numbers(args.identities, "identities")
     epochs = _numbers(args.new_epochs, "new_epochs")
-    centre_identities, centre_epochs = settings.IDENTITIES, settings.NEW_EPOCHS
+    centre_identities, centre_epochs = PROFILES["full"]["IDENTITIES"], PROFILES["full"]["NEW_EPOCHS"]
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     points = []

@@ -4,7 +4,8 @@
 
 Run after ``tools/run_demo.py`` (the full profile): it reuses that run's old model, feature files,
 old embeddings and results. Each row of :data:`SWITCHES` retrains one method with its demo config
-(same data, old model, features and seed) and one switch set to its corrected value, then evaluates
+(same data, old model, features and seed) and one switch set to the value the demo does not run (the
+corrected one; rows 9a/9b the published classifier and schedule counts), then evaluates
 it as the demo does (IJB-C-style 1:1 and 1:N, self-test and cross-test, the run's subject resamples,
 margins over the old self-test with paired intervals). Row 6 is the denoising rule, which
 changes MixBCT's mask file instead of a key. Writes ``<out>/switches/switches.md`` and
@@ -20,11 +21,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.run_demo import Pipeline, _rows, margin_text, settings, write_method_config
+from configs.demo.settings import Demo
+from tools.run_demo import Pipeline, _rows, margin_text, train_command
 from utils.errors import require, run_cli
 from utils.io import atomic_open
+from utils.scenarios import SPLITS
 
-# row → (method, {key: corrected value}); docs/methods.md, "Differences from the published code"
+# row → (method, {key: value the row sets}); docs/methods.md, "Differences from the published code".
+# The demo runs the published value of every row but 9 (it sizes every method's classifier and schedule
+# from the data), so each row sets the corrected value, and rows 9a/9b the published counts.
 SWITCHES = {
     "1": ("AdvBCT", {"discriminator_joint_batch": True}),
     "2a": ("UniBCT", {"refine_softmax": "row"}),
@@ -36,33 +41,39 @@ SWITCHES = {
     "5": ("AdvBCT", {"p2s_average": "all"}),
     "6": ("MixBCT", {}),   # the denoising mask without column normalisation (denoise_credible.py --no_column_norm)
     "7": ("AdvBCT", {"clip_extra_modules": False}),
+    "9a": ("MixBCT", {"num_classes": "published", "num_image": "published"}),
+    "9b": ("L2", {"num_classes": "published", "num_image": "published"}),
+    "14": ("NCCL", {"mask_empty_slots": True}),
 }
 FIGURES = ("TAR@FAR=1e-3", "top1")
 
 
-def write_config(folder, tag, method, keys, mask=None):
-    """A config over ``demo_<method>.py`` with ``keys`` set (and the denoising mask ``mask``)."""
-    name = f"{method}_switch{tag.replace('+', '_')}"
-    body = f"config.output = {os.path.join(folder, name)!r}\n"
-    body += "".join(f"config.{key} = {value!r}\n" for key, value in keys.items())
-    if mask:
-        body += f"config.credible_old_feature = {mask!r}\n"
-    return name, write_method_config(os.path.join(folder, "configs", method), method, name, body)
+def published_counts(demo):
+    """Row 9's published OPclass counts scaled to the demo: classes of the whole set (the published 93,431),
+    and the new split's images × 3,625,372 / 3,598,269 (the published schedule's length over the data's)."""
+    return {"num_classes": demo.IDENTITIES,
+            "num_image": round(demo.new_split_images() * SPLITS["data70"][2] / SPLITS["class70"][2])}
 
 
-def switches_table(published, corrected):
-    """Markdown: per row, the published run's and the corrected run's self-test and margins."""
+def resolve(keys, demo):
+    """``keys`` with each ``"published"`` value replaced by the demo's scaled published count."""
+    counts = published_counts(demo)
+    return {key: counts[key] if value == "published" else value for key, value in keys.items()}
+
+
+def switches_table(demo_rows, switched):
+    """Markdown: per row, the demo run's and the switched run's self-test and margins."""
     def cells(rows):
         by = {(r["test"], r["metric"]): r for r in rows}
         self_test = by[("self", "TAR@FAR=1e-3")]
         return [f"{self_test['value']:.3f}"] + [margin_text(by[("cross", m)]) for m in FIGURES]
 
-    lines = ["| # | method | corrected setting | published: self TAR@FAR=1e-3 | published: margin TAR@FAR=1e-3 | "
-             "published: margin top-1 | corrected: self TAR@FAR=1e-3 | corrected: margin TAR@FAR=1e-3 | "
-             "corrected: margin top-1 |", "|---|---|---|---|---|---|---|---|---|"]
-    for tag, (method, keys, rows) in corrected.items():
+    lines = ["| # | method | switched setting | demo: self TAR@FAR=1e-3 | demo: margin TAR@FAR=1e-3 | "
+             "demo: margin top-1 | switched: self TAR@FAR=1e-3 | switched: margin TAR@FAR=1e-3 | "
+             "switched: margin top-1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for tag, (method, keys, rows) in switched.items():
         setting = ", ".join(f"`{k} = {v!r}`" for k, v in keys.items()) or "`denoise_credible.py --no_column_norm`"
-        lines.append(f"| {tag} | {method} | {setting} | " + " | ".join(cells(published[method]) + cells(rows)) + " |")
+        lines.append(f"| {tag} | {method} | {setting} | " + " | ".join(cells(demo_rows[method]) + cells(rows)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,8 +93,12 @@ def main():
     old_embeddings = os.path.join(out, "eval", "old_self_11.npz")
     for path in (results, old_embeddings):
         require(os.path.isfile(path), f"{path} not found: run tools/run_demo.py --out {args.out} first")
-    os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_PROFILE=args.profile)
-    demo = settings()   # read again with the variables above, as every stage's config reads them
+    with open(results) as handle:
+        report = json.load(handle)
+    require(report.get("profile") == args.profile and report["seeds"] == 1,
+            f"{results}: a run of profile {report.get('profile')} with {report['seeds']} seeds, expected "
+            f"--profile {args.profile} with one seed")
+    demo = Demo(args.profile, data, out, report["scenario"], **report["sizes"])
 
     folder = os.path.join(out, "switches")
     pipe = Pipeline(folder, dict(os.environ, PYTHONUNBUFFERED="1"), args.reuse, demo.INPUT_SIZE)
@@ -93,31 +108,27 @@ def main():
         os.makedirs(features, exist_ok=True)
         for kind in ("feature", "label"):
             shutil.copyfile(demo.feature(kind), os.path.join(features, os.path.basename(demo.feature(kind))))
-        mask = os.path.join(features, os.path.basename(demo.feature("credible_ratio_90_feature")))
+        mask = os.path.join(features, os.path.basename(demo.feature("credible_ratio_90")))
         pipe.stage("denoise_no_column_norm", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", demo.SD,
                                               "--output", features, "--no_column_norm"], done_when=[mask])
-    runs = {tag: write_config(folder, tag, SWITCHES[tag][0], SWITCHES[tag][1], mask if tag == "6" else None)
-            for tag in tags}
-    pipe.parallel([(f"train_{name}", [os.path.join("BCT_methods", SWITCHES[tag][0], "train.py"), path],
-                    [os.path.join(folder, name, "model.pt")], {}) for tag, (name, path) in runs.items()], jobs=2)
-    with open(results) as handle:
-        report = json.load(handle)
-    require(report.get("profile") == args.profile and report["seeds"] == 1,
-            f"{results}: a run of profile {report.get('profile')} with {report['seeds']} seeds, expected "
-            f"--profile {args.profile} with one seed")
-    published = {}
+    keys = {tag: resolve(SWITCHES[tag][1], demo) for tag in tags}
+    runs = {tag: f"{SWITCHES[tag][0]}_switch{tag.replace('+', '_')}" for tag in tags}
+    pipe.parallel([(f"train_{name}", train_command(demo, SWITCHES[tag][0], dict(
+        keys[tag], output=os.path.join(folder, name), **({"credible_old_feature": mask} if tag == "6" else {}))),
+        [os.path.join(folder, name, "model.pt")], {}) for tag, name in runs.items()], jobs=2)
+    demo_rows = {}
     for row in report["rows"]:
-        published.setdefault(row["method"], []).append(row)
+        demo_rows.setdefault(row["method"], []).append(row)
     old_results = _old_results(out)
-    corrected = {}
-    for tag, (name, _) in runs.items():
+    switched = {}
+    for tag, name in runs.items():
         model = os.path.join(folder, name, "model.pt")
         found, _ = pipe.evaluate(name, model, demo.NEW_NETWORK, demo.NEW_WIDTH, data, old_embeddings,
                                  resamples=report["bootstrap"]["resamples"])
-        corrected[tag] = (SWITCHES[tag][0], SWITCHES[tag][1], _rows(name, found, old_results))
-    table = switches_table(published, corrected)
+        switched[tag] = (SWITCHES[tag][0], keys[tag], _rows(name, found, old_results))
+    table = switches_table(demo_rows, switched)
     with atomic_open(os.path.join(folder, "switches.json")) as handle:
-        json.dump({tag: {"method": m, "keys": k, "rows": r} for tag, (m, k, r) in corrected.items()}, handle, indent=1)
+        json.dump({tag: {"method": m, "keys": k, "rows": r} for tag, (m, k, r) in switched.items()}, handle, indent=1)
     with atomic_open(os.path.join(folder, "switches.md")) as handle:
         handle.write(table)
     print("\n" + table)

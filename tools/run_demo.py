@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -25,24 +26,24 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs.demo.settings import PROFILES
+from configs.demo.settings import PROFILES, Demo
 from utils.errors import UserError, require, run_cli
 from utils.io import atomic_np_savez, atomic_open, safe_np_load
+from utils.scenarios import SCENARIOS, sd_name
 
 METHODS = ("L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT")
-SCENARIOS = ("OPclass", "OPdata", "EXclass", "EXdata")
 BOOTSTRAP = {"full": 100, "quick": 20}   # default subject resamples of the intervals
 METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
-SIZE_OPTIONS = {   # option → (name in configs/demo/settings.SIZES, what it sizes)
-    "identities": ("IDENTITIES", "synthetic training identities"),
-    "images_per_identity": ("IMAGES_PER_IDENTITY", "training images per identity"),
-    "ijb_subjects": ("IJB_SUBJECTS", "IJB-C-style test subjects"),
-    "old_epochs": ("OLD_EPOCHS", "epochs of the old model"),
-    "new_epochs": ("NEW_EPOCHS", "epochs of every new model"),
-    "old_width": ("OLD_WIDTH", "stem width of the old model"),
-    "new_width": ("NEW_WIDTH", "stem width of every new model"),
-    "lr": ("LR", "learning rate of every model (the shared training rule)"),
-    "warmup_epochs": ("WARMUP_EPOCHS", "linear warm-up epochs of every model (the shared training rule)"),
+SIZE_OPTIONS = {   # option (configs/demo/settings.SIZES in lower case) → what it sizes
+    "identities": "synthetic training identities",
+    "images_per_identity": "training images per identity",
+    "ijb_subjects": "IJB-C-style test subjects",
+    "old_epochs": "epochs of the old model",
+    "new_epochs": "epochs of every new model",
+    "old_width": "stem width of the old model",
+    "new_width": "stem width of every new model",
+    "lr": "learning rate of every model (the shared training rule)",
+    "warmup_epochs": "linear warm-up epochs of every model (the shared training rule)",
 }
 GEN3_WIDTH = 16                                        # the third generation: wider again than the second
 HELDOUT_SIZES = {"full": (100, 10), "quick": (20, 6)}   # held-out identities × images for the matrix
@@ -82,6 +83,8 @@ class Pipeline:
                 log = os.path.join(self.logs, f"{name}.log")
                 print(f"[{name}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
                 handle = open(log, "w")
+                handle.write(f"$ python {shlex.join(command)}\n")   # the command, to rerun the stage by hand
+                handle.flush()
                 proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=dict(env, **extra_env),
                                         stdout=handle, stderr=subprocess.STDOUT)
                 running[name] = (proc, handle, log, time.time())
@@ -168,17 +171,33 @@ def _last_line(path):
     return lines[-1] if lines else "no output"
 
 
-def _method_config(method):
-    return os.path.join("BCT_methods", method, "configs", f"demo_{method}.py")
+def config_file(name):
+    """The demo config of ``name`` (``old_softmax``, ``independent`` or a method), relative to the root."""
+    if name in ("old_softmax", "independent"):
+        return f"configs/demo/{name}.py"
+    return os.path.join("BCT_methods", name, "configs", f"demo_{name}.py")
 
 
-def settings():
-    """The demo's settings module, read again once ``run_pipeline`` has set its environment."""
-    import importlib
+def with_config(demo, command, name, extra=None, sd=None):
+    """``command`` (script first) with ``name``'s demo config and ``--set`` for the keys of this run
+    (``demo.keys``, then ``extra``) that differ from the file's."""
+    from utils.config import get_config
 
-    from configs.demo import settings as module
+    path = config_file(name)
+    overrides = demo.overrides(name, get_config(os.path.join(ROOT, path)), extra, sd)
+    return [command[0], path, *command[1:]] + (["--set", *overrides] if overrides else [])
 
-    return importlib.reload(module)
+
+def train_command(demo, name, extra=None, sd=None):
+    """The training command of demo config ``name`` in this run (``train_old_*.py`` or the method's)."""
+    script = {"old_softmax": "train_old_softmax.py", "independent": "train_old_arc.py"}.get(
+        name, os.path.join("BCT_methods", name, "train.py"))
+    return with_config(demo, [script], name, extra, sd)
+
+
+def settings(args, data, out):
+    """The run's :class:`~configs.demo.settings.Demo` from the command-line options."""
+    return Demo(args.profile, data, out, args.scenario, **{option: getattr(args, option) for option in SIZE_OPTIONS})
 
 
 def run_pipeline(args):
@@ -192,18 +211,8 @@ def run_pipeline(args):
             f"({', '.join(args.methods)})")
     out = os.path.abspath(args.out)
     data = os.path.abspath(args.data)
-    os.environ.update(BCT_DEMO_DATA=data, BCT_DEMO_OUT=out, BCT_DEMO_SCENARIO=args.scenario,
-                      BCT_DEMO_PROFILE=args.profile)
-    for option, (name, _) in SIZE_OPTIONS.items():
-        value = getattr(args, option)
-        if option == "warmup_epochs":
-            require(value is None or value >= 0, f"--{option} must be 0 or more, got {value}")
-        else:
-            require(value is None or value > 0, f"--{option} must be positive, got {value}")
-        if value is not None:
-            os.environ[f"BCT_DEMO_{name}"] = str(value)
+    demo = settings(args, data, out)
     os.environ.setdefault("BCT_CACHE_DIR", os.path.join(out, "cache"))   # resume caches of the stages
-    demo = settings()  # reads the variables above, as every stage's config does
     resamples = BOOTSTRAP["quick" if args.quick else "full"] if args.bootstrap is None else args.bootstrap
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     pipe = Pipeline(out, env, args.reuse, demo.INPUT_SIZE)
@@ -221,21 +230,18 @@ def run_pipeline(args):
     pipe.stage("split", ["tools/split_dataset/split_dataset_ms1mv3.py", "--root", data],
                done_when=[os.path.join(data, f"{s}.idx") for s in
                           ("train_part_30_class", "train_part_70_class", "train_part_30_data", "train_part_70_data")])
-    old_cfg = "configs/demo/old_softmax.py"
     old_model = os.path.join(out, "old_softmax", "model.pt")
-    pipe.stage("old_model", ["train_old_softmax.py", old_cfg], done_when=[old_model])
+    pipe.stage("old_model", train_command(demo, "old_softmax"), done_when=[old_model])
     feature_dir = os.path.join(out, "feature_save", args.scenario)
-    pipe.stage("features", ["tools/get_feature/get_feature.py", old_cfg, "--SD", demo.SD, "--output", feature_dir],
+    pipe.stage("features", with_config(demo, ["tools/get_feature/get_feature.py", "--SD", demo.SD, "--output",
+                                              feature_dir], "old_softmax"),
                done_when=[demo.feature("feature"), demo.feature("label")])
     pipe.stage("prototypes", ["tools/get_feature/get_avg_feature.py", "--SD", demo.SD, "--output", feature_dir],
                done_when=[demo.feature("avg_feature")])
     pipe.stage("denoise", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", demo.SD,
-                           "--output", feature_dir], done_when=[demo.feature("credible_ratio_90_feature")])
+                           "--output", feature_dir], done_when=[demo.feature("credible_ratio_90")])
 
-    new_models = {"independent": ("train_old_arc.py", "configs/demo/independent.py")}
-    for method in args.methods:
-        new_models[method] = (os.path.join("BCT_methods", method, "train.py"), _method_config(method))
-    runs = [(name, demo.run_name(name, k), k) for k in range(args.seeds) for name in new_models]
+    runs = [(name, demo.run_name(name, k), k) for k in range(args.seeds) for name in ["independent", *args.methods]]
     models = [("old", old_model, demo.OLD_NETWORK, demo.OLD_WIDTH)]
     models += [(run, os.path.join(out, run, "model.pt"), demo.NEW_NETWORK, demo.NEW_WIDTH) for _, run, _ in runs]
     evaluated = {}
@@ -254,8 +260,8 @@ def run_pipeline(args):
         return True
 
     # the models are evaluated in this process as soon as the last round of training leaves a core free
-    pipe.parallel([(f"train_{run}", list(new_models[name]), [os.path.join(out, run, "model.pt")],
-                    {"BCT_DEMO_SEED": str(k)}) for name, run, k in runs], jobs=args.jobs, idle_work=evaluate_next)
+    pipe.parallel([(f"train_{run}", train_command(demo.seeded(k), name), [os.path.join(out, run, "model.pt")], {})
+                   for name, run, k in runs], jobs=args.jobs, idle_work=evaluate_next)
     while evaluate_next(set(pipe.seconds)):
         pass
     old_results = evaluated["old"][0]
@@ -273,7 +279,7 @@ def run_pipeline(args):
     pipe.seconds["total"] = round(time.time() - started, 1)
     report = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "profile": args.profile,
               "quick": bool(args.quick),
-              "sizes": {option: getattr(demo, name) for option, (name, _) in SIZE_OPTIONS.items()},
+              "sizes": demo.sizes(),
               "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
               "transform_cost": transform_cost}
     table = results_table(rows, args.scenario, args.seeds, resamples) + cost_lines(transform_cost)
@@ -307,46 +313,27 @@ def write_backfill(pipe, rows, evaluated, demo, data, out, resamples):
           f"({pipe.seconds['backfill']:.1f} s)", flush=True)
 
 
-def write_method_config(folder, method, name, body, doc=None):
-    """``folder/name.py``: ``method``'s demo config with the config lines ``body`` after it; beside it a
-    ``base.py`` with the method's keys (a config is checked against its folder's ``base.py``)."""
-    os.makedirs(folder, exist_ok=True)
-    with atomic_open(os.path.join(folder, "base.py")) as handle:
-        handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
-    path = os.path.join(folder, f"{name}.py")
-    with atomic_open(path) as handle:
-        handle.write((f'"""{doc}"""\n' if doc else "") +
-                     f"from BCT_methods.{method}.configs.demo_{method} import config\n\n" + body)
-    return path
-
-
 def run_third_generation(pipe, args, demo, data, out, old_model):
     """Generation 3: ``--generation_method`` against generation 2's features (the model that method
     trained), then the compatibility matrix of generations 1–3 on held-out synthetic identities."""
     method = args.generation_method
     second = os.path.join(out, method, "model.pt")
     feature_dir = os.path.join(out, "feature_save", args.scenario)
-    sd2 = f"f{demo.EMBEDDING_SIZE}_{method}gen2_arc_{demo.FEATURE_SPLIT}"
-    pipe.stage("gen2_features", ["tools/get_feature/get_feature.py", _method_config(method), "--SD", sd2,
-                                 "--output", feature_dir], done_when=[os.path.join(feature_dir, f"{sd2}_feature.npy")])
+    sd2 = sd_name(demo.EMBEDDING_SIZE, f"{method}gen2", "arc", demo.FEATURE_SPLIT)
+    pipe.stage("gen2_features", with_config(demo, ["tools/get_feature/get_feature.py", "--SD", sd2, "--output",
+                                                   feature_dir], method),
+               done_when=[demo.feature("feature", sd2)])
     if method in ("BCT", "UniBCT"):
         pipe.stage("gen2_prototypes", ["tools/get_feature/get_avg_feature.py", "--SD", sd2, "--output", feature_dir],
-                   done_when=[os.path.join(feature_dir, f"{sd2}_avg_feature.npy")])
+                   done_when=[demo.feature("avg_feature", sd2)])
     if method == "MixBCT":
         pipe.stage("gen2_denoise", ["tools/get_feature/denoise_credible.py", "--T", "0.9", "--SD", sd2,
                                     "--output", feature_dir],
-                   done_when=[os.path.join(feature_dir, f"{sd2}_credible_ratio_90_feature.npy")])
-    name = f"{method}_gen3"
-    config = write_method_config(  # the method's demo config, one size wider, against generation 2
-        os.path.join(out, "configs_gen3"), method, name,
-        f"config.output = {os.path.join(out, name)!r}\n"
-        f"config.network_width = {GEN3_WIDTH}\n"
-        f"for key in ('old_embedding', 'old_prototype', 'credible_old_feature'):\n"
-        f"    if config.get(key):\n"
-        f"        config[key] = config[key].replace({demo.SD!r}, {sd2!r})\n",
-        f"Written by tools/run_demo.py --generations 3: {method}, generation 3 against the features of generation 2.")
+                   done_when=[demo.feature("credible_ratio_90", sd2)])
+    name = f"{method}_gen3"   # the method's demo config, one size wider, against generation 2's features
     third = os.path.join(out, name, "model.pt")
-    pipe.stage("train_gen3", [os.path.join("BCT_methods", method, "train.py"), config], done_when=[third])
+    pipe.stage("train_gen3", train_command(demo, method, {"output": os.path.join(out, name),
+                                                          "network_width": GEN3_WIDTH}, sd2), done_when=[third])
     heldout = data + "_heldout"
     identities, per_identity = HELDOUT_SIZES["quick" if args.quick else "full"]
     pipe.stage("heldout_data", ["tools/synthetic/make_synthetic.py", "--out", heldout, "--identities", str(identities),
@@ -534,7 +521,7 @@ def _bars(ax, found, offset, label, key, low, high):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="full", choices=PROFILES,
-                        help="sizes and training rule (configs/demo/settings.py): full (default), quick, long")
+                        help="sizes and training rule (configs/demo/settings.py): full (default) or quick")
     parser.add_argument("--quick", action="store_true", help="the same as --profile quick: a one-minute smoke run")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated BCT methods to train")
     parser.add_argument("--scenario", default="OPclass", choices=SCENARIOS)
@@ -551,7 +538,7 @@ def main():
                              "compatibility matrix of the three (off by default; time: docs/compat.md)")
     parser.add_argument("--generation_method", default="L2",
                         help="method of generations 2 and 3 for --generations 3 (one of --methods; default L2)")
-    for option, (_, text) in SIZE_OPTIONS.items():
+    for option, text in SIZE_OPTIONS.items():
         parser.add_argument(f"--{option}", type=float if option == "lr" else int, default=None, metavar="N",
                             help=f"{text} (default: configs/demo/settings.py's profile)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),

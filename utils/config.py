@@ -5,10 +5,15 @@ Keys are merged over ``configs/base.py`` and, for method configs, over the ``bas
 in the config's own folder (``BCT_methods/<Method>/configs/base.py`` declares the method's keys).
 A key that no base declares is an error, so a typo never silently falls back to a default.
 
+Every script that takes a config also takes ``--set KEY=VALUE …`` (:func:`add_config_args`): values
+applied over the merged file, read as Python literals (``--set lr=0.2 margin_list=(1.0,0.3,0.0)``), a
+text that is not a literal as a string (``--set rec=dataset/mine``).
+
 Relative paths in the keys of :data:`PATH_KEYS` are resolved against the repository root, so a
 shipped config means the same files whether a script runs from the root or from its method folder.
 """
 import argparse
+import ast
 import copy
 import importlib.util
 import os
@@ -31,6 +36,29 @@ def add_launcher_args(parser: argparse.ArgumentParser):
     return parser
 
 
+def add_config_args(parser: argparse.ArgumentParser, positional=True):
+    """The ``config`` argument (when ``positional``) and ``--set KEY=VALUE …``, read by :func:`get_config`."""
+    if positional:
+        parser.add_argument("config", help="config module (a .py file)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                        help="config values over the file's, as Python literals (strings need no quotes)")
+    return parser
+
+
+def parse_overrides(items):
+    """``["lr=0.2", "rec=dataset/x"]`` → ``{"lr": 0.2, "rec": "dataset/x"}`` (literal or, failing that, text)."""
+    overrides = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a config key")
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text
+    return overrides
+
+
 def _load_module_config(path):
     spec = importlib.util.spec_from_file_location(
         "cfg_" + os.path.splitext(os.path.basename(path))[0], path)
@@ -51,10 +79,9 @@ def resolve_path(value):
     return os.path.normpath(os.path.join(ROOT, value))
 
 
-def get_config(path):
-    """Load the config at ``path`` merged over its bases; returns an EasyDict.
-
-    Adds ``config_name`` (file name without ``.py``) and ``config_path``; ``output`` defaults to
+def get_config(path, overrides=None):
+    """Load the config at ``path`` merged over its bases, then ``overrides`` (a dict, or ``--set`` items);
+    returns an EasyDict. Adds ``config_name`` (file name without ``.py``) and ``config_path``; ``output`` defaults to
     ``work_dirs/<config_name>``.
     """
     path = os.path.abspath(path)
@@ -70,6 +97,13 @@ def get_config(path):
         raise UserError(f"config {path}: unknown key(s) {', '.join(unknown)} "
                         f"(not declared in configs/base.py or the folder's base.py)")
     cfg.update(user)
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise UserError(f"--set {', '.join(unknown)}: unknown key(s) for config {path} "
+                        f"(not declared in configs/base.py or the folder's base.py)")
+    cfg.update(copy.deepcopy(overrides))
     cfg = edict(cfg)
     cfg.config_name = os.path.splitext(os.path.basename(path))[0]
     cfg.config_path = path

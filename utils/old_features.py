@@ -24,62 +24,22 @@ run with one :class:`~utils.errors.UserError` line.
 torch is imported only by the functions that make tensors, so steps 3 and 4 start fast.
 """
 import os
-import re
 
 import numpy as np
 
-from utils.config import ROOT
 from utils.errors import UserError, require
 from utils.feature_stats import check_finite_rows
 from utils.io import safe_np_load
-
-FEATURE_ROOT = os.path.join(ROOT, "feature_save")
-SCENARIOS = {"class70": "OPclass", "class30": "OPclass", "data70": "OPdata", "data30": "OPdata",
-             "class100": "EXclass", "data100": "EXdata"}
-SPLITS = {"class70": "train_part_70_class", "class30": "train_part_30_class",
-          "data70": "train_part_70_data", "data30": "train_part_30_data",
-          "class100": "train", "data100": "train"}
-_KIND = re.compile(r"(feature|label|avg_feature|credible_ratio_\d+)")
+from utils.scenarios import FEATURE_SPLITS, feature_path, parse_sd, split_rec
 
 
-def parse_sd(sd):
-    """``(embedding size or None, split suffix)`` of an SD: ``<any name>_<split>`` as the published tools
-    take it (``f128_r18_softmax_class70``, ``myrun_class70``); the size is read from an ``f<d>`` first part."""
-    parts = str(sd).split("_")
-    if len(parts) < 2 or parts[-1] not in SCENARIOS or not all(re.fullmatch(r"[A-Za-z0-9.\-]+", p) for p in parts):
-        raise UserError(f"--SD '{sd}': expected <name>_<split> with split one of {', '.join(SCENARIOS)} and a "
-                        f"name of letters, digits, '.', '-', '_' (e.g. f128_r18_softmax_class70)")
-    return (int(parts[0][1:]) if re.fullmatch(r"f[1-9]\d*", parts[0]) else None), parts[-1]
-
-
-def scenario_of(sd):
-    """``OPclass``/``OPdata``/``EXclass``/``EXdata`` from the SD's split suffix."""
-    return SCENARIOS[parse_sd(sd)[1]]
-
-
-def split_rec(rec, sd):
-    """The rec prefix of the split an SD names, beside ``rec`` (a prefix or a folder holding train.rec).
-
-    ``class70`` → ``<dir>/train_part_70_class`` …; ``class100``/``data100`` → ``<dir>/train``.
-    """
+def sd_rec(rec, sd):
+    """The rec prefix of the split an SD is extracted on, beside ``rec`` (a prefix or a folder holding
+    train.rec): ``class70`` → ``<dir>/train_part_70_class`` …; ``class100``/``data100`` → ``<dir>/train``."""
     if not rec:
         raise UserError("the config sets no `rec`; give the data with --dataset")
     folder = rec if os.path.isdir(rec) else os.path.dirname(rec)
-    return os.path.join(folder, SPLITS[parse_sd(sd)[1]])
-
-
-def credible_kind(T):
-    """File kind of the denoising mask of ratio ``T``: ``credible_ratio_<round(100·T)>``."""
-    return f"credible_ratio_{int(round(100 * float(T)))}"
-
-
-def feature_path(sd, kind, root=None):
-    """Path of an SD's ``kind`` file in folder ``root`` (default ``<repo>/feature_save/<scenario>``)."""
-    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
-        raise UserError(f"unknown feature file kind {kind!r} (feature, label, avg_feature, credible_ratio_<100T>)")
-    folder = os.path.abspath(root) if root else os.path.join(FEATURE_ROOT, scenario_of(sd))
-    suffix = "_feature" if kind.startswith("credible_ratio_") else ""
-    return os.path.join(folder, f"{sd}_{kind}{suffix}.npy")
+    return split_rec(folder, FEATURE_SPLITS[parse_sd(sd)[1]][1])
 
 
 def load_features(sd, root=None):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from utils.checkpoint import CheckpointManager, StopFlag, rng_state, seed_everything, set_rng_state
-from utils.config import get_config
+from utils.config import add_config_args, get_config
 from utils.dataset import MXFaceDataset, build_loader, check_data_config, set_loader_epoch, to_model_input
 from utils.distributed import (DistInfo, add_launcher_args, any_rank, average_gradients, cleanup,
                                init_distributed, world)
@@ -382,15 +382,14 @@ def optimizer_step(loss, optimizer, scaler, clipped_params, clip_grad=5.0, repli
 
 
 def main(method_class, build_backbone, build_classifier, description=None):
-    """Command-line entry of every training script: ``script.py CONFIG [--resume]``."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("config", help="config module (a .py file)")
+    """Command-line entry of every training script: ``script.py CONFIG [--set KEY=VALUE …] [--resume]``."""
+    parser = add_config_args(argparse.ArgumentParser(description=description))
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     add_launcher_args(parser)
     args = parser.parse_args()
 
     def run():
-        cfg = get_config(args.config)
+        cfg = get_config(args.config, args.overrides)
         try:
             train(cfg, method_class(cfg), build_backbone, build_classifier, args.local_rank, args.resume)
         finally:

@@ -1,6 +1,4 @@
-"""Demo independent new model: wider network, ArcFace, new split, no compatibility constraint."""
-from easydict import EasyDict as edict
+"""The demo's independent new model (full profile); tools/run_demo.py trains it."""
+from configs.demo.common import new_model
 
-from configs.demo import settings
-
-config = settings.new_model(edict(), "independent")
+config = new_model("independent")

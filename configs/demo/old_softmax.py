@@ -1,6 +1,4 @@
-"""Demo old model: small r18-style network (8-channel stem, 32 px), softmax, trained on the old split (CPU)."""
-from easydict import EasyDict as edict
+"""The demo's old model (full profile); tools/run_demo.py trains it."""
+from configs.demo.common import old_model
 
-from configs.demo import settings
-
-config = settings.old_model(edict(), "old_softmax")
+config = old_model()

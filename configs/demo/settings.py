@@ -1,10 +1,11 @@
-"""The demo's profiles (data sizes, model sizes and its one training rule); where its configs read and write.
+"""The demo's settings: profiles (data sizes, model sizes and its one training rule) and the keys of
+each of its configs for any profile (:class:`Demo`).
 
-``tools/run_demo.py`` sets ``BCT_DEMO_DATA``, ``BCT_DEMO_OUT``, ``BCT_DEMO_SCENARIO``, ``BCT_DEMO_PROFILE``
-(full, quick or long), the overrides ``BCT_DEMO_<NAME>`` of :data:`SIZES` (``--identities`` …
-``--warmup_epochs``) and, per new model, ``BCT_DEMO_SEED`` (0, 1, … with ``--seeds``), so the shipped
-demo configs follow its options; run by hand, they default to ``dataset/synthetic``,
-``work_dirs/demo``, ``OPclass``, the full profile and seed 0.
+The demo's configs (``configs/demo/old_softmax.py``, ``configs/demo/independent.py``,
+``BCT_methods/<Method>/configs/demo_<Method>.py``) are plain data: the full profile's values, written
+out. ``tools/run_demo.py`` builds a :class:`Demo` from its options and passes each key whose value
+differs from the file's with ``--set`` (the stage logs show the commands); :meth:`Demo.keys` is the one
+place where the demo's values are computed, and a test checks that the files hold the full profile's.
 
 **Training rule.** Every method runs with its published hyper-parameters: the keys of
 ``BCT_methods/<Method>/configs/base.py`` are not changed. What all models share is changed once,
@@ -22,27 +23,22 @@ Quantities that the published code ties to the size of the data or the length of
 converted, the same way for every method:
 
 - an epoch of the published 35-epoch schedule becomes the same fraction of the demo's epochs
-  (:func:`scaled_epoch`: UniBCT's refinement epochs and its learning-rate steps);
+  (:meth:`Demo.scaled_epoch`: UniBCT's refinement epochs and its learning-rate steps);
 - a buffer sized as a part of the training set keeps the published fraction of it
-  (:func:`same_fraction`: NCCL's queue, 8,192 of the 3,598,269 class70 images = 0.23 %), but
+  (:meth:`Demo.same_fraction`: NCCL's queue, 8,192 of the 3,598,269 class70 images = 0.23 %), but
   holds at least one global batch, which the method enqueues whole.
 
 The demo's regime is the paper's: the old model is narrower and trained shorter on 30 % of the
 identities, the new models are wider and trained longer on the other 70 %.
 """
-import os
+import copy
 
-from configs.base import config as published_base
-from configs.scenarios import SPLITS as PUBLISHED_SPLITS
+from easydict import EasyDict as edict
 
-DATA = os.environ.get("BCT_DEMO_DATA", "dataset/synthetic")
-OUT = os.environ.get("BCT_DEMO_OUT", "work_dirs/demo")
-SCENARIO = os.environ.get("BCT_DEMO_SCENARIO", "OPclass")
-SEED_INDEX = int(os.environ.get("BCT_DEMO_SEED", "0"))
+from utils.config import PATH_KEYS, resolve_path
+from utils.errors import UserError
+from utils.scenarios import SCENARIOS, SPLITS, feature_path, require_choice, sd_name, split_rec
 
-# the settings a profile fixes and run_demo.py's options override (BCT_DEMO_<NAME>): name → type
-SIZES = {"IDENTITIES": int, "IMAGES_PER_IDENTITY": int, "IJB_SUBJECTS": int, "OLD_EPOCHS": int,
-         "NEW_EPOCHS": int, "OLD_WIDTH": int, "NEW_WIDTH": int, "LR": float, "WARMUP_EPOCHS": int}
 RULE = dict(LR=0.2, WARMUP_EPOCHS=1)   # the training rule of every model, in every profile
 PROFILES = {   # the full profile's sizes come from a measured grid (docs/demo.md)
     "full": dict(IDENTITIES=2000, IMAGES_PER_IDENTITY=8, IJB_SUBJECTS=3200, OLD_EPOCHS=2, NEW_EPOCHS=6,
@@ -50,133 +46,139 @@ PROFILES = {   # the full profile's sizes come from a measured grid (docs/demo.m
     "quick": dict(IDENTITIES=40, IMAGES_PER_IDENTITY=10, IJB_SUBJECTS=24, OLD_EPOCHS=2, NEW_EPOCHS=2,
                   OLD_WIDTH=8, NEW_WIDTH=12, **RULE),
 }
-PROFILE = os.environ.get("BCT_DEMO_PROFILE", "full")
-if PROFILE not in PROFILES:
-    raise ValueError(f"BCT_DEMO_PROFILE={PROFILE!r}: expected one of {', '.join(PROFILES)}")
-IJB_MAX_FRAMES = 2   # IJB-C-style probe videos of 2 frames (make_synthetic's default: 2–5): 26 % fewer images to embed
-
-
-def sizes(environ=os.environ):
-    """The profile's settings (:data:`SIZES`), each replaced by ``BCT_DEMO_<NAME>`` when set."""
-    values = dict(PROFILES[environ.get("BCT_DEMO_PROFILE", "full")])
-    for name, kind in SIZES.items():
-        text = environ.get(f"BCT_DEMO_{name}")
-        if text is None:
-            continue
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or (value < 0 if name == "WARMUP_EPOCHS" else value <= 0):
-            what = "a positive number" if kind is float else "a whole number" if name == "WARMUP_EPOCHS" \
-                else "a positive whole number"
-            raise ValueError(f"BCT_DEMO_{name}={text!r}: expected {what}")
-        values[name] = value
-    return values
-
-
-_values = sizes()
-IDENTITIES, IMAGES_PER_IDENTITY, IJB_SUBJECTS, OLD_EPOCHS, NEW_EPOCHS, OLD_WIDTH, NEW_WIDTH, LR, WARMUP_EPOCHS = \
-    (_values[name] for name in SIZES)
-
-EMBEDDING_SIZE = 128
-INPUT_SIZE = 32
-BATCH_SIZE = 64
-OLD_NETWORK = NEW_NETWORK = "r18"        # r18 layout; stems of OLD_WIDTH and NEW_WIDTH channels
-NEW_MARGIN_LIST, NEW_SCALE = (1.0, 0.3, 0.0), 32.0   # every new model's ArcFace (published: 0.5, 64)
-PUBLISHED_EPOCHS = published_base.num_epoch                 # 35
-PUBLISHED_CLASS70_IMAGES = PUBLISHED_SPLITS["class70"][2]   # 3,598,269: the published OPclass training set
-
-# scenario: (old model's training split, new model's training split, split the features are extracted on)
-SCENARIOS = {
-    "OPclass": ("train_part_30_class", "train_part_70_class", "class70"),
-    "OPdata": ("train_part_30_data", "train_part_70_data", "data70"),
-    "EXclass": ("train_part_30_class", "train", "class100"),
-    "EXdata": ("train_part_30_data", "train", "data100"),
+SIZES = tuple(PROFILES["full"])   # the settings a profile fixes and run_demo.py's options override
+PUBLISHED_EPOCHS = 35                     # the published schedule (configs/base.py num_epoch)
+PUBLISHED_CLASS70_IMAGES = SPLITS["class70"][2]   # 3,598,269: the published OPclass training set
+# the old-feature files each method's demo config reads: config key → file kind
+METHOD_FEATURES = {
+    "L2": {"old_embedding": "feature"},
+    "BCT": {"old_prototype": "avg_feature"},
+    "UniBCT": {"old_prototype": "avg_feature", "old_embedding": "feature"},
+    "NCCL": {"old_embedding": "feature"},
+    "AdvBCT": {"old_embedding": "feature"},
+    "MixBCT": {"old_embedding": "feature", "credible_old_feature": "credible_ratio_90"},
 }
-if SCENARIO not in SCENARIOS:
-    raise ValueError(f"BCT_DEMO_SCENARIO={SCENARIO!r}: expected one of {', '.join(SCENARIOS)}")
-OLD_SPLIT, NEW_SPLIT, FEATURE_SPLIT = SCENARIOS[SCENARIO]
-SD = f"f{EMBEDDING_SIZE}_{OLD_NETWORK}_softmax_{FEATURE_SPLIT}"
 
 
-def rec(split):
-    """Training data of a split: the full set is the data folder itself."""
-    return DATA if split == "train" else os.path.join(DATA, split)
+class Demo:
+    """One demo run's settings: a profile with options over it (``identities=…`` as in :data:`SIZES`,
+    lower case), the data and output folders, the scenario and the seed (0, 1, … with ``--seeds``)."""
+
+    EMBEDDING_SIZE = 128
+    INPUT_SIZE = 32
+    BATCH_SIZE = 64
+    OLD_NETWORK = NEW_NETWORK = "r18"        # r18 layout; stems of OLD_WIDTH and NEW_WIDTH channels
+    NEW_MARGIN_LIST, NEW_SCALE = (1.0, 0.3, 0.0), 32.0   # every new model's ArcFace (published: 0.5, 64)
+    IJB_MAX_FRAMES = 2   # IJB-C-style probe videos of 2 frames (make_synthetic's default: 2–5): 26 % fewer images
+
+    def __init__(self, profile="full", data="dataset/synthetic", out="work_dirs/demo", scenario="OPclass",
+                 seed_index=0, **sizes):
+        require_choice(profile, PROFILES, "profile")
+        require_choice(scenario, SCENARIOS, "scenario")
+        values = dict(PROFILES[profile])
+        for option, value in sizes.items():
+            name = option.upper()
+            require_choice(name, SIZES, "demo setting")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (value < 0 if name == "WARMUP_EPOCHS" else value <= 0) or (name != "LR" and value != int(value)):
+                what = "a positive number" if name == "LR" else "a whole number of 0 or more" \
+                    if name == "WARMUP_EPOCHS" else "a positive whole number"
+                raise UserError(f"--{option} {value!r}: expected {what}")
+            values[name] = value
+        self.__dict__.update(values)
+        self.PROFILE, self.DATA, self.OUT, self.SCENARIO, self.SEED_INDEX = profile, data, out, scenario, seed_index
+        self.OLD_SPLIT, self.NEW_SPLIT, self.FEATURE_SPLIT = SCENARIOS[scenario]
+        self.SD = sd_name(self.EMBEDDING_SIZE, self.OLD_NETWORK, "softmax", self.FEATURE_SPLIT)
+
+    def seeded(self, seed_index):
+        """These settings for the ``seed_index``-th seed of every new model."""
+        other = copy.copy(self)
+        other.SEED_INDEX = seed_index
+        return other
+
+    def sizes(self):
+        """The values of :data:`SIZES` (option name → value)."""
+        return {name.lower(): getattr(self, name) for name in SIZES}
+
+    def rec(self, split):
+        """Training data of a split: the full set is the data folder itself."""
+        return self.DATA if split == "full" else split_rec(self.DATA, split)
+
+    def feature(self, kind, sd=None):
+        """Path of an old-feature file of this run (kind: feature, label, avg_feature, credible_ratio_90)."""
+        return feature_path(sd or self.SD, kind, resolve_path(f"{self.OUT}/feature_save/{self.SCENARIO}"))
+
+    def run_name(self, name, seed_index=None):
+        """Output folder name of a new model: ``name`` for seed 0, ``name_seed<k>`` for the k-th extra seed."""
+        seed_index = self.SEED_INDEX if seed_index is None else seed_index
+        return name if seed_index == 0 else f"{name}_seed{seed_index}"
+
+    def new_split_images(self):
+        """Images of the new model's training split, from the sizes above and the 0.3 split rule."""
+        old_identities = round(0.3 * self.IDENTITIES)
+        return {"class70": (self.IDENTITIES - old_identities) * self.IMAGES_PER_IDENTITY,
+                "data70": self.IDENTITIES * (self.IMAGES_PER_IDENTITY - max(1, round(0.3 * self.IMAGES_PER_IDENTITY))),
+                "full": self.IDENTITIES * self.IMAGES_PER_IDENTITY}[self.NEW_SPLIT]
+
+    def scaled_epoch(self, epoch):
+        """An epoch of the published 35-epoch schedule mapped onto the demo's new models (at least 1)."""
+        return max(1, round(epoch * self.NEW_EPOCHS / PUBLISHED_EPOCHS))
+
+    def same_fraction(self, published_size, published_images=PUBLISHED_CLASS70_IMAGES):
+        """A buffer of ``published_size`` entries over ``published_images`` scaled to the demo's new split
+        (at least one batch)."""
+        return max(self.BATCH_SIZE, round(published_size * self.new_split_images() / published_images))
+
+    def keys(self, name, sd=None):
+        """The keys of demo config ``name`` (``old_softmax``, ``independent`` or a method) in this run;
+        ``sd``: another set of old features for a method (the third generation's)."""
+        if name == "old_softmax":   # the Partial FC softmax head the profiles, grid and seeds were measured with
+            keys = self._common(self.OLD_WIDTH, self.OLD_SPLIT, name)
+            keys.update(num_epoch=self.OLD_EPOCHS, softmax_head="partial_fc")
+            return keys
+        keys = self._common(self.NEW_WIDTH, self.NEW_SPLIT, self.run_name(name))
+        keys.update(margin_list=self.NEW_MARGIN_LIST, scale=self.NEW_SCALE, num_epoch=self.NEW_EPOCHS,
+                    seed=666 + self.SEED_INDEX)
+        if name == "independent":
+            return keys
+        require_choice(name, METHOD_FEATURES, "demo method")
+        keys.update({key: self.feature(kind, sd) for key, kind in METHOD_FEATURES[name].items()})
+        published_keys = published(name)
+        if name == "NCCL":   # the published queue holds 0.23 % of the training set (at least one global batch)
+            keys.update(queue_size=self.same_fraction(published_keys.queue_size))
+        if name == "UniBCT":   # the published refinement epochs and lr steps (of 35 epochs) scaled to the demo
+            keys.update(refine_epochs=tuple(sorted({self.scaled_epoch(e) for e in published_keys.refine_epochs})),
+                        lr_steps=tuple(sorted({self.scaled_epoch(e) for e in published_keys.lr_steps})))
+        return keys
+
+    def overrides(self, name, config, extra=None, sd=None):
+        """``--set`` items for the keys of :meth:`keys` (and ``extra``) whose values differ from ``config``
+        (the demo config file, loaded); paths compared resolved."""
+        wanted = dict(self.keys(name, sd), **(extra or {}))
+        return [f"{key}={value!r}" for key, value in wanted.items()
+                if _resolved(key, value) != _resolved(key, config.get(key))]
+
+    def _common(self, width, split, name):
+        """Keys every demo training config shares: a small CPU model, data of ``split``, output under OUT."""
+        return dict(network=self.OLD_NETWORK if name == "old_softmax" else self.NEW_NETWORK,
+                    embedding_size=self.EMBEDDING_SIZE, network_width=width, input_size=self.INPUT_SIZE,
+                    rec=self.rec(split), output=f"{self.OUT}/{name}", batch_size=self.BATCH_SIZE, lr=self.LR,
+                    warmup_epoch=self.WARMUP_EPOCHS, fp16=False,
+                    channels_last=True,   # 1.20x the training images/s of the new models here (bench_demo_training.py)
+                    num_workers=0, frequent=20, save_every_steps=0, keep_checkpoints=1)
 
 
-def feature(kind):
-    """Path of an old-feature file of this scenario (kind: feature, avg_feature, credible_ratio_90_feature)."""
-    return os.path.join(OUT, "feature_save", SCENARIO, f"{SD}_{kind}.npy")
-
-
-def run_name(name, seed_index=None):
-    """Output folder name of a new model: ``name`` for seed 0, ``name_seed<k>`` for the k-th extra seed."""
-    seed_index = SEED_INDEX if seed_index is None else seed_index
-    return name if seed_index == 0 else f"{name}_seed{seed_index}"
-
-
-def new_split_images():
-    """Images of the new model's training split, from the sizes above and the 0.3 split rule."""
-    old_identities = round(0.3 * IDENTITIES)
-    return {"train_part_70_class": (IDENTITIES - old_identities) * IMAGES_PER_IDENTITY,
-            "train_part_70_data": IDENTITIES * (IMAGES_PER_IDENTITY - max(1, round(0.3 * IMAGES_PER_IDENTITY))),
-            "train": IDENTITIES * IMAGES_PER_IDENTITY}[NEW_SPLIT]
-
-
-def old_model(config, name):
-    """The demo's old model (softmax, narrower, trained shorter on the old split). Its classifier is the
-    Partial FC softmax head, with which the profiles, the grid and the seeds were measured (docs/demo.md);
-    the published linear head (``softmax_head = "linear"``, the toolkit's default) is not yet measured here."""
-    config = common(config, OLD_NETWORK, OLD_WIDTH, OLD_SPLIT, name)
-    config.num_epoch = OLD_EPOCHS
-    config.softmax_head = "partial_fc"
-    return config
-
-
-def new_model(config, name):
-    """The demo's new model (ArcFace, on the new split), one per seed."""
-    config = common(config, NEW_NETWORK, NEW_WIDTH, NEW_SPLIT, run_name(name))
-    config.margin_list = NEW_MARGIN_LIST
-    config.scale = NEW_SCALE
-    config.num_epoch = NEW_EPOCHS
-    config.seed = 666 + SEED_INDEX
-    return config
-
-
-def common(config, network, width, split, name):
-    """Keys every demo training config shares: a small CPU model, data of ``split``, output under OUT."""
-    config.network = network
-    config.embedding_size = EMBEDDING_SIZE
-    config.network_width = width
-    config.input_size = INPUT_SIZE
-    config.rec = rec(split)
-    config.output = os.path.join(OUT, name)
-    config.batch_size = BATCH_SIZE
-    config.lr = LR
-    config.warmup_epoch = WARMUP_EPOCHS
-    config.fp16 = False
-    config.channels_last = True   # 1.20x the training images/s of the new models here (bench_demo_training.py)
-    config.num_workers = 0
-    config.frequent = 20
-    config.save_every_steps = 0
-    config.keep_checkpoints = 1
-    return config
-
-
-def scaled_epoch(epoch, num_epoch=None):
-    """An epoch of the published 35-epoch schedule mapped onto the demo's run (at least 1)."""
-    num_epoch = NEW_EPOCHS if num_epoch is None else num_epoch
-    return max(1, round(epoch * num_epoch / PUBLISHED_EPOCHS))
-
-
-def same_fraction(published_size, published_images=PUBLISHED_CLASS70_IMAGES, at_least=BATCH_SIZE):
-    """A buffer of ``published_size`` entries over ``published_images`` scaled to the demo's new split."""
-    return max(at_least, round(published_size * new_split_images() / published_images))
+def _resolved(key, value):
+    """``value`` as a loaded config holds it: paths resolved, sequences as tuples."""
+    if key in PATH_KEYS and isinstance(value, str):
+        return resolve_path(value)
+    return tuple(value) if isinstance(value, list) else value
 
 
 def published(method):
     """The published defaults of a method: its folder's ``configs/base.py``."""
     import importlib
 
-    return importlib.import_module(f"BCT_methods.{method}.configs.base").config
+    return edict(importlib.import_module(f"BCT_methods.{method}.configs.base").config)

@@ -32,26 +32,15 @@ VARIANTS = {"base": {}, "channels_last": {"channels_last": True}, "compile": {"c
 SPEED = re.compile(r"Speed ([0-9.]+) samples/sec")
 
 
-def write_config(folder, name, keys, steps):
-    """A config file that takes the demo's independent model and sets ``keys`` and ``max_steps``."""
-    path = os.path.join(folder, f"bench_{name}.py")
-    with open(path, "w") as handle:
-        handle.write("from configs.demo.independent import config\n\n"
-                     f"config.output = {os.path.join(folder, name)!r}\n"
-                     f"config.max_steps = {steps}\nconfig.frequent = 5\n")
-        for key, value in keys.items():
-            handle.write(f"config.{key} = {value!r}\n")
-    return path
-
-
 def run_variant(name, keys, args, folder):
     """``(images/s per process after the warm-up steps, start-up seconds)`` of one variant."""
-    config = write_config(folder, name, keys, args.steps)
+    keys = dict(keys, rec=os.path.join(os.path.abspath(args.data), "train_part_70_class"),
+                output=os.path.join(folder, name), max_steps=args.steps, frequent=5)
+    command = ["train_old_arc.py", "configs/demo/independent.py", "--set", *(f"{k}={v!r}" for k, v in keys.items())]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    env = dict(os.environ, BCT_DEMO_DATA=os.path.abspath(args.data), BCT_DEMO_OUT=folder,
-               OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     start = time.time()
-    procs = [subprocess.Popen([sys.executable, "train_old_arc.py", config], cwd=ROOT, env=env,
+    procs = [subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(args.jobs)]
     outputs = [proc.communicate()[0] for proc in procs]

@@ -24,10 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import numpy as np
 
-from utils.config import get_config
+from utils.config import add_config_args, get_config
 from utils.errors import require, run_cli
 from utils.io import atomic_open
-from utils.old_features import add_sd_args, feature_path, load_features, parse_sd, split_rec
+from utils.old_features import add_sd_args, load_features, sd_rec
+from utils.scenarios import feature_path, parse_sd
 
 
 def unit_rows(x):
@@ -64,7 +65,7 @@ def check(old_cfg, sd, new_cfg=None, images=3000, output=None, seed=0):
     parse_sd(sd)
     stored, stored_labels = load_features(sd, output)
     features = feature_path(sd, "feature", output)
-    rec = split_rec(old_cfg.rec, sd)
+    rec = sd_rec(old_cfg.rec, sd)
     rows = np.sort(np.random.default_rng(seed).choice(len(stored), min(images, len(stored)), replace=False))
     old, old_mirror, labels = embed_both(old_cfg, rec, rows, len(stored))
     require(np.array_equal(labels, stored_labels[rows]), f"{features}: its labels differ from {rec}'s in the same "
@@ -96,10 +97,11 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=3000, help="rows of the split to sample (default 3000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     parser.add_argument("-R", "--report", default=None, help="also write the report as JSON to this path")
+    add_config_args(parser, positional=False)
     args = parser.parse_args(argv)
     require(args.images >= 2, f"--images must be at least 2, got {args.images}")
     new_cfg = get_config(args.new_config) if args.new_config else None
-    report = check(get_config(args.config), args.SD, new_cfg, args.images, args.output, args.seed)
+    report = check(get_config(args.config, args.overrides), args.SD, new_cfg, args.images, args.output, args.seed)
     for key, value in report.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     if args.report:

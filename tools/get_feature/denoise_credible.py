@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from utils.errors import UserError, about_file, run_cli
 from utils.feature_stats import credible_mask
-from utils.old_features import add_sd_args, credible_kind, feature_path, load_features, parse_sd
+from utils.old_features import add_sd_args, load_features
+from utils.scenarios import credible_kind, feature_path, parse_sd
 from utils.io import atomic_np_save
 
 

@@ -13,7 +13,8 @@ from utils.config import add_launcher_args
 from utils.deployed import add_preprocess_arg, load_model, model_kind, parse_preprocessing
 from utils.errors import UserError, require
 from utils.io import atomic_np_save
-from utils.old_features import feature_path, parse_sd, split_rec
+from utils.old_features import sd_rec
+from utils.scenarios import feature_path, parse_sd
 
 
 def add_extract_args(parser):
@@ -72,7 +73,7 @@ def extract_features(cfg, sd, rec=None, output=None, batch_size=256, num_workers
             raise UserError(f"old model not found: {model_file} (train it first: train_old_softmax.py or "
                             f"train_old_arc.py {cfg.config_path})")
     deployed = preprocessing is not None
-    rec = os.path.abspath(rec) if rec else split_rec(cfg.rec, sd)
+    rec = os.path.abspath(rec) if rec else sd_rec(cfg.rec, sd)
     paths = feature_path(sd, "feature", output), feature_path(sd, "label", output)
     dist_info = init_distributed(local_rank, cfg.get("device") if cfg is not None else None)
     try:

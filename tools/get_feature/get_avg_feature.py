@@ -14,11 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from utils.config import get_config
+from utils.config import add_config_args, get_config
 from utils.errors import UserError, about_file, run_cli
 from utils.feature_stats import class_prototypes
 from tools.get_feature.extract import add_extract_args, extract_from_args
-from utils.old_features import add_sd_args, feature_path, load_features, parse_sd
+from utils.old_features import add_sd_args, load_features
+from utils.scenarios import feature_path, parse_sd
 from utils.io import atomic_np_save
 
 
@@ -27,13 +28,14 @@ def main(argv=None):
     parser.add_argument("config", nargs="?", help="old-model config: extract the features first if missing")
     add_extract_args(add_sd_args(parser))
     parser.add_argument("--num_classes", type=int, default=None, help="number of classes (default: max label + 1)")
+    add_config_args(parser, positional=False)
     args = parser.parse_args(argv)
     parse_sd(args.SD)
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num_classes must be >= 1, got {args.num_classes}")
     sources = [feature_path(args.SD, kind, args.output) for kind in ("feature", "label")]
     if (args.config or args.model) and not all(os.path.isfile(p) for p in sources):
-        cfg = get_config(args.config) if args.config else None
+        cfg = get_config(args.config, args.overrides) if args.config else None
         if not extract_from_args(cfg, args):
             return
     elif int(os.environ.get("RANK", "0")) != 0:

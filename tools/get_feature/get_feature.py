@@ -21,10 +21,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from utils.config import get_config
+from utils.config import add_config_args, get_config
 from utils.errors import run_cli
 from tools.get_feature.extract import add_extract_args, extract_from_args
-from utils.old_features import add_sd_args, parse_sd
+from utils.old_features import add_sd_args
+from utils.scenarios import parse_sd
 
 
 def main(argv=None):
@@ -32,9 +33,10 @@ def main(argv=None):
     parser.add_argument("config", nargs="?", help="config of the old model (work_dirs/<name>/model.pt); "
                                                   "optional with --model and --dataset")
     add_extract_args(add_sd_args(parser))
+    add_config_args(parser, positional=False)
     args = parser.parse_args(argv)
     parse_sd(args.SD)
-    cfg = get_config(args.config) if args.config else None
+    cfg = get_config(args.config, args.overrides) if args.config else None
     paths = extract_from_args(cfg, args)
     if paths:
         print(f"saved {paths[0]} and {paths[1]}")

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from utils.scenarios import sd_name
+
 LABELS = {"linear": "linear", "procrustes": "Procrustes", "fct": "FCT"}
 FCT_DEMO_EPOCHS = {"full": 10, "quick": 2}   # published: 80 (at 1,024 pairs a step: 6 steps an epoch here)
 TIMED_ROWS = 1 << 14                          # features transformed to time a kind (the gallery, repeated)
@@ -29,12 +31,13 @@ def transform_paths(pipe, demo, out, old_embeddings, cross_embeddings, new_run, 
     seconds per million images.
     """
     from tools.ijbc_eval.ijbc_eval import evaluate
+    from tools.run_demo import with_config
 
     feature_dir = os.path.dirname(demo.feature("feature"))
-    sd_new = f"f{demo.EMBEDDING_SIZE}_{new_run}_arc_{demo.FEATURE_SPLIT}"
-    new_features = os.path.join(feature_dir, f"{sd_new}_feature.npy")
-    pipe.stage("new_features", ["tools/get_feature/get_feature.py", "configs/demo/independent.py", "--SD", sd_new,
-                                "--output", feature_dir], done_when=[new_features])
+    sd_new = sd_name(demo.EMBEDDING_SIZE, new_run, "arc", demo.FEATURE_SPLIT)
+    new_features = demo.feature("feature", sd_new)
+    pipe.stage("new_features", with_config(demo, ["tools/get_feature/get_feature.py", "--SD", sd_new, "--output",
+                                                  feature_dir], "independent"), done_when=[new_features])
     folder = os.path.join(out, "transforms")
     named, cost = [], {"seconds_per_million": {}, "fit_seconds": {}}
     for kind, label in LABELS.items():

@@ -1,10 +1,5 @@
-"""Demo AdvBCT: the demo's new model (see configs/demo/settings.py) trained with AdvBCT on CPU, published keys.
+"""The demo's new model trained with AdvBCT, published keys (full profile); tools/run_demo.py trains it."""
+from configs.demo.common import FEATURES, new_model
 
-    python tools/run_demo.py --methods AdvBCT        # runs it inside the whole pipeline
-"""
-from easydict import EasyDict as edict
-
-from configs.demo import settings
-
-config = settings.new_model(edict(), "AdvBCT")
-config.old_embedding = settings.feature("feature")
+config = new_model("AdvBCT")
+config.old_embedding = FEATURES + "_feature.npy"

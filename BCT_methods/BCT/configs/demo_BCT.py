@@ -1,10 +1,5 @@
-"""Demo BCT: the demo's new model (see configs/demo/settings.py) trained with BCT on CPU, published keys.
+"""The demo's new model trained with BCT, published keys (full profile); tools/run_demo.py trains it."""
+from configs.demo.common import FEATURES, new_model
 
-    python tools/run_demo.py --methods BCT        # runs it inside the whole pipeline
-"""
-from easydict import EasyDict as edict
-
-from configs.demo import settings
-
-config = settings.new_model(edict(), "BCT")
-config.old_prototype = settings.feature("avg_feature")
+config = new_model("BCT")
+config.old_prototype = FEATURES + "_avg_feature.npy"

@@ -1,10 +1,5 @@
-"""Demo L2: the demo's new model (see configs/demo/settings.py) trained with L2 on CPU, published keys.
+"""The demo's new model trained with L2, published keys (full profile); tools/run_demo.py trains it."""
+from configs.demo.common import FEATURES, new_model
 
-    python tools/run_demo.py --methods L2        # runs it inside the whole pipeline
-"""
-from easydict import EasyDict as edict
-
-from configs.demo import settings
-
-config = settings.new_model(edict(), "L2")
-config.old_embedding = settings.feature("feature")
+config = new_model("L2")
+config.old_embedding = FEATURES + "_feature.npy"

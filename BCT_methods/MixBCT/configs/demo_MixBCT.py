@@ -1,11 +1,6 @@
-"""Demo MixBCT: the demo's new model (see configs/demo/settings.py) trained with MixBCT on CPU, published keys.
+"""The demo's new model trained with MixBCT, published keys (full profile); tools/run_demo.py trains it."""
+from configs.demo.common import FEATURES, new_model
 
-    python tools/run_demo.py --methods MixBCT        # runs it inside the whole pipeline
-"""
-from easydict import EasyDict as edict
-
-from configs.demo import settings
-
-config = settings.new_model(edict(), "MixBCT")
-config.old_embedding = settings.feature("feature")
-config.credible_old_feature = settings.feature("credible_ratio_90_feature")
+config = new_model("MixBCT")
+config.old_embedding = FEATURES + "_feature.npy"
+config.credible_old_feature = FEATURES + "_credible_ratio_90_feature.npy"

@@ -1,12 +1,6 @@
-"""Demo NCCL: the demo's new model (see configs/demo/settings.py) trained with NCCL on CPU, published keys.
+"""The demo's new model trained with NCCL, published keys (full profile); tools/run_demo.py trains it."""
+from configs.demo.common import FEATURES, new_model
 
-    python tools/run_demo.py --methods NCCL        # runs it inside the whole pipeline
-"""
-from easydict import EasyDict as edict
-
-from configs.demo import settings
-
-config = settings.new_model(edict(), "NCCL")
-config.old_embedding = settings.feature("feature")
-# the published queue holds 0.23 % of the training set (at least one global batch)
-config.queue_size = settings.same_fraction(settings.published("NCCL").queue_size)
+config = new_model("NCCL")
+config.old_embedding = FEATURES + "_feature.npy"
+config.queue_size = 64   # the published 0.23 % of the training set, at least one batch

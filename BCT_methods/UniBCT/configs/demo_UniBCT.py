@@ -1,15 +1,8 @@
-"""Demo UniBCT: the demo's new model (see configs/demo/settings.py) trained with UniBCT on CPU, published keys.
+"""The demo's new model trained with UniBCT, published keys (full profile); tools/run_demo.py trains it."""
+from configs.demo.common import FEATURES, new_model
 
-    python tools/run_demo.py --methods UniBCT        # runs it inside the whole pipeline
-"""
-from easydict import EasyDict as edict
-
-from configs.demo import settings
-
-config = settings.new_model(edict(), "UniBCT")
-config.old_prototype = settings.feature("avg_feature")
-config.old_embedding = settings.feature("feature")
-# the published refinement epochs and lr steps (of 35 epochs) scaled to the demo's length
-published = settings.published("UniBCT")
-config.refine_epochs = tuple(sorted({settings.scaled_epoch(e) for e in published.refine_epochs}))
-config.lr_steps = tuple(sorted({settings.scaled_epoch(e) for e in published.lr_steps}))
+config = new_model("UniBCT")
+config.old_prototype = FEATURES + "_avg_feature.npy"
+config.old_embedding = FEATURES + "_feature.npy"
+config.refine_epochs = (2, 3)   # the published epochs 10, 20 of 35, scaled to 6
+config.lr_steps = (3, 4, 5)   # the published 20, 26, 32 of 35, scaled to 6
