@@ -26,12 +26,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs.demo.settings import PROFILES, Demo
+from configs.demo.settings import METHOD_FEATURES, PROFILES, Demo
 from utils.errors import UserError, require, run_cli
 from utils.io import atomic_np_savez, atomic_open, safe_np_load
 from utils.scenarios import SCENARIOS, sd_name
 
-METHODS = ("L2", "BCT", "UniBCT", "NCCL", "AdvBCT", "MixBCT")
+METHODS = tuple(METHOD_FEATURES)   # the methods the demo trains, each with its demo config
 BOOTSTRAP = {"full": 100, "quick": 20}   # default subject resamples of the intervals
 METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
 SIZE_OPTIONS = {   # option (configs/demo/settings.SIZES in lower case) → what it sizes

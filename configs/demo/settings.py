@@ -134,7 +134,7 @@ class Demo:
     def keys(self, name, sd=None):
         """The keys of demo config ``name`` (``old_softmax``, ``independent`` or a method) in this run;
         ``sd``: another set of old features for a method (the third generation's)."""
-        if name == "old_softmax":   # the Partial FC softmax head the profiles, grid and seeds were measured with
+        if name == "old_softmax":   # Partial FC head, as the profiles were measured (published head: docs/methods.md row 11)
             keys = self._common(self.OLD_WIDTH, self.OLD_SPLIT, name)
             keys.update(num_epoch=self.OLD_EPOCHS, softmax_head="partial_fc")
             return keys
