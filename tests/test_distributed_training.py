@@ -159,3 +159,13 @@ def test_one_process_store_folder_is_removed():
             "assert os.path.isdir(folder); d.cleanup(); print(os.path.exists(folder))")
     proc = python("-c", code)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+def test_one_process_store_folder_is_removed_at_exit_without_cleanup():
+    """A process that never calls cleanup() (a test training in-process, a crash) leaves no bct-pg-* folder."""
+    code = ("import os, utils.distributed as d; d.init_distributed(device='cpu'); "
+            "assert os.path.isdir(d._STORE_FOLDER); print(d._STORE_FOLDER)")
+    proc = python("-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = proc.stdout.strip()
+    assert os.path.basename(folder).startswith("bct-pg-") and not os.path.exists(folder)

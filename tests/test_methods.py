@@ -27,7 +27,7 @@ from utils.old_features import CredibleMask, OldFeatures, load_prototypes, open_
 
 
 def fake_ctx(tmp_path, num_images=12, num_classes=3, dim=4, batch_size=6, **keys):
-    """A TrainContext stand-in (one process, CPU) with tiny old-feature files and a real Partial FC."""
+    """A TrainState stand-in (one process, CPU) with tiny old-feature files and a real Partial FC."""
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(num_classes), num_images // num_classes)
     features = rng.normal(size=(num_images, dim)).astype(np.float32)

@@ -27,7 +27,7 @@ from utils.schedule import lr_multiplier, run_multiplier
 from backbones import build_backbone
 from losses import ArcFace, LinearSoftmaxHead, PartialFC, softmax_classifier
 from utils.config import get_config
-from utils.trainer import Method, TrainingRun, build_run, optimizer_step
+from utils.trainer import Method, TrainState, build_models, optimizer_step
 
 WORLD = 2
 
@@ -199,9 +199,9 @@ def test_published_softmax_head_is_a_default_linear_layer_in_fp32():
 def test_softmax_head_is_clipped_with_the_backbone_only_as_published(head):
     classifier = softmax_classifier(_softmax_cfg(softmax_head=head))
     backbone = nn.Linear(2, 4)
-    run = TrainingRun(backbone, backbone, classifier, {}, [], None, None, None, Method(edict()), torch.device("cpu"))
+    state = TrainState(edict(), None, classifier=classifier, plain_backbone=backbone, method=Method(edict()))
     clipped = [*backbone.parameters(), *classifier.parameters()] if head == "linear" else [*backbone.parameters()]
-    assert len(run.clipped_params) == len(clipped) and all(a is b for a, b in zip(run.clipped_params, clipped))
+    assert len(state.clipped_params) == len(clipped) and all(a is b for a, b in zip(state.clipped_params, clipped))
     if head == "partial_fc":
         assert isinstance(classifier, PartialFC) and float(classifier.bias.detach().abs().max()) == 0.0
         assert float(classifier.weight.detach().std()) < 0.05  # N(0, 0.01)
@@ -258,16 +258,17 @@ def test_partial_fc_logits_under_autocast_as_published():
     assert 1e-4 < float((low.double() - exact).abs().max()) < 2e-2  # bf16 rounding of the cosine product
 
 
-def test_build_run_sizes_the_scaler_and_leaves_cpu_logits_in_fp32(tmp_path, monkeypatch):
+def test_build_models_sizes_the_scaler_and_leaves_cpu_logits_in_fp32(tmp_path, monkeypatch):
     cfg = get_config(os.path.join(ROOT, "configs", "f512_r18_arc_class30.py"))
     cfg.update(embedding_size=8, network_width=8, input_size=32, num_classes=5, num_image=40, batch_size=4,
                amp_growth_interval=37)
     made = {}
     monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kw: made.update(kw) or nn.Module())
-    ctx = types.SimpleNamespace(device=torch.device("cpu"), dist=types.SimpleNamespace(world_size=1), steps_per_epoch=10)
-    run = build_run(cfg, Method(cfg), ctx, build_backbone, lambda c: PartialFC(ArcFace(), 8, 5))
+    info = types.SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    state = build_models(TrainState(cfg, info, steps_per_epoch=10), Method(cfg), build_backbone,
+                         lambda c: PartialFC(ArcFace(), 8, 5))
     assert made == {"enabled": False, "growth_interval": 37}  # AMP (and so the scaler) is off on the CPU
-    assert run.classifier.autocast_logits is None
+    assert state.classifier.autocast_logits is None
 
 
 # Learning-rate schedule ----------------------------------------------------------------------------

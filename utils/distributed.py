@@ -8,6 +8,7 @@ more processes than it has GPUs (NCCL cannot put two processes on one GPU) or wh
 
 The helpers below work with or without an initialised process group (one process: no-ops).
 """
+import atexit
 import dataclasses
 import datetime
 import os
@@ -21,7 +22,7 @@ from utils.config import add_launcher_args  # noqa: F401  (torch-free, for comma
 from utils.errors import UserError
 
 BACKEND_VARIABLE = "BCT_DIST_BACKEND"
-_STORE_FOLDER = None   # the private file store of a one-process run, removed by cleanup()
+_STORE_FOLDER = None   # the private file store of a one-process run, removed by cleanup() or at exit
 
 if dist.is_available():
     # torch.distributed.nn binds the default process group into function defaults when it is first
@@ -91,6 +92,7 @@ def init_distributed(local_rank=None, device=None, timeout_minutes=30):
         else:
             global _STORE_FOLDER
             _STORE_FOLDER = tempfile.mkdtemp(prefix="bct-pg-")
+            atexit.register(shutil.rmtree, _STORE_FOLDER, ignore_errors=True)  # a process that never calls cleanup()
             store = os.path.join(_STORE_FOLDER, "store")
             dist.init_process_group(backend, init_method="file://" + store, rank=0,
                                     world_size=1, timeout=timeout)
@@ -126,6 +128,24 @@ def all_reduce(tensor, op=None):
     if world()[1] > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
     return tensor
+
+
+def broadcast(tensor, src=0):
+    """In-place broadcast of ``tensor`` from rank ``src`` when several processes run; returns it."""
+    if world()[1] > 1:
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def gather(tensor, dst=0):
+    """Every rank's ``tensor`` (same shape on every rank), in rank order, on rank ``dst``; None on the others.
+    ``[tensor]`` with one process."""
+    rank, size = world()
+    if size == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(size)] if rank == dst else None
+    dist.gather(tensor, parts, dst=dst)
+    return parts
 
 
 def all_gather_rows(tensor):

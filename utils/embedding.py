@@ -11,14 +11,13 @@ import contextlib
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from utils.chunk_cache import CHUNK_ROWS, chunk_ranges, regroup, span_rows
 from utils.dataset import PIXEL_CENTRE, PIXEL_SCALE, batch_loader, to_model_input
-from utils.distributed import comm_device
+from utils.distributed import broadcast, comm_device, gather
 from utils.errors import UserError
 
 
@@ -70,9 +69,7 @@ def _pending(cache, spans, dist_info, use=None):
     if cache is not None and dist_info.rank == 0:
         todo = np.isin(np.arange(len(spans)), cache.pending(use)).astype(np.uint8)
     if dist_info.world_size > 1:
-        mask = torch.from_numpy(todo).to(comm_device(dist_info.device))
-        dist.broadcast(mask, 0)
-        todo = mask.cpu().numpy()
+        todo = broadcast(torch.from_numpy(todo).to(comm_device(dist_info.device))).cpu().numpy()
     return np.flatnonzero(todo).tolist()
 
 
@@ -172,11 +169,7 @@ def _gather_chunk(local, chunk_rows, dim, dist_info):
     if local is not None:
         block[:len(local[1])] = torch.from_numpy(np.ascontiguousarray(local[1])).to(comm)
         header[0], header[1] = local[0], len(local[1])
-    rank0 = dist_info.rank == 0
-    blocks = [torch.empty_like(block) for _ in range(dist_info.world_size)] if rank0 else None
-    headers = [torch.empty_like(header) for _ in range(dist_info.world_size)] if rank0 else None
-    dist.gather(block, blocks, dst=0)
-    dist.gather(header, headers, dst=0)
-    if not rank0:
+    blocks, headers = gather(block), gather(header)
+    if dist_info.rank != 0:
         return []
     return [(int(h[0]), b[:int(h[1])].cpu().numpy()) for h, b in zip(headers, blocks) if int(h[0]) >= 0]

@@ -3,8 +3,9 @@
 A training script is a :class:`Method` (the loss hook), the builders of its backbone and classifier,
 and :func:`main`. The loop owns devices, AMP, DDP, gradient clipping, the learning-rate schedule,
 logging, checkpoints, preemption and exact resume; a method only says how the loss is computed from
-the batch's new embeddings. In the order a run goes: :func:`build_run` (a :class:`TrainingRun`,
-which is what a checkpoint holds), then :func:`train_one_epoch` per epoch inside :func:`train`.
+the batch's new embeddings. One :class:`TrainState` is what the loop advances, what a checkpoint
+holds and what every method hook receives as ``ctx``. In the order a run goes: :func:`build_models`
+fills it, then :func:`train_one_epoch` per epoch inside :func:`train`.
 """
 import argparse
 import dataclasses
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from utils.checkpoint import CheckpointManager, StopFlag, rng_state, seed_everything, set_rng_state
 from utils.config import add_config_args, get_config
 from utils.dataset import MXFaceDataset, build_loader, check_data_config, set_loader_epoch, to_model_input
-from utils.distributed import (DistInfo, add_launcher_args, any_rank, average_gradients, cleanup,
+from utils.distributed import (DistInfo, add_launcher_args, any_rank, average_gradients, broadcast, cleanup,
                                init_distributed, world)
 from utils.errors import UserError, about_file, require, run_cli
 from utils.io import atomic_torch_save
@@ -28,19 +29,35 @@ from utils.schedule import run_multiplier
 
 
 @dataclasses.dataclass
-class TrainContext:
-    """What a method hook may look at: config, process info, models, data and progress."""
+class TrainState:
+    """The one state of a run: the loop advances it, a checkpoint holds it (:meth:`state_dict`,
+    :meth:`load_state_dict`) and every method hook receives it as ``ctx``.
+
+    ``backbone`` is the backbone that trains (DDP-wrapped when several processes run, compiled when
+    asked), ``plain_backbone`` the module inside it (checkpointed, saved as ``model.pt``);
+    :func:`build_models` fills the models, optimiser, scheduler and scaler. A loaded checkpoint's RNG
+    states wait in ``pending_rng`` until :meth:`restore_rng`.
+    """
     cfg: Any
     dist: DistInfo
-    backbone: torch.nn.Module          # the training backbone (DDP-wrapped when several processes run)
-    classifier: torch.nn.Module        # the Partial FC classifier (losses.PartialFC)
-    dataset: MXFaceDataset
-    steps_per_epoch: int
-    total_steps: int
-    logger: Any
+    backbone: torch.nn.Module = None
+    classifier: torch.nn.Module = None         # the Partial FC classifier (losses.PartialFC)
+    dataset: MXFaceDataset = None
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    logger: Any = None
     epoch: int = 0
     global_step: int = 0
     batch_rows: dict = dataclasses.field(default_factory=dict)   # this batch's per-image rows, on the device
+    batch: int = 0                             # batches of ``epoch`` done
+    plain_backbone: torch.nn.Module = None
+    extra: dict = dataclasses.field(default_factory=dict)        # the method's trainable modules, by name
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    method: Any = None
+    replicated_params: list = dataclasses.field(default_factory=list)  # trainable, held whole by every process
+    pending_rng: dict = None
 
     @property
     def device(self):
@@ -50,6 +67,46 @@ class TrainContext:
     def progress(self):
         """Fraction of the schedule done, in [0, 1]."""
         return self.global_step / max(self.total_steps, 1)
+
+    @property
+    def clipped_params(self):
+        """The parameters clipped to one gradient norm: the backbone's, the method's that go with it, and
+        the classifier's when it asks (``clip_with_backbone``)."""
+        params = [*self.plain_backbone.parameters(), *self.method.clipped_with_backbone()]
+        if getattr(self.classifier, "clip_with_backbone", False):
+            params += list(self.classifier.parameters())
+        return params
+
+    def _parts(self):
+        """The checkpointed objects, by checkpoint key (each has state_dict/load_state_dict)."""
+        return {"backbone": self.plain_backbone, "classifier": self.classifier, "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "scaler": self.scaler, "method": self.method}
+
+    def state_dict(self):
+        state = {key: part.state_dict() for key, part in self._parts().items()}
+        state["extra"] = {name: module.state_dict() for name, module in self.extra.items()}
+        state.update(rng=rng_state(self.device), epoch=self.epoch, batch=self.batch, global_step=self.global_step,
+                     world_size=world()[1])
+        return state
+
+    def load_state_dict(self, state):
+        saved, size = state.get("world_size"), world()[1]
+        require(saved in (None, size), f"the checkpoint of step {state['global_step']} was saved by a run of {saved} "
+                                       f"processes but this run has {size}: resume with {saved} processes (the "
+                                       "classifier and its optimiser state are split over the processes) or train "
+                                       "into a new output folder")
+        for key, part in self._parts().items():
+            part.load_state_dict(state[key])
+        for name, module in self.extra.items():
+            module.load_state_dict(state["extra"][name])
+        self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
+        self.pending_rng = state["rng"]
+
+    def restore_rng(self):
+        """Put back the loaded RNG states (once)."""
+        if self.pending_rng is not None:
+            set_rng_state(self.pending_rng, self.device)
+            self.pending_rng = None
 
 
 class Method:
@@ -69,7 +126,7 @@ class Method:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def setup(self, ctx: TrainContext):
+    def setup(self, ctx: TrainState):
         pass
 
     def extra_modules(self):
@@ -84,10 +141,10 @@ class Method:
         """Parameters of the extra modules clipped to one gradient norm together with the backbone."""
         return []
 
-    def on_epoch_start(self, epoch, ctx: TrainContext):
+    def on_epoch_start(self, epoch, ctx: TrainState):
         pass
 
-    def compute_loss(self, embeddings, labels, indices, ctx: TrainContext):
+    def compute_loss(self, embeddings, labels, indices, ctx: TrainState):
         """Return ``(loss, {part: value})`` for one batch; ``embeddings`` are fp32, un-normalised.
 
         ``labels`` are on the training device; ``indices`` (the images' dataset positions) stay on
@@ -141,59 +198,6 @@ def _check_config(cfg):
             f"config {cfg.config_path}: amp_dtype must be float16 or bfloat16, got {cfg.get('amp_dtype')!r}")
 
 
-class TrainingRun:
-    """Everything a checkpoint holds: the models, optimiser, scheduler, AMP scaler, method state and
-    the position (epoch, batch within it, global step), with ``state_dict``/``load_state_dict``.
-
-    ``backbone`` is the plain module (checkpointed, saved as ``model.pt``); ``model`` the one that
-    trains (DDP-wrapped when several processes run). A loaded state's RNG states wait in
-    ``pending_rng`` until the loop reaches the point where the interrupted run saved them.
-    """
-
-    def __init__(self, backbone, model, classifier, extra, replicated_params, optimizer, scheduler, scaler, method,
-                 device):
-        self.backbone, self.model, self.classifier, self.extra = backbone, model, classifier, extra
-        self.optimizer, self.scheduler, self.scaler, self.method = optimizer, scheduler, scaler, method
-        self.device = device
-        self.replicated_params = replicated_params   # trainable parameters every process holds whole (outside DDP)
-        self.clipped_params = [*backbone.parameters(), *method.clipped_with_backbone()]
-        if getattr(classifier, "clip_with_backbone", False):
-            self.clipped_params += list(classifier.parameters())
-        self.epoch, self.batch, self.global_step = 0, 0, 0
-        self.pending_rng = None
-
-    def _parts(self):
-        """The checkpointed objects, by checkpoint key (each has state_dict/load_state_dict)."""
-        return {"backbone": self.backbone, "classifier": self.classifier, "optimizer": self.optimizer,
-                "scheduler": self.scheduler, "scaler": self.scaler, "method": self.method}
-
-    def state_dict(self):
-        state = {key: part.state_dict() for key, part in self._parts().items()}
-        state["extra"] = {name: module.state_dict() for name, module in self.extra.items()}
-        state.update(rng=rng_state(self.device), epoch=self.epoch, batch=self.batch, global_step=self.global_step,
-                     world_size=world()[1])
-        return state
-
-    def load_state_dict(self, state):
-        saved, size = state.get("world_size"), world()[1]
-        require(saved in (None, size), f"the checkpoint of step {state['global_step']} was saved by a run of {saved} "
-                                       f"processes but this run has {size}: resume with {saved} processes (the "
-                                       "classifier and its optimiser state are split over the processes) or train "
-                                       "into a new output folder")
-        for key, part in self._parts().items():
-            part.load_state_dict(state[key])
-        for name, module in self.extra.items():
-            module.load_state_dict(state["extra"][name])
-        self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
-        self.pending_rng = state["rng"]
-
-    def restore_rng(self):
-        """Put back the loaded RNG states (once)."""
-        if self.pending_rng is not None:
-            set_rng_state(self.pending_rng, self.device)
-            self.pending_rng = None
-
-
 def trainable_params(modules):
     return [p for module in modules for p in module.parameters() if p.requires_grad]
 
@@ -207,15 +211,15 @@ def set_determinism(deterministic):
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def build_run(cfg, method, ctx, build_backbone, build_classifier):
-    """Backbone (DDP-wrapped over several processes), classifier, method modules, optimiser, schedule
-    and scaler of a run; fills ``ctx.backbone``/``ctx.classifier`` and sets the method up."""
-    device, world = ctx.device, ctx.dist.world_size
+def build_models(state, method, build_backbone, build_classifier):
+    """Fill ``state`` with the backbone (DDP-wrapped over several processes), classifier, method (set up,
+    with its modules), optimiser, schedule and scaler; returns it."""
+    cfg, device, processes = state.cfg, state.device, state.dist.world_size
     backbone = build_backbone(cfg).to(device)
     if cfg.get("channels_last"):
         backbone = backbone.to(memory_format=torch.channels_last)
     model = backbone
-    if world > 1:
+    if processes > 1:
         with warnings.catch_warnings():  # newer torch renames broadcast_buffers; the behaviour is the same
             warnings.simplefilter("ignore", FutureWarning)
             model = DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
@@ -226,56 +230,67 @@ def build_run(cfg, method, ctx, build_backbone, build_classifier):
     classifier.check_inputs = False  # every label was checked against num_classes; batches are full
     amp_dtype = autocast_dtype(cfg, device)
     classifier.autocast_logits = amp_dtype if amp_dtype is not None and cfg.amp_logits else None
-    ctx.backbone, ctx.classifier = model, classifier
-    method.setup(ctx)
+    state.plain_backbone, state.backbone, state.classifier, state.method = backbone, model, classifier, method
+    method.setup(state)
     extra = method.extra_modules()
     replicated = [classifier] if getattr(classifier, "replicated", False) else []  # held whole, not sharded
     for module in extra.values():
         module.to(device)
     for module in [*extra.values(), *replicated]:
         for param in module.parameters():
-            dist.broadcast(param.data, 0)
+            broadcast(param.data)
     param_groups = [{"params": trainable_params([backbone])}, {"params": list(classifier.parameters())}]
     extra_params = trainable_params(extra.values())
     if extra_params:
         param_groups.append({"params": extra_params})
-    optimizer = _build_optimizer(cfg, param_groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run_multiplier(cfg, ctx.steps_per_epoch,
-                                                                            cfg.batch_size * world))
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16,
-                                  growth_interval=cfg.amp_growth_interval)
-    return TrainingRun(backbone, model, classifier, extra, extra_params + trainable_params(replicated), optimizer,
-                       scheduler, scaler, method, device)
+    state.extra, state.replicated_params = extra, extra_params + trainable_params(replicated)
+    state.optimizer = _build_optimizer(cfg, param_groups)
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, run_multiplier(cfg, state.steps_per_epoch,
+                                                                                        cfg.batch_size * processes))
+    state.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16,
+                                        growth_interval=cfg.amp_growth_interval)
+    return state
 
 
-def train_one_epoch(run, ctx, loader, last_step, checkpoints, speed, stop):
-    """Steps over ``loader`` (the rest of epoch ``run.epoch``) up to ``last_step``; returns True when a
+@dataclasses.dataclass
+class Loop:
+    """What the loop does besides the steps: checkpoints, speed logging (rank 0), the stop signal, the last step."""
+    checkpoints: CheckpointManager
+    speed: Any                 # a SpeedLogger on rank 0, None elsewhere
+    stop: StopFlag
+    last_step: int
+
+    def save(self, state):
+        self.checkpoints.save(state.global_step, state.state_dict())
+
+
+def train_one_epoch(state, loader, loop):
+    """Steps over ``loader`` (the rest of epoch ``state.epoch``) up to ``loop.last_step``; returns True when a
     stop signal reached every rank. Saves the ``save_every_steps`` checkpoints inside the epoch."""
-    cfg, device, world = ctx.cfg, ctx.device, ctx.dist.world_size
-    amp, dtype = run.scaler.is_enabled(), autocast_dtype(cfg, device)
+    cfg, device, processes = state.cfg, state.device, state.dist.world_size
+    amp, dtype = state.scaler.is_enabled(), autocast_dtype(cfg, device)
     memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
     for images, labels, indices, rows in loader:
         images = to_model_input(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
-        ctx.batch_rows = {name: value.to(device, non_blocking=True) for name, value in rows.items()}
-        ctx.global_step = run.global_step
+        state.batch_rows = {name: value.to(device, non_blocking=True) for name, value in rows.items()}
         with torch.autocast(device.type, dtype=dtype or torch.float16,
                             enabled=dtype is not None and cfg.backbone_amp != "none"):
-            embeddings = run.model(images)
-        loss, parts = run.method.compute_loss(embeddings.float(), labels, indices, ctx)
-        optimizer_step(loss, run.optimizer, run.scaler, run.clipped_params, cfg.clip_grad, run.replicated_params)
-        run.scheduler.step()
-        run.global_step += 1
-        run.batch += 1
-        if speed is not None:
-            speed(run.global_step, run.epoch, {"loss": loss.detach(), **parts}, run.scheduler.get_last_lr()[0],
-                  run.scaler.get_scale if amp else None)
-        if cfg.save_every_steps and run.global_step % cfg.save_every_steps == 0 and run.batch < ctx.steps_per_epoch:
-            checkpoints.save(run.global_step, run.state_dict())
+            embeddings = state.backbone(images)
+        loss, parts = state.method.compute_loss(embeddings.float(), labels, indices, state)
+        optimizer_step(loss, state.optimizer, state.scaler, state.clipped_params, cfg.clip_grad, state.replicated_params)
+        state.scheduler.step()
+        state.global_step += 1
+        state.batch += 1
+        if loop.speed is not None:
+            loop.speed(state.global_step, state.epoch, {"loss": loss.detach(), **parts}, state.scheduler.get_last_lr()[0],
+                       state.scaler.get_scale if amp else None)
+        if cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0 and state.batch < state.steps_per_epoch:
+            loop.save(state)
         # agreeing on the stop flag waits for every rank: with several processes only on logging steps
-        if (world == 1 or run.global_step % cfg.frequent == 0) and any_rank(stop.raised, device):
+        if (processes == 1 or state.global_step % cfg.frequent == 0) and any_rank(loop.stop.raised, device):
             return True
-        if run.global_step >= last_step:
+        if state.global_step >= loop.last_step:
             return False
     return False
 
@@ -302,18 +317,18 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
     total_steps = steps_per_epoch * cfg.num_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     logger = setup_logger(cfg.output, rank)
-    ctx = TrainContext(cfg, info, None, None, dataset, steps_per_epoch, total_steps, logger)
-    run = build_run(cfg, method, ctx, build_backbone, build_classifier)
+    state = TrainState(cfg, info, dataset=dataset, steps_per_epoch=steps_per_epoch, total_steps=total_steps, logger=logger)
+    build_models(state, method, build_backbone, build_classifier)
 
     checkpoints = CheckpointManager(cfg.output, rank, cfg.keep_checkpoints, log=logger.warning, device=device)
     if resume or cfg.resume:
-        state = checkpoints.load_latest()
-        if state is None:
+        saved = checkpoints.load_latest()
+        if saved is None:
             logger.info(f"resume requested but no checkpoint under {checkpoints.folder}: starting from scratch")
         else:
             with about_file(checkpoints.folder):
-                run.load_state_dict(state)
-            logger.info(f"resumed from step {run.global_step} (epoch {run.epoch}, batch {run.batch})")
+                state.load_state_dict(saved)
+            logger.info(f"resumed from step {state.global_step} (epoch {state.epoch}, batch {state.batch})")
 
     writer, speed = None, None
     if rank == 0:
@@ -327,36 +342,36 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
         speed = SpeedLogger(cfg.frequent, total_steps, cfg.batch_size * world, logger, writer)
 
     stopped, loader = False, None
-    run.model.train()
-    run.classifier.train()
+    state.backbone.train()
+    state.classifier.train()
     with StopFlag() as stop:
-        while run.epoch < cfg.num_epoch and run.global_step < last_step:
-            ctx.epoch = run.epoch
-            if run.batch == 0:
-                run.restore_rng()
-                method.on_epoch_start(run.epoch, ctx)
-                run.model.train()
-            dataset.set_epoch(run.epoch)
+        loop = Loop(checkpoints, speed, stop, last_step)
+        # the point where a resumed run takes up the interrupted one's RNG states: nothing between here and the
+        # next step (or on_epoch_start) draws from them (the loader's shuffle and seeds have generators of their own)
+        state.restore_rng()
+        while state.epoch < cfg.num_epoch and state.global_step < last_step:
+            if state.batch == 0:
+                method.on_epoch_start(state.epoch, state)
+                state.backbone.train()
+            dataset.set_epoch(state.epoch)
             if loader is None:   # built once: its workers live across epochs (Method.persistent_workers)
                 loader = build_loader(dataset, cfg.batch_size, info, cfg.seed, cfg.num_workers, shuffle=True,
-                                      drop_last=True, start_batch=run.batch, arrays=method.per_image_arrays(),
+                                      drop_last=True, start_batch=state.batch, arrays=method.per_image_arrays(),
                                       persistent=method.persistent_workers)
             else:
-                set_loader_epoch(loader, run.epoch, run.batch)
-            batches = iter(loader)
-            run.restore_rng()  # mid-epoch: after the loader drew its seed, as the uninterrupted run did
-            stopped = train_one_epoch(run, ctx, batches, last_step, checkpoints, speed, stop)
-            if stopped or run.batch < steps_per_epoch:
-                checkpoints.save(run.global_step, run.state_dict())
+                set_loader_epoch(loader, state.epoch, state.batch)
+            stopped = train_one_epoch(state, loader, loop)
+            if stopped or state.batch < steps_per_epoch:
+                loop.save(state)
                 break
-            run.epoch, run.batch = run.epoch + 1, 0
-            checkpoints.save(run.global_step, run.state_dict())
+            state.epoch, state.batch = state.epoch + 1, 0
+            loop.save(state)
     if stopped:
-        logger.info(f"stopped by signal at step {run.global_step}; checkpoint saved in {checkpoints.folder}. "
+        logger.info(f"stopped by signal at step {state.global_step}; checkpoint saved in {checkpoints.folder}. "
                     f"Resume with the same command plus --resume (or resume = True in the config).")
     elif rank == 0:
-        atomic_torch_save(run.backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
-        logger.info(f"saved {os.path.join(cfg.output, 'model.pt')} after {run.global_step} steps")
+        atomic_torch_save(state.plain_backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
+        logger.info(f"saved {os.path.join(cfg.output, 'model.pt')} after {state.global_step} steps")
     if writer is not None:
         writer.close()
     dist.barrier()

@@ -29,10 +29,10 @@ enqueued nor used as anchors (mask e.g. from ``utils.feature_stats.nccl_feature_
 entropy ≤ log(C)/2).
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from losses import AllGatherRows, all_gather_rows
+from utils.distributed import all_reduce
 from utils.errors import require
 from utils.old_features import open_features, open_mask, require_keys
 from utils.trainer import Method
@@ -71,18 +71,13 @@ class SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, world):
         ctx.world = world
-        tensor = tensor.clone()
-        if world > 1:
-            dist.all_reduce(tensor)
-        return tensor
+        return all_reduce(tensor.clone())
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.world == 1:
             return grad, None
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad / ctx.world, None
+        return all_reduce(grad.contiguous().clone()) / ctx.world, None
 
 
 class OldFeatureQueue:

@@ -44,7 +44,7 @@ from losses import CombinedMarginLoss, PartialFC
 from utils.config import get_config
 from utils.errors import require, run_cli
 from utils.feature_stats import class_prototypes, credible_mask
-from utils.trainer import Method, TrainContext, optimizer_step
+from utils.trainer import Method, TrainState, optimizer_step
 
 METHODS = ("MixBCT", "BCT", "UniBCT", "NCCL", "L2", "AdvBCT")
 TARGETS = {"MixBCT": 1.05, "BCT": 1.05, "L2": 1.05, "NCCL": 1.3, "AdvBCT": 1.3, "UniBCT": 1.05}
@@ -104,7 +104,7 @@ def build_method(name, cfg, device, labels, args):
     classifier.check_inputs = False  # as the training loop, which checks the labels once
     logger = types.SimpleNamespace(info=lambda *a: None)
     dist_info = types.SimpleNamespace(rank=0, local_rank=0, world_size=1, device=device, is_main=True)
-    ctx = TrainContext(cfg, dist_info, backbone, classifier, _Data(labels), 1000, 35000, logger, epoch=25)
+    ctx = TrainState(cfg, dist_info, backbone, classifier, _Data(labels), 1000, 35000, logger, epoch=25)
     method_class = Method if name == "ArcFace" else getattr(importlib.import_module(f"BCT_methods.{name}.losses"), name)
     method = method_class(cfg)
     method.setup(ctx)
