@@ -59,6 +59,13 @@ def parse_overrides(items):
     return overrides
 
 
+def format_override(key, value):
+    """The ``--set`` item that :func:`parse_overrides` reads back as ``value`` (text unquoted where it can be)."""
+    if isinstance(value, str) and parse_overrides([f"{key}={value}"])[key] == value:
+        return f"{key}={value}"
+    return f"{key}={value!r}"
+
+
 def _load_module_config(path):
     spec = importlib.util.spec_from_file_location(
         "cfg_" + os.path.splitext(os.path.basename(path))[0], path)

@@ -35,7 +35,7 @@ import copy
 
 from easydict import EasyDict as edict
 
-from utils.config import PATH_KEYS, resolve_path
+from utils.config import PATH_KEYS, format_override, resolve_path
 from utils.errors import UserError
 from utils.scenarios import SCENARIOS, SPLITS, feature_path, require_choice, sd_name, split_rec
 
@@ -157,7 +157,7 @@ class Demo:
         """``--set`` items for the keys of :meth:`keys` (and ``extra``) whose values differ from ``config``
         (the demo config file, loaded); paths compared resolved."""
         wanted = dict(self.keys(name, sd), **(extra or {}))
-        return [f"{key}={value!r}" for key, value in wanted.items()
+        return [format_override(key, value) for key, value in wanted.items()
                 if _resolved(key, value) != _resolved(key, config.get(key))]
 
     def _common(self, width, split, name):

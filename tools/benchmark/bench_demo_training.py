@@ -25,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from utils.config import format_override
 from utils.errors import require, run_cli
 
 VARIANTS = {"base": {}, "channels_last": {"channels_last": True}, "compile": {"compile": True},
@@ -36,7 +37,7 @@ def run_variant(name, keys, args, folder):
     """``(images/s per process after the warm-up steps, start-up seconds)`` of one variant."""
     keys = dict(keys, rec=os.path.join(os.path.abspath(args.data), "train_part_70_class"),
                 output=os.path.join(folder, name), max_steps=args.steps, frequent=5)
-    command = ["train_old_arc.py", "configs/demo/independent.py", "--set", *(f"{k}={v!r}" for k, v in keys.items())]
+    command = ["train_old_arc.py", "configs/demo/independent.py", "--set", *(format_override(k, v) for k, v in keys.items())]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     start = time.time()
