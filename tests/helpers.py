@@ -1,5 +1,6 @@
 """Small builders shared by the tests: tiny RecordIO datasets and tiny configs."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -58,6 +59,13 @@ def chunk_files(cache):
     """Sorted paths of the saved chunks (``chunk_*.npz``) anywhere under a resume-cache root."""
     return sorted(os.path.join(folder, name) for folder, _, names in os.walk(cache) for name in names
                   if name.startswith("chunk_"))
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a process group of spawned ranks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_config(path, **keys):

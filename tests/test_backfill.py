@@ -8,6 +8,7 @@ import pytest
 
 from tools.compat_eval import backfill as bf
 from tools.compat_eval import compat_eval as ce
+from tools.compat_eval import protocol as cp
 from tools.ijbc_eval import bootstrap
 from utils.errors import UserError
 
@@ -22,7 +23,7 @@ def case():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(16), rng.integers(2, 6, 16))
     old, new = _clustered(rng, labels), _clustered(rng, labels)
-    protocol = ce.Protocol(labels, impostors=400, nonmated_share=0.25, seed=0)
+    protocol = cp.Protocol(labels, impostors=400, nonmated_share=0.25, seed=0)
     return dict(labels=labels, old=old, new=new, protocol=protocol)
 
 
@@ -34,7 +35,7 @@ def test_endpoints_equal_the_cross_test_and_the_new_self_test(case):
     for position, gallery in ((0, old), (-1, new)):
         figures, reps = p.cell(new, gallery, counts)
         intervals = bootstrap.percentile_intervals(reps)
-        for name in ce.METRICS:
+        for name in cp.METRICS:
             assert entry["metrics"][name][position] == figures[name]
             assert [entry["ci_low"][name][position], entry["ci_high"][name][position]] == intervals[name]
     assert entry["fractions"] == list(bf.FRACTIONS) and len(entry["negative_flips"]) == 11
@@ -56,13 +57,13 @@ def test_mixed_gallery_search_and_scores_against_brute_force(case):
     matrix = np.array([templates[c] / np.linalg.norm(templates[c]) for c in ids])
     mated = [i for i in p.probe_images if labels[i] in templates]
     ranks = [int(np.sum(matrix @ new[i] > matrix[ids.index(labels[i])] @ new[i] + 1e-7)) for i in mated]
-    np.testing.assert_array_equal(found.rank, np.minimum(ranks, ce.SEARCH_DEPTH))
+    np.testing.assert_array_equal(found.rank, np.minimum(ranks, cp.SEARCH_DEPTH))
     nonmated = [i for i in p.probe_images if labels[i] not in templates]
     np.testing.assert_allclose(found.nonmated_best, [max(matrix @ new[i]) for i in nonmated], atol=1e-6)
 
 
 def test_refreshed_identities_take_the_share_of_each_gallery():
-    protocol = ce.Protocol(np.repeat(np.arange(20), 3), impostors=50, nonmated_share=0.2, seed=1)
+    protocol = cp.Protocol(np.repeat(np.arange(20), 3), impostors=50, nonmated_share=0.2, seed=1)
     order = bf.random_order(20, seed=2)
     for fraction, in_gallery, held_out in ((0, 0, 0), (0.5, 8, 2), (0.3, 5, 1), (1, 16, 4)):
         refreshed = bf.refreshed_identities(order, protocol, fraction)

@@ -1,4 +1,5 @@
-"""compat_eval: protocol sampling, metric values against brute force, the matrix and verdicts end to end."""
+"""compat_eval: protocol sampling, metric values against brute force, the matrix and verdicts end to end,
+the embedding pass shared by two gloo ranks and resumed after an interruption."""
 import itertools
 import json
 import math
@@ -10,8 +11,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
-from tests.helpers import make_tiny_rec
+from tests.helpers import chunk_files, free_port, make_tiny_rec
 from tools.compat_eval import compat_eval as ce
+from tools.compat_eval import data
+from tools.compat_eval import protocol as cp
 from tools.ijbc_eval import metrics
 
 TINY = ["--networks", "r18", "--widths", "8", "--input_sizes", "32", "--image_size", "32", "--num_workers", "0"]
@@ -19,33 +22,33 @@ TINY = ["--networks", "r18", "--widths", "8", "--input_sizes", "32", "--image_si
 
 # ------------------------------------------------------------------------------------ protocol
 def test_unrank_pairs_enumerates_all_pairs_in_order():
-    i, j = ce.unrank_pairs(np.arange(45))
+    i, j = data.unrank_pairs(np.arange(45))
     want = [(a, b) for b in range(10) for a in range(b)]
     assert list(zip(i.tolist(), j.tolist())) == want
     big = np.array([10 ** 12, 5 * 10 ** 11 + 7])
-    i, j = ce.unrank_pairs(big)
+    i, j = data.unrank_pairs(big)
     assert ((j * (j - 1) // 2 + i) == big).all() and (i < j).all()
 
 
 def test_verification_pairs_all_genuine_and_distinct_impostors():
     labels = np.array([2, 0, 2, 1, 0, 2, 1, 1, 1])
-    first, second, genuine = ce.verification_pairs(labels, impostors=10, seed=3)
+    first, second, genuine = data.verification_pairs(labels, impostors=10, seed=3)
     pairs = set(zip(first.tolist(), second.tolist()))
     want_genuine = {(a, b) for a, b in itertools.combinations(range(9), 2) if labels[a] == labels[b]}
     assert {p for p, g in zip(zip(first.tolist(), second.tolist()), genuine) if g} == want_genuine
     assert len(pairs) == len(first) and (~genuine).sum() == 10
     assert (labels[first[~genuine]] != labels[second[~genuine]]).all() and (first < second).all()
-    again = ce.verification_pairs(labels, impostors=10, seed=3)
+    again = data.verification_pairs(labels, impostors=10, seed=3)
     assert all(np.array_equal(x, y) for x, y in zip((first, second, genuine), again))
     # more impostors asked than exist: all of them; max_genuine samples without repetition
-    first, second, genuine = ce.verification_pairs(labels, max_genuine=4, impostors=1000, seed=0)
+    first, second, genuine = data.verification_pairs(labels, max_genuine=4, impostors=1000, seed=0)
     assert genuine.sum() == 4 and (~genuine).sum() == 36 - len(want_genuine)
     assert len(set(zip(first.tolist(), second.tolist()))) == len(first)
 
 
 def test_identification_split():
     labels = np.repeat(np.arange(10), [1, 2, 3, 4, 5, 1, 2, 3, 4, 5])
-    gallery, probes, mated = ce.identification_split(labels, gallery_per_id=2, nonmated_share=0.2, seed=1)
+    gallery, probes, mated = data.identification_split(labels, gallery_per_id=2, nonmated_share=0.2, seed=1)
     assert len(mated) == 8 and (gallery ^ probes).all()
     held_out = np.setdiff1d(np.arange(10), mated)
     assert not gallery[np.isin(labels, held_out)].any()
@@ -63,12 +66,12 @@ def test_cell_figures_match_brute_force():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(12), rng.integers(2, 6, 12))
     old, new = _clustered(rng, labels), _clustered(rng, labels)
-    protocol = ce.Protocol(labels, impostors=300, gallery_per_id=1, nonmated_share=0.25, seed=0)
+    protocol = cp.Protocol(labels, impostors=300, gallery_per_id=1, nonmated_share=0.25, seed=0)
     figures, _ = protocol.cell(new, old)
     # 1:1: first image from the gallery (old) model, second from the query (new) model
     scores = np.array([float(old[a] @ new[b]) for a, b in zip(protocol.first, protocol.second)])
     fpr, tpr, _ = roc_curve(protocol.genuine, scores)
-    for key in ce.FAR_KEYS:
+    for key in cp.FAR_KEYS:
         best = min(range(len(fpr)), key=lambda k: (abs(fpr[k] - float(key)), -tpr[k]))
         assert figures[f"TAR@FAR={key}"] == pytest.approx(tpr[best])
     # 1:N: one template per gallery identity (its enrolled old features), probes from the new model
@@ -87,7 +90,7 @@ def test_cell_figures_match_brute_force():
             nonmated_best.append(max(sims.values()))
     assert figures["top1"] == pytest.approx(hits1 / len(mated_rows))
     assert figures["top5"] == pytest.approx(hits5 / len(mated_rows))
-    for key in ce.FPIR_KEYS:
+    for key in cp.FPIR_KEYS:
         ordered = sorted(nonmated_best, reverse=True)
         threshold = ordered[max(math.floor(len(ordered) * float(key)) - 1, 0)]
         want = np.mean([correct and s > threshold for s, correct in mated_rows])
@@ -99,7 +102,7 @@ def test_blocked_search_equals_one_block():
     gallery, probes = _clustered(rng, np.arange(20)), _clustered(rng, rng.integers(0, 25, 60))
     subjects, probe_subjects = np.arange(20), rng.integers(0, 25, 60)
     whole = metrics.search(probes @ gallery.T, subjects, probe_subjects)
-    blocked = ce.search(probes, gallery, subjects, probe_subjects, block=50, depth=20)   # the whole gallery listed
+    blocked = cp.search(probes, gallery, subjects, probe_subjects, block=50, depth=20)   # the whole gallery listed
     for name in ("mated", "rank", "correct"):
         np.testing.assert_array_equal(getattr(blocked, name), getattr(whole, name))
     np.testing.assert_allclose(blocked.score, whole.score, atol=1e-6)
@@ -120,7 +123,7 @@ def test_top_k_search_equals_the_full_search_with_ties(trial):
     probe_subjects = rng.integers(0, size + 4, count)
     whole = metrics.search(probes @ gallery.T, subjects, probe_subjects)
     for block in (7, 1 << 20):
-        found = ce.search(probes, gallery, subjects, probe_subjects, block=block, depth=4)
+        found = cp.search(probes, gallery, subjects, probe_subjects, block=block, depth=4)
         np.testing.assert_array_equal(found.mated, whole.mated)
         np.testing.assert_array_equal(found.rank, np.minimum(whole.rank, min(4, size)))
         np.testing.assert_array_equal(found.correct, whole.correct)
@@ -132,7 +135,7 @@ def test_top_k_search_equals_the_full_search_with_ties(trial):
 def test_top_k_lists_the_best_columns():
     rng = np.random.default_rng(3)
     gallery, probes = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
-    values, columns = ce.top_k(probes, gallery, 5, block=1000, probe_rows=16)     # 62-column chunks
+    values, columns = cp.top_k(probes, gallery, 5, block=1000, probe_rows=16)     # 62-column chunks
     sims = probes @ gallery.T
     np.testing.assert_array_equal(columns, np.argsort(-sims, 1)[:, :5])
     np.testing.assert_allclose(values, -np.sort(-sims, 1)[:, :5], atol=1e-5)
@@ -201,3 +204,54 @@ def test_diagonal_is_each_models_self_test_and_a_model_is_compatible_with_itself
     same, _ = _run(tiny, "same", "--rec", tiny["rec"], "--models", v1, v1, "--names", "old", "new")
     verdict, = same["verdicts"]
     assert verdict["compatible"] and verdict["margin"] == 0 and not verdict["interval_excludes_zero"]
+
+
+# -------------------------------------------------------------------------------- embedding pass
+def _main_on_rank(rank, world, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ce.CHUNK_IMAGES = 8      # the 36 images in five chunks, dealt to the two ranks
+    assert (ce.main(argv) is None) == (rank != 0)
+
+
+def test_two_gloo_ranks_give_the_single_process_embeddings_and_result(tiny, tmp_path):
+    import torch.multiprocessing as mp
+
+    argv = ["--rec", tiny["rec"], "--models", *tiny["models"][:2], *TINY, "-b", "4", "--device", "cpu",
+            "--bootstrap", "10", "--impostors", "200", "-E"]
+    mp.spawn(_main_on_rank, args=(2, free_port(), [*argv, "-R", str(tmp_path / "shared")]), nprocs=2, join=True)
+    single = ce.main([*argv, "-R", str(tmp_path / "single")])
+    with np.load(tmp_path / "shared.npz") as shared, np.load(tmp_path / "single.npz") as alone:
+        assert shared.files == alone.files
+        for key in alone.files:
+            np.testing.assert_array_equal(shared[key], alone[key])
+    with open(tmp_path / "shared.json") as handle:
+        assert json.load(handle)["cells"] == json.loads(json.dumps(single["cells"]))
+
+
+def test_interrupted_embedding_resumes_from_cached_chunks(tiny, tmp_path, monkeypatch, capsys):
+    from tools.ijbc_eval.embed import Embedder
+
+    cache, calls, real = str(tmp_path / "cache"), [], Embedder.__call__
+
+    def counting(self, images, crash_at=None):
+        calls.append(len(images))
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt("simulated preemption")
+        return real(self, images)
+
+    monkeypatch.setenv("BCT_CACHE_DIR", cache)
+    monkeypatch.setattr(ce, "CHUNK_IMAGES", 8)
+    argv = ["--rec", tiny["rec"], "--models", *tiny["models"][:2], "-b", "4"]
+    expected, _ = _run(tiny, "whole", *argv)
+    monkeypatch.setattr(Embedder, "__call__", lambda self, images: counting(self, images, crash_at=11))
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, "resumed", *argv)
+    assert len(chunk_files(cache)) == 2      # calls 1–2 probe the sizes; 3–10 are 4 batches (both models) = 16 images
+    calls.clear()
+    monkeypatch.setattr(Embedder, "__call__", lambda self, images: counting(self, images))
+    resumed, _ = _run(tiny, "resumed", *argv)
+    assert "resuming: 2 of 5 chunks" in capsys.readouterr().out
+    assert sum(calls) == 2 * (1 + 36 - 16)   # both models: size probe, then the images after chunk 2
+    assert resumed["cells"] == expected["cells"] and not chunk_files(cache)

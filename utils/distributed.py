@@ -9,6 +9,7 @@ more processes than it has GPUs (NCCL cannot put two processes on one GPU) or wh
 The helpers below work with or without an initialised process group (one process: no-ops).
 """
 import atexit
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -97,6 +98,19 @@ def init_distributed(local_rank=None, device=None, timeout_minutes=30):
             dist.init_process_group(backend, init_method="file://" + store, rank=0,
                                     world_size=1, timeout=timeout)
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), dev)
+
+
+@contextlib.contextmanager
+def launched(local_rank=None, device=None):
+    """This process's :class:`DistInfo` when a launcher started it (``--local_rank`` given, or
+    ``WORLD_SIZE`` > 1 under torchrun), else None (one process, no group); the group is destroyed on exit."""
+    if local_rank is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
+    try:
+        yield init_distributed(local_rank, device)
+    finally:
+        cleanup()
 
 
 def cleanup():

@@ -9,6 +9,7 @@ the two together for a training-style dataset.
 """
 import contextlib
 
+import cv2
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from utils.chunk_cache import CHUNK_ROWS, chunk_ranges, regroup, span_rows
 from utils.dataset import PIXEL_CENTRE, PIXEL_SCALE, batch_loader, to_model_input
-from utils.distributed import broadcast, comm_device, gather
+from utils.distributed import DistInfo, broadcast, comm_device, gather
 from utils.errors import UserError
 
 
@@ -157,6 +158,44 @@ def embed_dataset(model, dataset, batch_size, dist_info, num_workers=2, amp=True
     if dist_info.rank != 0:
         return None
     return out["embedding"] if cache is None else cache
+
+
+def embed_crops(dataset, runners, batch_size, num_workers=2, dist_info=None, cache=None, chunk_rows=CHUNK_ROWS,
+                check=None):
+    """``[(embs, embs_f), …]`` (float32, dataset order) of each runner, all in one pass over ``dataset``
+    (:func:`embed_rows` over the ranks of ``dist_info``, default this process alone; other ranks get None).
+
+    ``dataset[i] → (crops, i, …)``: one uint8 crop per size of ``dataset.sizes``. A runner (as
+    :class:`tools.ijbc_eval.embed.Embedder`: a :class:`ModelRunner` with ``flip``, ``input_size`` and
+    ``embedding_size``) embeds the crops of its input size. ``check(batch)`` raises UserError for an
+    unusable image. Loader workers use one OpenCV thread.
+    """
+    if batch_size < 1 or num_workers < 0:
+        raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+    dist_info = dist_info or DistInfo(0, 0, 1, runners[0].device)
+    pin_memory = any(r.device.type == "cuda" for r in runners)
+
+    def make_loader(rows):
+        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            worker_init_fn=_one_opencv_thread, pin_memory=pin_memory)
+        return tqdm(loader, desc="embedding", unit="batch", mininterval=5, disable=not dist_info.is_main)
+
+    def embed_batch(batch):
+        if check is not None:
+            check(batch)
+        arrays = {}
+        for i, runner in enumerate(runners):
+            arrays[f"embs{i}"], arrays[f"embs_f{i}"] = runner(batch[0][dataset.sizes.index(runner.input_size)])
+        return batch[1].numpy(), arrays
+
+    widths = {f"{kind}{i}": r.embedding_size for i, r in enumerate(runners) for kind in ("embs", "embs_f")}
+    out = embed_rows(embed_batch, make_loader, len(dataset), widths, dist_info, cache, chunk_rows)
+    return None if out is None else [(out[f"embs{i}"], out[f"embs_f{i}"]) for i in range(len(runners))]
+
+
+def _one_opencv_thread(_):
+    """DataLoader worker init: one OpenCV thread per worker process."""
+    cv2.setNumThreads(1)
 
 
 def _gather_chunk(local, chunk_rows, dim, dist_info):

@@ -9,7 +9,7 @@ Random embeddings stand in for a model's (as when compat_eval evaluates saved em
 made from their template plus noise (cosine 0.1–0.4 with it; the best of
 1 M random gallery templates scores about 0.23), and non-mated probes of identities outside
 the gallery. The search is compat_eval's: exact, in blocks of probes holding ``--block``
-similarities at most, reduced to each probe's exact top 8 (``compat_eval.top_k``); then
+similarities at most, reduced to each probe's exact top 8 (``tools.compat_eval.protocol.top_k``); then
 top-1/top-5 and TPIR@FPIR (``metrics.search_summary``) and the bootstrap over probe identities.
 The exact top-8 lists alone are timed again (``top_k``) next to faiss ``IndexFlatIP.search`` with
 k = 8 (skipped when faiss is not installed, or with ``--no_faiss``), and the two lists compared.
@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np
 
-from tools.compat_eval.compat_eval import SEARCH_BLOCK, SEARCH_DEPTH, TOPK, search, top_k
+from tools.compat_eval.protocol import SEARCH_BLOCK, SEARCH_DEPTH, TOPK, search, top_k
 from tools.ijbc_eval import bootstrap, metrics
 from utils.errors import require, run_cli
 
@@ -125,7 +125,7 @@ def main(argv=None):
     print(f"exact search {figures['search_s']:.1f} s, counting {figures['summary_s']:.2f} s, "
           f"bootstrap ({args.bootstrap} resamples) {figures['bootstrap_s']:.2f} s; "
           f"peak RSS {peak_gb:.2f} GB (gallery {gallery_gb:.2f} GB); building the data {figures['build_s']:.1f} s")
-    print(f"exact top-{SEARCH_DEPTH} lists alone: compat_eval.top_k {lists['top_k_s']:.1f} s (CPU {lists['top_k_cpu_s']:.1f} s)"
+    print(f"exact top-{SEARCH_DEPTH} lists alone: protocol.top_k {lists['top_k_s']:.1f} s (CPU {lists['top_k_cpu_s']:.1f} s)"
           + (f", faiss IndexFlatIP {lists['faiss_s']:.1f} s (CPU {lists['faiss_cpu_s']:.1f} s, "
              f"{lists['faiss_threads']} threads), same columns in "
              f"{lists['same_columns']:.4%} of the list entries, largest value difference {lists['max_value_diff']:.1e}"

@@ -2,9 +2,9 @@
 
 A deployment re-extracts its gallery with the new model bit by bit (backfilling, or hot refresh)
 while new-model queries search it. :func:`backfill_curves` measures the figures of
-:mod:`compat_eval` at fractions 0, 0.1, …, 1 of the gallery re-extracted, for several orders of
-re-extraction and two ways of merging the two score scales, with the negative and positive flips
-of each point and the area under each curve. :func:`generations_summary` adds the
+:mod:`~tools.compat_eval.protocol` at fractions 0, 0.1, …, 1 of the gallery re-extracted, for
+several orders of re-extraction and two ways of merging the two score scales, with the negative
+and positive flips of each point and the area under each curve. :func:`generations_summary` adds the
 multi-generation figures of CoReS (Biondi et al., TPAMI 2023) to the compatibility matrix.
 Definitions and sources: docs/compat.md.
 
@@ -343,9 +343,10 @@ def ijb_subjects(data_path):
 def demo_backfill(data_path, old_embeddings, new_embeddings, out, resamples=20, metric="TAR@FAR=1e-3", seed=0):
     """The demo's backfill curves: each new model of ``new_embeddings`` ({name: .npz with ``embs``,
     ``embs_f``, as ``ijbc_eval.py -E`` saves}) re-extracting the gallery of ``old_embeddings`` on the
-    demo's IJB-C-style images (images as in :mod:`compat_eval`, identities = subjects), random and
-    norm orders, plain merge. Writes ``out/backfill.json``, ``backfill.md`` and ``backfill.png``."""
-    from tools.compat_eval import compat_eval as ce
+    demo's IJB-C-style images (image features as in :mod:`~tools.compat_eval.data`, identities =
+    subjects), random and norm orders, plain merge. Writes ``out/backfill.json``, ``backfill.md`` and ``backfill.png``."""
+    from tools.compat_eval.data import image_features
+    from tools.compat_eval.protocol import Protocol
     from utils.io import safe_np_load
 
     images, subjects = ijb_subjects(data_path)
@@ -356,14 +357,14 @@ def demo_backfill(data_path, old_embeddings, new_embeddings, out, resamples=20, 
             return data["embs"][images], data["embs_f"][images]
 
     old_raw = load(old_embeddings)
-    old = ce.image_features(*old_raw)
-    protocol = ce.Protocol(labels, impostors=100_000, seed=seed)
+    old = image_features(*old_raw)
+    protocol = Protocol(labels, impostors=100_000, seed=seed)
     counts = bootstrap.subject_counts(int(labels.max()) + 1, resamples, seed) if resamples else None
     orders = {"random": random_order(int(labels.max()) + 1, seed),
               "norm": norm_order(old_raw[0] + old_raw[1], labels, protocol.gallery_images)}
     entries = []
     for name, path in new_embeddings.items():
-        entries += backfill_curves(protocol, old, ce.image_features(*load(path)), orders, ["old", name], counts,
+        entries += backfill_curves(protocol, old, image_features(*load(path)), orders, ["old", name], counts,
                                    ("plain",), flip_far(metric), seed)
     report = {"metric": metric, "protocol": protocol.summary(), "bootstrap": resamples, "backfill": entries}
     with atomic_open(os.path.join(out, "backfill.json")) as handle:

@@ -74,8 +74,3 @@ class AlignedFaces(Dataset):
             crops = align_image(bgr, self.matrices[index], self.sizes)
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1))) for c in crops)
         return tensors, index, bgr is not None
-
-
-def init_worker(_):
-    """One OpenCV thread per DataLoader worker process."""
-    cv2.setNumThreads(1)

@@ -10,17 +10,14 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from backbones import load_backbone
 from tools.ijbc_eval import CHUNK_IMAGES
-from tools.ijbc_eval.align import AlignedFaces, init_worker, umeyama
+from tools.ijbc_eval.align import AlignedFaces, umeyama
 from tools.ijbc_eval.meta import line_of
 from utils.chunk_cache import file_stamp
 from utils.deployed import IJB_PREPROCESSING, load_model, model_kind
-from utils.distributed import DistInfo
-from utils.embedding import ModelRunner, embed_rows
+from utils.embedding import ModelRunner, embed_crops
 from utils.errors import UserError
 
 
@@ -78,31 +75,17 @@ def extract(meta, embedders, batch_size=128, num_workers=2, cache=None, dist_inf
     Images go in chunks (``cache.ranges``, or CHUNK_IMAGES per chunk without a cache), over the
     ranks of ``dist_info`` (default: this process alone; other ranks return None). With a
     :class:`~utils.chunk_cache.ChunkCache` each finished chunk is saved, and chunks saved by an
-    earlier run are read back instead of being embedded again.
+    earlier run are read back instead of being embedded again (:func:`utils.embedding.embed_crops`).
     """
-    if batch_size < 1 or num_workers < 0:
-        raise UserError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-    dist_info = dist_info or DistInfo(0, 0, 1, embedders[0].device)
-    sizes = sorted({e.input_size for e in embedders})
-    dataset = AlignedFaces(meta.image_folder, meta.names, alignment_matrices(meta), sizes)
+    dataset = AlignedFaces(meta.image_folder, meta.names, alignment_matrices(meta),
+                           sorted({e.input_size for e in embedders}))
 
-    def make_loader(rows):
-        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            worker_init_fn=init_worker, pin_memory=any(e.device.type == "cuda" for e in embedders))
-        return tqdm(loader, desc="embedding", unit="batch", mininterval=5, disable=not dist_info.is_main)
-
-    def embed_batch(batch):
-        crops, index, readable = batch
+    def check(batch):
+        _, index, readable = batch
         if not bool(readable.all()):
             row = int(index[~readable][0])
             path = meta.files["tid_mid"]
             raise UserError(f"cannot read image {os.path.join(meta.image_folder, meta.names[row])} "
                             f"(listed in {path} line {line_of(path, row)})")
-        arrays = {}
-        for i, embedder in enumerate(embedders):
-            arrays[f"embs{i}"], arrays[f"embs_f{i}"] = embedder(crops[sizes.index(embedder.input_size)])
-        return index.numpy(), arrays
 
-    widths = {f"{kind}{i}": e.embedding_size for i, e in enumerate(embedders) for kind in ("embs", "embs_f")}
-    out = embed_rows(embed_batch, make_loader, len(dataset), widths, dist_info, cache, CHUNK_IMAGES)
-    return None if out is None else [(out[f"embs{i}"], out[f"embs_f{i}"]) for i in range(len(embedders))]
+    return embed_crops(dataset, embedders, batch_size, num_workers, dist_info, cache, CHUNK_IMAGES, check)

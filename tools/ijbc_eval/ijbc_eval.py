@@ -85,12 +85,10 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
     torch.distributed.launch the images are shared among the ranks; ranks other than 0 get None.
     """
     from tools.ijbc_eval.embed import Embedder, extract  # torch is loaded only when images are embedded
-    from utils.distributed import cleanup, init_distributed
+    from utils.distributed import launched
 
-    launched = local_rank is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    dist_info = init_distributed(local_rank, options["device"]) if launched else None
-    device = dist_info.device if launched else options["device"]
-    try:
+    with launched(local_rank, options["device"]) as dist_info:
+        device = dist_info.device if dist_info else options["device"]
         check_images(meta)
         embedders = [Embedder(model_file, network, options["width"], options["input_size"], device,
                               options["preprocess"], options["amp"])]
@@ -104,9 +102,6 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
         cache = ChunkCache(f"ijb_embed/{meta.subset}", inputs, len(meta), options["chunk_size"],
                            options["cache_dir"])
         outputs = extract(meta, embedders, options["batch_size"], options["num_workers"], cache, dist_info)
-    finally:
-        if launched:
-            cleanup()
     if outputs is None:
         return None, None, None
     return outputs[0], (outputs[1] if model_file_old else None), cache
