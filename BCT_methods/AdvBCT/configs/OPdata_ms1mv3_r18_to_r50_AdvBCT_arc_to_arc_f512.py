@@ -1,12 +1,4 @@
-"""AdvBCT, OPdata, arc → ArcFace, 512-d.
-
-Old model: r18 arc trained on data30 (configs/f512_r18_arc_data30.py).
-New model: r50 ArcFace trained on data70 (same identities, other images).
-Old features: feature_save/OPdata/f512_r18_arc_data70_*.npy (steps 2–4).
-
-    cd BCT_methods/AdvBCT
-    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/OPdata_ms1mv3_r18_to_r50_AdvBCT_arc_to_arc_f512.py
-"""
+"""AdvBCT, OPdata, arc → ArcFace, 512-d."""
 from configs.scenarios import Experiment
 
 run = Experiment("OPdata", "arc_to_arc_f512")

@@ -1,12 +1,4 @@
-"""BCT, EXdata, softmax → ArcFace, 512-d.
-
-Old model: r18 softmax trained on data30 (configs/f512_r18_softmax_data30.py).
-New model: r50 ArcFace trained on the full set.
-Old features: feature_save/EXdata/f512_r18_softmax_data100_*.npy (steps 2–4).
-
-    cd BCT_methods/BCT
-    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/EXdata_ms1mv3_r18_to_r50_BCT_softmax_to_arc_f512.py
-"""
+"""BCT, EXdata, softmax → ArcFace, 512-d."""
 from configs.scenarios import Experiment
 
 run = Experiment("EXdata", "softmax_to_arc_f512")

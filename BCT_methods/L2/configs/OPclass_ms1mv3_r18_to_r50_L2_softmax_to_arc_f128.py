@@ -1,12 +1,4 @@
-"""L2, OPclass, softmax → ArcFace, 128-d.
-
-Old model: r18 softmax trained on class30 (configs/f128_r18_softmax_class30.py).
-New model: r50 ArcFace trained on class70 (identities disjoint from class30).
-Old features: feature_save/OPclass/f128_r18_softmax_class70_*.npy (steps 2–4).
-
-    cd BCT_methods/L2
-    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/OPclass_ms1mv3_r18_to_r50_L2_softmax_to_arc_f128.py
-"""
+"""L2, OPclass, softmax → ArcFace, 128-d."""
 from configs.scenarios import Experiment
 
 run = Experiment("OPclass", "softmax_to_arc_f128", "L2")

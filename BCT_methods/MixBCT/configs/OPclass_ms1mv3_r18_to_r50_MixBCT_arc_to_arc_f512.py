@@ -1,12 +1,4 @@
-"""MixBCT, OPclass, arc → ArcFace, 512-d.
-
-Old model: r18 arc trained on class30 (configs/f512_r18_arc_class30.py).
-New model: r50 ArcFace trained on class70 (identities disjoint from class30).
-Old features: feature_save/OPclass/f512_r18_arc_class70_*.npy (steps 2–4).
-
-    cd BCT_methods/MixBCT
-    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/OPclass_ms1mv3_r18_to_r50_MixBCT_arc_to_arc_f512.py
-"""
+"""MixBCT, OPclass, arc → ArcFace, 512-d."""
 from configs.scenarios import Experiment
 
 run = Experiment("OPclass", "arc_to_arc_f512", "MixBCT")

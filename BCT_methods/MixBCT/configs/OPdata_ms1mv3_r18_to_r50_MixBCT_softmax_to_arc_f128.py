@@ -1,12 +1,4 @@
-"""MixBCT, OPdata, softmax → ArcFace, 128-d.
-
-Old model: r18 softmax trained on data30 (configs/f128_r18_softmax_data30.py).
-New model: r50 ArcFace trained on data70 (same identities, other images).
-Old features: feature_save/OPdata/f128_r18_softmax_data70_*.npy (steps 2–4).
-
-    cd BCT_methods/MixBCT
-    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/OPdata_ms1mv3_r18_to_r50_MixBCT_softmax_to_arc_f128.py
-"""
+"""MixBCT, OPdata, softmax → ArcFace, 128-d."""
 from configs.scenarios import Experiment
 
 run = Experiment("OPdata", "softmax_to_arc_f128")

@@ -1,12 +1,4 @@
-"""NCCL, EXclass, arc → ArcFace, 512-d.
-
-Old model: r18 arc trained on class30 (configs/f512_r18_arc_class30.py).
-New model: r50 ArcFace trained on the full set.
-Old features: feature_save/EXclass/f512_r18_arc_class100_*.npy (steps 2–4).
-
-    cd BCT_methods/NCCL
-    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/EXclass_ms1mv3_r18_to_r50_NCCL_arc_to_arc_f512.py
-"""
+"""NCCL, EXclass, arc → ArcFace, 512-d."""
 from configs.scenarios import Experiment
 
 run = Experiment("EXclass", "arc_to_arc_f512")

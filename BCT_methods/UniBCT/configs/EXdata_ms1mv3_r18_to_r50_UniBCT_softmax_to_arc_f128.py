@@ -1,12 +1,4 @@
-"""UniBCT, EXdata, softmax → ArcFace, 128-d.
-
-Old model: r18 softmax trained on data30 (configs/f128_r18_softmax_data30.py).
-New model: r50 ArcFace trained on the full set.
-Old features: feature_save/EXdata/f128_r18_softmax_data100_*.npy (steps 2–4).
-
-    cd BCT_methods/UniBCT
-    python -m torch.distributed.launch --nproc_per_node=8 train.py configs/EXdata_ms1mv3_r18_to_r50_UniBCT_softmax_to_arc_f128.py
-"""
+"""UniBCT, EXdata, softmax → ArcFace, 128-d."""
 from configs.scenarios import Experiment
 
 run = Experiment("EXdata", "softmax_to_arc_f128")
