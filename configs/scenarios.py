@@ -13,7 +13,7 @@ Old models and independent references: ``old_model(split, loss, dim)`` and
 from easydict import EasyDict as edict
 
 from utils.errors import UserError
-from utils.scenarios import SCENARIOS, SPLITS, feature_path, require_choice, sd_name, split_rec
+from utils.scenarios import SCENARIOS, SPLITS, feature_path, require_choice, sd_name, training_rec
 
 DATASET = "dataset/ms1m-retinaface-t1"
 OLD_NETWORK, NEW_NETWORK = "r18", "r50"
@@ -32,7 +32,7 @@ def training_keys(network, dim, split):
     config = edict()
     config.network = network
     config.embedding_size = dim
-    config.rec = DATASET if split == "full" else split_rec(DATASET, split)
+    config.rec = training_rec(DATASET, split)
     config.num_classes = classes
     config.num_image = images
     config.num_workers = 4

@@ -231,7 +231,7 @@ def test_idle_work_runs_while_the_last_stage_trains(tmp_path):
         calls.append((sorted(finished), threads, "slow" in pipe.seconds))
         return len(calls) == 1
 
-    stages = [("quick", ["-c", "pass"], [], {}), ("slow", ["-c", "import time; time.sleep(3)"], [], {})]
+    stages = [("quick", ["-c", "pass"], []), ("slow", ["-c", "import time; time.sleep(3)"], [])]
     pipe.parallel(stages, jobs=2, idle_work=idle)
     cpus = os.cpu_count() or 1
     assert calls[0] == (["quick"], max(1, cpus - max(1, cpus // 2)), False)

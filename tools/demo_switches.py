@@ -21,7 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs.demo.settings import Demo
+from configs.demo.settings import PUBLISHED_CLASS70_IMAGES, Demo
 from tools.run_demo import Pipeline, _rows, margin_text, train_command
 from utils.errors import require, run_cli
 from utils.io import atomic_open
@@ -52,7 +52,7 @@ def published_counts(demo):
     """Row 9's published OPclass counts scaled to the demo: classes of the whole set (the published 93,431),
     and the new split's images × 3,625,372 / 3,598,269 (the published schedule's length over the data's)."""
     return {"num_classes": demo.IDENTITIES,
-            "num_image": round(demo.new_split_images() * SPLITS["data70"][2] / SPLITS["class70"][2])}
+            "num_image": round(demo.new_split_images() * SPLITS["data70"][2] / PUBLISHED_CLASS70_IMAGES)}
 
 
 def resolve(keys, demo):
@@ -115,7 +115,7 @@ def main():
     runs = {tag: f"{SWITCHES[tag][0]}_switch{tag.replace('+', '_')}" for tag in tags}
     pipe.parallel([(f"train_{name}", train_command(demo, SWITCHES[tag][0], dict(
         keys[tag], output=os.path.join(folder, name), **({"credible_old_feature": mask} if tag == "6" else {}))),
-        [os.path.join(folder, name, "model.pt")], {}) for tag, name in runs.items()], jobs=2)
+        [os.path.join(folder, name, "model.pt")]) for tag, name in runs.items()], jobs=2)
     demo_rows = {}
     for row in report["rows"]:
         demo_rows.setdefault(row["method"], []).append(row)

@@ -60,10 +60,10 @@ class Pipeline:
 
     def stage(self, name, command, done_when=()):
         """Run ``command`` (argv list, python scripts relative to the repo root) unless its outputs exist."""
-        self.parallel([(name, command, done_when, {})], jobs=1)
+        self.parallel([(name, command, done_when)], jobs=1)
 
     def parallel(self, stages, jobs, idle_work=None):
-        """Run independent stages ``(name, command, done_when, extra environment)``, up to ``jobs`` at a
+        """Run independent stages ``(name, command, done_when)``, up to ``jobs`` at a
         time, each with an equal share of the CPU threads.
 
         ``idle_work(finished, threads)`` is called in this process whenever no stage is waiting and
@@ -75,7 +75,7 @@ class Pipeline:
         pending, running = list(stages), {}
         while pending or running:
             while pending and len(running) < jobs:
-                name, command, done_when, extra_env = pending.pop(0)
+                name, command, done_when = pending.pop(0)
                 if self.reuse and done_when and all(os.path.exists(p) for p in done_when):
                     print(f"[{name}] reused ({', '.join(os.path.relpath(p, ROOT) for p in done_when)})", flush=True)
                     self.seconds[name] = 0.0
@@ -85,7 +85,7 @@ class Pipeline:
                 handle = open(log, "w")
                 handle.write(f"$ python {shlex.join(command)}\n")   # the command, to rerun the stage by hand
                 handle.flush()
-                proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=dict(env, **extra_env),
+                proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env,
                                         stdout=handle, stderr=subprocess.STDOUT)
                 running[name] = (proc, handle, log, time.time())
             if idle_work is not None and not pending and len(running) < jobs and \
@@ -260,7 +260,7 @@ def run_pipeline(args):
         return True
 
     # the models are evaluated in this process as soon as the last round of training leaves a core free
-    pipe.parallel([(f"train_{run}", train_command(demo.seeded(k), name), [os.path.join(out, run, "model.pt")], {})
+    pipe.parallel([(f"train_{run}", train_command(demo.seeded(k), name), [os.path.join(out, run, "model.pt")])
                    for name, run, k in runs], jobs=args.jobs, idle_work=evaluate_next)
     while evaluate_next(set(pipe.seconds)):
         pass

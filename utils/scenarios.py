@@ -71,6 +71,12 @@ def split_rec(folder, split):
     return os.path.join(folder, SPLITS[split][0])
 
 
+def training_rec(folder, split):
+    """A config's ``rec`` for training split ``split`` of the data folder ``folder``: the folder itself for
+    the full set (it holds train.rec), the split's rec prefix otherwise."""
+    return folder if split == "full" else split_rec(folder, split)
+
+
 def credible_kind(T):
     """File kind of the denoising mask of ratio ``T``: ``credible_ratio_<round(100·T)>``."""
     return f"credible_ratio_{int(round(100 * float(T)))}"

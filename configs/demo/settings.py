@@ -35,9 +35,11 @@ import copy
 
 from easydict import EasyDict as edict
 
+from configs.base import config as published_base
+
 from utils.config import PATH_KEYS, format_override, resolve_path
 from utils.errors import UserError
-from utils.scenarios import SCENARIOS, SPLITS, feature_path, require_choice, sd_name, split_rec
+from utils.scenarios import SCENARIOS, SPLITS, feature_path, require_choice, sd_name, training_rec
 
 RULE = dict(LR=0.2, WARMUP_EPOCHS=1)   # the training rule of every model, in every profile
 PROFILES = {   # the full profile's sizes come from a measured grid (docs/demo.md)
@@ -47,7 +49,7 @@ PROFILES = {   # the full profile's sizes come from a measured grid (docs/demo.m
                   OLD_WIDTH=8, NEW_WIDTH=12, **RULE),
 }
 SIZES = tuple(PROFILES["full"])   # the settings a profile fixes and run_demo.py's options override
-PUBLISHED_EPOCHS = 35                     # the published schedule (configs/base.py num_epoch)
+PUBLISHED_EPOCHS = published_base.num_epoch          # 35: the published schedule
 PUBLISHED_CLASS70_IMAGES = SPLITS["class70"][2]   # 3,598,269: the published OPclass training set
 # the old-feature files each method's demo config reads: config key → file kind
 METHOD_FEATURES = {
@@ -103,8 +105,8 @@ class Demo:
         return {name.lower(): getattr(self, name) for name in SIZES}
 
     def rec(self, split):
-        """Training data of a split: the full set is the data folder itself."""
-        return self.DATA if split == "full" else split_rec(self.DATA, split)
+        """Training data of a split in the run's data folder."""
+        return training_rec(self.DATA, split)
 
     def feature(self, kind, sd=None):
         """Path of an old-feature file of this run (kind: feature, label, avg_feature, credible_ratio_90)."""

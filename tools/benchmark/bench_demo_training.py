@@ -25,7 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from utils.config import format_override
+from configs.demo.settings import Demo
+from tools.run_demo import train_command
 from utils.errors import require, run_cli
 
 VARIANTS = {"base": {}, "channels_last": {"channels_last": True}, "compile": {"compile": True},
@@ -35,9 +36,9 @@ SPEED = re.compile(r"Speed ([0-9.]+) samples/sec")
 
 def run_variant(name, keys, args, folder):
     """``(images/s per process after the warm-up steps, start-up seconds)`` of one variant."""
-    keys = dict(keys, rec=os.path.join(os.path.abspath(args.data), "train_part_70_class"),
-                output=os.path.join(folder, name), max_steps=args.steps, frequent=5)
-    command = ["train_old_arc.py", "configs/demo/independent.py", "--set", *(format_override(k, v) for k, v in keys.items())]
+    demo = Demo(data=os.path.abspath(args.data), out=folder)
+    keys = dict(keys, output=os.path.join(folder, name), max_steps=args.steps, frequent=5)
+    command = train_command(demo, "independent", keys)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     start = time.time()
