@@ -9,6 +9,7 @@ fills it, then :func:`train_one_epoch` per epoch inside :func:`train`.
 """
 import argparse
 import dataclasses
+import functools
 import os
 import warnings
 from typing import Any
@@ -68,10 +69,10 @@ class TrainState:
         """Fraction of the schedule done, in [0, 1]."""
         return self.global_step / max(self.total_steps, 1)
 
-    @property
+    @functools.cached_property
     def clipped_params(self):
         """The parameters clipped to one gradient norm: the backbone's, the method's that go with it, and
-        the classifier's when it asks (``clip_with_backbone``)."""
+        the classifier's when it asks (``clip_with_backbone``); listed once, on the first step."""
         params = [*self.plain_backbone.parameters(), *self.method.clipped_with_backbone()]
         if getattr(self.classifier, "clip_with_backbone", False):
             params += list(self.classifier.parameters())
