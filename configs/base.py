@@ -43,7 +43,9 @@ config.lr_steps = ()               # step schedule: epochs where lr is multiplie
 config.clip_grad = 5.0             # gradient-norm clip on the backbone (0 = off)
 config.fp16 = True                 # AMP fp16 on CUDA (always off on CPU)
 config.amp_dtype = "float16"       # AMP dtype when fp16 = True: float16 (published, loss scaling) | bfloat16 (no scaling)
-config.tf32 = False                # TF32 for fp32 matrix products on Ampere and newer GPUs (False: torch default, off)
+# CUDA TF32 (Ampere and newer): False full fp32; True matrix products and convolutions; "conv" convolutions
+# only (PyTorch's own default, what the published runs had)
+config.tf32 = False
 config.channels_last = False       # backbone and input batches in channels_last memory format
 config.compile = False             # torch.compile the training model: True (inductor) or a backend name ("aot_eager")
 # under AMP: "body" conv body in the AMP dtype, final fc + feature BN fp32 (published BCT, UniBCT, AdvBCT, old
@@ -51,13 +53,18 @@ config.compile = False             # torch.compile the training model: True (ind
 config.backbone_amp = "body"
 config.amp_logits = True           # under AMP: Partial FC cosine logits computed in the AMP dtype (published); False: fp32
 config.amp_growth_interval = 100   # GradScaler growth interval (published 100; PyTorch's default 2000)
+# fp16 AMP: an inf/NaN gradient on any process skips the step on all of them (False: each process decides from
+# its own gradients, as published, and an overflow in one classifier shard makes the replicas drift apart)
+config.agree_overflow = True
 config.seed = 666                  # each process uses seed + rank
 config.deterministic = False       # deterministic kernels (exact resume on CPU)
 config.device = None               # None: cuda if available, else cpu
+config.dist_timeout_minutes = 10   # several processes: the longest wait for the others outside the training steps
+config.step_timeout_minutes = 30   # ... and inside the training loop (UniBCT's refinement runs on rank 0 meanwhile)
 
 # output, logging, checkpoints
 config.output = None               # None: work_dirs/<config name>
-config.resume = False
+config.resume = False              # True: continue from the last checkpoint (an error if none); "auto": when one exists
 config.frequent = 10               # log every N steps
 config.verbose = 2000              # kept for insightface compatibility (no .bin verification here)
 config.save_every_steps = 0        # extra checkpoint every N steps (0: once per epoch only)

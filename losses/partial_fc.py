@@ -148,17 +148,20 @@ class PartialFC(nn.Module):
                             f"got {tuple(embeddings.shape)}")
 
     def _sample(self, local_labels):
-        """Sorted indices of the centres used this step and the labels remapped into them."""
+        """Sorted indices of the centres used this step and the labels remapped into them.
+
+        One host sync: the count of positive centres, which decides whether negatives are drawn (masks
+        instead of boolean indexing and ``unique`` for the rest)."""
         in_shard = local_labels != -1
-        positive = torch.unique(local_labels[in_shard])
-        if positive.numel() >= self.num_sample:
-            index = positive
+        present = torch.zeros(self.num_local + 1, dtype=torch.bool, device=local_labels.device)
+        present = present.index_fill_(0, torch.where(in_shard, local_labels, self.num_local), True)[:self.num_local]
+        positives = int(present.sum())
+        if positives >= self.num_sample:
+            index = torch.topk(present.to(torch.uint8), k=positives)[1].sort()[0]
         else:
             score = torch.rand(self.num_local, device=local_labels.device)
-            score[positive] = 2.0
-            index = torch.topk(score, k=self.num_sample)[1].sort()[0]
-        remapped = torch.full_like(local_labels, -1)
-        remapped[in_shard] = torch.searchsorted(index, local_labels[in_shard])
+            index = torch.topk(torch.where(present, 2.0, score), k=self.num_sample)[1].sort()[0]
+        remapped = torch.where(in_shard, torch.searchsorted(index, local_labels.clamp(min=0)), -1)
         return index, remapped
 
     def forward(self, local_embeddings, local_labels):

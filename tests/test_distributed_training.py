@@ -1,5 +1,6 @@
 """CUDA/multi-process paths of the training loop that a CPU can check: cuBLAS determinism set-up,
-per-device RNG state, AMP overflow agreement over ranks, resume with per-node checkpoint folders."""
+per-device RNG state, AMP overflow agreement over ranks (replicated modules and classifier shards), errors
+raised on every rank, resume with per-node checkpoint folders."""
 import json
 import os
 
@@ -12,7 +13,8 @@ import utils.trainer as trainer
 from tests.helpers import python, tiny_train_config
 from utils.checkpoint import CheckpointManager, rng_state, set_rng_state
 from utils.config import get_config
-from utils.distributed import cleanup
+from utils.distributed import cleanup, fail_together
+from utils.errors import UserError, require
 
 
 class _Reached(Exception):
@@ -103,6 +105,30 @@ def _overflow(rank, folder):
             "finite": bool(torch.isfinite(extra.weight).all())}
 
 
+def _shard_overflow(rank, agree):
+    """One AMP step where only rank 1's classifier shard (a parameter no other rank holds) has an inf gradient."""
+    torch.manual_seed(0)
+    backbone = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
+    shard = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD([*backbone.parameters(), *shard.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    inputs = torch.ones(2, 3)
+    blow_up = torch.tensor(float("inf") if rank == 1 else 1.0)
+    loss = backbone(inputs).sum() + (shard(inputs) * blow_up).sum()
+    trainer.optimizer_step(loss, optimizer, scaler, backbone.parameters(), clip_grad=0, agree_overflow=agree)
+    return {"scale": scaler.get_scale(), "backbone": backbone.module.weight.detach().tolist()}
+
+
+def _fail_on_rank_one(rank):
+    """fail_together: a UserError on rank 1 only is raised on both ranks."""
+    try:
+        with fail_together():
+            require(rank != 1, "feature file missing on this node")
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def _per_node_checkpoints(rank, folder):
     """Each rank writes to its own folder (a node's local disk) and resumes from it."""
     own = os.path.join(folder, f"node{rank}")
@@ -122,7 +148,9 @@ def _worker(rank, folder):
     dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "store"), rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        result = {"overflow": _overflow(rank, folder), "checkpoints": _per_node_checkpoints(rank, folder)}
+        result = {"overflow": _overflow(rank, folder), "checkpoints": _per_node_checkpoints(rank, folder),
+                  "shard_overflow": {str(agree): _shard_overflow(rank, agree) for agree in (True, False)},
+                  "fail_together": _fail_on_rank_one(rank)}
     finally:
         cleanup()
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
@@ -147,6 +175,23 @@ def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(two_ranks):
     assert first["extra"] == second["extra"]
 
 
+def test_overflow_in_one_rank_shard_skips_the_step_on_every_rank(two_ranks):
+    """agree_overflow (default): same scale and backbone weights on both ranks; without it (the published
+    loop) rank 0 steps at 65,536 while rank 1 skips and halves its scale, and the replicas drift apart."""
+    first, second = (result["shard_overflow"]["True"] for result in two_ranks)
+    assert first["scale"] == second["scale"] == 32768.0
+    assert first["backbone"] == second["backbone"]
+    first, second = (result["shard_overflow"]["False"] for result in two_ranks)
+    assert (first["scale"], second["scale"]) == (65536.0, 32768.0)
+    assert first["backbone"] != second["backbone"]
+
+
+def test_user_error_on_one_rank_is_raised_on_every_rank(two_ranks):
+    first, second = (result["fail_together"] for result in two_ranks)
+    assert first == "feature file missing on this node (on rank 1)"
+    assert second == "feature file missing on this node"
+
+
 def test_resume_with_per_node_checkpoint_folders(two_ranks):
     for rank, result in enumerate(two_ranks):
         assert result["checkpoints"]["latest"] == {"step": 3, "rank": rank}
@@ -169,3 +214,23 @@ def test_one_process_store_folder_is_removed_at_exit_without_cleanup():
     assert proc.returncode == 0, proc.stderr[-2000:]
     folder = proc.stdout.strip()
     assert os.path.basename(folder).startswith("bct-pg-") and not os.path.exists(folder)
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    from utils import distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.choose_device("cuda", 1) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="local rank 2 has no GPU of its own .this node has 2.; launch at most 2"):
+        distributed.choose_device("cuda", 2)
+
+
+def test_two_processes_on_one_gpu_point_to_the_backend_override(monkeypatch):
+    from utils import distributed
+
+    def nccl_refuses(tensor, op=None):
+        raise RuntimeError("NCCL error in: ...: invalid usage, NCCL version 2.21.5 ... Duplicate GPU detected : "
+                           "rank 1 and rank 0 both on CUDA device 1a000")
+    monkeypatch.setattr(distributed, "all_reduce", nccl_refuses)
+    with pytest.raises(UserError, match="BCT_DIST_BACKEND=gloo"):
+        distributed._check_one_process_per_gpu(torch.device("cpu"))

@@ -285,6 +285,11 @@ def train_resume_other_process_count(w, s):
     return args + ["--resume"]
 
 
+@case(ARC, "`--resume` that finds no checkpoint", "--resume: no checkpoint under")
+def train_resume_without_checkpoint(w, s):
+    return _config(w, s.data) + ["--resume"]
+
+
 @case("BCT_methods/MixBCT/train.py", "old features: row count ≠ training images",
       "47 rows but the training set has 48 images")
 def mixbct_feature_rows(w, s):

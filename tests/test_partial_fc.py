@@ -265,3 +265,35 @@ def test_bad_input():
     with pytest.raises(UserError, match="embedding_size"):
         PartialFC(ArcFace(), 4.0, 10)
     assert PartialFC(None, np.int64(4), np.int64(10)).num_local == 10
+
+
+def _sample_by_indexing(local_labels, num_local, num_sample):
+    """The sampling as insightface writes it (unique positives, boolean indexing): the reference."""
+    in_shard = local_labels != -1
+    positive = torch.unique(local_labels[in_shard])
+    if positive.numel() >= num_sample:
+        index = positive
+    else:
+        score = torch.rand(num_local)
+        score[positive] = 2.0
+        index = torch.topk(score, k=num_sample)[1].sort()[0]
+    remapped = torch.full_like(local_labels, -1)
+    remapped[in_shard] = torch.searchsorted(index, local_labels[in_shard])
+    return index, remapped
+
+
+def test_sampling_with_masks_equals_indexing():
+    """The mask form (one host sync) draws the same centres and remaps the same labels, including when the
+    positives fill or exceed the budget and when no label is in the shard."""
+    for trial in range(300):
+        generator = torch.Generator().manual_seed(trial)
+        num_local = int(torch.randint(2, 120, (1,), generator=generator))
+        classifier = PartialFC(None, 4, num_local, sample_rate=float(torch.rand(1, generator=generator)) * 0.9 + 0.05)
+        labels = torch.randint(-1, num_local, (int(torch.randint(1, 48, (1,), generator=generator)),), generator=generator)
+        if trial % 50 == 0:
+            labels = torch.full_like(labels, -1)
+        torch.manual_seed(trial)
+        expected = _sample_by_indexing(labels, num_local, classifier.num_sample)
+        torch.manual_seed(trial)
+        index, remapped = classifier._sample(labels)
+        assert torch.equal(index, expected[0]) and torch.equal(remapped, expected[1]), trial

@@ -7,7 +7,7 @@ import torch
 from tests.helpers import make_tiny_rec, python, tiny_train_config
 from utils.config import get_config
 from utils.io import safe_torch_load
-from utils.trainer import autocast_dtype, set_precision
+from utils.trainer import autocast_dtype, logits_autocast_dtype, set_precision
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +36,25 @@ def test_loss_scaling_only_with_float16(tmp_path):
         assert (autocast_dtype(cfg, torch.device("cuda")) == torch.float16) is scaled
 
 
-def test_tf32_follows_the_config(tmp_path):
-    before = torch.backends.cuda.matmul.allow_tf32
+@pytest.mark.parametrize("value, matmul, conv", [(False, False, False), (True, True, True), ("conv", False, True)])
+def test_tf32_sets_matrix_products_and_convolutions(tmp_path, value, matmul, conv):
+    """tf32 = False is full fp32 for convolutions too (cuDNN's own default would use TF32 for them)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        set_precision(_cfg(tmp_path, tf32=True))
-        assert torch.backends.cuda.matmul.allow_tf32
-        set_precision(_cfg(tmp_path))
-        assert not torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = not matmul, not conv
+        set_precision(_cfg(tmp_path, tf32=value))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (matmul, conv)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("keys, expected", [
+    (dict(fp16=True), torch.float16),                                   # published: fp16 logits
+    (dict(fp16=True, amp_logits=False), None),
+    (dict(fp16=True, amp_dtype="bfloat16"), None),                      # bf16 logits would be ~10x coarser
+])
+def test_logits_dtype(tmp_path, keys, expected):
+    assert logits_autocast_dtype(_cfg(tmp_path, **keys), torch.device("cuda")) == expected
 
 
 def _weights(tmp_path, rec, name, **keys):

@@ -4,7 +4,9 @@
 exactly: model, classifier shard, optimiser, scaler, scheduler, method state, RNG states and the
 position in the epoch. Each process reads only its own file, so a multi-node run whose nodes write
 to their own disks resumes too. Resuming picks the newest step whose file every rank has and can
-load; a corrupt or partial file is reported and the previous checkpoint is used instead.
+load; a corrupt or partial file is reported and the previous checkpoint is used instead. When
+some ranks find checkpoints and others none (a rank on a node whose disk does not hold its
+files), or the ranks have no step in common, every rank stops with one line.
 
 Beside them, what a checkpoint needs from the process: its RNG states (:func:`rng_state`,
 :func:`set_rng_state`) and the stop request of a signal (:class:`StopFlag`).
@@ -18,8 +20,8 @@ import signal
 import numpy as np
 import torch
 
-from utils.distributed import common_to_all_ranks, every_rank
-from utils.errors import UserError
+from utils.distributed import every_rank, fail_together, from_every_rank
+from utils.errors import UserError, about_file
 from utils.io import atomic_torch_save, safe_torch_load
 
 _NAME = re.compile(r"step_(\d+)_rank(\d+)\.pt$")
@@ -52,12 +54,33 @@ class CheckpointManager:
             except FileNotFoundError:
                 pass
 
-    def load_latest(self):
-        """This rank's state of the newest step that every rank can load, or ``None`` if there is none.
+    def load_latest(self, required=True):
+        """This rank's state of the newest step that every rank has and can load; ``None`` when no rank has a
+        checkpoint and not ``required``. Raises :class:`UserError` on every rank when no rank has one and
+        ``required``, when some ranks have none, or when no step can be loaded by every rank.
 
         Each rank looks only at its own files (other ranks' files may sit on other nodes' disks).
         """
-        for step in common_to_all_ranks(self.steps()):
+        every = from_every_rank(self.steps())
+        if not any(every):
+            if required:
+                raise UserError(f"--resume: no checkpoint under {self.folder} (on any process's disk); train "
+                                "without --resume, or set resume = 'auto' to resume only when there is one")
+            self.log(f"resume = 'auto': no checkpoint under {self.folder} yet, starting from scratch")
+            return None
+        found = ", ".join(f"rank {r}: {f'step {s[0]}' if s else 'none'}" for r, s in enumerate(every))
+        if not all(every):
+            raise UserError(f"--resume: some processes found no checkpoint under {self.folder} (newest {found}); "
+                            "each process reads its own files, so on node-local disks every rank must run on "
+                            "the node that wrote them")
+        common = sorted(set(every[0]).intersection(*map(set, every[1:])), reverse=True)
+        if not common:
+            raise UserError(f"--resume: the processes have no checkpoint step in common under {self.folder} "
+                            f"(newest {found})")
+        if common[0] != max(max(steps) for steps in every):
+            self.log(f"warning: not every process has the newest checkpoint (newest {found}: an interrupted "
+                     f"save); resuming from step {common[0]}")
+        for step in common:
             try:
                 state = safe_torch_load(self.path(step))
             except UserError as exc:
@@ -65,7 +88,18 @@ class CheckpointManager:
                 state = None
             if every_rank(state is not None, self.device):
                 return state
-        return None
+        raise UserError(f"--resume: no checkpoint under {self.folder} can be loaded by every process (steps "
+                        f"{', '.join(map(str, common))} tried)")
+
+    def resume(self, state, required=True):
+        """Load the newest checkpoint (:meth:`load_latest`) into ``state`` (its ``load_state_dict``); False when
+        there is none (``required`` False)."""
+        saved = self.load_latest(required)
+        if saved is None:
+            return False
+        with fail_together(), about_file(self.folder):
+            state.load_state_dict(saved)
+        return True
 
 
 def rng_state(device):
@@ -101,10 +135,10 @@ def seed_everything(seed):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT while the context is active; the loop polls ``raised``."""
+    """Set by SIGTERM/SIGINT while the context is active; the loop polls ``signum`` (0 until a signal came)."""
 
     def __init__(self):
-        self.raised = False
+        self.signum = 0
         self.previous = {}
 
     def __enter__(self):
@@ -113,7 +147,7 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

@@ -30,9 +30,13 @@ PATH_KEYS = ("rec", "output", "old_model", "old_embedding", "old_label", "old_pr
 
 
 def add_launcher_args(parser: argparse.ArgumentParser):
-    """Accept the ``--local_rank``/``--local-rank`` argument that torch.distributed.launch passes."""
+    """Accept the ``--local_rank``/``--local-rank`` argument that torch.distributed.launch passes, and
+    ``--dist_timeout_minutes``."""
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--dist_timeout_minutes", type=float, default=None, metavar="MINUTES",
+                        help="several processes: how long one waits for the others in a collective before the "
+                             "job stops with an error (default 10)")
     return parser
 
 

@@ -346,6 +346,23 @@ def build_loader(dataset, batch_size, dist_info, seed, num_workers, shuffle=True
                       generator=generator, persistent_workers=persistent and num_workers > 0)
 
 
+def stop_workers(batches):
+    """End the worker processes behind ``batches`` (a DataLoader iterator) now, on any exit path.
+
+    The workers ignore SIGTERM (:func:`_init_worker`), so once a traceback keeps the iterator alive,
+    Python's exit would signal them in vain and wait for them forever; those still alive after
+    the iterator's own shutdown are killed.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
 def set_loader_epoch(loader, epoch, start_batch=0):
     """Point a :func:`build_loader` loader at ``epoch`` from batch ``start_batch`` (before the next ``iter``)."""
     loader.sampler.sampler.set_epoch(epoch, start_batch)

@@ -6,6 +6,10 @@ store, so no port is ever taken). NCCL on CUDA, gloo on CPU; gloo also on CUDA w
 more processes than it has GPUs (NCCL cannot put two processes on one GPU) or when
 ``BCT_DIST_BACKEND=gloo`` is set.
 
+Collectives wait at most ``timeout_minutes`` (:data:`DEFAULT_TIMEOUT_MINUTES` outside the training
+steps; the loop sets its own with :func:`set_timeout`), so a peer that died or hangs ends the job.
+A check that can fail on one process only runs inside :func:`fail_together`.
+
 The helpers below work with or without an initialised process group (one process: no-ops).
 """
 import atexit
@@ -23,6 +27,7 @@ from utils.config import add_launcher_args  # noqa: F401  (torch-free, for comma
 from utils.errors import UserError
 
 BACKEND_VARIABLE = "BCT_DIST_BACKEND"
+DEFAULT_TIMEOUT_MINUTES = 10   # collectives outside the training steps (setup, extraction, evaluation)
 _STORE_FOLDER = None   # the private file store of a one-process run, removed by cleanup() or at exit
 
 if dist.is_available():
@@ -52,6 +57,10 @@ def choose_device(requested=None, local_rank=0):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device '{requested}' requested but CUDA is not available")
         if device.type == "cuda" and device.index is None:
+            count = torch.cuda.device_count()
+            if local_rank >= count:
+                raise UserError(f"device '{requested}': local rank {local_rank} has no GPU of its own (this node has "
+                                f"{count}); launch at most {count} processes per node (--nproc_per_node)")
             device = torch.device("cuda", local_rank)
         return device
     if torch.cuda.is_available():
@@ -72,8 +81,11 @@ def choose_backend(device):
     return "nccl" if local_processes <= torch.cuda.device_count() else "gloo"
 
 
-def init_distributed(local_rank=None, device=None, timeout_minutes=30):
-    """Initialise (once) the default process group and return this process's :class:`DistInfo`."""
+def init_distributed(local_rank=None, device=None, timeout_minutes=None):
+    """Initialise (once) the default process group and return this process's :class:`DistInfo`.
+
+    ``timeout_minutes`` (default :data:`DEFAULT_TIMEOUT_MINUTES`) bounds the wait for the other
+    processes to join and every collective after it (see :func:`set_timeout`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if local_rank is None:
@@ -86,10 +98,12 @@ def init_distributed(local_rank=None, device=None, timeout_minutes=30):
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         backend = choose_backend(dev)
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        timeout = datetime.timedelta(minutes=timeout_minutes or DEFAULT_TIMEOUT_MINUTES)
         if world_size > 1 or "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, init_method="env://", rank=rank,
                                     world_size=world_size, timeout=timeout)
+            if backend == "nccl":
+                _check_one_process_per_gpu(dev)
         else:
             global _STORE_FOLDER
             _STORE_FOLDER = tempfile.mkdtemp(prefix="bct-pg-")
@@ -100,23 +114,54 @@ def init_distributed(local_rank=None, device=None, timeout_minutes=30):
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), dev)
 
 
+def _check_one_process_per_gpu(device):
+    """One line instead of NCCL's error when two processes (two "nodes" on one host) hold the same GPU."""
+    try:
+        all_reduce(torch.zeros(1, device=device))
+    except RuntimeError as exc:
+        if "duplicate gpu" not in str(exc).lower():
+            raise
+        raise UserError(f"two processes use the same GPU ({device}, e.g. two nodes of one host): NCCL cannot share a "
+                        f"GPU; give each process its own GPU or set {BACKEND_VARIABLE}=gloo") from None
+
+
+def set_timeout(minutes):
+    """Bound every later collective of the default group to ``minutes`` (where this torch can change it)."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is not None and world()[1] > 1:
+        setter(datetime.timedelta(minutes=minutes))
+
+
 @contextlib.contextmanager
-def launched(local_rank=None, device=None):
+def process_group(local_rank=None, device=None, timeout_minutes=None):
+    """:func:`init_distributed` for the block, and :func:`cleanup` after it (``failed`` when it raises)."""
+    info = init_distributed(local_rank, device, timeout_minutes)
+    try:
+        yield info
+    except BaseException:
+        cleanup(failed=True)
+        raise
+    cleanup()
+
+
+@contextlib.contextmanager
+def launched(local_rank=None, device=None, timeout_minutes=None):
     """This process's :class:`DistInfo` when a launcher started it (``--local_rank`` given, or
     ``WORLD_SIZE`` > 1 under torchrun), else None (one process, no group); the group is destroyed on exit."""
     if local_rank is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield None
         return
-    try:
-        yield init_distributed(local_rank, device)
-    finally:
-        cleanup()
+    with process_group(local_rank, device, timeout_minutes) as info:
+        yield info
 
 
-def cleanup():
-    """Destroy the process group if one is initialised, and remove a one-process run's store folder."""
+def cleanup(failed=False):
+    """Destroy the process group if one is initialised, and remove a one-process run's store folder.
+
+    ``failed``: this process is leaving on an error; an NCCL group is left to the process's exit instead
+    of being destroyed (destroying it waits for collectives the peers may never join)."""
     global _STORE_FOLDER
-    if dist.is_initialized():
+    if dist.is_initialized() and not (failed and dist.get_backend() == "nccl"):
         dist.destroy_process_group()
     if _STORE_FOLDER:
         shutil.rmtree(_STORE_FOLDER, ignore_errors=True)
@@ -172,28 +217,63 @@ def all_gather_rows(tensor):
     return torch.cat(parts)
 
 
-def _agree(flag, op, device):
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device(device))
-    return bool(all_reduce(tensor, op).item())
+def _reduce_int(value, op, device):
+    if world()[1] == 1:
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=comm_device(device))
+    return int(all_reduce(tensor, op).item())
 
 
-def any_rank(flag, device="cpu"):
-    """True on every rank if ``flag`` is true on any rank."""
-    return _agree(flag, dist.ReduceOp.MAX, device) if world()[1] > 1 else bool(flag)
+def largest_on_any_rank(value, device="cpu"):
+    """The largest of the ranks' integers ``value``, on every rank."""
+    return _reduce_int(value, dist.ReduceOp.MAX, device)
 
 
 def every_rank(flag, device="cpu"):
     """True on every rank if ``flag`` is true on every rank."""
-    return _agree(flag, dist.ReduceOp.MIN, device) if world()[1] > 1 else bool(flag)
+    return bool(_reduce_int(bool(flag), dist.ReduceOp.MIN, device))
 
 
-def common_to_all_ranks(values):
-    """The values present on every rank (each rank passes its own collection), sorted, largest first."""
+def from_every_rank(value):
+    """The list of every rank's ``value`` (any picklable object), in rank order, on every rank."""
     if world()[1] == 1:
-        return sorted(set(values), reverse=True)
+        return [value]
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sorted(set(values)))
-    return sorted(set(gathered[0]).intersection(*map(set, gathered[1:])), reverse=True)
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+@contextlib.contextmanager
+def fail_together():
+    """Run the block on every rank; a :class:`UserError` raised in it on any rank is raised on every rank.
+
+    For checks that can fail on some processes only (a file on one node's disk): without it the others
+    would wait for the failed one in their next collective until the timeout.
+    """
+    message = None
+    try:
+        yield
+    except UserError as exc:
+        message = str(exc)
+    rank = world()[0]
+    failures = [(r, m) for r, m in enumerate(from_every_rank(message)) if m is not None]
+    if failures:
+        where, text = next(((r, m) for r, m in failures if r == rank), failures[0])
+        raise UserError(text if where == rank else f"{text} (on rank {where})")
+
+
+def agree_on_overflow(scaler, optimizer):
+    """Make an AMP overflow found on any rank skip the step on every rank.
+
+    Call between ``scaler.unscale_(optimizer)`` and ``scaler.step(optimizer)``. GradScaler looks only at
+    this process's gradients; where the processes hold different parameters (Partial FC shards) an
+    inf in one shard would otherwise make one rank skip and halve its scale while the others step.
+    """
+    if world()[1] == 1 or not scaler.is_enabled():
+        return
+    for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        flag = all_reduce(found_inf.to(comm_device(found_inf.device)), dist.ReduceOp.MAX)
+        found_inf.copy_(flag)
 
 
 def average_gradients(params):

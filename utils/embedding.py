@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from utils.chunk_cache import CHUNK_ROWS, chunk_ranges, regroup, span_rows
 from utils.dataset import PIXEL_CENTRE, PIXEL_SCALE, batch_loader, to_model_input
-from utils.distributed import DistInfo, broadcast, comm_device, gather
+from utils.distributed import DistInfo, broadcast, comm_device, fail_together, gather
 from utils.errors import UserError
 
 
@@ -108,15 +108,17 @@ def embed_rows(embed_batch, make_loader, num_rows, widths, dist_info, cache=None
     for _ in range((len(pending) + world - 1) // world):
         item = next(chunks, None)
         local = (mine[item[0]], np.concatenate([item[1][n] for n in names], axis=1)) if item else None
-        for k, rows in _gather_chunk(local, longest, int(bounds[-1]), dist_info):
-            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1)) if require_finite else ()
-            if len(bad):
-                raise UserError(f"{require_finite}: row {spans[k][0] + int(bad[0])} contains NaN or inf")
-            arrays = {name: rows[:, bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
-            if cache is not None:
-                cache.save(k, **arrays)
-            if out is not None:
-                place(k, arrays)
+        gathered = _gather_chunk(local, longest, int(bounds[-1]), dist_info)
+        with fail_together():   # rank 0 checks the rows of every rank: the others must stop with it
+            for k, rows in gathered:
+                bad = np.flatnonzero(~np.isfinite(rows).all(axis=1)) if require_finite else ()
+                if len(bad):
+                    raise UserError(f"{require_finite}: row {spans[k][0] + int(bad[0])} contains NaN or inf")
+                arrays = {name: rows[:, bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
+                if cache is not None:
+                    cache.save(k, **arrays)
+                if out is not None:
+                    place(k, arrays)
     next(chunks, None)  # lets the loader finish and regroup check that every row came
     return out
 

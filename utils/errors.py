@@ -13,6 +13,15 @@ class UserError(Exception):
     """A problem with the user's input (file, value, option) described in one line."""
 
 
+class StoppedBySignal(Exception):
+    """A run that stopped on a signal after saving what it needs to continue; the process exits with
+    128 + the signal's number (the shell's convention: 143 for SIGTERM), so a scheduler sees it unfinished."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """An ``argparse`` parser whose usage errors end as one ``error: …`` line, like any bad input."""
 
@@ -21,9 +30,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main, *args, **kwargs):
-    """Call ``main``; turn :class:`UserError` (and missing files) into one line and exit 2."""
+    """Call ``main``; turn :class:`UserError` (and missing files) into one line and exit 2, and
+    :class:`StoppedBySignal` into one line and exit 128 + signal."""
+    rank = os.environ.get("RANK")
     try:
         return main(*args, **kwargs)
+    except StoppedBySignal as exc:
+        if rank in (None, "0"):
+            print(f"stopped: {exc}", file=sys.stderr, flush=True)
+        sys.exit(128 + exc.signum)
     except UserError as exc:
         message = str(exc)
     except FileNotFoundError as exc:
@@ -32,7 +47,6 @@ def run_cli(main, *args, **kwargs):
         message = f"permission denied: {exc.filename or exc}"
     except KeyboardInterrupt:
         message = "interrupted"
-    rank = os.environ.get("RANK")
     prefix = f"error (rank {rank})" if rank not in (None, "0") else "error"
     print(f"{prefix}: {message}", file=sys.stderr, flush=True)
     sys.exit(2)

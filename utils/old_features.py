@@ -166,14 +166,24 @@ class CredibleMask(PerImageArray):
         return super().gather(indices).reshape(-1) != 0
 
 
+def _on_every_process():
+    """:func:`utils.distributed.fail_together` (imported here: the feature tools run without torch)."""
+    from utils.distributed import fail_together
+
+    return fail_together()
+
+
 def open_features(ctx, key="old_embedding"):
-    """:class:`OldFeatures` of config key ``key``, checked against the training set and ``embedding_size``."""
-    return OldFeatures(ctx.cfg.get(key), len(ctx.dataset), ctx.cfg.embedding_size, key)
+    """:class:`OldFeatures` of config key ``key``, checked against the training set and ``embedding_size``
+    (on every process together: a file missing on one node stops them all)."""
+    with _on_every_process():
+        return OldFeatures(ctx.cfg.get(key), len(ctx.dataset), ctx.cfg.embedding_size, key)
 
 
 def open_mask(ctx, key="credible_old_feature"):
-    """:class:`CredibleMask` of config key ``key``, checked against the training set."""
-    return CredibleMask(ctx.cfg.get(key), len(ctx.dataset), key)
+    """:class:`CredibleMask` of config key ``key``, checked against the training set (on every process together)."""
+    with _on_every_process():
+        return CredibleMask(ctx.cfg.get(key), len(ctx.dataset), key)
 
 
 def load_prototypes(path, num_classes, dim, key="old_prototype"):
@@ -193,5 +203,8 @@ def load_prototypes(path, num_classes, dim, key="old_prototype"):
 
 
 def open_prototypes(ctx, key="old_prototype"):
-    """Prototypes of config key ``key`` on the training device, checked against the classifier."""
-    return load_prototypes(ctx.cfg.get(key), ctx.classifier.num_classes, ctx.cfg.embedding_size, key).to(ctx.device)
+    """Prototypes of config key ``key`` on the training device, checked against the classifier (on every
+    process together)."""
+    with _on_every_process():
+        prototypes = load_prototypes(ctx.cfg.get(key), ctx.classifier.num_classes, ctx.cfg.embedding_size, key)
+    return prototypes.to(ctx.device)

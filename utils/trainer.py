@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import signal
 import warnings
 from typing import Any
 
@@ -20,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from utils.checkpoint import CheckpointManager, StopFlag, rng_state, seed_everything, set_rng_state
 from utils.config import add_config_args, get_config
-from utils.dataset import MXFaceDataset, build_loader, check_data_config, set_loader_epoch, to_model_input
-from utils.distributed import (DistInfo, add_launcher_args, any_rank, average_gradients, broadcast, cleanup,
-                               init_distributed, world)
-from utils.errors import UserError, about_file, require, run_cli
+from utils.dataset import (MXFaceDataset, build_loader, check_data_config, set_loader_epoch, stop_workers,
+                           to_model_input)
+from utils.distributed import (DistInfo, add_launcher_args, agree_on_overflow, average_gradients, broadcast, cleanup,
+                               fail_together, init_distributed, largest_on_any_rank, set_timeout, world)
+from utils.errors import StoppedBySignal, UserError, require, run_cli
 from utils.io import atomic_torch_save
 from utils.logging_utils import SpeedLogger, setup_logger
 from utils.schedule import run_multiplier
@@ -180,9 +182,27 @@ def autocast_dtype(cfg, device):
     return AMP_DTYPES[cfg.get("amp_dtype", "float16")]
 
 
+def logits_autocast_dtype(cfg, device):
+    """The dtype of Partial FC's cosine logits under AMP (``amp_logits``), or None (fp32). Under bfloat16 they stay
+    fp32: its 8-bit mantissa would make them about ten times coarser than fp16's."""
+    dtype = autocast_dtype(cfg, device)
+    return dtype if dtype == torch.float16 and cfg.amp_logits else None
+
+
+def backbone_autocast(cfg, device):
+    """The autocast context of the backbone's forward in training (``fp16``, ``amp_dtype``, ``backbone_amp``)."""
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float16,
+                          enabled=dtype is not None and cfg.backbone_amp != "none")
+
+
+TF32_SETTINGS = {False: (False, False), True: (True, True), "conv": (False, True)}   # (matrix products, convolutions)
+
+
 def set_precision(cfg):
-    """TF32 for fp32 matrix products when ``tf32`` is set; torch's default (full fp32) otherwise."""
-    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.get("tf32"))
+    """TF32 on CUDA from ``tf32``: False full fp32 everywhere, True TF32 for fp32 matrix products and
+    convolutions, "conv" for convolutions only (PyTorch's own default, what the published runs had)."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = TF32_SETTINGS[cfg.get("tf32", False)]
 
 
 def _check_config(cfg):
@@ -197,6 +217,10 @@ def _check_config(cfg):
             f"config {cfg.config_path}: compile must be False, True or a torch.compile backend name, got {cfg.compile!r}")
     require(cfg.get("amp_dtype", "float16") in AMP_DTYPES,
             f"config {cfg.config_path}: amp_dtype must be float16 or bfloat16, got {cfg.get('amp_dtype')!r}")
+    require(cfg.get("tf32", False) in TF32_SETTINGS,
+            f"config {cfg.config_path}: tf32 must be False, True or 'conv', got {cfg.get('tf32')!r}")
+    require(cfg.resume in (False, True, "auto"),
+            f"config {cfg.config_path}: resume must be False, True or 'auto', got {cfg.resume!r}")
 
 
 def trainable_params(modules):
@@ -230,7 +254,9 @@ def build_models(state, method, build_backbone, build_classifier):
     classifier = build_classifier(cfg).to(device)
     classifier.check_inputs = False  # every label was checked against num_classes; batches are full
     amp_dtype = autocast_dtype(cfg, device)
-    classifier.autocast_logits = amp_dtype if amp_dtype is not None and cfg.amp_logits else None
+    classifier.autocast_logits = logits_autocast_dtype(cfg, device)
+    if amp_dtype == torch.bfloat16 and cfg.amp_logits:
+        state.logger.info("amp_logits: the cosine logits stay fp32 under bfloat16 (bf16 would make them ~10x coarser)")
     state.plain_backbone, state.backbone, state.classifier, state.method = backbone, model, classifier, method
     method.setup(state)
     extra = method.extra_modules()
@@ -265,21 +291,22 @@ class Loop:
         self.checkpoints.save(state.global_step, state.state_dict())
 
 
-def train_one_epoch(state, loader, loop):
-    """Steps over ``loader`` (the rest of epoch ``state.epoch``) up to ``loop.last_step``; returns True when a
-    stop signal reached every rank. Saves the ``save_every_steps`` checkpoints inside the epoch."""
+def train_one_epoch(state, batches, loop):
+    """Steps over ``batches`` (the loader's iterator over the rest of epoch ``state.epoch``) up to ``loop.last_step``;
+    returns the number of a stop signal that reached any rank (agreed by all), else 0. Saves the
+    ``save_every_steps`` checkpoints inside the epoch."""
     cfg, device, processes = state.cfg, state.device, state.dist.world_size
-    amp, dtype = state.scaler.is_enabled(), autocast_dtype(cfg, device)
+    amp = state.scaler.is_enabled()
     memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
-    for images, labels, indices, rows in loader:
+    for images, labels, indices, rows in batches:
         images = to_model_input(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         state.batch_rows = {name: value.to(device, non_blocking=True) for name, value in rows.items()}
-        with torch.autocast(device.type, dtype=dtype or torch.float16,
-                            enabled=dtype is not None and cfg.backbone_amp != "none"):
+        with backbone_autocast(cfg, device):
             embeddings = state.backbone(images)
         loss, parts = state.method.compute_loss(embeddings.float(), labels, indices, state)
-        optimizer_step(loss, state.optimizer, state.scaler, state.clipped_params, cfg.clip_grad, state.replicated_params)
+        optimizer_step(loss, state.optimizer, state.scaler, state.clipped_params, cfg.clip_grad, state.replicated_params,
+                       cfg.agree_overflow)
         state.scheduler.step()
         state.global_step += 1
         state.batch += 1
@@ -288,33 +315,52 @@ def train_one_epoch(state, loader, loop):
                        state.scaler.get_scale if amp else None)
         if cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0 and state.batch < state.steps_per_epoch:
             loop.save(state)
-        # agreeing on the stop flag waits for every rank: with several processes only on logging steps
-        if (processes == 1 or state.global_step % cfg.frequent == 0) and any_rank(loop.stop.raised, device):
-            return True
+        # agreeing on the stop signal waits for every rank: with several processes only on logging steps
+        if processes == 1 or state.global_step % cfg.frequent == 0:
+            signum = largest_on_any_rank(loop.stop.signum, device)
+            if signum:
+                return signum
         if state.global_step >= loop.last_step:
-            return False
-    return False
+            return 0
+    return 0
+
+
+def start_speed_log(state, notes):
+    """Rank 0's :class:`SpeedLogger` with its TensorBoard writer, after the run's first log lines (``notes``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg, info = state.cfg, state.dist
+    state.logger.info(f"config {cfg.config_path}: {len(state.dataset)} images, {cfg.num_classes} classes, "
+                      f"{info.world_size} process(es) on {info.device} ({dist.get_backend()}), {state.steps_per_epoch} "
+                      f"steps/epoch, {state.total_steps} steps, method {state.method.name}")
+    for note in notes:
+        state.logger.info(note)
+    writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
+    return SpeedLogger(cfg.frequent, state.total_steps, cfg.batch_size * info.world_size, state.logger, writer)
 
 
 def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None, resume=False):
-    """Train ``method`` with config ``cfg``; writes ``<output>/model.pt`` (backbone state_dict).
+    """Train ``method`` with config ``cfg``; writes ``<output>/model.pt`` (backbone state_dict) when the run ends.
 
     ``build_backbone(cfg)`` and ``build_classifier(cfg)`` make the modules to train (the classifier
-    a :class:`~losses.PartialFC`); they are called once the process group exists.
+    a :class:`~losses.PartialFC`); they are called once the process group exists. ``resume``: continue
+    from the last checkpoint, which must exist (``cfg.resume = "auto"``: when one exists). A run stopped
+    by SIGTERM/SIGINT saves a checkpoint and raises :class:`~utils.errors.StoppedBySignal`.
     """
     _check_config(cfg)
     set_determinism(cfg.deterministic)
     set_precision(cfg)
-    info = init_distributed(local_rank, cfg.device)
+    info = init_distributed(local_rank, cfg.device, cfg.dist_timeout_minutes)
     device, rank, world = info.device, info.rank, info.world_size
     cfg.output = os.path.abspath(cfg.output)
     seed_everything(cfg.seed + rank)
 
-    dataset = MXFaceDataset(cfg.rec, train=True, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
-    data_notes = check_data_config(cfg, dataset)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    require(steps_per_epoch > 0, f"{cfg.rec}: {len(dataset)} images are fewer than one global batch "
-                                 f"({cfg.batch_size} x {world} processes)")
+    with fail_together():   # data missing on one node's disk stops every process at once
+        dataset = MXFaceDataset(cfg.rec, train=True, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
+        data_notes = check_data_config(cfg, dataset)
+        steps_per_epoch = len(dataset) // (cfg.batch_size * world)
+        require(steps_per_epoch > 0, f"{cfg.rec}: {len(dataset)} images are fewer than one global batch "
+                                     f"({cfg.batch_size} x {world} processes)")
     total_steps = steps_per_epoch * cfg.num_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     logger = setup_logger(cfg.output, rank)
@@ -322,75 +368,69 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
     build_models(state, method, build_backbone, build_classifier)
 
     checkpoints = CheckpointManager(cfg.output, rank, cfg.keep_checkpoints, log=logger.warning, device=device)
-    if resume or cfg.resume:
-        saved = checkpoints.load_latest()
-        if saved is None:
-            logger.info(f"resume requested but no checkpoint under {checkpoints.folder}: starting from scratch")
-        else:
-            with about_file(checkpoints.folder):
-                state.load_state_dict(saved)
-            logger.info(f"resumed from step {state.global_step} (epoch {state.epoch}, batch {state.batch})")
+    if (resume or cfg.resume) and checkpoints.resume(state, required=resume or cfg.resume is True):
+        logger.info(f"resumed from step {state.global_step} (epoch {state.epoch}, batch {state.batch})")
+    speed = start_speed_log(state, data_notes) if rank == 0 else None
 
-    writer, speed = None, None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
-        logger.info(f"config {cfg.config_path}: {len(dataset)} images, {cfg.num_classes} classes, "
-                    f"{world} process(es) on {device} ({dist.get_backend()}), {steps_per_epoch} steps/epoch, {total_steps} steps, "
-                    f"method {method.name}")
-        for note in data_notes:
-            logger.info(note)
-        speed = SpeedLogger(cfg.frequent, total_steps, cfg.batch_size * world, logger, writer)
-
-    stopped, loader = False, None
+    stopped, loader, batches = 0, None, None
     state.backbone.train()
     state.classifier.train()
-    with StopFlag() as stop:
-        loop = Loop(checkpoints, speed, stop, last_step)
-        # the point where a resumed run takes up the interrupted one's RNG states: nothing between here and the
-        # next step (or on_epoch_start) draws from them (the loader's shuffle and seeds have generators of their own)
-        state.restore_rng()
-        while state.epoch < cfg.num_epoch and state.global_step < last_step:
-            if state.batch == 0:
-                method.on_epoch_start(state.epoch, state)
-                state.backbone.train()
-            dataset.set_epoch(state.epoch)
-            if loader is None:   # built once: its workers live across epochs (Method.persistent_workers)
-                loader = build_loader(dataset, cfg.batch_size, info, cfg.seed, cfg.num_workers, shuffle=True,
-                                      drop_last=True, start_batch=state.batch, arrays=method.per_image_arrays(),
-                                      persistent=method.persistent_workers)
-            else:
-                set_loader_epoch(loader, state.epoch, state.batch)
-            stopped = train_one_epoch(state, loader, loop)
-            if stopped or state.batch < steps_per_epoch:
+    set_timeout(cfg.step_timeout_minutes)
+    try:
+        with StopFlag() as stop:
+            loop = Loop(checkpoints, speed, stop, last_step)
+            # the point where a resumed run takes up the interrupted one's RNG states: nothing between here and
+            # the next step (or on_epoch_start) draws from them (the loader's shuffle and seeds have their own)
+            state.restore_rng()
+            while state.epoch < cfg.num_epoch and state.global_step < last_step:
+                if state.batch == 0:
+                    method.on_epoch_start(state.epoch, state)
+                    state.backbone.train()
+                dataset.set_epoch(state.epoch)
+                if loader is None:   # built once: its workers live across epochs (Method.persistent_workers)
+                    loader = build_loader(dataset, cfg.batch_size, info, cfg.seed, cfg.num_workers, shuffle=True,
+                                          drop_last=True, start_batch=state.batch, arrays=method.per_image_arrays(),
+                                          persistent=method.persistent_workers)
+                else:
+                    set_loader_epoch(loader, state.epoch, state.batch)
+                batches = iter(loader)
+                stopped = train_one_epoch(state, batches, loop)
+                if stopped or state.batch < steps_per_epoch:
+                    loop.save(state)
+                    break
+                state.epoch, state.batch = state.epoch + 1, 0
                 loop.save(state)
-                break
-            state.epoch, state.batch = state.epoch + 1, 0
-            loop.save(state)
-    if stopped:
-        logger.info(f"stopped by signal at step {state.global_step}; checkpoint saved in {checkpoints.folder}. "
-                    f"Resume with the same command plus --resume (or resume = True in the config).")
-    elif rank == 0:
+    finally:
+        stop_workers(batches)   # on every exit path: workers that outlive an error would hang the exit
+    if not stopped and rank == 0:
         atomic_torch_save(state.plain_backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
         logger.info(f"saved {os.path.join(cfg.output, 'model.pt')} after {state.global_step} steps")
-    if writer is not None:
-        writer.close()
+    if speed is not None:
+        speed.writer.close()
     dist.barrier()
+    if stopped:
+        message = (f"stopped by {signal.Signals(stopped).name} at step {state.global_step}; checkpoint saved in "
+                   f"{checkpoints.folder}. Resume with the same command plus --resume (or resume = True in the config).")
+        logger.info(message)
+        raise StoppedBySignal(stopped, message)
     return os.path.join(cfg.output, "model.pt")
 
 
-def optimizer_step(loss, optimizer, scaler, clipped_params, clip_grad=5.0, replicated_params=()):
+def optimizer_step(loss, optimizer, scaler, clipped_params, clip_grad=5.0, replicated_params=(), agree_overflow=True):
     """Backward of ``loss`` and one optimiser step through the AMP ``scaler``.
 
     Gradients of ``replicated_params`` (method modules outside DDP) are averaged over the processes
-    before the scaler looks for inf/NaN, so every rank sees the same gradients and all ranks skip an
-    overflowing step together; those of ``clipped_params`` (the backbone, and the method
+    before the scaler looks for inf/NaN, so every rank sees the same gradients; with ``agree_overflow``
+    an inf/NaN found on any rank (in its own classifier shard too) makes every rank skip the step and
+    back off its scale together. Those of ``clipped_params`` (the backbone, and the method
     modules clipped with it) are clipped to norm ``clip_grad`` (0 = off).
     """
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     average_gradients(replicated_params)
     scaler.unscale_(optimizer)
+    if agree_overflow:
+        agree_on_overflow(scaler, optimizer)
     if clip_grad:
         torch.nn.utils.clip_grad_norm_(clipped_params, clip_grad)
     scaler.step(optimizer)
@@ -400,15 +440,21 @@ def optimizer_step(loss, optimizer, scaler, clipped_params, clip_grad=5.0, repli
 def main(method_class, build_backbone, build_classifier, description=None):
     """Command-line entry of every training script: ``script.py CONFIG [--set KEY=VALUE …] [--resume]``."""
     parser = add_config_args(argparse.ArgumentParser(description=description))
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint (an error when there is none; resume = 'auto' in "
+                             "the config, or --set resume=auto, resumes only when there is one)")
     add_launcher_args(parser)
     args = parser.parse_args()
 
     def run():
         cfg = get_config(args.config, args.overrides)
+        if args.dist_timeout_minutes:
+            cfg.dist_timeout_minutes = args.dist_timeout_minutes
         try:
             train(cfg, method_class(cfg), build_backbone, build_classifier, args.local_rank, args.resume)
-        finally:
-            cleanup()
+        except BaseException as exc:
+            cleanup(failed=not isinstance(exc, StoppedBySignal))
+            raise
+        cleanup()
 
     run_cli(run)

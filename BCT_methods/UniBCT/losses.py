@@ -131,9 +131,8 @@ class UniBCT(BCT):
         cfg = ctx.cfg
         ctx.logger.info(f"UniBCT: embedding {len(ctx.dataset)} images to refine the prototypes (epoch {ctx.epoch})")
         dataset = MXFaceDataset(cfg.rec, train=False, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
-        model = getattr(ctx.backbone, "module", ctx.backbone)
-        dtype = autocast_dtype(cfg, ctx.device)
-        new = embed_dataset(model, dataset, cfg.batch_size, ctx.dist, num_workers=cfg.num_workers,
+        dtype = autocast_dtype(cfg, ctx.device)   # the plain backbone: not recompiled for eval mode, no DDP
+        new = embed_dataset(ctx.plain_backbone, dataset, cfg.batch_size, ctx.dist, num_workers=cfg.num_workers,
                             amp=dtype is not None, amp_dtype=dtype or torch.float16)
         start = time.perf_counter()
         (self.prototypes,) = compute_on_main(lambda: [refine_prototypes(

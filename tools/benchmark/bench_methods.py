@@ -44,7 +44,8 @@ from losses import CombinedMarginLoss, PartialFC
 from utils.config import get_config
 from utils.errors import require, run_cli
 from utils.feature_stats import class_prototypes, credible_mask
-from utils.trainer import Method, TrainState, optimizer_step
+from utils.trainer import (Method, TrainState, autocast_dtype, backbone_autocast, logits_autocast_dtype,
+                           optimizer_step)
 
 METHODS = ("MixBCT", "BCT", "UniBCT", "NCCL", "L2", "AdvBCT")
 TARGETS = {"MixBCT": 1.05, "BCT": 1.05, "L2": 1.05, "NCCL": 1.3, "AdvBCT": 1.3, "UniBCT": 1.05}
@@ -102,6 +103,7 @@ def build_method(name, cfg, device, labels, args):
                          input_size=args.input_size).to(device)
     classifier = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), args.embedding_size, args.num_classes).to(device)
     classifier.check_inputs = False  # as the training loop, which checks the labels once
+    classifier.autocast_logits = logits_autocast_dtype(cfg, device)
     logger = types.SimpleNamespace(info=lambda *a: None)
     dist_info = types.SimpleNamespace(rank=0, local_rank=0, world_size=1, device=device, is_main=True)
     ctx = TrainState(cfg, dist_info, backbone, classifier, _Data(labels), 1000, 35000, logger, epoch=25)
@@ -119,7 +121,7 @@ def build_method(name, cfg, device, labels, args):
 def time_steps(method, ctx, backbone, optimizer, batch, steps, amp):
     """Seconds of each of ``steps`` optimiser steps."""
     images, labels, indices = batch
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and autocast_dtype(ctx.cfg, ctx.device) == torch.float16)
     device = ctx.device
 
     def sync():
@@ -131,7 +133,7 @@ def time_steps(method, ctx, backbone, optimizer, batch, steps, amp):
         sync()
         start = time.perf_counter()
         ctx.global_step = step
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with backbone_autocast(ctx.cfg, device):
             embeddings = backbone(images)
         loss, _ = method.compute_loss(embeddings.float(), labels, indices, ctx)
         optimizer_step(loss, optimizer, scaler, backbone.parameters())
@@ -238,7 +240,7 @@ def main(argv=None):
                 method, ctx, backbone, optimizer = build_method(name, configs[name], device, labels, args)
                 time_steps(method, ctx, backbone, optimizer, batch, args.warmup, amp)
                 times[name] += time_steps(method, ctx, backbone, optimizer, batch, args.steps, amp)
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                with torch.no_grad(), backbone_autocast(configs[name], device):
                     embeddings = backbone(batch[0])
                 heads[name] += time_head(method, ctx, embeddings, batch[1], batch[2], 5 * args.steps)
                 print(f"round {round_index + 1}/{args.rounds} {name}: {min(times[name][-args.steps:]) * 1000:.1f} ms/step",
