@@ -82,7 +82,7 @@ def all_parts(methods=PIPELINE_METHODS):
             Part("trainer_channels_last", trainer_channels_last, 60, 90),
             Part("trainer_bf16", trainer_bf16, 60, 90),
             Part("softmax_linear", softmax_linear, 60, 90),
-            Part("trainer_compile", trainer_compile, 180, 240),
+            Part("trainer_compile", trainer_compile, 150, 240),
             Part("ijb_embedding", measure.ijb_embedding, 45, 60),
             Part("host_syncs", measure.host_syncs, 60, 90),
             Part("backbone_variants", measure.backbone_variants, 150, 90),
