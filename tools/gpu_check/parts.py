@@ -57,7 +57,9 @@ def trainer_channels_last(ctx):
 
 def trainer_bf16(ctx):
     """One process trains through ``train_old_arc.py`` with ``amp_dtype = "bfloat16"`` (no loss scaling)."""
-    return scripts.train_variant(ctx, amp_dtype="bfloat16")
+    result = scripts.train_variant(ctx, amp_dtype="bfloat16")
+    result["ok"] = result["ok"] and not result["grad_scaler"]
+    return result
 
 
 def trainer_compile(ctx):
@@ -67,8 +69,10 @@ def trainer_compile(ctx):
 
 
 def softmax_linear(ctx):
-    """One process trains the old softmax model through ``train_old_softmax.py`` with its linear head."""
-    return scripts.train_variant(ctx, script="train_old_softmax.py", softmax_head="linear")
+    """One process trains the old softmax model through ``train_old_softmax.py`` with its linear head (AMP on CUDA)."""
+    result = scripts.train_variant(ctx, script="train_old_softmax.py", softmax_head="linear")
+    result["ok"] = result["ok"] and result["grad_scaler"] == ctx.cuda
+    return result
 
 
 def all_parts(methods=PIPELINE_METHODS):

@@ -69,10 +69,14 @@ def launch(ctx, script, *args, processes=2):
     return seconds
 
 
+def training_log(output):
+    with open(os.path.join(output, "training.log")) as handle:
+        return handle.read()
+
+
 def run_facts(output):
     """What a run's ``training.log`` shows: device, backend, AMP scaler, resume, epoch boundary, last speed."""
-    with open(os.path.join(output, "training.log")) as handle:
-        log = handle.read()
+    log = training_log(output)
     found = re.search(r"\d+ process\(es\) on (\S+) \((\w+)\)", log)
     speeds = re.findall(r"Speed ([\d.]+) samples/sec", log)
     resumed = re.search(r"resumed from step (\d+)", log)
@@ -133,8 +137,9 @@ def train_method(ctx, method):
                           **_method_keys(method, files), **keys)
     seconds = launch(ctx, f"BCT_methods/{method}/train.py", config)
     facts = run_facts(out)
+    refined = method != "UniBCT" or "UniBCT: prototypes refined" in training_log(out)
     facts.update(seconds=seconds, images=IMAGES, reembedding_sharded=IMAGES > CHUNK_ROWS,
-                 ok=facts["model"] and facts["epoch_boundary"])
+                 ok=facts["model"] and facts["epoch_boundary"] and refined)
     return facts
 
 
