@@ -73,3 +73,15 @@ def test_a_part_past_its_limit_is_killed_with_its_processes(tmp_path):
     assert parts["amp_overflow"]["status"] == "ok"
     assert time.time() - start < 60
     assert _processes_naming(out) == []   # torchrun, its workers and their loader workers are gone
+
+
+def test_budget_skips_a_part_whose_limit_does_not_fit(tmp_path):
+    out = str(tmp_path / "check")
+    proc = python("tools/gpu_check/gpu_check.py", "--cpu-smoke", "--out", out, "--parts", "old_model,amp_overflow",
+                  "--budget", "40", "--limit", "amp_overflow=30", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = _report(proc, out)
+    assert report["parts"]["old_model"]["status"] == "skipped"
+    assert report["parts"]["old_model"]["reason"].startswith("budget: limit 150 s")
+    assert report["parts"]["amp_overflow"]["status"] == "ok" and report["ok"]
+    assert report["seconds"] < 40
