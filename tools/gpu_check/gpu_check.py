@@ -134,16 +134,26 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.run_part:
-        return run_part_here(args)
-    signal.signal(signal.SIGTERM, _interrupt)
-    for folder in ("logs", "results", "work"):
-        os.makedirs(os.path.join(args.out, folder), exist_ok=True)
-    report = {"device": torch.cuda.get_device_name(0) if args.cuda else "cpu (smoke)", "torch": torch.__version__,
-              "budget_s": args.budget, "out": args.out, "parts": {}}
+def _print_entry(name, entry):
+    print(f"-- {name}: {entry['status']}" + (f" ({entry['reason']})" if entry.get("reason") else "")
+          + (f" in {entry['seconds']} s, log {entry['log']}" if "seconds" in entry else ""), flush=True)
+    if entry.get("log_tail"):
+        print("   " + entry["log_tail"].rstrip().replace("\n", "\n   "), flush=True)
+
+
+def _save(report, args, start):
+    """Bring the summary up to date and rewrite ``OUT/report.json`` atomically."""
+    report.update(seconds=round(time.time() - start, 1), figures=figures(report["parts"]),
+                  paths=exercised_paths(report["parts"], args.cuda),
+                  ok=all(e["status"] in ("ok", "skipped") for e in report["parts"].values()))
+    with atomic_open(os.path.join(args.out, "report.json")) as handle:
+        json.dump(report, handle, indent=1)
+
+
+def run_parts(args, report):
+    """Run the selected parts in order, within ``--budget``; returns whether the check was interrupted."""
     start, interrupted = time.time(), False
+    _save(report, args, start)
     for part in args.selected:
         limit = args.limits.get(part.name, part.limit(args.cuda))
         entry = {"limit_s": limit, "about": part.doc}
@@ -158,25 +168,33 @@ def main(argv=None):
                 entry.update(run_part(args, part, limit))
             except KeyboardInterrupt:
                 interrupted = True
-                entry.update(status="interrupted", reason="the check was interrupted", log_tail="")
+                entry.update(status="interrupted", reason="the check was interrupted",
+                             log=os.path.join(args.out, "logs", part.name + ".log"))
         report["parts"][part.name] = entry
-        print(f"-- {part.name}: {entry['status']}" + (f" ({entry['reason']})" if entry.get("reason") else "")
-              + (f" in {entry['seconds']} s, log {entry['log']}" if "seconds" in entry else ""), flush=True)
-        if entry.get("log_tail"):
-            print("   " + entry["log_tail"].rstrip().replace("\n", "\n   "), flush=True)
-        report.update(seconds=round(time.time() - start, 1), figures=figures(report["parts"]),
-                      paths=exercised_paths(report["parts"], args.cuda))
-        report["ok"] = all(e["status"] in ("ok", "skipped") for e in report["parts"].values())
-        with atomic_open(os.path.join(args.out, "report.json")) as handle:
-            json.dump(report, handle, indent=1)
+        _print_entry(part.name, entry)
+        _save(report, args, start)
+    return interrupted
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.run_part:
+        return run_part_here(args)
+    signal.signal(signal.SIGTERM, _interrupt)
+    for folder in ("logs", "results", "work"):
+        os.makedirs(os.path.join(args.out, folder), exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(0) if args.cuda else "cpu (smoke)", "torch": torch.__version__,
+              "budget_s": args.budget, "out": args.out, "parts": {}}
+    interrupted = run_parts(args, report)
     print_lists(report["paths"])
     counts = {status: sum(e["status"] == status for e in report["parts"].values())
               for status in ("ok", "failed", "timeout", "skipped", "interrupted")}
-    print(f"== {', '.join(f'{n} {s}' for s, n in counts.items() if n)} in {report['seconds']} s; report "
-          f"{os.path.join(args.out, 'report.json')}", flush=True)
+    path = os.path.join(args.out, "report.json")
+    print(f"== {', '.join(f'{n} {s}' for s, n in counts.items() if n)} in {report['seconds']} s; report {path}",
+          flush=True)
     print(json.dumps(report))
     if interrupted:
-        raise UserError(f"interrupted; the report so far is in {os.path.join(args.out, 'report.json')}")
+        raise UserError(f"interrupted; the report so far is in {path}")
     return 0 if report["ok"] else 1
 
 
