@@ -11,7 +11,8 @@ backward, clipping, SGD step) of each method on a tiny r18 and random old featur
 bound: an op on a tensor that stays on the CPU in a CUDA run (the batch's dataset indices) does not
 wait for the GPU. Rows of the per-image files the method declares (``per_image_arrays``) are read
 outside the counted step, as the loader's workers read them; a method without that hook reads them
-inside (a memory-map read and a pageable copy per step). The last output line is a JSON object.
+inside (a memory-map read and a pageable copy per step). The last output line is a JSON object of the
+figures, which ``main`` also returns.
 """
 import argparse
 import json
@@ -77,6 +78,7 @@ def main(argv=None):
                   f"{per_step['aten::nonzero']:.0f} nonzero; per-image rows (if any) read "
                   f"{'by the loader workers' if from_loader else 'inside the step'}", flush=True)
     print(json.dumps(figures))
+    return figures
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The CUDA readiness check (gpu_check.py) and its parts."""
