@@ -29,7 +29,10 @@ def test_cpu_smoke_reports_every_part_when_one_fails(tmp_path):
         assert "made to fail" in handle.read()
     assert parts.pop("two_rank_partial_fc")["result"]["backend"] == "gloo"
     assert {name: entry["status"] for name, entry in parts.items()} == {name: "ok" for name in parts}
-    assert list(parts)[:4] == list(PIPELINE) and len(parts) == 13
+    assert list(parts)[:4] == list(PIPELINE) and len(parts) == 14
+    faults = parts["faults"]["result"]["scenarios"]
+    assert len(faults) == 5 and all(s["ok"] and all(code != 0 for code in s["exit_codes"]) for s in faults.values())
+    assert set(report["figures"]["fault_seconds_to_exit"]) == set(faults)
     assert all(os.path.isfile(entry["log"]) for entry in parts.values())
     assert parts["old_model"]["result"]["resumed_from_step"] == 3 and parts["old_model"]["result"]["backend"] == "gloo"
     assert parts["features"]["result"]["chunks"] == 4

@@ -355,15 +355,15 @@ def train(cfg, method: Method, build_backbone, build_classifier, local_rank=None
     cfg.output = os.path.abspath(cfg.output)
     seed_everything(cfg.seed + rank)
 
-    with fail_together():   # data missing on one node's disk stops every process at once
+    with fail_together():   # data (or an output folder) missing on one node stops every process at once
         dataset = MXFaceDataset(cfg.rec, train=True, input_size=cfg.input_size, seed=cfg.seed, uint8=True)
         data_notes = check_data_config(cfg, dataset)
         steps_per_epoch = len(dataset) // (cfg.batch_size * world)
         require(steps_per_epoch > 0, f"{cfg.rec}: {len(dataset)} images are fewer than one global batch "
                                      f"({cfg.batch_size} x {world} processes)")
+        logger = setup_logger(cfg.output, rank)
     total_steps = steps_per_epoch * cfg.num_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    logger = setup_logger(cfg.output, rank)
     state = TrainState(cfg, info, dataset=dataset, steps_per_epoch=steps_per_epoch, total_steps=total_steps, logger=logger)
     build_models(state, method, build_backbone, build_classifier)
 

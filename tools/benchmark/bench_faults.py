@@ -6,7 +6,7 @@ Each scenario trains a tiny r18 on a small synthetic set through ``faulty_train.
 ArcFace script with a fault at step 5) under ``torchrun``, with 2 loader workers per process, and
 measures the seconds from the fault (the time the faulty process prints) to the exit of every
 launcher, with their exit statuses. On a machine with GPUs, ``--device cuda`` runs the same over
-NCCL (two processes need two GPUs). The last output line is a JSON object.
+NCCL when the host has a GPU per process (else over gloo on CUDA). The last output line is a JSON object.
 """
 import argparse
 import json
@@ -21,7 +21,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
 from tools.synthetic import make_synthetic  # noqa: E402
+from utils.distributed import BACKEND_VARIABLE  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 FAULTY = os.path.join(ROOT, "tools", "benchmark", "faulty_train.py")
@@ -56,6 +59,8 @@ def run_scenario(folder, data, device, name, timeout):
     fault, rank, nodes, per_node, keys = SCENARIOS[name]
     cfg, port = _config(folder, data, device, name.split(",")[0].replace(" ", "_"), keys), _free_port()
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", FAULT=fault, FAULT_STEP="5", FAULT_RANK=str(rank))
+    if device == "cuda" and torch.cuda.device_count() < nodes * per_node:   # the "nodes" share this host's GPUs
+        env[BACKEND_VARIABLE] = "gloo"
     launchers, ended = [], {}
     for node in range(nodes):
         command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
@@ -82,8 +87,26 @@ def run_scenario(folder, data, device, name, timeout):
     start = float(injected.group(1))
     seconds = [round(ended[n] - start, 1) if n in ended else None for n in range(nodes)]
     codes = [proc.returncode for proc, _ in launchers]
-    return {"seconds_to_exit": seconds, "exit_codes": codes,
+    backend = re.search(r"process\(es\) on \S+ \((\w+)\)", text)
+    return {"seconds_to_exit": seconds, "exit_codes": codes, "backend": backend.group(1) if backend else None,
             "ok": all(s is not None for s in seconds) and all(c != 0 for c in codes)}
+
+
+def run_all(folder, device, timeout=180):
+    """Every scenario in ``folder`` (data, configs, logs), one line printed each; ``{scenario: result}``."""
+    os.makedirs(folder, exist_ok=True)
+    data = os.path.join(folder, "data")
+    make_synthetic.main(["--out", data, "--identities", "6", "--images-per-identity", "16", "--ijb-identities", "2",
+                         "--workers", "0"])
+    runs = os.path.join(folder, "runs")
+    os.makedirs(runs, exist_ok=True)
+    results = {}
+    for name in SCENARIOS:
+        results[name] = result = run_scenario(runs, data, device, name, timeout)
+        print(f"{name}: {'every process ended' if result['ok'] else 'NOT ALL ENDED'}, seconds from the fault to each "
+              f"launcher's exit {result.get('seconds_to_exit')}, exit codes {result.get('exit_codes')}, "
+              f"backend {result.get('backend')}", flush=True)
+    return results
 
 
 def main(argv=None):
@@ -93,18 +116,7 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=180, help="seconds a scenario may take before it is killed")
     args = parser.parse_args(argv)
     folder = args.out or tempfile.mkdtemp(prefix="bench-faults-")
-    os.makedirs(folder, exist_ok=True)
-    data = os.path.join(folder, "data")
-    make_synthetic.main(["--out", data, "--identities", "6", "--images-per-identity", "16", "--ijb-identities", "2",
-                         "--workers", "0"])
-    runs = os.path.join(folder, "runs")
-    os.makedirs(runs, exist_ok=True)
-    results = {}
-    for name in SCENARIOS:
-        results[name] = run_scenario(runs, data, args.device, name, args.timeout)
-        figures = results[name].get("seconds_to_exit")
-        print(f"{name}: {'every process ended' if results[name]['ok'] else 'NOT ALL ENDED'}, seconds from the fault "
-              f"to each launcher's exit {figures}, exit codes {results[name].get('exit_codes')}", flush=True)
+    results = run_all(folder, args.device, args.timeout)
     print(json.dumps({"device": args.device, "folder": folder, "scenarios": results}))
     return 0 if all(r["ok"] for r in results.values()) else 1
 

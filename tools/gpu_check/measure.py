@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from backbones import get_model
 from losses import ArcFace, PartialFC
-from tools.benchmark import bench_host_syncs, bench_methods
+from tools.benchmark import bench_faults, bench_host_syncs, bench_methods
 from tools.ijbc_eval import INPUT_SCALE
 from utils.distributed import cleanup
 from utils.embedding import ModelRunner
@@ -141,6 +141,14 @@ def amp_overflow(ctx):
           and finite["weights_updated"] and finite["scale_after"] == finite["scale_before"])
     print(f"AMP overflow step: {overflow}; finite step: {finite}: {'ok' if ok else 'FAILED'}", flush=True)
     return {"overflow_step": overflow, "finite_step": finite, "ok": ok}
+
+
+def faults(ctx):
+    """``bench_faults``: an exception on one rank, a killed rank (2 "nodes"), a hung rank past a 6 s step timeout,
+    each through ``torchrun`` with 2 processes: seconds from the fault until every process has ended."""
+    results = bench_faults.run_all(ctx.work, "cuda" if ctx.cuda else "cpu", timeout=min(ctx.remaining() / 6, 120))
+    return {"scenarios": results, "ok": all(r["ok"] for r in results.values()),
+            "backend": "nccl" if all(r.get("backend") == "nccl" for r in results.values()) else "gloo"}
 
 
 def _partial_fc_worker(rank, world, store, result_file, classes, backend):

@@ -82,6 +82,7 @@ def all_parts(methods=PIPELINE_METHODS):
             *[_method_part(method) for method in methods],
             Part("method_steps", measure.method_steps, 90, 120),
             Part("amp_overflow", measure.amp_overflow, 45, 60),
+            Part("faults", measure.faults, 150, 180),
             Part("deterministic_resume", scripts.deterministic_resume, 120, 150),
             Part("trainer_channels_last", trainer_channels_last, 60, 90),
             Part("trainer_bf16", trainer_bf16, 60, 90),

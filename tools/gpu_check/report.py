@@ -17,6 +17,7 @@ PATHS = [
     ("AdvBCT replicated-module gradient averaging", "train_AdvBCT", None),
     ("AMP training step of every method (1 process)", "method_steps", None),
     ("AMP overflow: step skipped and scale halved by optimizer_step", "amp_overflow", None),
+    ("a failing rank (exception, SIGKILL, hang past the step timeout) ends the whole job", "faults", None),
     ("exact resume with deterministic = True", "deterministic_resume", None),
     ("channels_last through the trainer", "trainer_channels_last", None),
     ("bfloat16 AMP through the trainer (amp_dtype)", "trainer_bf16", None),
@@ -76,6 +77,8 @@ def figures(parts):
         found["host_syncs_per_step"] = results["host_syncs"]["per_step"]
     if "ijb_embedding" in results:
         found["ijb_embedding_images_per_s"] = results["ijb_embedding"]["images_per_s"]
+    if "faults" in results:
+        found["fault_seconds_to_exit"] = {name: r["seconds_to_exit"] for name, r in results["faults"]["scenarios"].items()}
     if "deterministic_resume" in results:
         found["deterministic_resume_max_abs_diff"] = results["deterministic_resume"]["max_abs_diff"]
     return found

@@ -85,16 +85,17 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
     torch.distributed.launch the images are shared among the ranks; ranks other than 0 get None.
     """
     from tools.ijbc_eval.embed import Embedder, extract  # torch is loaded only when images are embedded
-    from utils.distributed import launched
+    from utils.distributed import fail_together, launched
 
-    with launched(local_rank, options["device"]) as dist_info:
+    with launched(local_rank, options["device"], options["dist_timeout_minutes"]) as dist_info:
         device = dist_info.device if dist_info else options["device"]
-        check_images(meta)
-        embedders = [Embedder(model_file, network, options["width"], options["input_size"], device,
-                              options["preprocess"], options["amp"])]
-        if model_file_old:
-            embedders.append(Embedder(model_file_old, network_old, options["old_width"], options["old_input_size"],
-                                      device, options["old_preprocess"], options["amp"]))
+        with fail_together():   # images or a model missing on one node stop every process at once
+            check_images(meta)
+            embedders = [Embedder(model_file, network, options["width"], options["input_size"], device,
+                                  options["preprocess"], options["amp"])]
+            if model_file_old:
+                embedders.append(Embedder(model_file_old, network_old, options["old_width"],
+                                          options["old_input_size"], device, options["old_preprocess"], options["amp"]))
             if not options["transform"]:
                 _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
         inputs = dict(images=os.path.abspath(meta.image_folder), models=[e.describe() for e in embedders],
@@ -263,7 +264,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
              restore_embs=None, save_result=None, force_reload=False, width=64, input_size=112, old_width=None,
              old_input_size=None, num_workers=None, device=None, plot=True, verbose=True, cache_dir=None,
              chunk_size=CHUNK_IMAGES, local_rank=None, resamples=0, bootstrap_seed=0, preprocess=None,
-             old_preprocess=None, transform=None, amp=False):
+             old_preprocess=None, transform=None, amp=False, dist_timeout_minutes=None):
     """Evaluate a model (or saved embeddings) on IJB-C/IJB-B; returns the result dict written as JSON.
 
     1:1 → ``{"protocol", "subset", "test", "TAR@FAR": {"1e-6"…"1e-1"}, "AUC", …}``;
@@ -298,6 +299,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
                        old_input_size=input_size if old_input_size is None else old_input_size,
                        num_workers=min(8, os.cpu_count() or 1) if num_workers is None else num_workers,
                        cache_dir=cache_dir, chunk_size=chunk_size, preprocess=preprocessings[0],
+                       dist_timeout_minutes=dist_timeout_minutes,
                        old_preprocess=preprocessings[1], transform=transform, amp=amp)
         new, old, cache = _embed(meta, model_file, network, model_file_old, network_old, options, local_rank)
         if new is None:   # a rank other than 0 under torchrun: its share of the images is embedded
@@ -448,7 +450,8 @@ def main(argv=None):
                     args.old_width, args.old_input_size, args.num_workers, args.device,
                     cache_dir=args.cache_dir, chunk_size=args.chunk_size, local_rank=args.local_rank,
                     resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed, preprocess=args.preprocess,
-                    old_preprocess=args.old_preprocess, transform=args.transform, amp=args.amp)
+                    old_preprocess=args.old_preprocess, transform=args.transform, amp=args.amp,
+                    dist_timeout_minutes=args.dist_timeout_minutes)
 
 
 if __name__ == "__main__":
