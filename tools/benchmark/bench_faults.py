@@ -92,8 +92,9 @@ def run_scenario(folder, data, device, name, timeout):
             "ok": all(s is not None for s in seconds) and all(c != 0 for c in codes)}
 
 
-def run_all(folder, device, timeout=180):
-    """Every scenario in ``folder`` (data, configs, logs), one line printed each; ``{scenario: result}``."""
+def run_all(folder, device, timeout=180, deadline=None):
+    """Every scenario in ``folder`` (data, configs, logs), one line printed each; ``{scenario: result}``. Each
+    scenario may take ``timeout`` seconds, and none runs past ``deadline`` (a ``time.time()``)."""
     os.makedirs(folder, exist_ok=True)
     data = os.path.join(folder, "data")
     make_synthetic.main(["--out", data, "--identities", "6", "--images-per-identity", "16", "--ijb-identities", "2",
@@ -102,7 +103,8 @@ def run_all(folder, device, timeout=180):
     os.makedirs(runs, exist_ok=True)
     results = {}
     for name in SCENARIOS:
-        results[name] = result = run_scenario(runs, data, device, name, timeout)
+        left = timeout if deadline is None else min(timeout, deadline - time.time())
+        results[name] = result = run_scenario(runs, data, device, name, left)
         print(f"{name}: {'every process ended' if result['ok'] else 'NOT ALL ENDED'}, seconds from the fault to each "
               f"launcher's exit {result.get('seconds_to_exit')}, exit codes {result.get('exit_codes')}, "
               f"backend {result.get('backend')}", flush=True)

@@ -146,7 +146,7 @@ def amp_overflow(ctx):
 def faults(ctx):
     """``bench_faults``: an exception on one rank, a killed rank (2 "nodes"), a hung rank past a 6 s step timeout,
     each through ``torchrun`` with 2 processes: seconds from the fault until every process has ended."""
-    results = bench_faults.run_all(ctx.work, "cuda" if ctx.cuda else "cpu", timeout=min(ctx.remaining() / 6, 120))
+    results = bench_faults.run_all(ctx.work, "cuda" if ctx.cuda else "cpu", timeout=90, deadline=ctx.deadline - 5)
     return {"scenarios": results, "ok": all(r["ok"] for r in results.values()),
             "backend": "nccl" if all(r.get("backend") == "nccl" for r in results.values()) else "gloo"}
 
