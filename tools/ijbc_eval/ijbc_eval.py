@@ -96,8 +96,9 @@ def _embed(meta, model_file, network, model_file_old, network_old, options, loca
             if model_file_old:
                 embedders.append(Embedder(model_file_old, network_old, options["old_width"],
                                           options["old_input_size"], device, options["old_preprocess"], options["amp"]))
-            if not options["transform"]:
-                _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old, model_file)
+                if not options["transform"]:
+                    _check_sizes(embedders[1].embedding_size, embedders[0].embedding_size, model_file_old,
+                                 model_file)
         inputs = dict(images=os.path.abspath(meta.image_folder), models=[e.describe() for e in embedders],
                       meta=[file_stamp(meta.files[key]) for key in ("tid_mid", "landmarks")])
         cache = ChunkCache(f"ijb_embed/{meta.subset}", inputs, len(meta), options["chunk_size"],
