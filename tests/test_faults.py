@@ -65,7 +65,7 @@ def test_killed_peer_ends_the_other_node(tmp_path, tiny_rec):
     outputs = [node.communicate(timeout=120) for node in nodes]
     seconds = time.monotonic() - start
     assert nodes[0].returncode != 0 and nodes[1].returncode != 0
-    assert "remote worker crashing" in outputs[0][1] or "Connection closed" in outputs[0][1], outputs[0][1][-2000:]
+    assert "remote worker" in outputs[0][1], outputs[0][1][-2000:]   # gloo's error on the surviving node
     assert seconds < 60, seconds
 
 
@@ -123,8 +123,9 @@ def test_resume_mismatch_between_ranks_stops_every_rank(tmp_path, tiny_rec):
     start = time.monotonic()
     proc = run(_torchrun("train_old_arc.py", cfg, "--resume", port=free_port()))
     assert proc.returncode != 0
+    # both ranks raise the same error; torchrun may end the slower one before it prints its line
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
-    assert len(lines) == 2 and all("some processes found no checkpoint" in line and "rank 1: none" in line
-                                   for line in lines), proc.stderr[-3000:]
+    assert 1 <= len(lines) <= 2 and all("some processes found no checkpoint" in line and "rank 1: none" in line
+                                        for line in lines), proc.stderr[-3000:]
     assert time.monotonic() - start < 60 and not (out / "model.pt").exists()
     shutil.rmtree(out / "checkpoints")
