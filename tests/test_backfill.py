@@ -161,7 +161,7 @@ def test_generation_figures_by_hand():
     m = np.array([[0.5, 0.1, 0.1], [0.6, 0.7, 0.2], [0.4, 0.8, 0.9]])     # rows: query, columns: gallery
     value = {(q, g): m[q, g] for q in range(3) for g in range(3)}
     reps = {key: np.array([v, v - 0.3 * (key == (1, 0))]) for key, v in value.items()}
-    out = bf.generations_summary(["a", "b", "c"], value, reps)
+    out = cp.generations_summary(["a", "b", "c"], value, reps)
     assert out["average_compatibility"] == pytest.approx(2 / 3)            # (1,0) and (2,1) of 3 pairs
     assert out["average_multimodel_accuracy"] == pytest.approx(3.9 / 6)
     assert out["oldest_compatible"] == {"a": "a", "b": "a", "c": "b"}

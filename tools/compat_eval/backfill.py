@@ -1,12 +1,10 @@
-"""The upgrade lifecycle on a compatibility protocol: backfill curves, negative flips, many generations.
+"""The upgrade lifecycle on a compatibility protocol: backfill curves and negative flips.
 
 A deployment re-extracts its gallery with the new model bit by bit (backfilling, or hot refresh)
 while new-model queries search it. :func:`backfill_curves` measures the figures of
 :mod:`~tools.compat_eval.protocol` at fractions 0, 0.1, …, 1 of the gallery re-extracted, for
 several orders of re-extraction and two ways of merging the two score scales, with the negative
-and positive flips of each point and the area under each curve. :func:`generations_summary` adds the
-multi-generation figures of CoReS (Biondi et al., TPAMI 2023) to the compatibility matrix.
-Definitions and sources: docs/compat.md.
+and positive flips of each point and the area under each curve. Definitions and sources: docs/compat.md.
 
 The unit of re-extraction is an **identity**: at a fraction f the first round(f·n) gallery
 identities of the order (and, for the 1:1 protocol, the first round(f·m) of the m identities held
@@ -229,33 +227,6 @@ def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGE
 def flip_far(metric):
     """The FAR of the 1:1 flips: the main metric's when it is a TAR@FAR, else 1e-3."""
     return float(metric.split("=")[1]) if metric.startswith("TAR@FAR=") else 1e-3
-
-
-# -------------------------------------------------------------------------------------- generations
-def generations_summary(names, value, reps=None):
-    """Average Compatibility, Average Multi-model accuracy (CoReS) and each generation's oldest compatible one.
-
-    ``value[q, g]``: the main metric of query generation q against gallery generation g (indices,
-    oldest first); ``reps[q, g]``: its bootstrap replicates. AC = share of the pairs i > j with
-    M(i, j) > M(j, j); AM = mean of M(i, j) over j ≤ i. The oldest compatible generation of i is the
-    oldest j ≤ i whose self-test i's cross-test reaches (M(i, j) ≥ M(j, j), the verdicts' rule).
-    """
-    count = len(names)
-    later = [(i, j) for i in range(count) for j in range(i)]
-    lower = [(i, j) for i in range(count) for j in range(i + 1)]
-
-    def figures(m):
-        return (np.mean([m[i, j] > m[j, j] for i, j in later], axis=0),
-                np.mean([m[i, j] for i, j in lower], axis=0))
-
-    compatibility, multimodel = figures(value)
-    result = {"average_compatibility": float(compatibility), "average_multimodel_accuracy": float(multimodel),
-              "oldest_compatible": {names[i]: names[min(j for j in range(i + 1) if value[i, j] >= value[j, j])]
-                                    for i in range(count)}}
-    if reps is not None:
-        for key, replicate in zip(("average_compatibility", "average_multimodel_accuracy"), figures(reps)):
-            result[f"{key}_ci_low"], result[f"{key}_ci_high"] = bootstrap.percentile_intervals(replicate)
-    return result
 
 
 # ------------------------------------------------------------------------------------------ report
