@@ -8,6 +8,7 @@ intervals, the verdicts and, for 3+ generations, the multi-generation figures (:
 import numpy as np
 import torch
 
+from tools.compat_eval import decision
 from tools.compat_eval.data import identification_split, verification_pairs
 from tools.ijbc_eval import bootstrap, metrics
 from utils.errors import UserError, require
@@ -260,7 +261,7 @@ def generations_summary(names, value, reps=None):
 
     compatibility, multimodel = figures(value)
     result = {"average_compatibility": float(compatibility), "average_multimodel_accuracy": float(multimodel),
-              "oldest_compatible": {names[i]: names[min(j for j in range(i + 1) if value[i, j] >= value[j, j])]
+              "oldest_compatible": {names[i]: names[min(j for j in range(i + 1) if decision.reaches(value[i, j], value[j, j]))]
                                     for i in range(count)}}
     if reps is not None:
         for key, replicate in zip(("average_compatibility", "average_multimodel_accuracy"), figures(reps)):
@@ -272,13 +273,13 @@ def _verdict(value, reps, intervals, metric, query, gallery, reference, cross_ce
     """``query`` searching ``gallery`` against the self-test of ``reference`` (the earlier generation)."""
     cross, own = value[query, gallery], value[reference, reference]
     verdict = {"generation": query, "earlier": gallery, "metric": metric, "cross": cross, "earlier_self": own,
-               "margin": cross - own, "compatible": bool(cross >= own)}
+               "margin": cross - own, "compatible": decision.reaches(cross, own)}
     if gallery != reference:
         verdict["self_of"] = reference
     if intervals:
-        difference = bootstrap.difference(reps[cross_cell][metric], reps[self_cell][metric])
-        low, high = bootstrap.percentile_intervals(difference)
-        verdict.update(margin_interval=[low, high], interval_excludes_zero=bool(low > 0 or high < 0))
+        low, high = decision.paired_interval(reps[cross_cell][metric], reps[self_cell][metric])
+        verdict.update(margin_interval=[low, high],
+                       interval_excludes_zero=decision.side_of_zero(low, high) in ("above", "below"))
     return verdict
 
 

@@ -3,6 +3,7 @@
 A row is one figure of one model: ``{method, test, metric, value, ci_low, ci_high}`` and, for a
 cross-test, ``margin``, ``margin_ci_low``, ``margin_ci_high`` (``results.json``'s ``rows``).
 """
+from tools.compat_eval import decision
 from utils.errors import require
 from utils.io import safe_np_load
 
@@ -44,15 +45,13 @@ def _figure(result, keys_path):
 def paired_interval(cross_file, old_file, keys_path):
     """95 % percentile interval ``(low, high)`` of (cross-test − old self-test) of one figure over the
     resamples both ijbc_eval result files hold (the same subjects, seed 0: paired); NaN without them."""
-    from tools.ijbc_eval import bootstrap
-
     name = "bootstrap/" + "/".join(keys_path)
     with safe_np_load(cross_file) as cross, safe_np_load(old_file) as old:
         if name not in cross.files or name not in old.files:
             return float("nan"), float("nan")
         require(len(cross[name]) == len(old[name]),
                 f"{cross_file} and {old_file}: different numbers of bootstrap resamples")
-        return tuple(bootstrap.percentile_intervals(bootstrap.difference(cross[name], old[name])))
+        return decision.paired_interval(cross[name], old[name])
 
 
 def combine_seeds(rows):
@@ -87,16 +86,13 @@ def cell_text(row):
 def verdict(row):
     """Compatibility verdict of a cross row from its paired margin interval: ``compatible`` (above 0),
     ``not compatible`` (below 0), ``undecided`` (contains 0); without an interval, from the margin alone."""
-    low, high = row["margin_ci_low"], row["margin_ci_high"]
-    if low != low:   # NaN: no resamples
-        return "compatible (no interval)" if row["margin"] > 0 else "not compatible (no interval)"
-    return "compatible" if low > 0 else "not compatible" if high < 0 else "undecided"
+    return decision.interval_verdict(row["margin"], row["margin_ci_low"], row["margin_ci_high"])
 
 
 def margin_text(row):
     """``+0.052 [+0.012, +0.090] compatible``: margin, its paired 95 % interval and the verdict."""
     interval = "" if row["margin_ci_low"] != row["margin_ci_low"] else \
-        f" [{row['margin_ci_low']:+.3f}, {row['margin_ci_high']:+.3f}]"
+        " " + decision.signed_interval(row["margin_ci_low"], row["margin_ci_high"], 3)
     return f"{row['margin']:+.3f}{interval} {verdict(row)}"
 
 
