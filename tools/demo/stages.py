@@ -82,23 +82,27 @@ def run_pipeline(args):
 
     pipe.seconds["total"] = round(time.time() - started, 1)
     results = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "profile": args.profile,
-               "quick": bool(args.quick),
-               "sizes": demo.sizes(),
-               "seeds": args.seeds, "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
+               "quick": bool(args.quick), "sizes": demo.sizes(), "seeds": args.seeds,
+               "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
                "transform_cost": transform_cost}
     table = report.results_table(rows, args.scenario, args.seeds, resamples) + transforms.cost_lines(transform_cost)
-    with atomic_open(os.path.join(out, "results.json")) as handle:
-        json.dump(results, handle, indent=1)
-    with atomic_open(os.path.join(out, "results.md")) as handle:
-        handle.write(table)
-    report.plot_results(rows, os.path.join(out, "results.png"))
-    print("\n" + table)
+    write_results(out, results, table)
     if args.generations == 3:
         with open(os.path.join(out, "compat.md")) as handle:
             print("\n" + handle.read())
     print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.json')}, "
           f"{os.path.join(out, 'results.png')} ({pipe.seconds['total']:.0f} s)")
     return results
+
+
+def write_results(out, results, table):
+    """``<out>/results.json`` (``results``), ``results.md`` (``table``) and ``results.png`` (its rows); prints the table."""
+    with atomic_open(os.path.join(out, "results.json")) as handle:
+        json.dump(results, handle, indent=1)
+    with atomic_open(os.path.join(out, "results.md")) as handle:
+        handle.write(table)
+    report.plot_results(results["rows"], os.path.join(out, "results.png"))
+    print("\n" + table)
 
 
 def old_model_stages(pipe, demo, data, out, scenario):
