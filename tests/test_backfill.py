@@ -161,7 +161,7 @@ def test_generation_figures_by_hand():
     m = np.array([[0.5, 0.1, 0.1], [0.6, 0.7, 0.2], [0.4, 0.8, 0.9]])     # rows: query, columns: gallery
     value = {(q, g): m[q, g] for q in range(3) for g in range(3)}
     reps = {key: np.array([v, v - 0.3 * (key == (1, 0))]) for key, v in value.items()}
-    out = bf.generations_summary(["a", "b", "c"], value, reps)
+    out = cp.generations_summary(["a", "b", "c"], value, reps)
     assert out["average_compatibility"] == pytest.approx(2 / 3)            # (1,0) and (2,1) of 3 pairs
     assert out["average_multimodel_accuracy"] == pytest.approx(3.9 / 6)
     assert out["oldest_compatible"] == {"a": "a", "b": "a", "c": "b"}
@@ -209,12 +209,13 @@ def test_command_writes_the_backfill_report(tmp_path):
 
 
 def test_demo_backfill_on_ijb_style_images(tmp_path):
+    from tools.demo import backfill as demo_bf
     from tools.synthetic import make_synthetic
 
     data = str(tmp_path / "data")
     make_synthetic.main(["--out", data, "--identities", "2", "--images-per-identity", "1", "--ijb-identities", "8",
                          "--workers", "0"])
-    images, subjects = bf.ijb_subjects(data)
+    images, subjects = demo_bf.ijb_subjects(data)
     from tools.ijbc_eval.meta import load_meta
 
     count = len(load_meta(data).names)
@@ -229,8 +230,8 @@ def test_demo_backfill_on_ijb_style_images(tmp_path):
         np.savez(paths[name], embs=feats, embs_f=feats)
     out = tmp_path / "out"
     out.mkdir()
-    report = bf.demo_backfill(data, paths["old"], {"L2": paths["L2"], "independent": paths["independent"]},
-                              str(out), resamples=5)
+    report = demo_bf.write_curves(data, paths["old"], {"L2": paths["L2"], "independent": paths["independent"]},
+                                  str(out), resamples=5)
     assert [(e["query"], e["order"], e["merge"]) for e in report["backfill"]] == [
         (n, o, "plain") for n in ("L2", "independent") for o in ("random", "norm")]
     for suffix in ("json", "md", "png"):

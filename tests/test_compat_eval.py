@@ -255,3 +255,19 @@ def test_interrupted_embedding_resumes_from_cached_chunks(tiny, tmp_path, monkey
     assert "resuming: 2 of 5 chunks" in capsys.readouterr().out
     assert sum(calls) == 2 * (1 + 36 - 16)   # both models: size probe, then the images after chunk 2
     assert resumed["cells"] == expected["cells"] and not chunk_files(cache)
+
+
+def test_decision_rules_shared_by_compat_eval_and_the_demo():
+    """compat_eval's verdict (the cross-test reaches the earlier self-test) and the demo's (the paired
+    interval's side of 0) from one module; the interval is of the per-resample differences."""
+    from tools.compat_eval import decision
+
+    assert decision.reaches(0.5, 0.5) and not decision.reaches(0.49, 0.5)
+    assert [decision.side_of_zero(*bounds) for bounds in ((0.01, 0.2), (-0.2, -0.01), (-0.1, 0.1), (np.nan, np.nan))] \
+        == ["above", "below", "contains", None]
+    assert [decision.interval_verdict(0.05, *bounds) for bounds in ((0.01, 0.2), (-0.2, -0.01), (-0.1, 0.1))] \
+        == ["compatible", "not compatible", "undecided"]
+    assert decision.interval_verdict(0.0, np.nan, np.nan) == "not compatible (no interval)"
+    cross, own = np.array([0.52, 0.61, 0.40, np.nan]), np.array([0.50, 0.60, 0.45, 0.5])
+    assert decision.paired_interval(cross, own) == pytest.approx(tuple(np.percentile([0.02, 0.01, -0.05], [2.5, 97.5])))
+    assert decision.signed_interval(-0.0123, 0.5, 3) == "[-0.012, +0.500]"

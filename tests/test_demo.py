@@ -84,7 +84,7 @@ def _row(method, test, metric, value, low, high):
 
 
 def test_seeds_combine_to_mean_interval_and_sd():
-    from tools.run_demo import combine_seeds, results_table
+    from tools.demo.report import combine_seeds, results_table
 
     rows = [_row("old", "self", "TAR@FAR=1e-3", 0.40, 0.37, 0.43),
             _row("BCT", "cross", "TAR@FAR=1e-3", 0.50, 0.46, 0.52),
@@ -101,7 +101,7 @@ def test_seeds_combine_to_mean_interval_and_sd():
 
 
 def test_margins_average_over_seeds_and_give_verdicts():
-    from tools.run_demo import combine_seeds, results_table, verdict
+    from tools.demo.report import combine_seeds, results_table, verdict
 
     def cross(value, margin, low, high, metric="TAR@FAR=1e-3"):
         return dict(_row("L2", "cross", metric, value, value - 0.02, value + 0.02),
@@ -122,7 +122,7 @@ def test_paired_interval_of_two_result_files(tmp_path):
     """The margin's interval: percentiles of the per-resample differences, not of either file alone."""
     import numpy as np
 
-    from tools.run_demo import paired_interval
+    from tools.demo.report import paired_interval
     from utils.io import atomic_np_savez
 
     old = np.array([0.40, 0.50, 0.30, 0.45, np.nan])
@@ -142,7 +142,7 @@ DEMO_CONFIGS = ["old_softmax", "independent", "L2", "BCT", "UniBCT", "NCCL", "Ad
 def test_demo_config_files_hold_the_full_profile(name):
     """The demo's config files are the full profile's keys written out: a default run passes no ``--set``."""
     from configs.demo.settings import Demo
-    from tools.run_demo import config_file
+    from tools.demo.commands import config_file
 
     config = get_config(os.path.join(ROOT, config_file(name)))
     assert Demo().overrides(name, config) == []
@@ -154,7 +154,7 @@ def test_seed_index_names_the_run_and_sets_the_seed(tmp_path):
     """The k-th seed (``--seeds``) gives the model its own seed and folder, passed with ``--set``; NCCL's
     queue keeps the published fraction of the training set, at least one batch."""
     from configs.demo.settings import Demo
-    from tools.run_demo import train_command
+    from tools.demo.commands import train_command
 
     command = train_command(Demo(out=str(tmp_path)).seeded(2), "NCCL")
     assert command[:3] == [os.path.join("BCT_methods", "NCCL", "train.py"),
@@ -170,7 +170,7 @@ def test_size_options_override_the_profile(tmp_path):
     """``--identities`` … ``--warmup_epochs`` reach every config as ``--set`` values; a bad value is refused
     with the option's name."""
     from configs.demo.settings import Demo
-    from tools.run_demo import train_command
+    from tools.demo.commands import train_command
 
     demo = Demo(out=str(tmp_path), identities=800, new_epochs=12, new_width=16, lr=0.3, warmup_epochs=0)
     new = get_config(os.path.join(ROOT, "BCT_methods/MixBCT/configs/demo_MixBCT.py"), train_command(demo, "MixBCT")[3:])
@@ -222,7 +222,7 @@ def test_curves_reject_bad_lists(tmp_path):
 def test_idle_work_runs_while_the_last_stage_trains(tmp_path):
     """``Pipeline.parallel(idle_work=…)``: once nothing waits and a job slot is free, the idle work
     runs with the finished stages and the free threads, while the other stage still runs."""
-    from tools.run_demo import Pipeline
+    from tools.demo.runner import Pipeline
 
     pipe = Pipeline(str(tmp_path), dict(os.environ), reuse=False)
     calls = []

@@ -115,7 +115,7 @@ def test_demo_config_from_the_method_folder(tmp_path):
     make_tiny_rec(str(data), num_classes=8, per_class=10)
     write_features(str(out / "feature_save" / "EXclass"), np.repeat(np.arange(8), 10), 128, "f128_r18_softmax_class100")
     from configs.demo.settings import Demo
-    from tools.run_demo import train_command
+    from tools.demo.commands import train_command
 
     overrides = train_command(Demo("quick", str(data), str(out), "EXclass"), "MixBCT")[3:]
     proc = python("train.py", "configs/demo_MixBCT.py", "--set", *overrides,

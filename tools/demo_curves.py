@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.run_demo import cell_text
+from tools.demo.report import cell_text
 from utils.errors import UserError, require, run_cli
 from utils.io import atomic_open
 

@@ -22,7 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs.demo.settings import PUBLISHED_CLASS70_IMAGES, Demo
-from tools.run_demo import Pipeline, _rows, margin_text, train_command
+from tools.demo.commands import train_command
+from tools.demo.report import margin_text, result_rows
+from tools.demo.runner import Pipeline
 from utils.errors import require, run_cli
 from utils.io import atomic_open
 from utils.scenarios import SPLITS
@@ -125,7 +127,7 @@ def main():
         model = os.path.join(folder, name, "model.pt")
         found, _ = pipe.evaluate(name, model, demo.NEW_NETWORK, demo.NEW_WIDTH, data, old_embeddings,
                                  resamples=report["bootstrap"]["resamples"])
-        switched[tag] = (SWITCHES[tag][0], keys[tag], _rows(name, found, old_results))
+        switched[tag] = (SWITCHES[tag][0], keys[tag], result_rows(name, found, old_results))
     table = switches_table(demo_rows, switched)
     with atomic_open(os.path.join(folder, "switches.json")) as handle:
         json.dump({tag: {"method": m, "keys": k, "rows": r} for tag, (m, k, r) in switched.items()}, handle, indent=1)

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from configs.demo.settings import Demo
-from tools.run_demo import train_command
+from tools.demo.commands import train_command
 from utils.errors import require, run_cli
 
 # each variant is base plus one setting; the demo config itself trains in channels_last

@@ -1,25 +1,20 @@
-"""The upgrade lifecycle on a compatibility protocol: backfill curves, negative flips, many generations.
+"""The upgrade lifecycle on a compatibility protocol: backfill curves and negative flips.
 
 A deployment re-extracts its gallery with the new model bit by bit (backfilling, or hot refresh)
 while new-model queries search it. :func:`backfill_curves` measures the figures of
 :mod:`~tools.compat_eval.protocol` at fractions 0, 0.1, …, 1 of the gallery re-extracted, for
 several orders of re-extraction and two ways of merging the two score scales, with the negative
-and positive flips of each point and the area under each curve. :func:`generations_summary` adds the
-multi-generation figures of CoReS (Biondi et al., TPAMI 2023) to the compatibility matrix.
-Definitions and sources: docs/compat.md.
+and positive flips of each point and the area under each curve. Definitions and sources: docs/compat.md.
 
 The unit of re-extraction is an **identity**: at a fraction f the first round(f·n) gallery
 identities of the order (and, for the 1:1 protocol, the first round(f·m) of the m identities held
 out of the 1:N gallery) have every gallery-side image embedded by the new model.
 """
-import json
-import os
-
 import numpy as np
 
 from tools.ijbc_eval import bootstrap, metrics
 from utils.errors import UserError, require
-from utils.io import atomic_open, atomic_path
+from utils.io import atomic_path
 
 FRACTIONS = tuple(np.round(np.linspace(0, 1, 11), 1).tolist())
 ORDERS = ("random", "norm")
@@ -231,33 +226,6 @@ def flip_far(metric):
     return float(metric.split("=")[1]) if metric.startswith("TAR@FAR=") else 1e-3
 
 
-# -------------------------------------------------------------------------------------- generations
-def generations_summary(names, value, reps=None):
-    """Average Compatibility, Average Multi-model accuracy (CoReS) and each generation's oldest compatible one.
-
-    ``value[q, g]``: the main metric of query generation q against gallery generation g (indices,
-    oldest first); ``reps[q, g]``: its bootstrap replicates. AC = share of the pairs i > j with
-    M(i, j) > M(j, j); AM = mean of M(i, j) over j ≤ i. The oldest compatible generation of i is the
-    oldest j ≤ i whose self-test i's cross-test reaches (M(i, j) ≥ M(j, j), the verdicts' rule).
-    """
-    count = len(names)
-    later = [(i, j) for i in range(count) for j in range(i)]
-    lower = [(i, j) for i in range(count) for j in range(i + 1)]
-
-    def figures(m):
-        return (np.mean([m[i, j] > m[j, j] for i, j in later], axis=0),
-                np.mean([m[i, j] for i, j in lower], axis=0))
-
-    compatibility, multimodel = figures(value)
-    result = {"average_compatibility": float(compatibility), "average_multimodel_accuracy": float(multimodel),
-              "oldest_compatible": {names[i]: names[min(j for j in range(i + 1) if value[i, j] >= value[j, j])]
-                                    for i in range(count)}}
-    if reps is not None:
-        for key, replicate in zip(("average_compatibility", "average_multimodel_accuracy"), figures(reps)):
-            result[f"{key}_ci_low"], result[f"{key}_ci_high"] = bootstrap.percentile_intervals(replicate)
-    return result
-
-
 # ------------------------------------------------------------------------------------------ report
 def format_backfill(entries, main):
     """Markdown: per curve the main metric and top-1 at each fraction with intervals, the flips, the areas."""
@@ -322,58 +290,6 @@ def plot_backfill(entries, path, main):
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
-
-
-# -------------------------------------------------------------------------------------------- demo
-def ijb_subjects(data_path):
-    """``(images with a subject, their subjects)`` of an IJB-style set: each image's template's subject
-    from the 1:N gallery and probe lists."""
-    from tools.ijbc_eval.meta import load_meta
-
-    meta = load_meta(data_path, one_to_n=True)
-    lists = [*meta.galleries.values(), meta.probes]
-    templates = np.concatenate([t["templates"] for t in lists])
-    subjects = np.concatenate([t["subjects"] for t in lists])
-    templates, first = np.unique(templates, return_index=True)
-    pos = np.minimum(np.searchsorted(templates, meta.templates), len(templates) - 1)
-    known = templates[pos] == meta.templates
-    return np.flatnonzero(known), subjects[first][pos[known]]
-
-
-def demo_backfill(data_path, old_embeddings, new_embeddings, out, resamples=20, metric="TAR@FAR=1e-3", seed=0):
-    """The demo's backfill curves: each new model of ``new_embeddings`` ({name: .npz with ``embs``,
-    ``embs_f``, as ``ijbc_eval.py -E`` saves}) re-extracting the gallery of ``old_embeddings`` on the
-    demo's IJB-C-style images (image features as in :mod:`~tools.compat_eval.data`, identities =
-    subjects), random and norm orders, plain merge. Writes ``out/backfill.json``, ``backfill.md`` and ``backfill.png``."""
-    from tools.compat_eval.data import image_features
-    from tools.compat_eval.protocol import Protocol
-    from utils.io import safe_np_load
-
-    images, subjects = ijb_subjects(data_path)
-    _, labels = np.unique(subjects, return_inverse=True)
-
-    def load(path):
-        with safe_np_load(path) as data:
-            return data["embs"][images], data["embs_f"][images]
-
-    old_raw = load(old_embeddings)
-    old = image_features(*old_raw)
-    protocol = Protocol(labels, impostors=100_000, seed=seed)
-    counts = bootstrap.subject_counts(int(labels.max()) + 1, resamples, seed) if resamples else None
-    orders = {"random": random_order(int(labels.max()) + 1, seed),
-              "norm": norm_order(old_raw[0] + old_raw[1], labels, protocol.gallery_images)}
-    entries = []
-    for name, path in new_embeddings.items():
-        entries += backfill_curves(protocol, old, image_features(*load(path)), orders, ["old", name], counts,
-                                   ("plain",), flip_far(metric), seed)
-    report = {"metric": metric, "protocol": protocol.summary(), "bootstrap": resamples, "backfill": entries}
-    with atomic_open(os.path.join(out, "backfill.json")) as handle:
-        json.dump(report, handle, indent=1)
-    text = format_backfill(entries, metric)
-    with atomic_open(os.path.join(out, "backfill.md")) as handle:
-        handle.write(text)
-    plot_backfill(entries, os.path.join(out, "backfill.png"), metric)
-    return report
 
 
 def check_pair(names, pair):

@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import Dataset
 
 from tools.ijbc_eval import CHUNK_IMAGES, metrics
-from tools.pack_rec import list_identities
 from utils.chunk_cache import cache_key, file_stamp
 from utils.embedding import embed_crops
 from utils.errors import UserError, require
+from utils.image_folder import list_identities
 from utils.io import numpy_read_errors, safe_np_load
 
 FEATURE_VARIANT = "N1D0F1"      # image feature: embedding + mirrored-image embedding, L2-normalised

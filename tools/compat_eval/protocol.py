@@ -3,12 +3,12 @@
 :func:`top_k` and :func:`search` are the exact 1:N search (blocked float32 products reduced to each
 probe's top 8); :class:`Protocol` holds the pairs, gallery and probes of a data set and counts the
 :data:`METRICS` of a cell; :func:`compatibility` makes the result dict: every cell with bootstrap
-intervals, the verdicts and, for 3+ generations, the multi-generation figures.
+intervals, the verdicts and, for 3+ generations, the multi-generation figures (:func:`generations_summary`).
 """
 import numpy as np
 import torch
 
-from tools.compat_eval import backfill
+from tools.compat_eval import decision
 from tools.compat_eval.data import identification_split, verification_pairs
 from tools.ijbc_eval import bootstrap, metrics
 from utils.errors import UserError, require
@@ -237,8 +237,35 @@ def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="
               "bootstrap": num_resamples, "cells": cells, "verdicts": verdicts}
     if len(names) >= 3:
         grid = {(q, g): value[names[q], names[g]] for q in range(len(names)) for g in range(len(names))}
-        result.update(backfill.generations_summary(names, grid, None if counts is None else
-                                                   {key: reps[key][metric] for key in grid}))
+        result.update(generations_summary(names, grid, None if counts is None else
+                                          {key: reps[key][metric] for key in grid}))
+    return result
+
+
+def generations_summary(names, value, reps=None):
+    """Average Compatibility, Average Multi-model accuracy (CoReS, Biondi et al., TPAMI 2023) and each
+    generation's oldest compatible one.
+
+    ``value[q, g]``: the main metric of query generation q against gallery generation g (indices,
+    oldest first); ``reps[q, g]``: its bootstrap replicates. AC = share of the pairs i > j with
+    M(i, j) > M(j, j); AM = mean of M(i, j) over j ≤ i. The oldest compatible generation of i is the
+    oldest j ≤ i whose self-test i's cross-test reaches (M(i, j) ≥ M(j, j), the verdicts' rule).
+    """
+    count = len(names)
+    later = [(i, j) for i in range(count) for j in range(i)]
+    lower = [(i, j) for i in range(count) for j in range(i + 1)]
+
+    def figures(m):
+        return (np.mean([m[i, j] > m[j, j] for i, j in later], axis=0),
+                np.mean([m[i, j] for i, j in lower], axis=0))
+
+    compatibility, multimodel = figures(value)
+    result = {"average_compatibility": float(compatibility), "average_multimodel_accuracy": float(multimodel),
+              "oldest_compatible": {names[i]: names[min(j for j in range(i + 1) if decision.reaches(value[i, j], value[j, j]))]
+                                    for i in range(count)}}
+    if reps is not None:
+        for key, replicate in zip(("average_compatibility", "average_multimodel_accuracy"), figures(reps)):
+            result[f"{key}_ci_low"], result[f"{key}_ci_high"] = bootstrap.percentile_intervals(replicate)
     return result
 
 
@@ -246,13 +273,13 @@ def _verdict(value, reps, intervals, metric, query, gallery, reference, cross_ce
     """``query`` searching ``gallery`` against the self-test of ``reference`` (the earlier generation)."""
     cross, own = value[query, gallery], value[reference, reference]
     verdict = {"generation": query, "earlier": gallery, "metric": metric, "cross": cross, "earlier_self": own,
-               "margin": cross - own, "compatible": bool(cross >= own)}
+               "margin": cross - own, "compatible": decision.reaches(cross, own)}
     if gallery != reference:
         verdict["self_of"] = reference
     if intervals:
-        difference = bootstrap.difference(reps[cross_cell][metric], reps[self_cell][metric])
-        low, high = bootstrap.percentile_intervals(difference)
-        verdict.update(margin_interval=[low, high], interval_excludes_zero=bool(low > 0 or high < 0))
+        low, high = decision.paired_interval(reps[cross_cell][metric], reps[self_cell][metric])
+        verdict.update(margin_interval=[low, high],
+                       interval_excludes_zero=decision.side_of_zero(low, high) in ("above", "below"))
     return verdict
 
 

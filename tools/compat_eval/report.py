@@ -1,7 +1,7 @@
 """compat_eval's report: the markdown text (:func:`format_report`) and the heatmap of the main metric (:func:`plot_matrix`)."""
 import numpy as np
 
-from tools.compat_eval import backfill
+from tools.compat_eval import backfill, decision
 from tools.compat_eval.protocol import METRICS
 from utils.io import atomic_path
 
@@ -36,7 +36,7 @@ def format_report(result):
                 f"margin {v['margin']:+.4f}")
         if "margin_interval" in v:
             low, high = v["margin_interval"]
-            line += (f", 95 % interval [{low:+.4f}, {high:+.4f}] "
+            line += (f", 95 % interval {decision.signed_interval(low, high, 4)} "
                      + ("excludes 0" if v["interval_excludes_zero"] else "includes 0 (not significant)"))
         lines.append(line)
     if "average_compatibility" in result:

@@ -1,8 +1,8 @@
 """The demo's forward-compatibility rows: the independent new model with a gallery transform of the old gallery.
 
-Called by ``tools/run_demo.py`` once the old and the independent model are evaluated: the
-independent model embeds its own training split (step 2 with the new model), each transform is
-fitted on (old feature, new feature) pairs of that split, the old model's IJB-C-style embeddings
+Run by the demo's stages (:mod:`tools.demo.stages`) once the old and the independent model are
+evaluated: the independent model embeds its own training split (step 2 with the new model), each
+transform is fitted on (old feature, new feature) pairs of that split, the old model's IJB-C-style embeddings
 are mapped with it and searched by the independent model's queries (``ijbc_eval`` ``--transform``).
 The cost of each path is measured here: transforming features (per million, on this machine)
 against re-embedding the gallery with the new model (a backfill: the new model's forward pass per
@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from tools.demo.commands import with_config
 from utils.scenarios import sd_name
 
 LABELS = {"linear": "linear", "procrustes": "Procrustes", "fct": "FCT"}
@@ -23,7 +24,8 @@ TIMED_IMAGES = 1024                           # crops embedded to time a backfil
 
 def transform_paths(pipe, demo, out, old_embeddings, cross_embeddings, new_run, resamples, quick=False):
     """Fit, apply and evaluate the three transforms; returns ``([(row name, [(test, result, result file), …]), …],
-    cost)`` (each result file holds the figures of every resample, for the margins of ``run_demo._rows``).
+    cost)`` (each result file holds the figures of every resample, for the margins of
+    :func:`tools.demo.report.result_rows`).
 
     ``old_embeddings``: the old model's saved IJB embeddings (``embs``/``embs_f``); ``cross_embeddings``:
     the independent model's cross-test file (its embeddings and the old ones); ``new_run``: its run
@@ -31,7 +33,6 @@ def transform_paths(pipe, demo, out, old_embeddings, cross_embeddings, new_run, 
     seconds per million images.
     """
     from tools.ijbc_eval.ijbc_eval import evaluate
-    from tools.run_demo import with_config
 
     feature_dir = os.path.dirname(demo.feature("feature"))
     sd_new = sd_name(demo.EMBEDDING_SIZE, new_run, "arc", demo.FEATURE_SPLIT)

@@ -1,0 +1,176 @@
+"""The demo's report: result rows with margins over the old self-test, verdicts, the markdown table and the plot.
+
+A row is one figure of one model: ``{method, test, metric, value, ci_low, ci_high}`` and, for a
+cross-test, ``margin``, ``margin_ci_low``, ``margin_ci_high`` (``results.json``'s ``rows``).
+"""
+from tools.compat_eval import decision
+from utils.errors import require
+from utils.io import safe_np_load
+
+METRICS = ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "top1", "TPIR@FPIR=1e-1")
+
+
+def result_rows(method, results, old_results=None):
+    """The demo's metrics, with their 95 % intervals, from one model's ijbc_eval results; with the old
+    model's results, each cross row adds its margin over the old self-test of the same metric, with
+    the interval of the paired differences (both result files hold figures of the same resamples)."""
+    old_self = {r["protocol"]: (r, path) for test, r, path in old_results or () if test == "self"}
+    rows = []
+    for test, result, path in results:
+        if result["protocol"] == "1:1":
+            keys = [(f"TAR@FAR={far}", ("TAR@FAR", far)) for far in ("1e-4", "1e-3", "1e-2")]
+        else:
+            keys = [("top1", ("top1",)), ("TPIR@FPIR=1e-1", ("TPIR@FPIR", "1e-1"))]
+        for metric, keys_path in keys:
+            value, (low, high) = _figure(result, keys_path)
+            row = {"method": method, "test": test, "metric": metric, "value": value, "ci_low": low, "ci_high": high}
+            if test == "cross" and result["protocol"] in old_self:
+                old, old_file = old_self[result["protocol"]]
+                row["margin"] = value - _figure(old, keys_path)[0]
+                row["margin_ci_low"], row["margin_ci_high"] = paired_interval(path, old_file, keys_path)
+            rows.append(row)
+    return rows
+
+
+def _figure(result, keys_path):
+    """``(value, (ci_low, ci_high))`` of the figure at ``keys_path`` of an ijbc_eval result (NaN: no interval)."""
+    value, interval = result, result.get("CI95")
+    for key in keys_path:
+        value = value[key]
+        interval = interval[key] if interval is not None else None
+    low, high = interval if interval is not None else (float("nan"), float("nan"))
+    return float(value), (float(low), float(high))
+
+
+def paired_interval(cross_file, old_file, keys_path):
+    """95 % percentile interval ``(low, high)`` of (cross-test − old self-test) of one figure over the
+    resamples both ijbc_eval result files hold (the same subjects, seed 0: paired); NaN without them."""
+    name = "bootstrap/" + "/".join(keys_path)
+    with safe_np_load(cross_file) as cross, safe_np_load(old_file) as old:
+        if name not in cross.files or name not in old.files:
+            return float("nan"), float("nan")
+        require(len(cross[name]) == len(old[name]),
+                f"{cross_file} and {old_file}: different numbers of bootstrap resamples")
+        return decision.paired_interval(cross[name], old[name])
+
+
+def combine_seeds(rows):
+    """One row per (method, test, metric): with several seeds the mean value, the mean interval bounds
+    (and margins), the standard deviation over seeds (``sd``, ddof 1) and their number (``seeds``)."""
+    import numpy as np
+
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["test"], row["metric"]), []).append(row)
+    combined = []
+    for (method, test, metric), group in groups.items():
+        row = {"method": method, "test": test, "metric": metric}
+        for key in ("value", "ci_low", "ci_high", "margin", "margin_ci_low", "margin_ci_high"):
+            if key in group[0]:
+                row[key] = float(np.mean([r[key] for r in group]))
+        if len(group) > 1:
+            row["sd"] = float(np.std([r["value"] for r in group], ddof=1))
+            row["seeds"] = len(group)
+        combined.append(row)
+    return combined
+
+
+def cell_text(row):
+    """``value ± half-width`` (and the sd over seeds) of one row; the value alone without an interval."""
+    text = f"{row['value']:.3f}"
+    if row["ci_high"] == row["ci_high"]:   # not NaN
+        text += f" ± {(row['ci_high'] - row['ci_low']) / 2:.3f}"
+    return text + (f" (sd {row['sd']:.3f})" if "sd" in row else "")
+
+
+def verdict(row):
+    """Compatibility verdict of a cross row from its paired margin interval: ``compatible`` (above 0),
+    ``not compatible`` (below 0), ``undecided`` (contains 0); without an interval, from the margin alone."""
+    return decision.interval_verdict(row["margin"], row["margin_ci_low"], row["margin_ci_high"])
+
+
+def margin_text(row):
+    """``+0.052 [+0.012, +0.090] compatible``: margin, its paired 95 % interval and the verdict."""
+    interval = "" if row["margin_ci_low"] != row["margin_ci_low"] else \
+        " " + decision.signed_interval(row["margin_ci_low"], row["margin_ci_high"], 3)
+    return f"{row['margin']:+.3f}{interval} {verdict(row)}"
+
+
+VERDICT_METRICS = ("TAR@FAR=1e-3", "top1")   # the paper's two kinds of figure: 1:1 and 1:N
+
+
+def results_table(rows, scenario, seeds=1, resamples=0):
+    """Markdown table: one row per method and test, with the cross rows' margins over the old self-test
+    and their verdicts (TAR@FAR=1e-3 and top-1) and the self-test cost against the independent model."""
+    row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
+    value = {key: r["value"] for key, r in row_of.items()}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    indep_self = value.get(("independent", "self", "TAR@FAR=1e-3"))
+    lines = [f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old "
+             f"gallery); value ± half-width of the 95 % subject-bootstrap interval ({resamples} resamples)"
+             + (f", mean over {seeds} seeds of the new models (sd: across seeds)" if seeds > 1 else ""), "",
+             "| method | test | " + " | ".join(METRICS) + " | " +
+             " | ".join(f"margin {m} [95 %] verdict" for m in VERDICT_METRICS) + " | self-test vs independent |",
+             "|---|---|" + "---|" * (len(METRICS) + len(VERDICT_METRICS)) + "---|"]
+    for method in methods:
+        for test in ("self", "cross"):
+            if (method, test, METRICS[1]) not in value:
+                continue
+            cells = [cell_text(row_of[(method, test, m)]) if (method, test, m) in row_of else "" for m in METRICS]
+            margins = [margin_text(row_of[(method, test, m)]) if "margin" in row_of.get((method, test, m), {})
+                       else "" for m in VERDICT_METRICS]
+            cost = ""
+            if test == "self" and method not in ("old", "independent") and indep_self is not None:
+                cost = f"{value[(method, test, 'TAR@FAR=1e-3')] - indep_self:+.3f}"
+            lines.append(f"| {method} | {test} | " + " | ".join(cells + margins) + f" | {cost} |")
+    lines += ["", "margin: cross-test minus the old model's self-test of the same figure, with the 95 % interval of "
+              "the paired subject resamples; compatible: the interval lies above 0, not compatible: below 0, "
+              "undecided: it contains 0. self-test vs independent: TAR@FAR=1e-3 difference."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(rows, path):
+    """Left: TAR@FAR=1e-3 (self and cross) per method with 95 % intervals; right: each method's margin
+    over the old self-test (TAR@FAR=1e-3 and top-1) with its paired interval. Saved as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils.io import atomic_path
+
+    row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(1.1 * len(methods) + 6, 4.5), width_ratios=(1, 1))
+    for offset, test in ((-0.2, "self"), (0.2, "cross")):
+        found = [(i, row_of[(m, test, "TAR@FAR=1e-3")]) for i, m in enumerate(methods)
+                 if (m, test, "TAR@FAR=1e-3") in row_of]
+        _bars(ax, found, offset, f"{test}-test", "value", "ci_low", "ci_high")
+    if ("old", "self", "TAR@FAR=1e-3") in row_of:
+        old = row_of[("old", "self", "TAR@FAR=1e-3")]
+        ax.axhline(old["value"], color="k", linestyle="--", linewidth=1, label="old self-test")
+        ax.axhspan(old["ci_low"], old["ci_high"], color="k", alpha=0.1, linewidth=0)
+    ax.set_xticks(range(len(methods)), methods, rotation=30)
+    ax.set_ylabel("TAR@FAR=1e-3")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    crossed = [m for m in methods if m != "independent" and "margin" in row_of.get((m, "cross", "TAR@FAR=1e-3"), {})]
+    for offset, metric in ((-0.2, "TAR@FAR=1e-3"), (0.2, "top1")):
+        found = [(i, row_of[(m, "cross", metric)]) for i, m in enumerate(crossed) if (m, "cross", metric) in row_of]
+        _bars(bx, found, offset, metric, "margin", "margin_ci_low", "margin_ci_high")
+    bx.axhline(0, color="k", linewidth=1)
+    bx.set_xticks(range(len(crossed)), crossed, rotation=30)
+    bx.set_ylabel("cross-test − old self-test (paired 95 % interval)")
+    bx.set_title("BCT methods and gallery transforms (above 0 with its interval: compatible)", fontsize=9)
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _bars(ax, found, offset, label, key, low, high):
+    """Bars of ``row[key]`` at ``index + offset`` with error bars to ``row[low]``..``row[high]``
+    (a percentile interval need not contain the value: its bars are clipped at it)."""
+    values = [r[key] for _, r in found]
+    errors = [[max(r[key] - r[low], 0) if r[low] == r[low] else 0 for _, r in found],
+              [max(r[high] - r[key], 0) if r[high] == r[high] else 0 for _, r in found]]
+    ax.bar([i + offset for i, _ in found], values, width=0.4, yerr=errors, capsize=3, label=label)
