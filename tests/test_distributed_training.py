@@ -89,34 +89,21 @@ def test_rng_state_is_the_rank_own_gpu(monkeypatch):
     assert torch.equal(torch.get_rng_state(), cpu_state)
 
 
-def _overflow(rank, folder):
-    """One AMP step where only rank 1's method-module gradient is infinite."""
+def _one_sided_overflow(rank, replicated, agree=True):
+    """One AMP step where only rank 1's second module has an infinite gradient: a method module replicated
+    on every rank (its gradients averaged over the ranks), or a classifier shard that only this rank holds."""
     torch.manual_seed(0)
     backbone = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
-    extra = torch.nn.Linear(3, 1)
-    optimizer = torch.optim.SGD([*backbone.parameters(), *extra.parameters()], lr=0.1)
+    other = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD([*backbone.parameters(), *other.parameters()], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
     inputs = torch.ones(2, 3)
     blow_up = torch.tensor(float("inf") if rank == 1 else 1.0)
-    loss = backbone(inputs).sum() + (extra(inputs) * blow_up).sum()
+    loss = backbone(inputs).sum() + (other(inputs) * blow_up).sum()
     trainer.optimizer_step(loss, optimizer, scaler, backbone.parameters(), clip_grad=0,
-                           replicated_params=list(extra.parameters()))
-    return {"scale": scaler.get_scale(), "extra": extra.weight.detach().tolist(),
-            "finite": bool(torch.isfinite(extra.weight).all())}
-
-
-def _shard_overflow(rank, agree):
-    """One AMP step where only rank 1's classifier shard (a parameter no other rank holds) has an inf gradient."""
-    torch.manual_seed(0)
-    backbone = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
-    shard = torch.nn.Linear(3, 1)
-    optimizer = torch.optim.SGD([*backbone.parameters(), *shard.parameters()], lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
-    inputs = torch.ones(2, 3)
-    blow_up = torch.tensor(float("inf") if rank == 1 else 1.0)
-    loss = backbone(inputs).sum() + (shard(inputs) * blow_up).sum()
-    trainer.optimizer_step(loss, optimizer, scaler, backbone.parameters(), clip_grad=0, agree_overflow=agree)
-    return {"scale": scaler.get_scale(), "backbone": backbone.module.weight.detach().tolist()}
+                           replicated_params=list(other.parameters()) if replicated else (), agree_overflow=agree)
+    return {"scale": scaler.get_scale(), "backbone": backbone.module.weight.detach().tolist(),
+            "other": other.weight.detach().tolist(), "finite": bool(torch.isfinite(other.weight).all())}
 
 
 def _fail_on_rank_one(rank):
@@ -148,8 +135,8 @@ def _worker(rank, folder):
     dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "store"), rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        result = {"overflow": _overflow(rank, folder), "checkpoints": _per_node_checkpoints(rank, folder),
-                  "shard_overflow": {str(agree): _shard_overflow(rank, agree) for agree in (True, False)},
+        result = {"overflow": _one_sided_overflow(rank, replicated=True), "checkpoints": _per_node_checkpoints(rank, folder),
+                  "shard_overflow": {str(agree): _one_sided_overflow(rank, False, agree) for agree in (True, False)},
                   "fail_together": _fail_on_rank_one(rank)}
     finally:
         cleanup()
@@ -172,7 +159,7 @@ def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(two_ranks):
     first, second = (result["overflow"] for result in two_ranks)
     assert first["scale"] == second["scale"] == 32768.0
     assert first["finite"] and second["finite"]
-    assert first["extra"] == second["extra"]
+    assert first["other"] == second["other"]
 
 
 def test_overflow_in_one_rank_shard_skips_the_step_on_every_rank(two_ranks):
