@@ -730,6 +730,12 @@ def export_output_not_onnx(w, s):
     return [s.model, os.path.join(w, "out", "model.pt"), *MODEL_ARGS]
 
 
+@case(EXPORT, "the `onnx` package not installed", "needs the onnx package (not installed): pip install onnx",
+      not_installed=("onnx",))
+def export_without_onnx(w, s):
+    return _export(w, s.model)
+
+
 # --- tools/synthetic/make_synthetic.py
 SYNTHETIC = "tools/synthetic/make_synthetic.py"
 
