@@ -177,6 +177,11 @@ def train_unknown_config_key(w, s):
     return [write_config(os.path.join(w, "cfg.py"), rec=s.data, batchsize=8)]
 
 
+@case(ARC, "`--set num_epoch=one` (not an integer)", "--set num_epoch='one': expected an integer")
+def train_set_not_an_integer(w, s):
+    return [*_config(w, s.data), "--set", "num_epoch=one"]
+
+
 @case(ARC, "unknown backbone (`network = 'r999'`)", "unknown network 'r999'")
 def train_unknown_backbone(w, s):
     return _config(w, s.data, network="r999")
@@ -341,6 +346,11 @@ def nccl_pickled_features(w, s):
 @case("BCT_methods/AdvBCT/train.py", "old-feature file missing", "file not found")
 def advbct_missing_features(w, s):
     return _method_config(w, s, "AdvBCT", old_embedding=os.path.join(w, "missing.npy"))
+
+
+@case("BCT_methods/MixBCT/train.py", "`--set mix_ratio=half` (not a number)", "--set mix_ratio='half': expected a number")
+def mixbct_set_not_a_number(w, s):
+    return [*_method_config(w, s, "MixBCT"), "--set", "mix_ratio=half"]
 
 
 @case("BCT_methods/L2/train.py", "method config outside its folder (method keys not declared/set)",
@@ -995,6 +1005,14 @@ def test_error(item, shared, tmp_path, capsys, one_thread):
     assert "Traceback" not in stderr
     assert item.fragment in lines[0], lines[0]
     assert not leftovers(folder, new_entries), new_entries
+
+
+@pytest.mark.parametrize("name", ["train_set_not_an_integer", "mixbct_set_not_a_number"])
+def test_bad_set_value_writes_nothing(name, shared, tmp_path, capsys, one_thread):
+    """A ``--set`` value of the wrong type stops before the trainer opens its training.log."""
+    item = next(c for c in CASES if c.name == name)
+    status, _, new_entries = run_case(item, str(tmp_path), shared, capsys)
+    assert status == 2 and not new_entries, new_entries
 
 
 def documented_messages():
