@@ -110,7 +110,10 @@ def read_label_map(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", help="image folder ROOT/<identity>/<image>")
-    parser.add_argument("out_prefix", help="output prefix: writes OUT_PREFIX.rec, .idx, .property, .labels.tsv")
+    parser.add_argument("out_prefix",
+                        help="output prefix: writes OUT_PREFIX.rec, .idx, .labels.tsv and the property file "
+                             "(the folder's property when the prefix ends in train, as train.rec; else "
+                             "OUT_PREFIX.property)")
     parser.add_argument("--workers", type=int, default=4, help="threads reading and checking images (default 4)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for images that are not JPEG files")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing set at OUT_PREFIX")

@@ -4,7 +4,7 @@
     python tools/compat_eval/compat_eval.py --rec PREFIX --models v1.pt v2.onnx -R out/compat -E
     python tools/compat_eval/compat_eval.py --restore_embs out/compat.npz -R out/compat2
 
-Data: aligned crops as ``ROOT/<identity>/<image>`` (jpg/png) or a RecordIO set (``PREFIX.rec/.idx``).
+Data: aligned crops as ``ROOT/<identity>/<image>`` (jpg/jpeg/png/bmp) or a RecordIO set (``PREFIX.rec/.idx``).
 Models: generations oldest first. Every image is embedded once per model; for every ordered pair
 (query generation, gallery generation) the tool reports 1:1 TAR@FAR and AUC, 1:N top-k and
 TPIR@FPIR, with bootstrap 95 % intervals over identities, the matrix of the main metric and a
@@ -169,7 +169,7 @@ def run(args):
 
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", metavar="ROOT", help="aligned crops as ROOT/<identity>/<image> (jpg/png)")
+    p.add_argument("--data", metavar="ROOT", help="aligned crops as ROOT/<identity>/<image> (.jpg, .jpeg, .png or .bmp)")
     p.add_argument("--rec", metavar="PREFIX", help="RecordIO set PREFIX.rec/.idx (or a folder with train.rec)")
     p.add_argument("--models", nargs="+", default=[], help="model generations, oldest first (.pt state_dict or .onnx)")
     p.add_argument("--networks", nargs="+", default=["r50"], help="backbone per model, or one for all (default r50)")
