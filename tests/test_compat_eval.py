@@ -257,6 +257,34 @@ def test_interrupted_embedding_resumes_from_cached_chunks(tiny, tmp_path, monkey
     assert resumed["cells"] == expected["cells"] and not chunk_files(cache)
 
 
+def test_options_are_checked_before_any_image_is_embedded(tiny, tmp_path, monkeypatch):
+    """A bad --metric, --transform (file or size), --transform_generations or --backfill stops before the
+    embedding pass (which here would fail the test)."""
+    from tools.transform import transforms
+    from utils.errors import UserError
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("images embedded before the options were checked")
+
+    monkeypatch.setattr(ce, "embed", no_embedding)
+    wrong_size = transforms.save(transforms.build("linear", 16, 8), str(tmp_path / "h8.pt"))
+    good = transforms.save(transforms.build("linear", 16, 16), str(tmp_path / "h16.pt"))
+    for extra, message in ((["--metric", "TAR@FAR=1e-9"], "--metric TAR@FAR=1e-9"),
+                           (["--transform", tiny["models"][0]], "not a gallery transform"),
+                           (["--transform", wrong_size], "maps 16-d embeddings to 8-d ones"),
+                           (["--transform", good, "--transform_generations", "v1", "v9"], "v9 is neither"),
+                           (["--backfill", "v1", "v9"], "--backfill: unknown generation 'v9'")):
+        with pytest.raises(UserError, match=message):
+            ce.main(["--rec", tiny["rec"], "--models", *tiny["models"][:2], *TINY, "-R", str(tmp_path / "out"), *extra])
+
+
+def test_backfill_prints_a_line_per_curve(tiny, capsys):
+    _run(tiny, "backfill_progress", "--rec", tiny["rec"], "--models", *tiny["models"][:2], "--backfill",
+         "--backfill_merge", "plain")
+    out = capsys.readouterr().out
+    assert "backfill curve 1/2: random order, plain merge" in out and "backfill curve 2/2: norm order" in out
+
+
 def test_decision_rules_shared_by_compat_eval_and_the_demo():
     """compat_eval's verdict (the cross-test reaches the earlier self-test) and the demo's (the paired
     interval's side of 0) from one module; the interval is of the per-resample differences."""

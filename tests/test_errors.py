@@ -858,6 +858,21 @@ def compat_backfill_order_unknown(w, s):
             "-R", os.path.join(w, "out", "compat")]
 
 
+@case(COMPAT, "unknown `--metric` (checked before any image is embedded)", "--metric TAR@FAR=1e-9: expected one of")
+def compat_unknown_metric(w, s):
+    return _compat(w, s, "--data", _faces(w), extra=["--metric", "TAR@FAR=1e-9"])
+
+
+@case(COMPAT, "`--transform` of another embedding size (16-d → 8-d, the models make 16-d; checked when the models "
+      "are loaded, before any image is embedded)",
+      "maps 16-d embeddings to 8-d ones, but the generations make 16-d embeddings")
+def compat_transform_wrong_size(w, s):
+    from tools.transform import transforms
+
+    transform = transforms.save(transforms.build("linear", 16, 8), os.path.join(w, "h.pt"))
+    return _compat(w, s, "--data", _faces(w), extra=["--transform", transform])
+
+
 # --- own data, deployed models, gallery transforms
 @case("tools/pack_rec.py", "unreadable image in the folder", "cannot read image")
 def pack_unreadable_image(w, s):
