@@ -881,6 +881,25 @@ def pack_unreadable_image(w, s):
     return [root, os.path.join(w, "out", "train")]
 
 
+def _damaged_jpeg(w, cut):
+    root = _faces(w)
+    data = bytearray(cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))[1])
+    data[len(data) // 2:len(data) // 2 + 20] = b"\xff" * 20
+    _write(os.path.join(root, "id1", "1.jpg"), bytes(data[:len(data) // 2] if cut else data))
+    return [root, os.path.join(w, "out", "train")]
+
+
+@case("tools/pack_rec.py", "damaged JPEG that libjpeg decodes with a complaint (its message is not printed)",
+      "Corrupt JPEG data: premature end of data segment (damaged file", in_subprocess=True)
+def pack_damaged_jpeg(w, s):
+    return _damaged_jpeg(w, cut=False)
+
+
+@case("tools/pack_rec.py", "JPEG cut short", "truncated JPEG file (no end-of-image marker)")
+def pack_truncated_jpeg(w, s):
+    return _damaged_jpeg(w, cut=True)
+
+
 @case("tools/pack_rec.py", "crops of different sizes", "a set holds crops of one size")
 def pack_mixed_sizes(w, s):
     root = _faces(w)
