@@ -917,6 +917,12 @@ def get_feature_onnx_input_size(w, s):
             "--output", os.path.join(w, "features"), "--cache_dir", os.path.join(w, "cache")]
 
 
+@case(GET, "`--dataset` is an image folder, not a packed set", "is an image folder (ROOT/<identity>/<image>), "
+      "not a RecordIO set; pack it first (python tools/pack_rec.py")
+def get_feature_image_folder(w, s):
+    return [*_get(w, s, _state(s)), "--dataset", _faces(w)]
+
+
 @case(GET, "unknown `--preprocess` item", "unknown item 'grey'")
 def get_feature_bad_preprocess(w, s):
     return ["--model", s.model, "--preprocess", "mean=127.5,grey", "--dataset", s.data, "--SD", SD,
