@@ -681,7 +681,8 @@ def ijb_model_missing(w, s):
     return _eval(w, s.ijb, model=os.path.join(w, "missing.pt"))
 
 
-@case(IJB, "model from a different backbone than `-net`", "different backbone than mbf")
+@case(IJB, "model from a different backbone than `-net`",
+      "different backbone than mbf (missing keys features.layers.3.weight); the file holds an iresnet r18 of width 8")
 def ijb_model_other_backbone(w, s):
     return _eval(w, s.ijb, "-net", "mbf", model=s.model)
 
