@@ -206,6 +206,23 @@ def test_diagonal_is_each_models_self_test_and_a_model_is_compatible_with_itself
     assert verdict["compatible"] and verdict["margin"] == 0 and not verdict["interval_excludes_zero"]
 
 
+def test_report_marks_figures_the_impostor_pairs_cannot_carry(tiny):
+    """With 200 impostor pairs TAR@FAR=1e-5…1e-3 all sit at the highest impostor score: shown as n/m, not numbers."""
+    from tools.compat_eval.report import format_report
+
+    result, out = _run(tiny, "nm", "--rec", tiny["rec"], "--models", *tiny["models"][:2])
+    assert result["protocol"]["impostor_pairs"] == 200
+    text = format_report(result)
+    row = next(line for line in text.splitlines() if line.startswith("| v1 | v2 | "))
+    assert row.split(" | ")[2:5] == ["n/m"] * 3 and "n/m" not in row.split(" | ")[5]
+    assert ("n/m: not measurable with this data: TAR@FAR=1e-5 needs at least 100,000 impostor pairs, TAR@FAR=1e-4 "
+            "needs at least 10,000 impostor pairs, TAR@FAR=1e-3 needs at least 1,000 impostor pairs; this evaluation "
+            "has 200") in text
+    assert "is not measurable with this data" not in text     # the main metric, TAR@FAR=1e-1, is
+    result["metric"] = "TAR@FAR=1e-3"
+    assert "The main metric TAR@FAR=1e-3 is not measurable with this data" in format_report(result)
+
+
 # -------------------------------------------------------------------------------- embedding pass
 def _main_on_rank(rank, world, port, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),

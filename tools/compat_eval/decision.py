@@ -42,3 +42,28 @@ def interval_verdict(margin, low, high):
 def signed_interval(low, high, digits):
     """``[+0.012, +0.090]``: an interval of margins with signs, ``digits`` decimals."""
     return f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def needed_impostor_pairs(metric):
+    """The impostor pairs a ``TAR@FAR=f`` figure needs to be measured (1/f: one impostor above its threshold);
+    None for other metrics."""
+    if not metric.startswith("TAR@FAR="):
+        return None
+    return int(round(1 / float(metric.split("=")[1])))
+
+
+def measurable(metric, impostor_pairs):
+    """Whether ``metric`` can be measured on ``impostor_pairs`` pairs (unknown counts: yes). Below 1/f pairs the
+    threshold of TAR@FAR=f is the highest impostor score whatever f, so every such figure is the same number."""
+    needed = needed_impostor_pairs(metric)
+    return needed is None or impostor_pairs is None or impostor_pairs >= needed
+
+
+def not_measurable_note(metrics, impostor_pairs):
+    """The report's line for the figures of ``metrics`` that ``impostor_pairs`` cannot carry ("" when all can)."""
+    missing = [m for m in metrics if not measurable(m, impostor_pairs)]
+    if not missing:
+        return ""
+    return ("not measurable with this data: " + ", ".join(f"{m} needs at least {needed_impostor_pairs(m):,} impostor "
+                                                          "pairs" for m in missing)
+            + f"; this evaluation has {impostor_pairs:,} (more identities give more pairs)")

@@ -7,15 +7,18 @@ from utils.io import atomic_path
 
 
 def format_report(result):
-    """Markdown: the matrix of the main metric, every figure per cell, the verdicts."""
+    """Markdown: the matrix of the main metric, every figure per cell, the verdicts. A TAR@FAR that the
+    impostor pairs cannot carry (:func:`decision.measurable`) is shown as ``n/m``, with a note."""
     names, metric = result["generations"], result["metric"]
     cell = {(c["query"], c["gallery"]): c for c in result["cells"]}
+    p = result["protocol"]
 
-    def show(c, key):
-        interval = c.get("interval", {}).get(key)
+    def show(c, key, intervals=True):
+        if not decision.measurable(key, p["impostor_pairs"]):
+            return "n/m"
+        interval = c.get("interval", {}).get(key) if intervals else None
         return f"{c[key]:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
-    p = result["protocol"]
     lines = [f"Compatibility matrix, {metric} (rows: query generation, columns: gallery generation"
              + (f"; 95 % bootstrap intervals over identities, {result['bootstrap']} resamples" if result["bootstrap"]
                 else "") + ")", "",
@@ -25,8 +28,13 @@ def format_report(result):
               f"{p['impostor_pairs']} impostor pairs; 1:N: {p['gallery_identities']} gallery identities "
               f"({p['gallery_images']} images), {p['mated_probes']} mated / {p['nonmated_probes']} non-mated probes.",
               "", "| query | gallery | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
-    lines += [f"| {c['query']} | {c['gallery']} | " + " | ".join(f"{c[k]:.4f}" for k in METRICS) + " |"
+    lines += [f"| {c['query']} | {c['gallery']} | " + " | ".join(show(c, k, False) for k in METRICS) + " |"
               for c in result["cells"]]
+    note = decision.not_measurable_note(METRICS, p["impostor_pairs"])
+    lines += ["", f"n/m: {note}."] if note else []
+    if not decision.measurable(metric, p["impostor_pairs"]):
+        lines += ["", f"The main metric {metric} is not measurable with this data: the matrix and the verdicts "
+                  "below carry no information on it; choose --metric with a larger FAR or evaluate more identities."]
     if result["verdicts"]:
         lines += ["", f"Verdicts ({metric}: a later generation is compatible with an earlier one when its "
                   "cross-test reaches the earlier model's self-test):", ""]
