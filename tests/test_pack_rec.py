@@ -30,6 +30,19 @@ def test_folder_of_synthetic_jpegs_packs_to_the_same_bytes(synthetic, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["property", "train.idx", "train.labels.tsv", "train.rec"]
 
 
+def test_synthetic_folder_option_packs_to_the_same_set(tmp_path):
+    """``make_synthetic.py --folder`` writes the crops as an image folder that packs to its own train.rec."""
+    from tools.synthetic import make_synthetic
+
+    make_synthetic.main(["--out", str(tmp_path / "syn"), "--identities", "3", "--images-per-identity", "2",
+                         "--ijb-identities", "2", "--workers", "0", "--folder"])
+    assert sorted(os.listdir(tmp_path / "syn" / "faces")) == ["person0", "person1", "person2"]
+    assert sorted(os.listdir(tmp_path / "syn" / "faces" / "person1")) == ["000.jpg", "001.jpg"]
+    main([str(tmp_path / "syn" / "faces"), str(tmp_path / "packed" / "train")])
+    for name in ("train.rec", "train.idx", "property"):
+        assert (tmp_path / "packed" / name).read_bytes() == (tmp_path / "syn" / name).read_bytes(), name
+
+
 def test_insightface_layout_and_reader_round_trip(tmp_path):
     """Uneven identities, a PNG among JPEGs: record 0, images, identity ranges as MXNet's packer lays them."""
     rng = np.random.default_rng(0)
