@@ -325,6 +325,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
               "data": meta.root, "num_images": len(meta), "num_templates": len(templates.ids)}
     if not one_to_n:
         result["num_pairs"] = int(len(meta.pairs["labels"]))
+        result["num_impostor_pairs"] = int((np.asarray(meta.pairs["labels"]) == 0).sum())
     if bunch:
         result["variants"] = summaries
     if ci is not None:
