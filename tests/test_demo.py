@@ -138,6 +138,31 @@ def test_figures_the_impostor_pairs_cannot_carry_and_the_smoke_test_heading():
     assert "Smoke test" not in results_table(rows, "OPclass")
 
 
+def test_decision_section_answers_and_recommends():
+    """yes only when both verdicts are compatible, no when one is not; the compatible method losing the least
+    self-test is recommended, a transform only when no trained model is compatible, else re-enrolment."""
+    from tools.demo.report import decision_section
+
+    def rows(method, tar, top1, own=0.5):
+        found = [_row(method, "self", "TAR@FAR=1e-3", own, own - 0.02, own + 0.02)] if " + " not in method else []
+        for metric, (low, high) in (("TAR@FAR=1e-3", tar), ("top1", top1)):
+            found.append(dict(_row(method, "cross", metric, 0.4, 0.38, 0.42), margin=(low + high) / 2,
+                              margin_ci_low=low, margin_ci_high=high))
+        return found
+
+    above, below, across = (0.01, 0.05), (-0.05, -0.01), (-0.01, 0.01)
+    base = [_row("independent", "self", "TAR@FAR=1e-3", 0.6, 0.58, 0.62)]
+    table = rows("L2", above, above, 0.45) + rows("NCCL", across, above) + rows("MixBCT", below, above) + \
+        rows("BCT", above, above, 0.55) + rows("independent + linear", above, above)
+    text = "\n".join(decision_section(base + table))
+    assert "- L2: **yes** (TAR@FAR=1e-3 compatible, top1 compatible; self-test -0.150 against" in text
+    assert "- NCCL: **undecided**" in text and "- MixBCT: **no**" in text and "- independent + linear: **yes**" in text
+    assert "Recommended path: deploy BCT: its queries search the old gallery as it is (self-test -0.050" in text
+    text = "\n".join(decision_section(base + rows("NCCL", across, above) + rows("independent + linear", above, above)))
+    assert "Recommended path: map the stored gallery with independent + linear" in text
+    assert "re-enrol (backfill)" in "\n".join(decision_section(base + rows("MixBCT", below, above)))
+
+
 def test_paired_interval_of_two_result_files(tmp_path):
     """The margin's interval: percentiles of the per-resample differences, not of either file alone."""
     import numpy as np

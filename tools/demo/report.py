@@ -116,6 +116,36 @@ def margin_text(row):
 VERDICT_METRICS = ("TAR@FAR=1e-3", "top1")   # the paper's two kinds of figure: 1:1 and 1:N
 
 
+def row_verdict(row):
+    """The verdict of a cross row, ``n/m`` when its impostor pairs cannot carry the figure."""
+    return verdict(row) if measurable(row) else "n/m"
+
+
+def decision_section(rows):
+    """Markdown: can each new model (or transformed gallery) serve queries against the old gallery without
+    re-enrolment — yes/no/undecided from its TAR@FAR=1e-3 and top-1 verdicts — and the recommended path."""
+    row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
+    indep = row_of.get(("independent", "self", "TAR@FAR=1e-3"))
+    lines, trained, transforms = [], [], []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        crosses = [row_of.get((method, "cross", m)) for m in VERDICT_METRICS]
+        if method in ("old", "independent") or not all(c and "margin" in c for c in crosses):
+            continue
+        verdicts = [row_verdict(c) for c in crosses]
+        said = decision.answer(verdicts)
+        detail = ", ".join(f"{m} {v}" for m, v in zip(VERDICT_METRICS, verdicts))
+        own = row_of.get((method, "self", "TAR@FAR=1e-3"))
+        cost = own["value"] - indep["value"] if own and indep and measurable(own) and measurable(indep) else None
+        if " + " in method:
+            transforms.append((method, said))
+        else:
+            trained.append((method, said, cost))
+            detail += "" if cost is None else f"; self-test {cost:+.3f} against the independent model"
+        lines.append((method, said, detail))
+    return decision.decision_lines("Can a new model serve queries against the old gallery without re-enrolment?",
+                                   lines, decision.recommendation(trained, transforms))
+
+
 def results_table(rows, scenario, seeds=1, resamples=0, profile="full"):
     """Markdown table: one row per method and test, with the cross rows' margins over the old self-test
     and their verdicts (TAR@FAR=1e-3 and top-1) and the self-test cost against the independent model;
@@ -126,7 +156,7 @@ def results_table(rows, scenario, seeds=1, resamples=0, profile="full"):
     indep_self = value.get(("independent", "self", "TAR@FAR=1e-3"))
     smoke = ["**Smoke test** (profile quick: tiny data, 2-epoch models): these numbers show that every stage ran; "
              "they say nothing about the methods. Run the full profile for figures.", ""] if profile == "quick" else []
-    lines = smoke + [
+    lines = smoke + decision_section(rows) + [
         f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old "
         f"gallery); value [95 % subject-bootstrap percentile interval] ({resamples} resamples)"
         + (f", mean over {seeds} seeds of the new models (sd: across seeds)" if seeds > 1 else ""), "",
