@@ -223,6 +223,34 @@ def test_report_marks_figures_the_impostor_pairs_cannot_carry(tiny):
     assert "The main metric TAR@FAR=1e-3 is not measurable with this data" in format_report(result)
 
 
+def test_decision_section_on_top_of_the_report():
+    """yes/no/undecided from the paired interval of the main metric's margin over the oldest self-test; a
+    transformed gallery is recommended only when no generation serves the old gallery as it is."""
+    from tools.compat_eval.report import decision_section
+
+    def cells(*values):
+        return [{"query": q, "gallery": g, "TAR@FAR=1e-2": v, "top1": v} for (q, g), v in values]
+
+    def verdict(generation, gallery, margin, low, high, **extra):
+        return dict(generation=generation, earlier=gallery, margin=margin, margin_interval=[low, high], **extra)
+
+    result = {"generations": ["old", "new"], "metric": "TAR@FAR=1e-2", "protocol": {"impostor_pairs": 1000},
+              "cells": cells((("old", "old"), 0.5), (("new", "new"), 0.7), (("new", "old"), 0.55),
+                             (("new", "old + linear"), 0.6)),
+              "verdicts": [verdict("new", "old", 0.05, 0.01, 0.09)]}
+    text = "\n".join(decision_section(result))
+    assert "- new queries → old gallery: **yes** (TAR@FAR=1e-2 margin +0.0500 [+0.0100, +0.0900]; top1 margin " \
+           "+0.0500 (point values); self-test +0.2000 against old's)" in text
+    assert "Recommended path: deploy new: its queries search the old gallery as it is" in text
+    result["verdicts"] = [verdict("new", "old", -0.05, -0.09, -0.01),
+                          verdict("new", "old + linear", 0.1, 0.02, 0.15, self_of="old")]
+    text = "\n".join(decision_section(result))
+    assert "- new queries → old gallery: **no**" in text and "- new queries → old + linear gallery: **yes**" in text
+    assert "Recommended path: map the stored gallery with old + linear" in text
+    result["protocol"]["impostor_pairs"] = 50          # TAR@FAR=1e-2 not measurable: no answer from it
+    assert "**undecided**" in "\n".join(decision_section(result))
+
+
 # -------------------------------------------------------------------------------- embedding pass
 def _main_on_rank(rank, world, port, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),

@@ -6,6 +6,40 @@ from tools.compat_eval.protocol import METRICS
 from utils.io import atomic_path
 
 
+def decision_section(result):
+    """Markdown: can each later generation (and the transformed gallery) serve queries against the oldest
+    generation's gallery without re-enrolment — yes/no/undecided from the main metric's paired interval, with
+    the top-1 margin as point values — and the recommended path (:mod:`decision`)."""
+    names, metric = result["generations"], result["metric"]
+    cell = {(c["query"], c["gallery"]): c for c in result["cells"]}
+    old = names[0]
+    rows, trained, transforms = [], [], []
+    for v in result["verdicts"]:
+        if v.get("self_of", v["earlier"]) != old:
+            continue
+        low, high = v.get("margin_interval", (float("nan"), float("nan")))
+        said = decision.answer([decision.interval_verdict(v["margin"], low, high)])
+        if not decision.measurable(metric, result["protocol"]["impostor_pairs"]):
+            said = "undecided"
+        top1 = cell[v["generation"], v["earlier"]]["top1"] - cell[old, old]["top1"]
+        detail = (f"{metric} margin {v['margin']:+.4f}"
+                  + (f" {decision.signed_interval(low, high, 4)}" if "margin_interval" in v else " (no interval)")
+                  + f"; top1 margin {top1:+.4f} (point values)")
+        if v["earlier"] == old:
+            own = cell[v["generation"], v["generation"]][metric] - cell[old, old][metric]
+            trained.append((v["generation"], said, None))
+            detail += f"; self-test {own:+.4f} against {old}'s"
+        else:
+            transforms.append((v["earlier"], said))
+        rows.append((f"{v['generation']} queries → {v['earlier']} gallery", said, detail))
+    if not rows:
+        return []
+    return decision.decision_lines(f"Can a new generation serve queries against {old}'s gallery without "
+                                   f"re-enrolment? (on {metric}: yes when the paired 95 % interval of its margin "
+                                   "lies above 0, no below 0, undecided when it contains 0)",
+                                   rows, decision.recommendation(trained, transforms))
+
+
 def format_report(result):
     """Markdown: the matrix of the main metric, every figure per cell, the verdicts. A TAR@FAR that the
     impostor pairs cannot carry (:func:`decision.measurable`) is shown as ``n/m``, with a note."""
@@ -56,7 +90,7 @@ def format_report(result):
                   f"accuracy {result['average_multimodel_accuracy']:.4f}{interval('average_multimodel_accuracy')}; "
                   "oldest generation each one is compatible with: "
                   + ", ".join(f"{k} → {v}" for k, v in result["oldest_compatible"].items())]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(decision_section(result) + lines) + "\n"
     return text + backfill.format_backfill(result["backfill"], metric) if result.get("backfill") else text
 
 
