@@ -160,13 +160,15 @@ def run(args):
         identity_names = faceset.identities
     if not args.models:
         pair, file_order, transform_pair = choices(args, names, identity_names)
+        if transform is not None:
+            check_transform_size(args.transform, transform, embeddings[0][0].shape[1])
     flips = [p.flip_sum for p in preprocessings(args.preprocess, len(names))]
     features = [image_features(*e, flip) for e, flip in zip(embeddings, flips)]
     require(all(np.isfinite(f).all() for f in features), "the embeddings contain NaN or inf")
     protocol = Protocol(labels, args.max_genuine, args.impostors, args.gallery_per_id, args.nonmated_share, args.seed)
+    curves = len(args.backfill_merge) * (2 + (file_order is not None)) if pair is not None else 0
     print(f"matrix: {len(names) ** 2 + bool(transform)} cells on {len(identity_names)} identities, "
-          f"{args.bootstrap} bootstrap resamples" + (f"; then {len(args.backfill_merge) * (2 + (file_order is not None))} "
-                                                     "backfill curves" if pair is not None else ""), flush=True)
+          f"{args.bootstrap} bootstrap resamples" + (f"; then {curves} backfill curves" if curves else ""), flush=True)
     transformed = transformed_gallery(args, names, embeddings, flips, transform, *transform_pair) if transform else None
     result = compatibility(features, names, protocol, args.bootstrap, args.seed, args.metric, transformed)
     result["models"] = list(args.models) if args.models else args.restore_embs
