@@ -62,6 +62,25 @@ def _listing(keys, limit=5):
     return ", ".join(keys[:limit]) + more
 
 
+def held_backbone(state):
+    """What a state_dict holds, in words: ``an iresnet r18 of width 8 with 16-d embeddings``, or its first keys."""
+    for family, key in _EMBEDDING_KEYS.items():
+        if key in state and state[key].dim() == 1:
+            break
+    else:
+        return f"no backbone of this toolkit (first keys {_listing(list(state)[:3])})"
+    size = f"{state[key].shape[0]}-d embeddings"
+    if family == "r":
+        blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+        name = next((n for n, layers in IRESNET_LAYERS.items() if layers == blocks), f"(blocks {blocks})")
+        width = f" of width {state['conv1.weight'].shape[0]}" if "conv1.weight" in state else ""
+        return f"an iresnet {name}{width} with {size}"
+    if family == "mbf":
+        return f"a MobileFaceNet with {size}"
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    return f"a ViT of {depth} blocks with {size}"
+
+
 def load_backbone(path, network, width=64, input_size=112, device="cpu"):
     """Load a backbone ``state_dict`` file (``model.pt``) into ``network``; return it in eval mode.
 
@@ -84,7 +103,7 @@ def load_backbone(path, network, width=64, input_size=112, device="cpu"):
     embedding_key = _EMBEDDING_KEYS[_family(network)]
     if embedding_key not in state or state[embedding_key].dim() != 1:
         raise UserError(f"{path} was saved from a different backbone than {network} "
-                        f"(missing keys {embedding_key})")
+                        f"(missing keys {embedding_key}); the file holds {held_backbone(state)}")
     model = get_model(network, num_features=int(state[embedding_key].shape[0]), width=width,
                       input_size=input_size)
     expected = model.state_dict()
@@ -94,7 +113,8 @@ def load_backbone(path, network, width=64, input_size=112, device="cpu"):
         detail = "; ".join(part for part in (
             f"missing keys {_listing(missing)}" if missing else "",
             f"unexpected keys {_listing(unexpected)}" if unexpected else "") if part)
-        raise UserError(f"{path} was saved from a different backbone than {network} ({detail})")
+        raise UserError(f"{path} was saved from a different backbone than {network} ({detail}); "
+                        f"the file holds {held_backbone(state)}")
     wrong = [f"{k}: saved {tuple(state[k].shape)}, expected {tuple(v.shape)}"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if wrong:

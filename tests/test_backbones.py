@@ -176,9 +176,11 @@ def test_load_backbone_mismatches(tmp_path):
     path = tmp_path / "model.pt"
     state = get_model("r18", **SMALL, input_size=32).state_dict()
     atomic_torch_save(state, path)
-    with pytest.raises(UserError, match=r"different backbone than r50 \(missing keys layer1\.2\.bn1\.bias, .*more\)\)"):
+    with pytest.raises(UserError, match=r"different backbone than r50 \(missing keys layer1\.2\.bn1\.bias, .*more\)\); "
+                                        r"the file holds an iresnet r18 of width 8 with 16-d embeddings$"):
         load_backbone(path, "r50", width=8, input_size=32)
-    with pytest.raises(UserError, match=r"different backbone than mbf \(missing keys features\.layers\.3\.weight\)"):
+    with pytest.raises(UserError, match=r"different backbone than mbf \(missing keys features\.layers\.3\.weight\); "
+                                        r"the file holds an iresnet r18"):
         load_backbone(path, "mbf", width=8, input_size=32)
     with pytest.raises(UserError, match="does not match r18 with width=16, input_size=32"):
         load_backbone(path, "r18", width=16, input_size=32)

@@ -206,6 +206,51 @@ def test_diagonal_is_each_models_self_test_and_a_model_is_compatible_with_itself
     assert verdict["compatible"] and verdict["margin"] == 0 and not verdict["interval_excludes_zero"]
 
 
+def test_report_marks_figures_the_impostor_pairs_cannot_carry(tiny):
+    """With 200 impostor pairs TAR@FAR=1e-5…1e-3 all sit at the highest impostor score: shown as n/m, not numbers."""
+    from tools.compat_eval.report import format_report
+
+    result, out = _run(tiny, "nm", "--rec", tiny["rec"], "--models", *tiny["models"][:2])
+    assert result["protocol"]["impostor_pairs"] == 200
+    text = format_report(result)
+    row = next(line for line in text.splitlines() if line.startswith("| v1 | v2 | "))
+    assert row.split(" | ")[2:5] == ["n/m"] * 3 and "n/m" not in row.split(" | ")[5]
+    assert ("n/m: not measurable with this data: TAR@FAR=1e-5 needs at least 100,000 impostor pairs, TAR@FAR=1e-4 "
+            "needs at least 10,000 impostor pairs, TAR@FAR=1e-3 needs at least 1,000 impostor pairs; this evaluation "
+            "has 200") in text
+    assert "is not measurable with this data" not in text     # the main metric, TAR@FAR=1e-1, is
+    result["metric"] = "TAR@FAR=1e-3"
+    assert "The main metric TAR@FAR=1e-3 is not measurable with this data" in format_report(result)
+
+
+def test_decision_section_on_top_of_the_report():
+    """yes/no/undecided from the paired interval of the main metric's margin over the oldest self-test; a
+    transformed gallery is recommended only when no generation serves the old gallery as it is."""
+    from tools.compat_eval.report import decision_section
+
+    def cells(*values):
+        return [{"query": q, "gallery": g, "TAR@FAR=1e-2": v, "top1": v} for (q, g), v in values]
+
+    def verdict(generation, gallery, margin, low, high, **extra):
+        return dict(generation=generation, earlier=gallery, margin=margin, margin_interval=[low, high], **extra)
+
+    result = {"generations": ["old", "new"], "metric": "TAR@FAR=1e-2", "protocol": {"impostor_pairs": 1000},
+              "cells": cells((("old", "old"), 0.5), (("new", "new"), 0.7), (("new", "old"), 0.55),
+                             (("new", "old + linear"), 0.6)),
+              "verdicts": [verdict("new", "old", 0.05, 0.01, 0.09)]}
+    text = "\n".join(decision_section(result))
+    assert "- new queries → old gallery: **yes** (TAR@FAR=1e-2 margin +0.0500 [+0.0100, +0.0900]; top1 margin " \
+           "+0.0500 (point values); self-test +0.2000 against old's)" in text
+    assert "Recommended path: deploy new: its queries search the old gallery as it is" in text
+    result["verdicts"] = [verdict("new", "old", -0.05, -0.09, -0.01),
+                          verdict("new", "old + linear", 0.1, 0.02, 0.15, self_of="old")]
+    text = "\n".join(decision_section(result))
+    assert "- new queries → old gallery: **no**" in text and "- new queries → old + linear gallery: **yes**" in text
+    assert "Recommended path: map the stored gallery with old + linear" in text
+    result["protocol"]["impostor_pairs"] = 50          # TAR@FAR=1e-2 not measurable: no answer from it
+    assert "**undecided**" in "\n".join(decision_section(result))
+
+
 # -------------------------------------------------------------------------------- embedding pass
 def _main_on_rank(rank, world, port, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
@@ -255,6 +300,34 @@ def test_interrupted_embedding_resumes_from_cached_chunks(tiny, tmp_path, monkey
     assert "resuming: 2 of 5 chunks" in capsys.readouterr().out
     assert sum(calls) == 2 * (1 + 36 - 16)   # both models: size probe, then the images after chunk 2
     assert resumed["cells"] == expected["cells"] and not chunk_files(cache)
+
+
+def test_options_are_checked_before_any_image_is_embedded(tiny, tmp_path, monkeypatch):
+    """A bad --metric, --transform (file or size), --transform_generations or --backfill stops before the
+    embedding pass (which here would fail the test)."""
+    from tools.transform import transforms
+    from utils.errors import UserError
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("images embedded before the options were checked")
+
+    monkeypatch.setattr(ce, "embed", no_embedding)
+    wrong_size = transforms.save(transforms.build("linear", 16, 8), str(tmp_path / "h8.pt"))
+    good = transforms.save(transforms.build("linear", 16, 16), str(tmp_path / "h16.pt"))
+    for extra, message in ((["--metric", "TAR@FAR=1e-9"], "--metric TAR@FAR=1e-9"),
+                           (["--transform", tiny["models"][0]], "not a gallery transform"),
+                           (["--transform", wrong_size], "maps 16-d embeddings to 8-d ones"),
+                           (["--transform", good, "--transform_generations", "v1", "v9"], "v9 is neither"),
+                           (["--backfill", "v1", "v9"], "--backfill: unknown generation 'v9'")):
+        with pytest.raises(UserError, match=message):
+            ce.main(["--rec", tiny["rec"], "--models", *tiny["models"][:2], *TINY, "-R", str(tmp_path / "out"), *extra])
+
+
+def test_backfill_prints_a_line_per_curve(tiny, capsys):
+    _run(tiny, "backfill_progress", "--rec", tiny["rec"], "--models", *tiny["models"][:2], "--backfill",
+         "--backfill_merge", "plain")
+    out = capsys.readouterr().out
+    assert "backfill curve 1/2: random order, plain merge" in out and "backfill curve 2/2: norm order" in out
 
 
 def test_decision_rules_shared_by_compat_eval_and_the_demo():

@@ -123,6 +123,18 @@ def test_set_overrides_the_file():
         get_config(path, ["lr"])
 
 
+def test_set_values_fit_the_default_type():
+    """A ``--set`` value must fit the type of the key's default in the bases (None default: anything)."""
+    path = os.path.join(ROOT, "BCT_methods", "UniBCT", "configs", "EXclass_ms1mv3_r18_to_r50_UniBCT_arc_to_arc_f512.py")
+    cfg = get_config(path, ["num_epoch=2.0", "lr=1", "refine_epochs=[1, 2]", "resume=auto", "num_classes=(1,)"])
+    assert (cfg.num_epoch, type(cfg.lr), cfg.refine_epochs, cfg.resume, cfg.num_classes) == (2, float, (1, 2), "auto", (1,))
+    for item, expected in (("num_epoch=2.5", "an integer"), ("lr=0.1.5", "a number"), ("fp16=1", "True or False"),
+                           ("network=5", "a text"), ("lr_steps=3", "a tuple"), ("loss_weight=None", "a number"),
+                           ("resume=1", "True, False or a text")):
+        with pytest.raises(UserError, match=rf"^--set {item.split('=')[0]}=.*: expected {expected}"):
+            get_config(path, [item])
+
+
 def test_set_on_the_command_line(tmp_path):
     """Every training script and the feature tools take ``--set``; an unknown key is one line, exit 2."""
     from tests.helpers import python

@@ -31,7 +31,8 @@ def test_quick_demo_end_to_end(tmp_path):
     old_self = {r["metric"]: r["value"] for r in rows if r["method"] == "old"}
     for row in rows:
         margin_keys = {"margin", "margin_ci_low", "margin_ci_high"} if row["test"] == "cross" else set()
-        assert set(row) == {"method", "test", "metric", "value", "ci_low", "ci_high"} | margin_keys
+        pair_keys = {"impostor_pairs"} if row["metric"].startswith("TAR@FAR") else set()
+        assert set(row) == {"method", "test", "metric", "value", "ci_low", "ci_high"} | margin_keys | pair_keys
         assert row["metric"] in METRICS and row["test"] in ("self", "cross")
         assert 0.0 <= row["ci_low"] <= row["ci_high"] <= 1.0
         if margin_keys:   # paired over the same resamples: the difference's interval is within ±1
@@ -42,7 +43,7 @@ def test_quick_demo_end_to_end(tmp_path):
     for method in METHODS:
         assert {(method, t, m) for t in ("self", "cross") for m in METRICS} <= seen
     table = (out / "results.md").read_text()
-    assert "| MixBCT | cross |" in table and "margin TAR@FAR=1e-3 [95 %] verdict" in table and " ± " in table
+    assert "| MixBCT | cross |" in table and "margin TAR@FAR=1e-3 [95 %] verdict" in table and "**Smoke test**" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in METHODS:
         assert os.path.isfile(out / method / "model.pt")
@@ -96,8 +97,8 @@ def test_seeds_combine_to_mean_interval_and_sd():
     assert bct["seeds"] == 3 and bct["value"] == pytest.approx(0.52) and bct["ci_low"] == pytest.approx(0.48)
     assert bct["ci_high"] == pytest.approx(0.5533333333) and bct["sd"] == pytest.approx(0.0721110255)
     table = results_table(combined, "OPclass", seeds=3, resamples=200)
-    assert "| old | self |  | 0.400 ± 0.030 |" in table
-    assert "| BCT | cross |  | 0.520 ± 0.037 (sd 0.072) |" in table
+    assert "| old | self |  | 0.400 [0.370, 0.430] |" in table
+    assert "| BCT | cross |  | 0.520 [0.480, 0.553] (sd 0.072) |" in table
 
 
 def test_margins_average_over_seeds_and_give_verdicts():
@@ -116,6 +117,50 @@ def test_margins_average_over_seeds_and_give_verdicts():
     table = results_table([_row("old", "self", "TAR@FAR=1e-3", 0.40, 0.37, 0.43), cross(0.45, 0.05, 0.01, 0.09),
                            cross(0.38, -0.02, -0.03, -0.01, "top1")], "OPclass")
     assert "| +0.050 [+0.010, +0.090] compatible | -0.020 [-0.030, -0.010] not compatible |" in table
+
+
+def test_figures_the_impostor_pairs_cannot_carry_and_the_smoke_test_heading():
+    """With 384 impostor pairs TAR@FAR=1e-4 and 1e-3 are n/m (no number, no verdict); 1e-2 is shown."""
+    from tools.demo.report import results_table
+
+    def row(method, test, metric, value, **margin):
+        return dict(_row(method, test, metric, value, value - 0.02, value + 0.03), impostor_pairs=384, **margin)
+
+    rows = [row(m, t, metric, 0.4) for m, t in (("old", "self"), ("MixBCT", "self"))
+            for metric in ("TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2")]
+    rows += [row("independent", "self", "TAR@FAR=1e-3", 0.5),
+             row("MixBCT", "cross", "TAR@FAR=1e-3", 0.3, margin=-0.1, margin_ci_low=-0.2, margin_ci_high=0.0)]
+    table = results_table(rows, "OPclass", profile="quick")
+    assert table.startswith("**Smoke test**")
+    assert "| MixBCT | self | n/m | n/m | 0.400 [0.380, 0.430] |" in table
+    assert "| MixBCT | cross |  | n/m |  |  |  | n/m |  |  |" in table and "| MixBCT | self |" in table
+    assert "TAR@FAR=1e-3 needs at least 1,000 impostor pairs; this evaluation has 384" in table
+    assert "Smoke test" not in results_table(rows, "OPclass")
+
+
+def test_decision_section_answers_and_recommends():
+    """yes only when both verdicts are compatible, no when one is not; the compatible method losing the least
+    self-test is recommended, a transform only when no trained model is compatible, else re-enrolment."""
+    from tools.demo.report import decision_section
+
+    def rows(method, tar, top1, own=0.5):
+        found = [_row(method, "self", "TAR@FAR=1e-3", own, own - 0.02, own + 0.02)] if " + " not in method else []
+        for metric, (low, high) in (("TAR@FAR=1e-3", tar), ("top1", top1)):
+            found.append(dict(_row(method, "cross", metric, 0.4, 0.38, 0.42), margin=(low + high) / 2,
+                              margin_ci_low=low, margin_ci_high=high))
+        return found
+
+    above, below, across = (0.01, 0.05), (-0.05, -0.01), (-0.01, 0.01)
+    base = [_row("independent", "self", "TAR@FAR=1e-3", 0.6, 0.58, 0.62)]
+    table = rows("L2", above, above, 0.45) + rows("NCCL", across, above) + rows("MixBCT", below, above) + \
+        rows("BCT", above, above, 0.55) + rows("independent + linear", above, above)
+    text = "\n".join(decision_section(base + table))
+    assert "- L2: **yes** (TAR@FAR=1e-3 compatible, top1 compatible; self-test -0.150 against" in text
+    assert "- NCCL: **undecided**" in text and "- MixBCT: **no**" in text and "- independent + linear: **yes**" in text
+    assert "Recommended path: deploy BCT: its queries search the old gallery as it is (self-test -0.050" in text
+    text = "\n".join(decision_section(base + rows("NCCL", across, above) + rows("independent + linear", above, above)))
+    assert "Recommended path: map the stored gallery with independent + linear" in text
+    assert "re-enrol (backfill)" in "\n".join(decision_section(base + rows("MixBCT", below, above)))
 
 
 def test_paired_interval_of_two_result_files(tmp_path):
@@ -210,7 +255,7 @@ def test_curves_grid_and_table():
                         _row("MixBCT", "cross", "TAR@FAR=1e-3", 0.5, 0.46, 0.56)]}]
     table = curves_table(points)
     assert "| identities | new-model epochs | test | old | MixBCT |" in table
-    assert "| 400 | 6 | self | 0.400 ± 0.030 |  |" in table and "| 400 | 6 | cross |  | 0.500 ± 0.050 |" in table
+    assert "| 400 | 6 | self | 0.400 [0.370, 0.430] |  |" in table and "| 400 | 6 | cross |  | 0.500 [0.460, 0.560] |" in table
 
 
 def test_curves_reject_bad_lists(tmp_path):

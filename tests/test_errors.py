@@ -177,6 +177,11 @@ def train_unknown_config_key(w, s):
     return [write_config(os.path.join(w, "cfg.py"), rec=s.data, batchsize=8)]
 
 
+@case(ARC, "`--set num_epoch=one` (not an integer)", "--set num_epoch='one': expected an integer")
+def train_set_not_an_integer(w, s):
+    return [*_config(w, s.data), "--set", "num_epoch=one"]
+
+
 @case(ARC, "unknown backbone (`network = 'r999'`)", "unknown network 'r999'")
 def train_unknown_backbone(w, s):
     return _config(w, s.data, network="r999")
@@ -341,6 +346,11 @@ def nccl_pickled_features(w, s):
 @case("BCT_methods/AdvBCT/train.py", "old-feature file missing", "file not found")
 def advbct_missing_features(w, s):
     return _method_config(w, s, "AdvBCT", old_embedding=os.path.join(w, "missing.npy"))
+
+
+@case("BCT_methods/MixBCT/train.py", "`--set mix_ratio=half` (not a number)", "--set mix_ratio='half': expected a number")
+def mixbct_set_not_a_number(w, s):
+    return [*_method_config(w, s, "MixBCT"), "--set", "mix_ratio=half"]
 
 
 @case("BCT_methods/L2/train.py", "method config outside its folder (method keys not declared/set)",
@@ -671,7 +681,8 @@ def ijb_model_missing(w, s):
     return _eval(w, s.ijb, model=os.path.join(w, "missing.pt"))
 
 
-@case(IJB, "model from a different backbone than `-net`", "different backbone than mbf")
+@case(IJB, "model from a different backbone than `-net`",
+      "different backbone than mbf (missing keys features.layers.3.weight); the file holds an iresnet r18 of width 8")
 def ijb_model_other_backbone(w, s):
     return _eval(w, s.ijb, "-net", "mbf", model=s.model)
 
@@ -728,6 +739,12 @@ def export_model_other_backbone(w, s):
 @case(EXPORT, "output not ending in `.onnx`", "output must end in .onnx")
 def export_output_not_onnx(w, s):
     return [s.model, os.path.join(w, "out", "model.pt"), *MODEL_ARGS]
+
+
+@case(EXPORT, "the `onnx` package not installed", "needs the onnx package (not installed): pip install onnx",
+      not_installed=("onnx",))
+def export_without_onnx(w, s):
+    return _export(w, s.model)
 
 
 # --- tools/synthetic/make_synthetic.py
@@ -842,12 +859,46 @@ def compat_backfill_order_unknown(w, s):
             "-R", os.path.join(w, "out", "compat")]
 
 
+@case(COMPAT, "unknown `--metric` (checked before any image is embedded)", "--metric TAR@FAR=1e-9: expected one of")
+def compat_unknown_metric(w, s):
+    return _compat(w, s, "--data", _faces(w), extra=["--metric", "TAR@FAR=1e-9"])
+
+
+@case(COMPAT, "`--transform` of another embedding size (16-d → 8-d, the models make 16-d; checked when the models "
+      "are loaded, before any image is embedded)",
+      "maps 16-d embeddings to 8-d ones, but the generations make 16-d embeddings")
+def compat_transform_wrong_size(w, s):
+    from tools.transform import transforms
+
+    transform = transforms.save(transforms.build("linear", 16, 8), os.path.join(w, "h.pt"))
+    return _compat(w, s, "--data", _faces(w), extra=["--transform", transform])
+
+
 # --- own data, deployed models, gallery transforms
 @case("tools/pack_rec.py", "unreadable image in the folder", "cannot read image")
 def pack_unreadable_image(w, s):
     root = _faces(w)
     _write(os.path.join(root, "id1", "1.png"), GARBAGE)
     return [root, os.path.join(w, "out", "train")]
+
+
+def _damaged_jpeg(w, cut):
+    root = _faces(w)
+    data = bytearray(cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))[1])
+    data[len(data) // 2:len(data) // 2 + 20] = b"\xff" * 20
+    _write(os.path.join(root, "id1", "1.jpg"), bytes(data[:len(data) // 2] if cut else data))
+    return [root, os.path.join(w, "out", "train")]
+
+
+@case("tools/pack_rec.py", "damaged JPEG that libjpeg decodes with a complaint (its message is not printed)",
+      "Corrupt JPEG data: premature end of data segment (damaged file", in_subprocess=True)
+def pack_damaged_jpeg(w, s):
+    return _damaged_jpeg(w, cut=False)
+
+
+@case("tools/pack_rec.py", "JPEG cut short", "truncated JPEG file (no end-of-image marker)")
+def pack_truncated_jpeg(w, s):
+    return _damaged_jpeg(w, cut=True)
 
 
 @case("tools/pack_rec.py", "crops of different sizes", "a set holds crops of one size")
@@ -865,6 +916,12 @@ def get_feature_onnx_input_size(w, s):
     export_onnx.export(s.model, "r18", onnx_file, width=8, input_size=32)
     return ["--model", onnx_file, "--input_size", "112", "--dataset", s.data, "--SD", SD,
             "--output", os.path.join(w, "features"), "--cache_dir", os.path.join(w, "cache")]
+
+
+@case(GET, "`--dataset` is an image folder, not a packed set", "is an image folder (ROOT/<identity>/<image>), "
+      "not a RecordIO set; pack it first (python tools/pack_rec.py")
+def get_feature_image_folder(w, s):
+    return [*_get(w, s, _state(s)), "--dataset", _faces(w)]
 
 
 @case(GET, "unknown `--preprocess` item", "unknown item 'grey'")
@@ -989,6 +1046,14 @@ def test_error(item, shared, tmp_path, capsys, one_thread):
     assert "Traceback" not in stderr
     assert item.fragment in lines[0], lines[0]
     assert not leftovers(folder, new_entries), new_entries
+
+
+@pytest.mark.parametrize("name", ["train_set_not_an_integer", "mixbct_set_not_a_number"])
+def test_bad_set_value_writes_nothing(name, shared, tmp_path, capsys, one_thread):
+    """A ``--set`` value of the wrong type stops before the trainer opens its training.log."""
+    item = next(c for c in CASES if c.name == name)
+    status, _, new_entries = run_case(item, str(tmp_path), shared, capsys)
+    assert status == 2 and not new_entries, new_entries
 
 
 def documented_messages():

@@ -348,9 +348,11 @@ def test_cli_bootstrap_writes_intervals(ijb, tmp_path):
     assert result["bootstrap"]["resamples"] == 40
     low, high = result["CI95"]["TAR@FAR"]["1e-1"]
     assert 0 <= low <= high <= 1 and low < high
-    assert "± half-width of the 95 % interval over 40 subject resamples" in proc.stdout
-    assert f"{100 * result['AUC']:.2f} ± {100 * (result['CI95']['AUC'][1] - result['CI95']['AUC'][0]) / 2:.2f}" \
-        in proc.stdout
+    assert "[95 % percentile interval] over 40 subject resamples" in proc.stdout
+    low, high = result["CI95"]["AUC"]
+    assert f"{100 * result['AUC']:.2f} [{100 * low:.2f}, {100 * high:.2f}]" in proc.stdout
+    pairs = result["num_impostor_pairs"]
+    assert pairs < 1000 and "| n/m | n/m | n/m |" in proc.stdout and f"this evaluation has {pairs:,}" in proc.stdout
     bad = python(SCRIPT, "-m", ijb.new, "-d", ijb.data, "--bootstrap", "-1")
     assert bad.returncode == 2 and bad.stderr.strip() == \
         "error: --bootstrap must be 0 (off) or a number of resamples, got -1"

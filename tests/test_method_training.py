@@ -18,7 +18,7 @@ from utils.io import safe_torch_load
 from utils.trainer import train
 
 METHODS = ("MixBCT", "BCT", "UniBCT", "NCCL", "L2", "AdvBCT")
-PARTS = {"MixBCT": "mixed", "BCT": "influence", "UniBCT": "influence", "NCCL": "l2", "L2": "l2", "AdvBCT": "p2s"}
+PARTS = {"MixBCT": "mixed_rows", "BCT": "influence", "UniBCT": "influence", "NCCL": "l2", "L2": "l2", "AdvBCT": "p2s"}
 
 
 def write_features(folder, labels, dim, prefix):
@@ -236,3 +236,14 @@ def test_nccl_two_ranks_give_the_one_process_gradients(tmp_path):
         averaged = torch.cat([ranks[0][step][0], ranks[1][step][0]]) / 2  # DDP averages over the 2 ranks
         assert torch.allclose(averaged, embedding_grad, atol=1e-5)
         assert torch.allclose(torch.cat([ranks[0][step][1], ranks[1][step][1]]), weight_grad, atol=1e-5)
+
+
+def test_log_line_shows_a_row_count_after_the_loss():
+    """A ``…_rows`` part (MixBCT's ``mixed_rows``) is a count per step, outside the loss parts."""
+    from utils.logging_utils import SpeedLogger
+
+    lines = []
+    logger = SpeedLogger(2, 10, 8, type("Logger", (), {"info": staticmethod(lines.append)}))
+    for step in (1, 2, 3, 4):
+        logger(step, 0, {"loss": torch.tensor(2.0), "cls": torch.tensor(2.0), "mixed_rows": torch.tensor(step + 0.0)}, 0.1)
+    assert "Loss 2.0000 (cls 2.0000)   mixed_rows 3.5/step   LearningRate" in lines[-1], lines

@@ -30,6 +30,19 @@ def test_folder_of_synthetic_jpegs_packs_to_the_same_bytes(synthetic, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["property", "train.idx", "train.labels.tsv", "train.rec"]
 
 
+def test_synthetic_folder_option_packs_to_the_same_set(tmp_path):
+    """``make_synthetic.py --folder`` writes the crops as an image folder that packs to its own train.rec."""
+    from tools.synthetic import make_synthetic
+
+    make_synthetic.main(["--out", str(tmp_path / "syn"), "--identities", "3", "--images-per-identity", "2",
+                         "--ijb-identities", "2", "--workers", "0", "--folder"])
+    assert sorted(os.listdir(tmp_path / "syn" / "faces")) == ["person0", "person1", "person2"]
+    assert sorted(os.listdir(tmp_path / "syn" / "faces" / "person1")) == ["000.jpg", "001.jpg"]
+    main([str(tmp_path / "syn" / "faces"), str(tmp_path / "packed" / "train")])
+    for name in ("train.rec", "train.idx", "property"):
+        assert (tmp_path / "packed" / name).read_bytes() == (tmp_path / "syn" / name).read_bytes(), name
+
+
 def test_insightface_layout_and_reader_round_trip(tmp_path):
     """Uneven identities, a PNG among JPEGs: record 0, images, identity ranges as MXNet's packer lays them."""
     rng = np.random.default_rng(0)
@@ -74,7 +87,27 @@ def test_unreadable_image_is_named_and_nothing_is_written(synthetic, tmp_path):
     (faces / "person01" / "005.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match=r"cannot read image .*person01/005\.jpg"):
         pack_folder(str(faces), str(tmp_path / "out" / "set"))
-    assert os.listdir(tmp_path / "out") == []
+    assert not (tmp_path / "out").exists()      # the folder it created is removed again
+
+
+def test_damaged_jpeg_is_named_without_libjpeg_noise(synthetic, tmp_path):
+    """A JPEG that libjpeg decodes with a complaint, or one cut short, is refused in one line naming it;
+    libjpeg's own message is not printed above it."""
+    faces = tmp_path / "faces"
+    shutil.copytree(synthetic / "faces", faces)
+    path = faces / "person01" / "005.jpg"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 20] = b"\xff" * 20
+    path.write_bytes(bytes(data))
+    proc = python("tools/pack_rec.py", str(faces), str(tmp_path / "out" / "train"))
+    lines = [line.rsplit("\r", 1)[-1] for line in proc.stderr.strip().splitlines()]
+    assert proc.returncode == 2 and [line for line in lines if "packing" not in line] == [
+        f"error: cannot read image {path}: Corrupt JPEG data: premature end of data segment "
+        "(damaged file: re-save or remove it)"], proc.stderr
+    assert not (tmp_path / "out").exists()
+    path.write_bytes(bytes(data[:len(data) // 2]))
+    with pytest.raises(UserError, match=r"005\.jpg: truncated JPEG file \(no end-of-image marker\)"):
+        pack_folder(str(faces), str(tmp_path / "out" / "train"))
 
 
 def test_mixed_sizes_existing_output_and_command_line(tmp_path):

@@ -50,9 +50,9 @@ def by_model(point):
 
 
 def curves_table(points):
-    """Markdown: one row per point and test, one column per model (value ± half-width)."""
+    """Markdown: one row per point and test, one column per model (value [95 % interval])."""
     models = list(dict.fromkeys(r["method"] for p in points for r in p["rows"]))
-    lines = [f"{METRIC}, ± half-width of the 95 % subject-bootstrap interval", "",
+    lines = [f"{METRIC}, value [95 % subject-bootstrap percentile interval]", "",
              "| identities | new-model epochs | test | " + " | ".join(models) + " |",
              "|---|---|---|" + "---|" * len(models)]
     for point in points:

@@ -8,6 +8,7 @@ is run on a random batch and the largest absolute difference from PyTorch is pri
 above ``--tolerance``).
 """
 import argparse
+import importlib.util
 import inspect
 import os
 import sys
@@ -65,6 +66,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     require(args.network in MODEL_NAMES, f"unknown network '{args.network}' (expected one of {', '.join(MODEL_NAMES)})")
     require(args.output.endswith(".onnx"), f"output must end in .onnx, got {args.output}")
+    require(importlib.util.find_spec("onnx") is not None,
+            "exporting to ONNX needs the onnx package (not installed): pip install onnx (or pip install -r requirements.txt)")
     model = export(args.model_file, args.network, args.output, args.width, args.input_size, args.opset)
     print(f"wrote {args.output}")
     diff = max_difference(model, args.output, args.input_size)

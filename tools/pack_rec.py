@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +32,7 @@ from utils.io import atomic_path
 from utils.recordio import IRHeader, MXIndexedRecordIO, encode_image, pack
 
 JPEG_START = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
 FLOAT32_EXACT = 1 << 24          # record 0's float32 label indexes keys exactly up to here
 
 
@@ -38,6 +40,8 @@ def read_image(path, quality=95):
     """``(JPEG bytes, height, width)`` of an image file; an undecodable file → UserError naming it."""
     with open(path, "rb") as handle:
         data = handle.read()
+    if data.startswith(JPEG_START) and not data.rstrip(b"\0").endswith(JPEG_END):
+        raise UserError(f"cannot read image {path}: truncated JPEG file (no end-of-image marker)")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     except cv2.error:
@@ -47,6 +51,48 @@ def read_image(path, quality=95):
     if not data.startswith(JPEG_START):
         data = encode_image(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), quality)
     return data, image.shape[0], image.shape[1]
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """While the block runs, what is written to file descriptor 2 (libjpeg's "Corrupt JPEG data: …") goes to a
+    temporary file; yields ``(a file on the real stderr, read)``, ``read()`` giving the text captured so far."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile("w+") as captured, os.fdopen(os.dup(saved), "w") as real:
+            os.dup2(captured.fileno(), 2)
+            yield real, lambda: (captured.seek(0), captured.read())[1]
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def first_damaged(files):
+    """The first of ``files`` whose decoding makes libjpeg complain, as a UserError (one decode at a time)."""
+    for path in files:
+        with native_stderr_captured() as (_, read):
+            read_image(path)
+            complaint = read().strip()
+        if complaint:
+            raise UserError(f"cannot read image {path}: {complaint.splitlines()[0]} (damaged file: re-save or remove it)")
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder):
+    """The folders of ``folder``'s path that do not exist yet are removed (when empty) if the block fails."""
+    created = []
+    while folder and not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
 
 
 def property_path(prefix):
@@ -74,13 +120,15 @@ def pack_folder(root, prefix, workers=4, quality=95, overwrite=False):
     starts = np.r_[1, ends[:-1]]
     shape = None
     with contextlib.ExitStack() as stack:
+        stack.enter_context(removed_on_failure(os.path.dirname(prefix)))
         # entered last to first, so on success they are renamed first to last (the index last)
         tmp = [stack.enter_context(atomic_path(p)) for p in reversed(output_paths(prefix))][::-1]
         writer = stack.enter_context(MXIndexedRecordIO(tmp[3], tmp[0], "w"))
         writer.write_idx(0, pack(IRHeader(2, [count + 1, count + 1 + classes], 0, 0), b""))
+        screen, complaints = stack.enter_context(native_stderr_captured())   # restored after the pool's last decode
         pool = stack.enter_context(ThreadPoolExecutor(max(1, workers)))
         bar = stack.enter_context(tqdm(total=count, unit="img", desc=f"packing {os.path.basename(prefix)}",
-                                       mininterval=2))
+                                       mininterval=2, file=screen))
         for key, (label, path, (jpeg, height, width)) in enumerate(
                 zip(labels.tolist(), files, pool.map(lambda p: read_image(p, quality), files)), 1):
             shape = shape or (height, width)
@@ -88,6 +136,9 @@ def pack_folder(root, prefix, workers=4, quality=95, overwrite=False):
                                               f"{shape[1]}×{shape[0]}: a set holds crops of one size")
             writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), jpeg))
             bar.update()
+        if complaints().strip():
+            first_damaged(files)
+            screen.write(complaints())   # not from an image: shown as it was written
         for label in range(classes):
             key = count + 1 + label
             writer.write_idx(key, pack(IRHeader(2, [float(starts[label]), float(ends[label])], key, 0), b""))
@@ -110,7 +161,10 @@ def read_label_map(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", help="image folder ROOT/<identity>/<image>")
-    parser.add_argument("out_prefix", help="output prefix: writes OUT_PREFIX.rec, .idx, .property, .labels.tsv")
+    parser.add_argument("out_prefix",
+                        help="output prefix: writes OUT_PREFIX.rec, .idx, .labels.tsv and the property file "
+                             "(the folder's property when the prefix ends in train, as train.rec; else "
+                             "OUT_PREFIX.property)")
     parser.add_argument("--workers", type=int, default=4, help="threads reading and checking images (default 4)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for images that are not JPEG files")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing set at OUT_PREFIX")

@@ -7,7 +7,8 @@ A key that no base declares is an error, so a typo never silently falls back to 
 
 Every script that takes a config also takes ``--set KEY=VALUE …`` (:func:`add_config_args`): values
 applied over the merged file, read as Python literals (``--set lr=0.2 margin_list=(1.0,0.3,0.0)``), a
-text that is not a literal as a string (``--set rec=dataset/mine``).
+text that is not a literal as a string (``--set rec=dataset/mine``). Each value must fit the key's default in
+the bases (:func:`check_override`), so ``--set num_epoch=one`` stops before anything is written.
 
 Relative paths in the keys of :data:`PATH_KEYS` are resolved against the repository root, so a
 shipped config means the same files whether a script runs from the root or from its method folder.
@@ -63,6 +64,41 @@ def parse_overrides(items):
     return overrides
 
 
+# keys whose default is False but that also take a name (checked where they are used)
+TEXT_OR_BOOL = ("resume", "compile")
+
+
+def check_override(key, value, default):
+    """Raise :class:`UserError` unless ``value`` fits the type of ``default`` (the key's value in the bases);
+    returns the value to use.
+
+    A bool default takes True/False (``resume`` and ``compile`` also a text); an int default a whole number
+    (``2.0`` becomes ``2``); a float default a number (an integer becomes a float); a str default a text; a
+    tuple or list default a tuple or list (returned as the default's type); a None default anything. None is
+    accepted only where the default is None.
+    """
+    if isinstance(default, bool):
+        text = key in TEXT_OR_BOOL
+        ok = isinstance(value, bool) or (text and isinstance(value, str))
+        expected = "True, False or a text" if text else "True or False"
+    elif isinstance(default, int):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        expected, value = "an integer", int(value) if ok else value
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok, expected = isinstance(value, str), "a text"
+    elif isinstance(default, (tuple, list)):
+        ok, expected = isinstance(value, (tuple, list)), "a tuple such as (1, 2)"
+        value = type(default)(value) if ok else value
+    else:
+        return value
+    if not ok:
+        raise UserError(f"--set {key}={value!r}: expected {expected} (the default is {default!r})")
+    return value
+
+
 def format_override(key, value):
     """The ``--set`` item that :func:`parse_overrides` reads back as ``value`` (text unquoted where it can be)."""
     if isinstance(value, str) and parse_overrides([f"{key}={value}"])[key] == value:
@@ -107,6 +143,7 @@ def get_config(path, overrides=None):
     if unknown:
         raise UserError(f"config {path}: unknown key(s) {', '.join(unknown)} "
                         f"(not declared in configs/base.py or the folder's base.py)")
+    defaults = dict(cfg)
     cfg.update(user)
     if not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
@@ -114,7 +151,7 @@ def get_config(path, overrides=None):
     if unknown:
         raise UserError(f"--set {', '.join(unknown)}: unknown key(s) for config {path} "
                         f"(not declared in configs/base.py or the folder's base.py)")
-    cfg.update(copy.deepcopy(overrides))
+    cfg.update({key: check_override(key, copy.deepcopy(value), defaults[key]) for key, value in overrides.items()})
     cfg = edict(cfg)
     cfg.config_name = os.path.splitext(os.path.basename(path))[0]
     cfg.config_path = path

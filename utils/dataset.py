@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from utils.errors import UserError
+from utils.image_folder import IMAGE_EXTENSIONS
 from utils.recordio import IR_SIZE, MXIndexedRecordIO, decode_image, unpack
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -35,6 +36,12 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _FLAG = struct.Struct("<I")
 _CHUNK = 32  # images decoded per normalisation call, so their planes are still in cache
+
+
+def looks_like_image_folder(folder):
+    """Whether ``folder``'s first identity-like subfolder holds an image (``ROOT/<identity>/<image>``)."""
+    subfolders = sorted(e.path for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return bool(subfolders) and any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(subfolders[0]))
 
 
 def resolve_rec(rec):
@@ -48,6 +55,9 @@ def resolve_rec(rec):
         prefix = rec[:-4] if rec.endswith((".rec", ".idx")) else rec
     rec_path, idx_path = prefix + ".rec", prefix + ".idx"
     missing = [p for p in (rec_path, idx_path) if not os.path.isfile(p)]
+    if missing and os.path.isdir(rec) and looks_like_image_folder(rec):
+        raise UserError(f"training data not found: {rec} is an image folder (ROOT/<identity>/<image>), not a RecordIO "
+                        f"set; pack it first (python tools/pack_rec.py {rec} OUT/train) and pass the prefix it writes")
     if missing:
         raise UserError(f"training data not found: expected {rec_path} and {idx_path} (missing {', '.join(missing)}); "
                         "rec is a folder holding train.rec/train.idx or a path prefix such as …/train_part_70_class")

@@ -143,7 +143,7 @@ def _onnx_session(path, input_size, device):
     shape = session.get_inputs()[0].shape
     if len(shape) != 4 or any(isinstance(s, int) and s != want for s, want in zip(shape[1:], (3, input_size, input_size))):
         raise UserError(f"{path} expects input of shape {shape}, not {_expected(input_size)}; "
-                        "pass the matching --input_size")
+                        "pass the matching --input_size (--input_sizes in compat_eval.py)")
     output = session.get_outputs()[0].shape
     require(len(output) == 2, f"{path} declares output shape {output}, expected (B, d) embeddings")
     return session
@@ -164,7 +164,7 @@ def _torchscript(path, input_size, device):
             out = model(torch.zeros(2, 3, input_size, input_size, device=device))
     except Exception as exc:  # the scripted forward's own error for a wrong input size
         raise UserError(f"{path} fails on {_expected(input_size)} input ({str(exc).strip().splitlines()[-1]}); "
-                        "pass the matching --input_size") from None
+                        "pass the matching --input_size (--input_sizes in compat_eval.py)") from None
     require(isinstance(out, torch.Tensor) and out.ndim == 2 and len(out) == 2,
             f"{path} returns {getattr(out, 'shape', type(out).__name__)} for {_expected(input_size)} input, "
             f"expected (B, d) embeddings")

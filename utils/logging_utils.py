@@ -35,7 +35,9 @@ class SpeedLogger:
     window means (and the lr) go to TensorBoard.
 
     Loss parts may be tensors on the GPU: they are summed where they are and read only on logging
-    steps, so the other steps never wait for the device.
+    steps, so the other steps never wait for the device. A part named ``…_rows`` is a count, not a
+    loss: it is shown after the loss as rows per step (``mixed_rows 19.0/step``), in TensorBoard as
+    ``count/<name>``.
     """
 
     def __init__(self, frequent, total_steps, global_batch, logger, writer=None):
@@ -63,14 +65,15 @@ class SpeedLogger:
         if self.writer is not None:
             self.writer.add_scalar("learning_rate", lr, global_step)
             for key, value in means.items():
-                self.writer.add_scalar(f"loss/{key}", value, global_step)
+                self.writer.add_scalar(f"{'count' if key.endswith('_rows') else 'loss'}/{key}", value, global_step)
             self.writer.add_scalar("speed_samples_per_sec", speed, global_step)
         loss = means.pop("loss", 0.0)
-        detail = "".join(f" {k} {v:.4f}" for k, v in means.items())
+        detail = "".join(f" {k} {v:.4f}" for k, v in means.items() if not k.endswith("_rows"))
+        counts = "".join(f"   {k} {v:.1f}/step" for k, v in means.items() if k.endswith("_rows"))
         grad_scale = grad_scale() if callable(grad_scale) else grad_scale
         scale = f"   Fp16 Grad Scale: {grad_scale:2.0f}" if grad_scale is not None else ""
         self.logger.info(
-            f"Speed {speed:.2f} samples/sec   Loss {loss:.4f} ({detail.strip()})   "
+            f"Speed {speed:.2f} samples/sec   Loss {loss:.4f} ({detail.strip()}){counts}   "
             f"LearningRate {lr:.6f}   Epoch: {epoch}   Global Step: {global_step}{scale}   "
             f"Required: {hours_left:.2f} hours")
         self.tic, self.sums, self.count = now, {}, 0

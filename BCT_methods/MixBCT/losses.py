@@ -43,7 +43,7 @@ def mix_embeddings(embeddings, chosen, old):
 class MixBCT(Method):
     """``L = L_cls(mixed batch)``; config keys ``old_embedding``, ``credible_old_feature``, ``mix_ratio``.
 
-    Logged parts: ``cls`` and ``mixed`` (rows replaced this step on this process).
+    Logged: the loss part ``cls`` and the count ``mixed_rows`` (rows replaced per step on this process).
     """
 
     name = "MixBCT"
@@ -66,4 +66,4 @@ class MixBCT(Method):
         chosen = choose_mixed(self.mask.rows(indices, ctx), self.k).to(ctx.device, non_blocking=True)
         mixed = mix_embeddings(embeddings, chosen, self.old.rows(indices, ctx))
         loss = ctx.classifier(mixed, labels)
-        return loss, {"cls": loss.detach(), "mixed": chosen.sum()}
+        return loss, {"cls": loss.detach(), "mixed_rows": chosen.sum()}

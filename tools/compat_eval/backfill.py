@@ -216,9 +216,14 @@ def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGE
     """Every (order, merge) curve of gallery generation ``names[0]`` re-extracted by query generation
     ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}."""
     calibration = Calibration(protocol, old, new, seed) if "calibrated" in merges else None
-    return [{"order": order_name, "query": names[1], "gallery": names[0],
-             **backfill_curve(protocol, old, new, order, counts, merge, far, calibration)}
-            for order_name, order in orders.items() for merge in merges]
+    curves = []
+    for order_name, order in orders.items():
+        for merge in merges:
+            print(f"backfill curve {len(curves) + 1}/{len(orders) * len(merges)}: {order_name} order, {merge} merge",
+                  flush=True)
+            curves.append({"order": order_name, "query": names[1], "gallery": names[0],
+                           **backfill_curve(protocol, old, new, order, counts, merge, far, calibration)})
+    return curves
 
 
 def flip_far(metric):

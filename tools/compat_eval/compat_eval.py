@@ -4,7 +4,7 @@
     python tools/compat_eval/compat_eval.py --rec PREFIX --models v1.pt v2.onnx -R out/compat -E
     python tools/compat_eval/compat_eval.py --restore_embs out/compat.npz -R out/compat2
 
-Data: aligned crops as ``ROOT/<identity>/<image>`` (jpg/png) or a RecordIO set (``PREFIX.rec/.idx``).
+Data: aligned crops as ``ROOT/<identity>/<image>`` (jpg/jpeg/png/bmp) or a RecordIO set (``PREFIX.rec/.idx``).
 Models: generations oldest first. Every image is embedded once per model; for every ordered pair
 (query generation, gallery generation) the tool reports 1:1 TAR@FAR and AUC, 1:N top-k and
 TPIR@FPIR, with bootstrap 95 % intervals over identities, the matrix of the main metric and a
@@ -52,15 +52,40 @@ def preprocessings(texts, count):
     return [parse_preprocessing(t, IJB_PREPROCESSING) for t in _per_model(texts or [""], count, "--preprocess", str)]
 
 
-def transformed_gallery(args, names, embeddings, flips):
-    """``(name, image features, old index, new index)`` of the old generation mapped by ``--transform``."""
-    from tools.ijbc_eval.ijbc_eval import apply_transform
+def load_transform(path):
+    """The saved dict of the ``--transform`` file (refused in one line when it is not a transform)."""
     from tools.transform.transforms import load
 
-    old, new = (_generation(names, g) for g in args.transform_generations or (names[0], names[-1]))
-    require(old != new, f"--transform_generations: give two different generations, got {names[old]} twice")
+    return load(path)[1]
+
+
+def check_transform_size(path, saved, size):
+    """The transform must map ``size``-d embeddings to ``size``-d ones (every generation makes one size)."""
+    require(saved["in_dim"] == size == saved["out_dim"],
+            f"--transform {path} maps {saved['in_dim']}-d embeddings to {saved['out_dim']}-d ones, but the "
+            f"generations make {size}-d embeddings (compat_eval needs one size; ijbc_eval.py --transform "
+            "evaluates a transform between two sizes)")
+
+
+def choices(args, names, identity_names):
+    """``(backfill pair, backfill file order, transform pair)`` from the options that name generations or
+    identities, checked before any image is embedded."""
+    pair = backfill.check_pair(names, args.backfill) if args.backfill is not None else None
+    file_order = backfill.read_order(args.backfill_order, identity_names, args.seed) if args.backfill_order else None
+    transform_pair = None
+    if args.transform:
+        transform_pair = tuple(_generation(names, g) for g in args.transform_generations or (names[0], names[-1]))
+        require(transform_pair[0] != transform_pair[1],
+                f"--transform_generations: give two different generations, got {names[transform_pair[0]]} twice")
+    return pair, file_order, transform_pair
+
+
+def transformed_gallery(args, names, embeddings, flips, saved, old, new):
+    """``(name, image features, old index, new index)`` of generation ``old`` mapped by ``--transform``."""
+    from tools.ijbc_eval.ijbc_eval import apply_transform
+
     mapped = apply_transform(args.transform, embeddings[old], embeddings[new][0].shape[1])
-    return f"{names[old]} + {load(args.transform)[1]['kind']}", image_features(*mapped, flips[old]), old, new
+    return f"{names[old]} + {saved['kind']}", image_features(*mapped, flips[old]), old, new
 
 
 def _generation(names, text):
@@ -77,14 +102,17 @@ def _default_names(models):
     return stems if len(set(stems)) == len(stems) else [f"gen{i + 1}" for i in range(len(models))]
 
 
-def _embed(args, faceset, networks, widths, sizes):
+def _embed(args, faceset, networks, widths, sizes, transform):
     """``([(embs, embs_f), …] per model, the chunk cache)``; under torchrun the images are shared
-    among the ranks and ranks other than 0 get ``(None, cache)``."""
+    among the ranks and ranks other than 0 get ``(None, cache)``. ``transform``: the saved ``--transform``
+    (or None), checked against the models' embedding size before the images are embedded."""
     with launched(device=args.device) as dist_info:
         device = dist_info.device if dist_info else args.device
         embedders = build_embedders(args.models, networks, widths, sizes, device,
                                     preprocessings(args.preprocess, len(args.models)))
         check_sizes(args.models, [e.embedding_size for e in embedders])
+        if transform is not None:
+            check_transform_size(args.transform, transform, embedders[0].embedding_size)
         inputs = dict(faces=faceset.describe(), models=[e.describe() for e in embedders])
         cache = ChunkCache("compat_embed", inputs, len(faceset), CHUNK_IMAGES)
         workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
@@ -103,6 +131,8 @@ def run(args):
             "--impostors, --max_genuine and --gallery_per_id must be >= 1")
     require(0 <= args.nonmated_share < 1, f"--nonmated_share must lie in [0, 1), got {args.nonmated_share}")
     require(args.backfill is not None or not args.backfill_order, "--backfill_order needs --backfill")
+    require(args.metric in METRICS, f"--metric {args.metric}: expected one of {', '.join(METRICS)}")
+    transform = load_transform(args.transform) if args.transform else None
     stem = args.save_result[:-len(".json")] if args.save_result.endswith(".json") else args.save_result
     if args.models:
         count = len(args.models)
@@ -113,7 +143,8 @@ def run(args):
         require(len(names) == count and len(set(names)) == count,
                 f"--names: give {count} distinct names, got {' '.join(names)}")
         faceset = FaceSet(args.data, args.rec, args.image_size, args.resize, sorted(set(sizes)))
-        embeddings, cache = _embed(args, faceset, networks, widths, sizes)
+        pair, file_order, transform_pair = choices(args, names, faceset.identities)
+        embeddings, cache = _embed(args, faceset, networks, widths, sizes, transform)
         if embeddings is None:   # a rank other than 0 under torchrun: its share of the images is embedded
             return None
         labels = faceset.labels
@@ -127,13 +158,18 @@ def run(args):
     identity_names, labels = np.unique(labels, return_inverse=True)
     if faceset is not None:
         identity_names = faceset.identities
-    pair = backfill.check_pair(names, args.backfill) if args.backfill is not None else None
-    file_order = backfill.read_order(args.backfill_order, identity_names, args.seed) if args.backfill_order else None
+    if not args.models:
+        pair, file_order, transform_pair = choices(args, names, identity_names)
+        if transform is not None:
+            check_transform_size(args.transform, transform, embeddings[0][0].shape[1])
     flips = [p.flip_sum for p in preprocessings(args.preprocess, len(names))]
     features = [image_features(*e, flip) for e, flip in zip(embeddings, flips)]
     require(all(np.isfinite(f).all() for f in features), "the embeddings contain NaN or inf")
     protocol = Protocol(labels, args.max_genuine, args.impostors, args.gallery_per_id, args.nonmated_share, args.seed)
-    transformed = transformed_gallery(args, names, embeddings, flips) if args.transform else None
+    curves = len(args.backfill_merge) * (2 + (file_order is not None)) if pair is not None else 0
+    print(f"matrix: {len(names) ** 2 + bool(transform)} cells on {len(identity_names)} identities, "
+          f"{args.bootstrap} bootstrap resamples" + (f"; then {curves} backfill curves" if curves else ""), flush=True)
+    transformed = transformed_gallery(args, names, embeddings, flips, transform, *transform_pair) if transform else None
     result = compatibility(features, names, protocol, args.bootstrap, args.seed, args.metric, transformed)
     result["models"] = list(args.models) if args.models else args.restore_embs
     result["transform"] = args.transform
@@ -169,7 +205,7 @@ def run(args):
 
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", metavar="ROOT", help="aligned crops as ROOT/<identity>/<image> (jpg/png)")
+    p.add_argument("--data", metavar="ROOT", help="aligned crops as ROOT/<identity>/<image> (.jpg, .jpeg, .png or .bmp)")
     p.add_argument("--rec", metavar="PREFIX", help="RecordIO set PREFIX.rec/.idx (or a folder with train.rec)")
     p.add_argument("--models", nargs="+", default=[], help="model generations, oldest first (.pt state_dict or .onnx)")
     p.add_argument("--networks", nargs="+", default=["r50"], help="backbone per model, or one for all (default r50)")

@@ -42,3 +42,57 @@ def interval_verdict(margin, low, high):
 def signed_interval(low, high, digits):
     """``[+0.012, +0.090]``: an interval of margins with signs, ``digits`` decimals."""
     return f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def needed_impostor_pairs(metric):
+    """The impostor pairs a ``TAR@FAR=f`` figure needs to be measured (1/f: one impostor above its threshold);
+    None for other metrics."""
+    if not metric.startswith("TAR@FAR="):
+        return None
+    return int(round(1 / float(metric.split("=")[1])))
+
+
+def measurable(metric, impostor_pairs):
+    """Whether ``metric`` can be measured on ``impostor_pairs`` pairs (unknown counts: yes). Below 1/f pairs the
+    threshold of TAR@FAR=f is the highest impostor score whatever f, so every such figure is the same number."""
+    needed = needed_impostor_pairs(metric)
+    return needed is None or impostor_pairs is None or impostor_pairs >= needed
+
+
+def not_measurable_note(metrics, impostor_pairs):
+    """The report's line for the figures of ``metrics`` that ``impostor_pairs`` cannot carry ("" when all can)."""
+    missing = [m for m in metrics if not measurable(m, impostor_pairs)]
+    if not missing:
+        return ""
+    return ("not measurable with this data: " + ", ".join(f"{m} needs at least {needed_impostor_pairs(m):,} impostor "
+                                                          "pairs" for m in missing)
+            + f"; this evaluation has {impostor_pairs:,} (more identities give more pairs)")
+
+
+def answer(verdicts):
+    """The plain answer of one model from its verdicts (``compatible``, ``not compatible``, ``undecided``, ``n/m``):
+    ``no`` when any is not compatible, ``yes`` when all are compatible, else ``undecided``."""
+    if any(v.startswith("not compatible") for v in verdicts):
+        return "no"
+    return "yes" if verdicts and all(v.startswith("compatible") for v in verdicts) else "undecided"
+
+
+def recommendation(trained, transforms):
+    """The recommended path, in words. ``trained``: ``[(name, answer, self-test change or None)]`` of new models
+    trained for compatibility; ``transforms``: ``[(name, answer)]`` of gallery transforms."""
+    ready = [(name, cost) for name, said, cost in trained if said == "yes"]
+    if ready:
+        name, cost = max(ready, key=lambda item: -1 if item[1] is None else item[1])
+        change = "" if cost is None else f" (self-test {cost:+.3f} against a freely trained model)"
+        return f"deploy {name}: its queries search the old gallery as it is{change}; re-enrol at leisure"
+    mapped = [name for name, said in transforms if said == "yes"]
+    if mapped:
+        return f"map the stored gallery with {mapped[0]} and search it with the new model's queries"
+    return ("no candidate is shown to serve the old gallery: re-enrol (backfill) the gallery with the new model "
+            "before its queries use it, or gather more test identities if the answers are undecided")
+
+
+def decision_lines(question, rows, path):
+    """Markdown: the question, one line per candidate ``(name, answer, detail)`` and the recommended path."""
+    return ([f"**{question}**", ""] + [f"- {name}: **{said}** ({detail})" for name, said, detail in rows]
+            + ["", f"Recommended path: {path}.", ""])

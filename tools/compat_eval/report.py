@@ -6,16 +6,53 @@ from tools.compat_eval.protocol import METRICS
 from utils.io import atomic_path
 
 
-def format_report(result):
-    """Markdown: the matrix of the main metric, every figure per cell, the verdicts."""
+def decision_section(result):
+    """Markdown: can each later generation (and the transformed gallery) serve queries against the oldest
+    generation's gallery without re-enrolment — yes/no/undecided from the main metric's paired interval, with
+    the top-1 margin as point values — and the recommended path (:mod:`decision`)."""
     names, metric = result["generations"], result["metric"]
     cell = {(c["query"], c["gallery"]): c for c in result["cells"]}
+    old = names[0]
+    rows, trained, transforms = [], [], []
+    for v in result["verdicts"]:
+        if v.get("self_of", v["earlier"]) != old:
+            continue
+        low, high = v.get("margin_interval", (float("nan"), float("nan")))
+        said = decision.answer([decision.interval_verdict(v["margin"], low, high)])
+        if not decision.measurable(metric, result["protocol"]["impostor_pairs"]):
+            said = "undecided"
+        top1 = cell[v["generation"], v["earlier"]]["top1"] - cell[old, old]["top1"]
+        detail = (f"{metric} margin {v['margin']:+.4f}"
+                  + (f" {decision.signed_interval(low, high, 4)}" if "margin_interval" in v else " (no interval)")
+                  + f"; top1 margin {top1:+.4f} (point values)")
+        if v["earlier"] == old:
+            own = cell[v["generation"], v["generation"]][metric] - cell[old, old][metric]
+            trained.append((v["generation"], said, None))
+            detail += f"; self-test {own:+.4f} against {old}'s"
+        else:
+            transforms.append((v["earlier"], said))
+        rows.append((f"{v['generation']} queries → {v['earlier']} gallery", said, detail))
+    if not rows:
+        return []
+    return decision.decision_lines(f"Can a new generation serve queries against {old}'s gallery without "
+                                   f"re-enrolment? (on {metric}: yes when the paired 95 % interval of its margin "
+                                   "lies above 0, no below 0, undecided when it contains 0)",
+                                   rows, decision.recommendation(trained, transforms))
 
-    def show(c, key):
-        interval = c.get("interval", {}).get(key)
+
+def format_report(result):
+    """Markdown: the matrix of the main metric, every figure per cell, the verdicts. A TAR@FAR that the
+    impostor pairs cannot carry (:func:`decision.measurable`) is shown as ``n/m``, with a note."""
+    names, metric = result["generations"], result["metric"]
+    cell = {(c["query"], c["gallery"]): c for c in result["cells"]}
+    p = result["protocol"]
+
+    def show(c, key, intervals=True):
+        if not decision.measurable(key, p["impostor_pairs"]):
+            return "n/m"
+        interval = c.get("interval", {}).get(key) if intervals else None
         return f"{c[key]:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
-    p = result["protocol"]
     lines = [f"Compatibility matrix, {metric} (rows: query generation, columns: gallery generation"
              + (f"; 95 % bootstrap intervals over identities, {result['bootstrap']} resamples" if result["bootstrap"]
                 else "") + ")", "",
@@ -25,8 +62,13 @@ def format_report(result):
               f"{p['impostor_pairs']} impostor pairs; 1:N: {p['gallery_identities']} gallery identities "
               f"({p['gallery_images']} images), {p['mated_probes']} mated / {p['nonmated_probes']} non-mated probes.",
               "", "| query | gallery | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
-    lines += [f"| {c['query']} | {c['gallery']} | " + " | ".join(f"{c[k]:.4f}" for k in METRICS) + " |"
+    lines += [f"| {c['query']} | {c['gallery']} | " + " | ".join(show(c, k, False) for k in METRICS) + " |"
               for c in result["cells"]]
+    note = decision.not_measurable_note(METRICS, p["impostor_pairs"])
+    lines += ["", f"n/m: {note}."] if note else []
+    if not decision.measurable(metric, p["impostor_pairs"]):
+        lines += ["", f"The main metric {metric} is not measurable with this data: the matrix and the verdicts "
+                  "below carry no information on it; choose --metric with a larger FAR or evaluate more identities."]
     if result["verdicts"]:
         lines += ["", f"Verdicts ({metric}: a later generation is compatible with an earlier one when its "
                   "cross-test reaches the earlier model's self-test):", ""]
@@ -48,7 +90,7 @@ def format_report(result):
                   f"accuracy {result['average_multimodel_accuracy']:.4f}{interval('average_multimodel_accuracy')}; "
                   "oldest generation each one is compatible with: "
                   + ", ".join(f"{k} → {v}" for k, v in result["oldest_compatible"].items())]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(decision_section(result) + lines) + "\n"
     return text + backfill.format_backfill(result["backfill"], metric) if result.get("backfill") else text
 
 

@@ -1,7 +1,9 @@
 """The demo's report: result rows with margins over the old self-test, verdicts, the markdown table and the plot.
 
-A row is one figure of one model: ``{method, test, metric, value, ci_low, ci_high}`` and, for a
-cross-test, ``margin``, ``margin_ci_low``, ``margin_ci_high`` (``results.json``'s ``rows``).
+A row is one figure of one model: ``{method, test, metric, value, ci_low, ci_high}``, for a TAR@FAR
+``impostor_pairs`` (of its evaluation) and, for a cross-test, ``margin``, ``margin_ci_low``,
+``margin_ci_high`` (``results.json``'s ``rows``). A TAR@FAR that its impostor pairs cannot carry
+(:func:`decision.measurable`) is printed ``n/m``, its margin without a verdict.
 """
 from tools.compat_eval import decision
 from utils.errors import require
@@ -24,6 +26,8 @@ def result_rows(method, results, old_results=None):
         for metric, keys_path in keys:
             value, (low, high) = _figure(result, keys_path)
             row = {"method": method, "test": test, "metric": metric, "value": value, "ci_low": low, "ci_high": high}
+            if "num_impostor_pairs" in result and metric.startswith("TAR@FAR="):
+                row["impostor_pairs"] = result["num_impostor_pairs"]
             if test == "cross" and result["protocol"] in old_self:
                 old, old_file = old_self[result["protocol"]]
                 row["margin"] = value - _figure(old, keys_path)[0]
@@ -68,6 +72,8 @@ def combine_seeds(rows):
         for key in ("value", "ci_low", "ci_high", "margin", "margin_ci_low", "margin_ci_high"):
             if key in group[0]:
                 row[key] = float(np.mean([r[key] for r in group]))
+        if "impostor_pairs" in group[0]:
+            row["impostor_pairs"] = min(r["impostor_pairs"] for r in group)
         if len(group) > 1:
             row["sd"] = float(np.std([r["value"] for r in group], ddof=1))
             row["seeds"] = len(group)
@@ -75,11 +81,19 @@ def combine_seeds(rows):
     return combined
 
 
+def measurable(row):
+    """Whether the row's impostor pairs carry its figure (rows without a count: yes)."""
+    return decision.measurable(row["metric"], row.get("impostor_pairs"))
+
+
 def cell_text(row):
-    """``value ± half-width`` (and the sd over seeds) of one row; the value alone without an interval."""
+    """``value [low, high]`` (the 95 % percentile interval, not symmetric; and the sd over seeds) of one row;
+    the value alone without an interval; ``n/m`` for a figure its impostor pairs cannot carry."""
+    if not measurable(row):
+        return "n/m"
     text = f"{row['value']:.3f}"
     if row["ci_high"] == row["ci_high"]:   # not NaN
-        text += f" ± {(row['ci_high'] - row['ci_low']) / 2:.3f}"
+        text += f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
     return text + (f" (sd {row['sd']:.3f})" if "sd" in row else "")
 
 
@@ -90,7 +104,10 @@ def verdict(row):
 
 
 def margin_text(row):
-    """``+0.052 [+0.012, +0.090] compatible``: margin, its paired 95 % interval and the verdict."""
+    """``+0.052 [+0.012, +0.090] compatible``: margin, its paired 95 % interval and the verdict (``n/m``
+    for a figure its impostor pairs cannot carry)."""
+    if not measurable(row):
+        return "n/m"
     interval = "" if row["margin_ci_low"] != row["margin_ci_low"] else \
         " " + decision.signed_interval(row["margin_ci_low"], row["margin_ci_high"], 3)
     return f"{row['margin']:+.3f}{interval} {verdict(row)}"
@@ -99,19 +116,53 @@ def margin_text(row):
 VERDICT_METRICS = ("TAR@FAR=1e-3", "top1")   # the paper's two kinds of figure: 1:1 and 1:N
 
 
-def results_table(rows, scenario, seeds=1, resamples=0):
+def row_verdict(row):
+    """The verdict of a cross row, ``n/m`` when its impostor pairs cannot carry the figure."""
+    return verdict(row) if measurable(row) else "n/m"
+
+
+def decision_section(rows):
+    """Markdown: can each new model (or transformed gallery) serve queries against the old gallery without
+    re-enrolment — yes/no/undecided from its TAR@FAR=1e-3 and top-1 verdicts — and the recommended path."""
+    row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
+    indep = row_of.get(("independent", "self", "TAR@FAR=1e-3"))
+    lines, trained, transforms = [], [], []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        crosses = [row_of.get((method, "cross", m)) for m in VERDICT_METRICS]
+        if method in ("old", "independent") or not all(c and "margin" in c for c in crosses):
+            continue
+        verdicts = [row_verdict(c) for c in crosses]
+        said = decision.answer(verdicts)
+        detail = ", ".join(f"{m} {v}" for m, v in zip(VERDICT_METRICS, verdicts))
+        own = row_of.get((method, "self", "TAR@FAR=1e-3"))
+        cost = own["value"] - indep["value"] if own and indep and measurable(own) and measurable(indep) else None
+        if " + " in method:
+            transforms.append((method, said))
+        else:
+            trained.append((method, said, cost))
+            detail += "" if cost is None else f"; self-test {cost:+.3f} against the independent model"
+        lines.append((method, said, detail))
+    return decision.decision_lines("Can a new model serve queries against the old gallery without re-enrolment?",
+                                   lines, decision.recommendation(trained, transforms))
+
+
+def results_table(rows, scenario, seeds=1, resamples=0, profile="full"):
     """Markdown table: one row per method and test, with the cross rows' margins over the old self-test
-    and their verdicts (TAR@FAR=1e-3 and top-1) and the self-test cost against the independent model."""
+    and their verdicts (TAR@FAR=1e-3 and top-1) and the self-test cost against the independent model;
+    the quick profile's table is headed as a smoke test."""
     row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
     value = {key: r["value"] for key, r in row_of.items()}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     indep_self = value.get(("independent", "self", "TAR@FAR=1e-3"))
-    lines = [f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old "
-             f"gallery); value ± half-width of the 95 % subject-bootstrap interval ({resamples} resamples)"
-             + (f", mean over {seeds} seeds of the new models (sd: across seeds)" if seeds > 1 else ""), "",
-             "| method | test | " + " | ".join(METRICS) + " | " +
-             " | ".join(f"margin {m} [95 %] verdict" for m in VERDICT_METRICS) + " | self-test vs independent |",
-             "|---|---|" + "---|" * (len(METRICS) + len(VERDICT_METRICS)) + "---|"]
+    smoke = ["**Smoke test** (profile quick: tiny data, 2-epoch models): these numbers show that every stage ran; "
+             "they say nothing about the methods. Run the full profile for figures.", ""] if profile == "quick" else []
+    lines = smoke + decision_section(rows) + [
+        f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old "
+        f"gallery); value [95 % subject-bootstrap percentile interval] ({resamples} resamples)"
+        + (f", mean over {seeds} seeds of the new models (sd: across seeds)" if seeds > 1 else ""), "",
+        "| method | test | " + " | ".join(METRICS) + " | " +
+        " | ".join(f"margin {m} [95 %] verdict" for m in VERDICT_METRICS) + " | self-test vs independent |",
+        "|---|---|" + "---|" * (len(METRICS) + len(VERDICT_METRICS)) + "---|"]
     for method in methods:
         for test in ("self", "cross"):
             if (method, test, METRICS[1]) not in value:
@@ -121,11 +172,15 @@ def results_table(rows, scenario, seeds=1, resamples=0):
                        else "" for m in VERDICT_METRICS]
             cost = ""
             if test == "self" and method not in ("old", "independent") and indep_self is not None:
-                cost = f"{value[(method, test, 'TAR@FAR=1e-3')] - indep_self:+.3f}"
+                own = row_of[(method, test, "TAR@FAR=1e-3")]
+                cost = f"{own['value'] - indep_self:+.3f}" if measurable(own) else "n/m"
             lines.append(f"| {method} | {test} | " + " | ".join(cells + margins) + f" | {cost} |")
     lines += ["", "margin: cross-test minus the old model's self-test of the same figure, with the 95 % interval of "
               "the paired subject resamples; compatible: the interval lies above 0, not compatible: below 0, "
               "undecided: it contains 0. self-test vs independent: TAR@FAR=1e-3 difference."]
+    pairs = [r["impostor_pairs"] for r in rows if "impostor_pairs" in r]
+    note = decision.not_measurable_note(METRICS, min(pairs)) if pairs else ""
+    lines += ["", f"n/m: {note}."] if note else []
     return "\n".join(lines) + "\n"
 
 

@@ -85,7 +85,7 @@ def run_pipeline(args):
                "quick": bool(args.quick), "sizes": demo.sizes(), "seeds": args.seeds,
                "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
                "transform_cost": transform_cost}
-    table = report.results_table(rows, args.scenario, args.seeds, resamples) + transforms.cost_lines(transform_cost)
+    table = report.results_table(rows, args.scenario, args.seeds, resamples, args.profile) + transforms.cost_lines(transform_cost)
     write_results(out, results, table)
     if args.generations == 3:
         with open(os.path.join(out, "compat.md")) as handle:

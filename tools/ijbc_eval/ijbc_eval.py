@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np
 
+from tools.compat_eval import decision
 from tools.ijbc_eval import CHUNK_IMAGES, bootstrap, metrics
 from tools.ijbc_eval.meta import SUBSETS, check_images, load_meta
 from utils.chunk_cache import ChunkCache, file_stamp
@@ -214,26 +215,30 @@ def _pct(value):
 
 
 def _cell(value, interval=None):
-    """A table cell in %: the value, with ± the half-width of its interval when there is one."""
+    """A table cell in %: the value, with its interval ``[low, high]`` when there is one."""
     if interval is None:
         return _pct(value)
-    return f"{_pct(value)} ± {100 * (interval[1] - interval[0]) / 2:.2f}"
+    return f"{_pct(value)} [{_pct(interval[0])}, {_pct(interval[1])}]"
 
 
 def format_table(result):
-    """Markdown table of a result dict (values in %)."""
+    """Markdown table of a result dict (values in %; a TAR@FAR its impostor pairs cannot carry: ``n/m``)."""
     variants = result.get("variants") or {result["variant"]: result}
     title = f"{result['subset']} {result['protocol']} {result['test']}-test (%)"
     if result.get("data"):
         title += f" on {result['data']}"
     if "CI95" in result:
-        title += f", ± half-width of the 95 % interval over {result['bootstrap']['resamples']} subject resamples"
+        title += f", [95 % percentile interval] over {result['bootstrap']['resamples']} subject resamples"
+    note = ""
     if result["protocol"] == "1:1":
+        pairs = result.get("num_impostor_pairs")
+        note = decision.not_measurable_note([f"TAR@FAR={k}" for k in metrics.FAR_KEYS], pairs)
         lines = ["| variant | " + " | ".join(f"TAR@FAR={k}" for k in metrics.FAR_KEYS) + " | AUC |",
                  "|---" * (len(metrics.FAR_KEYS) + 2) + "|"]
         for name, r in variants.items():
             ci = result.get("CI95", {}) if name == result["variant"] else {}
             lines.append(f"| {name} | " + " | ".join(_cell(r["TAR@FAR"][k], ci.get("TAR@FAR", {}).get(k))
+                                                     if decision.measurable(f"TAR@FAR={k}", pairs) else "n/m"
                                                      for k in metrics.FAR_KEYS)
                          + f" | {_cell(r['AUC'], ci.get('AUC'))} |")
     else:
@@ -250,7 +255,7 @@ def format_table(result):
                 lines.append(f"| {name} | {gallery} | " + " | ".join(_cell(row[t], row_ci.get(t)) for t in tops)
                              + " | " + " | ".join(_cell(tpir[k], tpir_ci.get(k)) if k in tpir else ""
                                                   for k in metrics.FPIR_KEYS) + " |")
-    return "\n".join([title, ""] + lines) + "\n"
+    return "\n".join([title, ""] + lines + (["", f"n/m: {note}."] if note else [])) + "\n"
 
 
 def _output_stem(save_result, subset, source, test, protocol):
@@ -325,6 +330,7 @@ def evaluate(model_file=None, network="r50", data_path=DEFAULT_DATA, one_to_n=Fa
               "data": meta.root, "num_images": len(meta), "num_templates": len(templates.ids)}
     if not one_to_n:
         result["num_pairs"] = int(len(meta.pairs["labels"]))
+        result["num_impostor_pairs"] = int((np.asarray(meta.pairs["labels"]) == 0).sum())
     if bunch:
         result["variants"] = summaries
     if ci is not None:

@@ -1,12 +1,14 @@
 """Synthetic face datasets in the real formats: MS1M-style RecordIO training set, IJB-C-style test set.
 
     python tools/synthetic/make_synthetic.py --out DIR [--identities 1000] [--images-per-identity 30]
-        [--ijb-identities 200] [--ijb-max-frames 5] [--seed 0] [--workers W] [--overwrite]
+        [--ijb-identities 200] [--ijb-max-frames 5] [--seed 0] [--workers W] [--folder] [--overwrite]
 
 Writes ``DIR/train.rec``, ``DIR/train.idx``, ``DIR/property`` (112×112 aligned JPEG faces, labels
 0..N−1 by identity, insightface record-0 header and identity-range records) and ``DIR/IJBC/``
 (``meta/`` protocol files and ``loose_crop/`` unaligned photos with their 5 landmarks), see
-docs/synthetic.md. The output is built in a temporary folder beside ``DIR`` and renamed into place.
+docs/synthetic.md. ``--folder`` also writes the training crops as an image folder
+``DIR/faces/person<label>/<index>.jpg`` (the same JPEG bytes; what tools/pack_rec.py and
+``compat_eval.py --data`` read). The output is built in a temporary folder beside ``DIR`` and renamed into place.
 Identical bytes for the same options, whatever ``--workers``.
 """
 import argparse
@@ -193,6 +195,7 @@ def write_train(folder, args, mapper):
     total = n * k
     tasks = [(args.seed, c, size, k) for c, size in _chunks(n)]
     prefix = os.path.join(folder, "train")
+    digits = len(str(n - 1))
     with MXIndexedRecordIO(prefix + ".idx", prefix + ".rec", "w") as writer, \
             tqdm(total=total, unit="img", desc="train", dynamic_ncols=True) as bar:
         writer.write_idx(0, pack(IRHeader(2, [total + 1, total + 1 + n], 0, 0), b""))
@@ -200,6 +203,8 @@ def write_train(folder, args, mapper):
         for jpegs in mapper(render_train_chunk, tasks):
             for jpeg in jpegs:
                 writer.write_idx(key, pack(IRHeader(0, float((key - 1) // k), key, 0), jpeg))
+                if args.folder:
+                    write_crop(folder, f"person{(key - 1) // k:0{digits}d}", (key - 1) % k, jpeg)
                 key += 1
             bar.update(len(jpegs))
         for label in range(n):
@@ -208,6 +213,13 @@ def write_train(folder, args, mapper):
     with open(os.path.join(folder, "property"), "w") as handle:
         handle.write(f"{n},112,112\n")
     return total
+
+
+def write_crop(folder, identity, index, jpeg):
+    """``folder/faces/<identity>/<index>.jpg``: one training crop in the image-folder layout."""
+    os.makedirs(os.path.join(folder, "faces", identity), exist_ok=True)
+    with open(os.path.join(folder, "faces", identity, f"{index:03d}.jpg"), "wb") as handle:
+        handle.write(jpeg)
 
 
 def make_ijb(folder, args, mapper):
@@ -272,6 +284,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed (≥ 0)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: CPU count, at most 8; 0 = render in this process)")
+    parser.add_argument("--folder", action="store_true",
+                        help="also write the training crops as an image folder OUT/faces/person<label>/<index>.jpg")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     args = parser.parse_args(argv)
     require(args.identities >= 2, f"--identities must be at least 2, got {args.identities}")
@@ -311,7 +325,8 @@ def main(argv=None):
             pool.terminate()
     seconds = time.time() - start
     print(f"training set: {args.identities} identities × {args.images_per_identity} = {n_train} images "
-          f"in {train_seconds:.1f} s ({n_train / max(train_seconds, 1e-9):.0f} images/s) → {out}/train.rec")
+          f"in {train_seconds:.1f} s ({n_train / max(train_seconds, 1e-9):.0f} images/s) → {out}/train.rec"
+          + (f" and {out}/faces/" if args.folder else ""))
     print(f"IJBC: {ijb['subjects']} subjects, {ijb['templates']} templates, {ijb['media']} media, "
           f"{ijb['images']} images, {ijb['genuine']} genuine / {ijb['impostor']} impostor pairs → {out}/IJBC")
     print(f"done in {seconds:.1f} s (seed {args.seed}, {args.workers} workers)")
