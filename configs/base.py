@@ -59,8 +59,8 @@ config.agree_overflow = True
 config.seed = 666                  # each process uses seed + rank
 config.deterministic = False       # deterministic kernels (exact resume on CPU)
 config.device = None               # None: cuda if available, else cpu
-config.dist_timeout_minutes = 10   # several processes: the longest wait for the others outside the training steps
-config.step_timeout_minutes = 30   # ... and inside the training loop (UniBCT's refinement runs on rank 0 meanwhile)
+config.dist_timeout_minutes = 10.0  # several processes: the longest wait for the others outside the training steps
+config.step_timeout_minutes = 30.0  # ... and inside the training loop (UniBCT's refinement runs on rank 0 meanwhile)
 
 # output, logging, checkpoints
 config.output = None               # None: work_dirs/<config name>
