@@ -65,14 +65,14 @@ def parse_overrides(items):
 
 
 # keys whose default is False but that also take a name (checked where they are used)
-TEXT_OR_BOOL = ("resume", "compile")
+TEXT_OR_BOOL = ("resume", "compile", "tf32")
 
 
 def check_override(key, value, default):
     """Raise :class:`UserError` unless ``value`` fits the type of ``default`` (the key's value in the bases);
     returns the value to use.
 
-    A bool default takes True/False (``resume`` and ``compile`` also a text); an int default a whole number
+    A bool default takes True/False (``resume``, ``compile`` and ``tf32`` also a text); an int default a whole number
     (``2.0`` becomes ``2``); a float default a number (an integer becomes a float); a str default a text; a
     tuple or list default a tuple or list (returned as the default's type); a None default anything. None is
     accepted only where the default is None.
