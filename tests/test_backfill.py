@@ -169,6 +169,17 @@ def test_generation_figures_by_hand():
     assert out["average_multimodel_accuracy_ci_high"] < 3.9 / 6 + 1e-9
 
 
+def test_oldest_compatible_needs_every_generation_between():
+    """v3 reaches v1's self-test but not v2's: it is compatible back to itself only, not to v1."""
+    m = np.array([[0.5, 0.0, 0.0], [0.6, 0.7, 0.0], [0.55, 0.65, 0.9]])
+    value = {(q, g): m[q, g] for q in range(3) for g in range(3)}
+    out = cp.generations_summary(["v1", "v2", "v3"], value)
+    assert out["oldest_compatible"] == {"v1": "v1", "v2": "v1", "v3": "v3"}
+    m[2, 1] = 0.7                                                             # now reaches v2 (≥) as well
+    out = cp.generations_summary(["v1", "v2", "v3"], {(q, g): m[q, g] for q in range(3) for g in range(3)})
+    assert out["oldest_compatible"]["v3"] == "v1"
+
+
 # -------------------------------------------------------------------------------------- the command
 def _saved(path, generations=3):
     rng = np.random.default_rng(1)
