@@ -39,6 +39,9 @@ def test_endpoints_equal_the_cross_test_and_the_new_self_test(case):
             assert entry["metrics"][name][position] == figures[name]
             assert [entry["ci_low"][name][position], entry["ci_high"][name][position]] == intervals[name]
     assert entry["fractions"] == list(bf.FRACTIONS) and len(entry["negative_flips"]) == 11
+    for key in bf.TOP1_FLIPS + bf.PAIR_FLIPS:
+        assert len(entry[key]) == len(entry[f"{key}_ci_low"]) == len(entry[f"{key}_ci_high"]) == 11
+    assert entry["negative_flips"][0] - 1e-12 <= entry["negative_flips_ci_high"][0]
 
 
 def test_mixed_gallery_search_and_scores_against_brute_force(case):
@@ -85,13 +88,43 @@ def test_flips_by_hand():
     def ranks(r):
         return Search(np.ones(len(r), bool), np.array(r), None, None, None, 10)
 
-    assert bf.top1_flips(ranks([0, 0, 3, 1]), ranks([0, 2, 0, 1])) == (0.25, 0.25)
+    # right before: probes 0, 1; right after: 0, 2. Old error 2/4, new error 2/4
+    flips = bf.top1_flips(ranks([0, 0, 3, 1]), ranks([0, 2, 0, 1]))
+    assert flips == {"negative_flips": 0.25, "positive_flips": 0.25, "relative_negative_flips": 0.25 / (0.5 * 0.5)}
+    weighted = bf.top1_flips(ranks([0, 0, 3, 1]), ranks([0, 2, 0, 1]), [0, 3, 1, 0])   # probe 1 thrice, probe 2 once
+    assert weighted["negative_flips"] == 0.75 and weighted["positive_flips"] == 0.25
+    assert weighted["relative_negative_flips"] == pytest.approx(0.75 / (0.75 * 0.75))
     genuine = np.array([True, True, False, False])
     # old threshold: the impostor score of rank floor(2·0.5) − 1 = 0, i.e. 0.5; new: 0.6 (accept: score above it)
     old, new = np.array([0.9, 0.2, 0.1, 0.5]), np.array([0.3, 0.8, 0.6, 0.05])
     np.testing.assert_array_equal(bf.decisions(genuine, old, 0.5), [True, False, True, True])
     np.testing.assert_array_equal(bf.decisions(genuine, new, 0.5), [False, True, True, True])
-    assert bf.pair_flips(genuine, old, new, 0.5) == (0.25, 0.25)
+    figures, reps = bf.pair_flips(genuine, old, new, 0.5)
+    # genuine: pair 0 accepted → rejected, pair 1 rejected → accepted; impostors: both rejected before and after
+    assert figures == {"negative_flips_genuine": 0.5, "positive_flips_genuine": 0.5,
+                       "negative_flips_impostor": 0.0, "positive_flips_impostor": 0.0} and reps is None
+
+
+def test_pair_flips_each_kind_over_its_own_count():
+    """Impostor pairs do not dilute the genuine pairs' flips; resampled thresholds follow the weights."""
+    genuine = np.r_[True, True, np.zeros(98, bool)]
+    old = np.r_[0.9, 0.1, np.linspace(0, 0.5, 98)]
+    new = np.r_[0.2, 0.95, np.linspace(0, 0.5, 98)[::-1]]
+    figures, _ = bf.pair_flips(genuine, old, new, 0.01)   # threshold: the top impostor (0.5) on both
+    assert figures["negative_flips_genuine"] == 0.5 and figures["positive_flips_genuine"] == 0.5
+    assert figures["negative_flips_impostor"] == 0.0 and figures["positive_flips_impostor"] == 0.0
+    # a resample repeating impostor 97 (old 0.4948, new 0.0052) 50 times: n = 147, rank floor(1.47) − 1 = 0 → 0.5
+    # on both sides; and one dropping the top old impostor (index 99: old 0.5 → threshold 0.4948)
+    heavy, dropped = np.ones(100), np.ones(100)
+    heavy[97], dropped[99] = 50, 0
+    _, reps = bf.pair_flips(genuine, old, new, 0.01, [heavy, dropped])
+    assert reps["negative_flips_impostor"][0] == 0.0
+    # without old impostor 99 (new score 0): old threshold 0.4948, new still 0.5 (impostor 2) → no flip either
+    assert reps["positive_flips_impostor"][1] == 0.0
+    want = [bf.pair_flips(genuine[w > 0].repeat(w[w > 0].astype(int)), old[w > 0].repeat(w[w > 0].astype(int)),
+                          new[w > 0].repeat(w[w > 0].astype(int)), 0.01)[0] for w in (heavy, dropped)]
+    for key in bf.PAIR_FLIPS:
+        np.testing.assert_allclose(reps[key], [w[key] for w in want])
 
 
 def test_flips_close_the_top1_gap(case):

@@ -141,27 +141,64 @@ class Calibration:
 
 
 # ------------------------------------------------------------------------------------------- flips
-def top1_flips(old_search, new_search):
-    """(negative, positive) flips of 1:N top-1: shares of the mated probes right before (old query, old
-    gallery) and wrong after, and wrong before and right after."""
+TOP1_FLIPS = ("negative_flips", "positive_flips", "relative_negative_flips")
+PAIR_FLIPS = ("negative_flips_genuine", "positive_flips_genuine", "negative_flips_impostor", "positive_flips_impostor")
+
+
+def _share(flag, base, weights):
+    """Weighted share of ``flag`` among ``base`` (NaN on an empty base)."""
+    total = weights[base].sum()
+    return float(weights[flag & base].sum() / total) if total else np.nan
+
+
+def top1_flips(old_search, new_search, weights=None):
+    """1:N top-1 flips over the mated probes (each repeated ``weights`` times, default once):
+    ``negative_flips`` (right before, with old query and old gallery, wrong after), ``positive_flips``
+    (the reverse) and ``relative_negative_flips`` = negative / ((1 − old error) · new error) (Yan et al.)."""
     before, after = old_search.rank == 0, new_search.rank == 0
-    count = max(len(before), 1)
-    return float(np.sum(before & ~after) / count), float(np.sum(~before & after) / count)
+    weights = np.ones(len(before)) if weights is None else np.asarray(weights, np.float64)
+    every = np.ones(len(before), bool)
+    negative, positive = _share(before & ~after, every, weights), _share(~before & after, every, weights)
+    expected = _share(before, every, weights) * _share(~after, every, weights)
+    return {"negative_flips": negative, "positive_flips": positive,
+            "relative_negative_flips": negative / expected if expected else np.nan}
+
+
+def acceptance(genuine, scores, far):
+    """``accepts(weights)``: whether each pair is accepted at the threshold of false accept rate ``far``
+    among the pairs repeated ``weights`` times: its score is above the impostor score of rank
+    max(floor(n·far) − 1, 0) (highest first, n the weighted impostor count)."""
+    impostor = np.flatnonzero(~genuine)
+    order = impostor[np.argsort(-scores[impostor], kind="stable")]
+    ranked = scores[order]
+    return lambda weights: scores > metrics._threshold(ranked, far, np.cumsum(weights[order]))
 
 
 def decisions(genuine, scores, far):
-    """Whether each pair is decided right at the threshold of false accept rate ``far``: accepted when its
-    score is above the impostor score of rank max(floor(n·far) − 1, 0) (highest first)."""
-    impostors = np.sort(scores[~genuine])[::-1]
-    threshold = metrics._threshold(impostors, far, np.arange(1, len(impostors) + 1))
-    return (scores > threshold) == genuine
+    """Whether each pair is decided right (genuine accepted, impostor rejected) at ``far``, each pair once."""
+    return acceptance(genuine, scores, far)(np.ones(len(scores))) == genuine
 
 
-def pair_flips(genuine, old_scores, new_scores, far):
-    """(negative, positive) flips of 1:1 at ``far``: shares of all pairs decided right by the old model
-    at its threshold and wrong by the updated system at its own (the other way round)."""
-    before, after = decisions(genuine, old_scores, far), decisions(genuine, new_scores, far)
-    return float(np.mean(before & ~after)), float(np.mean(~before & after))
+def pair_flips(genuine, old_scores, new_scores, far, weight_rows=()):
+    """1:1 flips at ``far``, each kind over its own pairs: ``({kind: share}, {kind: (B,)} or None)``.
+
+    Genuine pairs accepted by the old model at its threshold and rejected by the updated system at its
+    own (``negative_flips_genuine``), the reverse (``positive_flips_genuine``); impostor pairs rejected
+    before and accepted after (``negative_flips_impostor``), the reverse (``positive_flips_impostor``).
+    ``weight_rows``: pair multiplicities of bootstrap resamples (thresholds recomputed on each).
+    """
+    before, after = acceptance(genuine, old_scores, far), acceptance(genuine, new_scores, far)
+
+    def shares(weights):
+        a, b = before(weights), after(weights)
+        return {"negative_flips_genuine": _share(a & ~b, genuine, weights),
+                "positive_flips_genuine": _share(~a & b, genuine, weights),
+                "negative_flips_impostor": _share(~a & b, ~genuine, weights),
+                "positive_flips_impostor": _share(a & ~b, ~genuine, weights)}
+
+    figures = shares(np.ones(len(genuine)))
+    rows = [shares(np.asarray(w, np.float64)) for w in weight_rows]
+    return figures, {key: np.array([r[key] for r in rows]) for key in figures} if rows else None
 
 
 # ------------------------------------------------------------------------------------------- curves
@@ -183,7 +220,10 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
     labels = protocol.labels
     old_scores, old_search = protocol.outcomes(old, old)
     rows, reps = {}, {}
-    flips = {key: [] for key in ("negative_flips", "positive_flips", "negative_flips_1to1", "positive_flips_1to1")}
+    flips, flip_reps = {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}, {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}
+    mated = labels[protocol.probe_images][old_search.mated]
+    pair_weights = [] if counts is None else [bootstrap.pair_weights(row, labels[protocol.first], labels[protocol.second])
+                                              for row in counts]
     for fraction in fractions:
         refreshed = refreshed_identities(order, protocol, fraction)
         gallery = mixed_features(old, new, labels, refreshed)
@@ -193,10 +233,15 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
             rows.setdefault(name, []).append(figures[name])
             if replicates is not None:
                 reps.setdefault(name, []).append(replicates[name])
-        for kind, pair in (("", top1_flips(old_search, found)),
-                           ("_1to1", pair_flips(protocol.genuine, old_scores, scores, far))):
-            flips[f"negative_flips{kind}"].append(pair[0])
-            flips[f"positive_flips{kind}"].append(pair[1])
+        point, point_reps = pair_flips(protocol.genuine, old_scores, scores, far, pair_weights)
+        point.update(top1_flips(old_search, found))
+        if counts is not None:
+            resampled = [top1_flips(old_search, found, row[mated]) for row in counts]
+            point_reps.update({key: np.array([r[key] for r in resampled]) for key in TOP1_FLIPS})
+        for key in flips:
+            flips[key].append(point[key])
+            if counts is not None:
+                flip_reps[key].append(point_reps[key])
     entry = {"merge": merge, "fractions": list(fractions), "metrics": rows, **flips,
              "old_self": protocol.figures(old_scores, old_search)[0],
              "flip_far": far, "area": {name: float(area(fractions, rows[name])) for name in rows}}
@@ -209,6 +254,9 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
         area_intervals = {name: bootstrap.percentile_intervals(area(fractions, stacked[name])) for name in rows}
         entry["area_ci_low"] = {name: v[0] for name, v in area_intervals.items()}
         entry["area_ci_high"] = {name: v[1] for name, v in area_intervals.items()}
+        for key, columns in flip_reps.items():
+            bounds = np.array([bootstrap.percentile_intervals(column) for column in columns])
+            entry[f"{key}_ci_low"], entry[f"{key}_ci_high"] = bounds[:, 0].tolist(), bounds[:, 1].tolist()
     return entry
 
 
@@ -228,23 +276,21 @@ def flip_far(metric):
 
 # ------------------------------------------------------------------------------------------ report
 def format_backfill(entries, main):
-    """Markdown: per curve the main metric and top-1 at each fraction with intervals, the flips, the areas."""
+    """Markdown: per curve the main metric, top-1 and the flips at each fraction with intervals, the areas."""
     lines = []
     for e in entries:
         lines += ["", f"Backfill of {e['gallery']}'s gallery by {e['query']} (order {e['order']}, {e['merge']} merge): "
-                  f"fraction re-extracted, {main} and top1 (95 % intervals), 1:N top-1 flips, 1:1 flips at "
-                  f"FAR={e['flip_far']:g}", "",
-                  f"| fraction | {main} | top1 | negative flips | positive flips | 1:1 negative | 1:1 positive |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"fraction re-extracted, {main} and top1, 1:N top-1 flips over the mated probes (negative, "
+                  f"positive, relative negative), 1:1 flips at FAR={e['flip_far']:g} over the genuine pairs and over "
+                  "the impostor pairs (95 % intervals in brackets)", "",
+                  f"| fraction | {main} | top1 | negative flips | positive flips | relative negative | "
+                  "genuine negative | genuine positive | impostor negative | impostor positive |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for k, fraction in enumerate(e["fractions"]):
-            cells = []
-            for name in (main, "top1"):
-                text = f"{e['metrics'][name][k]:.4f}"
-                if "ci_low" in e:
-                    text += f" [{e['ci_low'][name][k]:.4f}, {e['ci_high'][name][k]:.4f}]"
-                cells.append(text)
-            cells += [f"{e[key][k]:.4f}" for key in ("negative_flips", "positive_flips", "negative_flips_1to1",
-                                                     "positive_flips_1to1")]
+            cells = [_cell(e["metrics"][name][k], e.get("ci_low", {}).get(name), e.get("ci_high", {}).get(name), k)
+                     for name in (main, "top1")]
+            cells += [_cell(e[key][k], e.get(f"{key}_ci_low"), e.get(f"{key}_ci_high"), k)
+                      for key in TOP1_FLIPS + PAIR_FLIPS]
             lines.append(f"| {fraction:.1f} | " + " | ".join(cells) + " |")
         areas = ", ".join(f"{name} {e['area'][name]:.4f}" + _area_interval(e, name) for name in (main, "top1"))
         lines += ["", f"Area under the curve: {areas}; the old system ({e['gallery']} self-test): "
@@ -256,6 +302,11 @@ def format_backfill(entries, main):
     return "\n".join(lines) + "\n"
 
 
+def _cell(value, low, high, k):
+    """``0.1234 [0.1000, 0.1500]`` (the interval when there is one)."""
+    return f"{value:.4f}" + (f" [{low[k]:.4f}, {high[k]:.4f}]" if low is not None else "")
+
+
 def _area_interval(entry, name):
     if "area_ci_low" not in entry:
         return ""
@@ -263,13 +314,13 @@ def _area_interval(entry, name):
 
 
 def plot_backfill(entries, path, main):
-    """PNG: ``main`` and top-1 (with 95 % bands; dashed: the old system's self-test) and the top-1
-    negative-flip share against the fraction re-extracted, one line per curve."""
+    """PNG: ``main`` and top-1 (with 95 % bands; dashed: the old system's self-test), the 1:N negative
+    flips and the genuine pairs' 1:1 negative flips against the fraction re-extracted, one line per curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for e in entries:
         label = f"{e['query']}: {e['order']}, {e['merge']}"
         for ax, name in zip(axes[:2], (main, "top1")):
@@ -278,11 +329,17 @@ def plot_backfill(entries, path, main):
             if "ci_low" in e:
                 ax.fill_between(e["fractions"], e["ci_low"][name], e["ci_high"][name], color=line.get_color(),
                                 alpha=0.12, linewidth=0)
-        axes[2].plot(e["fractions"], e["negative_flips"], marker="o", markersize=3, label=label)
+        for ax, key in zip(axes[2:], ("negative_flips", "negative_flips_genuine")):
+            line, = ax.plot(e["fractions"], e[key], marker="o", markersize=3, label=label)
+            if f"{key}_ci_low" in e:
+                ax.fill_between(e["fractions"], e[f"{key}_ci_low"], e[f"{key}_ci_high"], color=line.get_color(),
+                                alpha=0.12, linewidth=0)
     for ax, name in zip(axes[:2], (main, "top1")):
         for gallery, old_self in {e["gallery"]: e["old_self"][name] for e in entries}.items():
             ax.axhline(old_self, color="k", linestyle="--", linewidth=1, label=f"{gallery} self-test")
-    for ax, title in zip(axes, (main, "top1", "negative flips (share of mated probes)")):
+    far = entries[0]["flip_far"] if entries else 1e-3
+    for ax, title in zip(axes, (main, "top1", "1:N negative flips (share of mated probes)",
+                                f"1:1 negative flips at FAR={far:g} (share of genuine pairs)")):
         ax.set(xlabel="fraction of the gallery re-extracted", title=title, xlim=(0, 1))
         ax.legend(fontsize=6)
     fig.tight_layout()
