@@ -65,6 +65,44 @@ def test_mixed_gallery_search_and_scores_against_brute_force(case):
     np.testing.assert_allclose(found.nonmated_best, [max(matrix @ new[i]) for i in nonmated], atol=1e-6)
 
 
+@pytest.mark.parametrize("merge", bf.MERGES)
+def test_mixed_outcomes_equal_the_per_fraction_evaluation(case, merge):
+    """Scores of each space computed once give every state's pair scores and search as evaluating the
+    mixed gallery itself (small blocks: several probe blocks)."""
+    p, labels, old, new = case["protocol"], case["labels"], case["old"], case["new"]
+    calibration = bf.Calibration(p, old, new) if merge == "calibrated" else None
+    states = [bf.refreshed_identities(order, p, f) for order in (bf.random_order(16, 3), np.arange(16))
+              for f in bf.FRACTIONS]
+    got = bf.mixed_outcomes(p, old, new, states, calibration, block=30)
+    for state, (scores, found) in zip(states, got):
+        want_scores, want = p.outcomes(new, bf.mixed_features(old, new, labels, state),
+                                       None if calibration is None else calibration.at(state))
+        np.testing.assert_array_equal(scores, want_scores)
+        for field in ("mated", "rank", "correct"):
+            np.testing.assert_array_equal(getattr(found, field), getattr(want, field))
+        np.testing.assert_allclose(found.score, want.score, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(found.nonmated_best, want.nonmated_best, rtol=1e-6, atol=1e-6)
+        assert p.figures(scores, found)[0] == p.figures(want_scores, want)[0]
+
+
+def test_curves_equal_the_per_fraction_loop(case):
+    """backfill_curves (each space scored once) gives the figures, flips and intervals of the loop
+    that evaluates the mixed gallery of every fraction."""
+    p, labels, old, new = case["protocol"], case["labels"], case["old"], case["new"]
+    counts = bootstrap.subject_counts(16, 10, 0)
+    orders = {"random": bf.random_order(16), "reverse": np.arange(16)[::-1]}
+    entries = bf.backfill_curves(p, old, new, orders, ["v1", "v2"], counts)
+    assert [(e["order"], e["merge"]) for e in entries] == [(o, m) for o in orders for m in bf.MERGES]
+    calibration = bf.Calibration(p, old, new)
+    for e in entries:
+        outcomes = [p.outcomes(new, bf.mixed_features(old, new, labels, state),
+                               None if e["merge"] == "plain" else calibration.at(state))
+                    for state in (bf.refreshed_identities(orders[e["order"]], p, f) for f in bf.FRACTIONS)]
+        want = bf.backfill_curve(p, old, new, orders[e["order"]], counts, e["merge"], calibration=calibration,
+                                 outcomes=outcomes)
+        assert {k: v for k, v in e.items() if k not in ("order", "query", "gallery")} == want
+
+
 def test_refreshed_identities_take_the_share_of_each_gallery():
     protocol = cp.Protocol(np.repeat(np.arange(20), 3), impostors=50, nonmated_share=0.2, seed=1)
     order = bf.random_order(20, seed=2)

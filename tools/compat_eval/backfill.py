@@ -12,6 +12,7 @@ out of the 1:N gallery) have every gallery-side image embedded by the new model.
 """
 import numpy as np
 
+from tools.compat_eval.protocol import SEARCH_BLOCK, SEARCH_DEPTH
 from tools.ijbc_eval import bootstrap, metrics
 from utils.errors import UserError, require
 from utils.io import atomic_path
@@ -124,6 +125,16 @@ class Calibration:
                 self.maps[fold, space] = FarMap(metrics.pair_scores(gallery, new, first[fit], second[fit]))
         self.labels, self.refreshed = labels, None
 
+    def space(self, scores, probe_images, space):
+        """``scores`` of one space (True: new-vs-new) mapped by each probe image's fold (``probe_images``
+        broadcast to the scores' shape): the values :meth:`__call__` gives where the gallery side is in ``space``."""
+        scores = np.asarray(scores, np.float64)
+        fold = np.broadcast_to(self.fold[self.labels[probe_images]], scores.shape)
+        out = np.empty(scores.shape)
+        for f in (0, 1):
+            out[fold == f] = self.maps[f, space](scores[fold == f])
+        return out
+
     def at(self, refreshed):
         """This calibration for the gallery state ``refreshed`` (bool per identity)."""
         self.refreshed = refreshed
@@ -138,6 +149,51 @@ class Calibration:
             where = (fold == f) & (space == s)
             out[where] = far_map(scores[where])
         return out
+
+
+# ---------------------------------------------------------------------------------- mixed galleries
+def mixed_outcomes(protocol, old, new, states, calibration=None, block=SEARCH_BLOCK):
+    """``[(pair scores, Search)]`` of new-model queries against the mixed gallery of each state
+    (bool per identity: re-extracted), the same as ``protocol.outcomes(new, mixed_features(…),
+    calibration.at(state))`` state by state, from each score space computed once.
+
+    A gallery item is new or old as a whole, so a mixed score is the new-vs-new or the new-vs-old
+    score of the same pair (or probe and template): both spaces are scored once (1:1 pairs, and the
+    probes against both template sets), calibrated once per space when
+    ``calibration`` is given (blocks of probes holding ``block`` similarities at most), and each state only picks per identity which space counts. The 1:N
+    search of a block is :func:`metrics.search` on its full rows (exact ranks, capped at the search
+    depth as :func:`protocol.search` reports them).
+    """
+    labels, first, second = protocol.labels, protocol.first, protocol.second
+    spaces = {True: new, False: old}
+    pairs = {space: metrics.pair_scores(g, new, first, second) for space, g in spaces.items()}
+    if calibration is not None:
+        pairs = {space: calibration.space(scores, second, space) for space, scores in pairs.items()}
+    weights = np.ones(len(protocol.gallery_images))
+    templates = {space: protocol.templates.features(g[protocol.gallery_images], None, weights, "N0D0F0")
+                 .astype(np.float32) for space, g in spaces.items()}
+    ids = protocol.templates.ids
+    index = metrics.gallery_index(ids)
+    depth = min(SEARCH_DEPTH, len(ids))
+    columns = [np.asarray(state)[ids] for state in states]
+    probe_images = protocol.probe_images
+    step = max(1, block // len(ids))
+    parts = [[] for _ in states]
+    for s in range(0, len(probe_images), step):
+        rows = probe_images[s:s + step]
+        query = np.ascontiguousarray(new[rows], np.float32)
+        sims = {space: query @ t.T for space, t in templates.items()}
+        if calibration is not None:
+            sims = {space: calibration.space(v, rows[:, None], space).astype(np.float32) for space, v in sims.items()}
+        for k, refreshed in enumerate(columns):
+            found = metrics.search(np.where(refreshed, sims[True], sims[False]), ids, labels[rows], index=index)
+            parts[k].append(found._replace(rank=np.minimum(found.rank, depth)))
+    out = []
+    for state, blocks in zip(states, parts):
+        found = metrics.Search(*(np.concatenate([getattr(b, f) for b in blocks]) for f in metrics.Search._fields[:-1]),
+                               num_gallery=len(ids))
+        out.append((np.where(np.asarray(state)[labels[first]], pairs[True], pairs[False]), found))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- flips
@@ -211,23 +267,25 @@ def area(fractions, values):
 
 
 def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e-3, calibration=None,
-                   fractions=FRACTIONS):
+                   fractions=FRACTIONS, outcomes=None, old_outcomes=None):
     """One curve: the figures of new-model queries against the mixed gallery at each fraction.
 
     ``old``, ``new``: image features of the two generations; ``order``: identities, first re-extracted
-    first. Returns the ``"backfill"`` entry of the report (without ``order``/``query``/``gallery``).
+    first; ``outcomes``: the :func:`mixed_outcomes` of the fractions' states and ``old_outcomes``
+    those of the old system (computed here when not given). Returns the ``"backfill"`` entry of
+    the report (without ``order``/``query``/``gallery``).
     """
     labels = protocol.labels
-    old_scores, old_search = protocol.outcomes(old, old)
+    old_scores, old_search = protocol.outcomes(old, old) if old_outcomes is None else old_outcomes
+    if outcomes is None:
+        outcomes = mixed_outcomes(protocol, old, new, [refreshed_identities(order, protocol, f) for f in fractions],
+                                  None if merge == "plain" else calibration)
     rows, reps = {}, {}
     flips, flip_reps = {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}, {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}
     mated = labels[protocol.probe_images][old_search.mated]
     pair_weights = [] if counts is None else [bootstrap.pair_weights(row, labels[protocol.first], labels[protocol.second])
                                               for row in counts]
-    for fraction in fractions:
-        refreshed = refreshed_identities(order, protocol, fraction)
-        gallery = mixed_features(old, new, labels, refreshed)
-        scores, found = protocol.outcomes(new, gallery, None if merge == "plain" else calibration.at(refreshed))
+    for scores, found in outcomes:
         figures, replicates = protocol.figures(scores, found, counts)
         for name in figures:
             rows.setdefault(name, []).append(figures[name])
@@ -264,9 +322,18 @@ def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGE
     """Every (order, merge) curve of gallery generation ``names[0]`` re-extracted by query generation
     ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}."""
     calibration = Calibration(protocol, old, new, seed) if "calibrated" in merges else None
-    return [{"order": order_name, "query": names[1], "gallery": names[0],
-             **backfill_curve(protocol, old, new, order, counts, merge, far, calibration)}
-            for order_name, order in orders.items() for merge in merges]
+    old_outcomes = protocol.outcomes(old, old)
+    states = {name: [refreshed_identities(order, protocol, f) for f in FRACTIONS] for name, order in orders.items()}
+    entries = []
+    for merge in merges:
+        outcomes = mixed_outcomes(protocol, old, new, [s for name in orders for s in states[name]],
+                                  None if merge == "plain" else calibration)
+        for k, (name, order) in enumerate(orders.items()):
+            curve = outcomes[k * len(FRACTIONS):(k + 1) * len(FRACTIONS)]
+            entries.append({"order": name, "query": names[1], "gallery": names[0],
+                            **backfill_curve(protocol, old, new, order, counts, merge, far, calibration,
+                                             outcomes=curve, old_outcomes=old_outcomes)})
+    return sorted(entries, key=lambda e: (list(orders).index(e["order"]), list(merges).index(e["merge"])))
 
 
 def flip_far(metric):
