@@ -71,10 +71,10 @@ def test_mixed_outcomes_equal_the_per_fraction_evaluation(case, merge):
     mixed gallery itself (small blocks: several probe blocks)."""
     p, labels, old, new = case["protocol"], case["labels"], case["old"], case["new"]
     calibration = bf.Calibration(p, old, new) if merge == "calibrated" else None
-    states = [bf.refreshed_identities(order, p, f) for order in (bf.random_order(16, 3), np.arange(16))
-              for f in bf.FRACTIONS]
-    got = bf.mixed_outcomes(p, old, new, states, calibration, block=30)
-    for state, (scores, found) in zip(states, got):
+    chains = [[bf.refreshed_identities(order, p, f) for f in bf.FRACTIONS]
+              for order in (bf.random_order(16, 3), np.arange(16))]
+    got = bf.mixed_outcomes(p, old, new, chains, calibration, block=30)
+    for state, (scores, found) in zip(chains[0] + chains[1], got[0] + got[1]):
         want_scores, want = p.outcomes(new, bf.mixed_features(old, new, labels, state),
                                        None if calibration is None else calibration.at(state))
         np.testing.assert_array_equal(scores, want_scores)
@@ -83,6 +83,30 @@ def test_mixed_outcomes_equal_the_per_fraction_evaluation(case, merge):
         np.testing.assert_allclose(found.score, want.score, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(found.nonmated_best, want.nonmated_best, rtol=1e-6, atol=1e-6)
         assert p.figures(scores, found)[0] == p.figures(want_scores, want)[0]
+
+
+def test_mixed_outcomes_with_exact_ties():
+    """Features on a coarse grid (many equal scores, in both spaces): ranks, ties before the target and
+    the correct flag equal the per-state evaluation; scores to the float32 rounding of a dot product."""
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(40), 3)
+    old, new = (np.sign(rng.integers(-1, 2, (len(labels), 4))).astype(np.float32) + 0.0 for _ in range(2))
+    old[:, 0] += 0.5
+    new[:, 1] += 0.5                      # no zero rows
+    p = cp.Protocol(labels, impostors=300, nonmated_share=0.2, seed=2)
+    for calibration in (None, bf.Calibration(p, old, new)):
+        chain = [bf.refreshed_identities(bf.random_order(40, 1), p, f) for f in bf.FRACTIONS]
+        got = bf.mixed_outcomes(p, old, new, [chain], calibration, block=64)[0]
+        for state, (scores, found) in zip(chain, got):
+            want_scores, want = p.outcomes(new, bf.mixed_features(old, new, labels, state),
+                                           None if calibration is None else calibration.at(state))
+            np.testing.assert_array_equal(scores, want_scores)
+            for field in ("mated", "rank", "correct"):
+                np.testing.assert_array_equal(getattr(found, field), getattr(want, field))
+            for field in ("score", "nonmated_best"):   # the search takes a target outside its top 8 from a dot
+                np.testing.assert_allclose(getattr(found, field), getattr(want, field), atol=3e-7)   # product
+    with pytest.raises(UserError, match="nested"):
+        bf.mixed_outcomes(p, old, new, [chain[::-1]])
 
 
 def test_curves_equal_the_per_fraction_loop(case):

@@ -10,6 +10,8 @@ The unit of re-extraction is an **identity**: at a fraction f the first round(f�
 identities of the order (and, for the 1:1 protocol, the first round(f·m) of the m identities held
 out of the 1:N gallery) have every gallery-side image embedded by the new model.
 """
+import math
+
 import numpy as np
 
 from tools.compat_eval.protocol import SEARCH_BLOCK, SEARCH_DEPTH
@@ -152,17 +154,20 @@ class Calibration:
 
 
 # ---------------------------------------------------------------------------------- mixed galleries
-def mixed_outcomes(protocol, old, new, states, calibration=None, block=SEARCH_BLOCK):
-    """``[(pair scores, Search)]`` of new-model queries against the mixed gallery of each state
-    (bool per identity: re-extracted), the same as ``protocol.outcomes(new, mixed_features(…),
+def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BLOCK):
+    """``[[(pair scores, Search)]]`` of new-model queries against the mixed gallery of each state
+    (bool per identity: re-extracted) of each chain (states each holding the one before, as the
+    fractions of one order), the same as ``protocol.outcomes(new, mixed_features(…),
     calibration.at(state))`` state by state, from each score space computed once.
 
     A gallery item is new or old as a whole, so a mixed score is the new-vs-new or the new-vs-old
     score of the same pair (or probe and template): both spaces are scored once (1:1 pairs, and the
-    probes against both template sets), calibrated once per space when
-    ``calibration`` is given (blocks of probes holding ``block`` similarities at most), and each state only picks per identity which space counts. The 1:N
-    search of a block is :func:`metrics.search` on its full rows (exact ranks, capped at the search
-    depth as :func:`protocol.search` reports them).
+    probes against both template sets in blocks of probes holding ``block`` similarities at most),
+    calibrated once per space when ``calibration`` is given, and a state only picks per identity
+    which space counts. In a chain a template column is new from its first state on, so each
+    probe's counts above its target score (for either space of the target) are summed once per
+    stretch of columns that turn new together and every state adds up its stretches
+    (:func:`_chain_search`); ranks are capped at the search depth as :func:`protocol.search` reports them.
     """
     labels, first, second = protocol.labels, protocol.first, protocol.second
     spaces = {True: new, False: old}
@@ -174,26 +179,70 @@ def mixed_outcomes(protocol, old, new, states, calibration=None, block=SEARCH_BL
                  .astype(np.float32) for space, g in spaces.items()}
     ids = protocol.templates.ids
     index = metrics.gallery_index(ids)
-    depth = min(SEARCH_DEPTH, len(ids))
-    columns = [np.asarray(state)[ids] for state in states]
+    segments = []
+    for chain in chains:
+        columns = np.array([np.asarray(state)[ids] for state in chain]).reshape(len(chain), len(ids))
+        require(not (columns[:-1] & ~columns[1:]).any(), "backfill: the states of a chain must be nested")
+        segments.append(len(chain) - columns.sum(0))     # a column is new from this state on
     probe_images = protocol.probe_images
     step = max(1, block // len(ids))
-    parts = [[] for _ in states]
+    parts = [[[] for _ in chain] for chain in chains]
     for s in range(0, len(probe_images), step):
         rows = probe_images[s:s + step]
         query = np.ascontiguousarray(new[rows], np.float32)
         sims = {space: query @ t.T for space, t in templates.items()}
         if calibration is not None:
             sims = {space: calibration.space(v, rows[:, None], space).astype(np.float32) for space, v in sims.items()}
-        for k, refreshed in enumerate(columns):
-            found = metrics.search(np.where(refreshed, sims[True], sims[False]), ids, labels[rows], index=index)
-            parts[k].append(found._replace(rank=np.minimum(found.rank, depth)))
+        pos = np.minimum(np.searchsorted(index.subjects, labels[rows]), len(ids) - 1)
+        mated = index.subjects[pos] == labels[rows]
+        for c, seg in enumerate(segments):
+            found = _chain_search(sims[True], sims[False], seg, len(chains[c]), mated, index.first[pos[mated]])
+            for k, found in enumerate(found):
+                parts[c][k].append(found)
     out = []
-    for state, blocks in zip(states, parts):
-        found = metrics.Search(*(np.concatenate([getattr(b, f) for b in blocks]) for f in metrics.Search._fields[:-1]),
-                               num_gallery=len(ids))
-        out.append((np.where(np.asarray(state)[labels[first]], pairs[True], pairs[False]), found))
+    for chain, chain_parts in zip(chains, parts):
+        out.append([(np.where(np.asarray(state)[labels[first]], pairs[True], pairs[False]),
+                     metrics.Search(*(np.concatenate(f) for f in zip(*blocks)), num_gallery=len(ids)))
+                    for state, blocks in zip(chain, chain_parts)])
     return out
+
+
+def _chain_search(new_sims, old_sims, segment, num, mated, target):
+    """Per state k of a chain the (mated, rank, score, correct, nonmated best) of :func:`metrics.search`
+    on the mixed rows (``num`` states): column j from ``new_sims`` when ``segment[j]`` ≤ k, else from ``old_sims``;
+    ``target``: the target column of each mated row (one column per subject)."""
+    onehot = np.zeros((len(segment), num + 1), np.float32)
+    onehot[np.arange(len(segment)), segment] = 1
+    rows = np.flatnonzero(mated)
+    k = np.arange(num)
+    target_new = segment[target][:, None] <= k                       # mated rows × states
+    above = np.zeros((len(rows), num), np.int64)
+    ties = np.zeros((2, len(rows), num), np.int64)                     # all, before the target column
+    for version in (True, False):                                    # the target's score in either space
+        value = (new_sims if version else old_sims)[rows, target]
+        use = target_new == version
+        for space, sims in ((True, new_sims), (False, old_sims)):
+            per_segment = np.rint((sims[rows] > value[:, None]).astype(np.float32) @ onehot).astype(np.int64)
+            totals = np.cumsum(per_segment, 1)                      # columns of segments ≤ k
+            counted = totals[:, :num] if space else totals[:, -1:] - totals[:, :num]
+            above += np.where(use, counted, 0)
+            row, col = np.nonzero(sims[rows] == value[:, None])
+            inside = (segment[col][:, None] <= k) == space
+            for t, keep in enumerate((np.ones(len(row), bool), col < target[row])):
+                np.add.at(ties[t], row[keep], np.where(use[row[keep]] & inside[keep], 1, 0))
+    nonmated = ~mated
+    best = np.full((int(nonmated.sum()), num + 1, 2), -np.inf, np.float32)
+    for s in range(num + 1):
+        for i, sims in enumerate((new_sims, old_sims)):
+            part = sims[nonmated][:, segment == s]
+            if part.shape[1]:
+                best[:, s, i] = part.max(1)
+    new_best = np.maximum.accumulate(best[:, :, 0], axis=1)[:, :num]
+    old_best = np.maximum.accumulate(best[:, ::-1, 1], axis=1)[:, ::-1][:, 1:]
+    depth = min(SEARCH_DEPTH, len(segment))
+    score = np.where(target_new, new_sims[rows, target][:, None], old_sims[rows, target][:, None])
+    return [(mated, np.minimum(above[:, j] + ties[1][:, j], depth), score[:, j], above[:, j] + ties[0][:, j] == 1,
+             np.maximum(new_best[:, j], old_best[:, j])) for j in range(num)]
 
 
 # ------------------------------------------------------------------------------------------- flips
@@ -220,11 +269,17 @@ def top1_flips(old_search, new_search, weights=None):
             "relative_negative_flips": negative / expected if expected else np.nan}
 
 
-def acceptance(genuine, scores, far):
+def acceptance(genuine, scores, far, resampled=False):
     """``accepts(weights)``: whether each pair is accepted at the threshold of false accept rate ``far``
     among the pairs repeated ``weights`` times: its score is above the impostor score of rank
-    max(floor(n·far) − 1, 0) (highest first, n the weighted impostor count)."""
+    max(floor(n·far) − 1, 0) (highest first, n the weighted impostor count). Without ``resampled``
+    every weight is 1 and the threshold is found by a partial sort; with it the impostors are
+    sorted once for any weights."""
     impostor = np.flatnonzero(~genuine)
+    if not resampled:
+        rank = max(math.floor(len(impostor) * far) - 1, 0)
+        threshold = -np.partition(-scores[impostor], rank)[rank] if len(impostor) else -np.inf
+        return lambda weights: scores > threshold
     order = impostor[np.argsort(-scores[impostor], kind="stable")]
     ranked = scores[order]
     return lambda weights: scores > metrics._threshold(ranked, far, np.cumsum(weights[order]))
@@ -235,15 +290,18 @@ def decisions(genuine, scores, far):
     return acceptance(genuine, scores, far)(np.ones(len(scores))) == genuine
 
 
-def pair_flips(genuine, old_scores, new_scores, far, weight_rows=()):
+def pair_flips(genuine, old_scores, new_scores, far, weight_rows=(), before=None):
     """1:1 flips at ``far``, each kind over its own pairs: ``({kind: share}, {kind: (B,)} or None)``.
 
     Genuine pairs accepted by the old model at its threshold and rejected by the updated system at its
     own (``negative_flips_genuine``), the reverse (``positive_flips_genuine``); impostor pairs rejected
     before and accepted after (``negative_flips_impostor``), the reverse (``positive_flips_impostor``).
-    ``weight_rows``: pair multiplicities of bootstrap resamples (thresholds recomputed on each).
+    ``weight_rows``: pair multiplicities of bootstrap resamples (thresholds recomputed on each);
+    ``before``: the old scores' :func:`acceptance` when already made (a curve's points share it).
     """
-    before, after = acceptance(genuine, old_scores, far), acceptance(genuine, new_scores, far)
+    resampled = len(weight_rows) > 0
+    before = acceptance(genuine, old_scores, far, resampled) if before is None else before
+    after = acceptance(genuine, new_scores, far, resampled)
 
     def shares(weights):
         a, b = before(weights), after(weights)
@@ -278,20 +336,21 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
     labels = protocol.labels
     old_scores, old_search = protocol.outcomes(old, old) if old_outcomes is None else old_outcomes
     if outcomes is None:
-        outcomes = mixed_outcomes(protocol, old, new, [refreshed_identities(order, protocol, f) for f in fractions],
-                                  None if merge == "plain" else calibration)
+        outcomes = mixed_outcomes(protocol, old, new, [[refreshed_identities(order, protocol, f) for f in fractions]],
+                                  None if merge == "plain" else calibration)[0]
     rows, reps = {}, {}
     flips, flip_reps = {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}, {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}
     mated = labels[protocol.probe_images][old_search.mated]
     pair_weights = [] if counts is None else [bootstrap.pair_weights(row, labels[protocol.first], labels[protocol.second])
                                               for row in counts]
+    before = acceptance(protocol.genuine, old_scores, far, counts is not None)
     for scores, found in outcomes:
         figures, replicates = protocol.figures(scores, found, counts)
         for name in figures:
             rows.setdefault(name, []).append(figures[name])
             if replicates is not None:
                 reps.setdefault(name, []).append(replicates[name])
-        point, point_reps = pair_flips(protocol.genuine, old_scores, scores, far, pair_weights)
+        point, point_reps = pair_flips(protocol.genuine, old_scores, scores, far, pair_weights, before)
         point.update(top1_flips(old_search, found))
         if counts is not None:
             resampled = [top1_flips(old_search, found, row[mated]) for row in counts]
@@ -323,13 +382,11 @@ def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGE
     ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}."""
     calibration = Calibration(protocol, old, new, seed) if "calibrated" in merges else None
     old_outcomes = protocol.outcomes(old, old)
-    states = {name: [refreshed_identities(order, protocol, f) for f in FRACTIONS] for name, order in orders.items()}
+    chains = [[refreshed_identities(order, protocol, f) for f in FRACTIONS] for order in orders.values()]
     entries = []
     for merge in merges:
-        outcomes = mixed_outcomes(protocol, old, new, [s for name in orders for s in states[name]],
-                                  None if merge == "plain" else calibration)
-        for k, (name, order) in enumerate(orders.items()):
-            curve = outcomes[k * len(FRACTIONS):(k + 1) * len(FRACTIONS)]
+        outcomes = mixed_outcomes(protocol, old, new, chains, None if merge == "plain" else calibration)
+        for curve, (name, order) in zip(outcomes, orders.items()):
             entries.append({"order": name, "query": names[1], "gallery": names[0],
                             **backfill_curve(protocol, old, new, order, counts, merge, far, calibration,
                                              outcomes=curve, old_outcomes=old_outcomes)})
