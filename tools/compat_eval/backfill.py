@@ -163,11 +163,14 @@ def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BL
     A gallery item is new or old as a whole, so a mixed score is the new-vs-new or the new-vs-old
     score of the same pair (or probe and template): both spaces are scored once (1:1 pairs, and the
     probes against both template sets in blocks of probes holding ``block`` similarities at most),
-    calibrated once per space when ``calibration`` is given, and a state only picks per identity
-    which space counts. In a chain a template column is new from its first state on, so each
-    probe's counts above its target score (for either space of the target) are summed once per
-    stretch of columns that turn new together and every state adds up its stretches
-    (:func:`_chain_search`); ranks are capped at the search depth as :func:`protocol.search` reports them.
+    and a state only picks per identity which space counts. In a chain a template column is new
+    from its first state on, so each probe's counts above its target score (for either space of
+    the target) are summed once per stretch of columns that turn new together and every state adds
+    up its stretches (:func:`_chain_search`); ranks are capped at the search depth as
+    :func:`protocol.search` reports them. The calibrated merge maps each space monotonically
+    (float32 values, as the search transform gives them), so a count of mapped scores above a
+    mapped target is a count of raw scores above the raw bound found per probe (:func:`_bounds`):
+    only the pair scores, the targets and the non-mated maxima are mapped.
     """
     labels, first, second = protocol.labels, protocol.first, protocol.second
     spaces = {True: new, False: old}
@@ -191,12 +194,18 @@ def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BL
         rows = probe_images[s:s + step]
         query = np.ascontiguousarray(new[rows], np.float32)
         sims = {space: query @ t.T for space, t in templates.items()}
-        if calibration is not None:
-            sims = {space: calibration.space(v, rows[:, None], space).astype(np.float32) for space, v in sims.items()}
+
+        def mapped(space, values, at, rows=rows):
+            """float32 scores of ``space`` as the merge sees them; ``at``: their row in the block."""
+            values = np.asarray(values, np.float32)
+            if calibration is None:
+                return values
+            return calibration.space(values, rows[at], space).astype(np.float32)
+
         pos = np.minimum(np.searchsorted(index.subjects, labels[rows]), len(ids) - 1)
         mated = index.subjects[pos] == labels[rows]
         for c, seg in enumerate(segments):
-            found = _chain_search(sims[True], sims[False], seg, len(chains[c]), mated, index.first[pos[mated]])
+            found = _chain_search(sims, mapped, seg, len(chains[c]), mated, index.first[pos[mated]])
             for k, found in enumerate(found):
                 parts[c][k].append(found)
     out = []
@@ -207,42 +216,80 @@ def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BL
     return out
 
 
-def _chain_search(new_sims, old_sims, segment, num, mated, target):
+def _chain_search(sims, mapped, segment, num, mated, target):
     """Per state k of a chain the (mated, rank, score, correct, nonmated best) of :func:`metrics.search`
-    on the mixed rows (``num`` states): column j from ``new_sims`` when ``segment[j]`` ≤ k, else from ``old_sims``;
-    ``target``: the target column of each mated row (one column per subject)."""
+    on the mixed rows (``num`` states): column j in the new space (``sims[True]``) when ``segment[j]``
+    ≤ k, else in the old one, each space's raw scores seen through ``mapped(space, values, rows)``
+    (nondecreasing); ``target``: the target column of each mated row (one column per subject)."""
     onehot = np.zeros((len(segment), num + 1), np.float32)
     onehot[np.arange(len(segment)), segment] = 1
     rows = np.flatnonzero(mated)
     k = np.arange(num)
     target_new = segment[target][:, None] <= k                       # mated rows × states
+    value = {space: mapped(space, sims[space][rows, target], rows) for space in (True, False)}
     above = np.zeros((len(rows), num), np.int64)
     ties = np.zeros((2, len(rows), num), np.int64)                     # all, before the target column
     for version in (True, False):                                    # the target's score in either space
-        value = (new_sims if version else old_sims)[rows, target]
         use = target_new == version
-        for space, sims in ((True, new_sims), (False, old_sims)):
-            per_segment = np.rint((sims[rows] > value[:, None]).astype(np.float32) @ onehot).astype(np.int64)
+        for space in (True, False):
+            raw = sims[space][rows]
+            below, upper = _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
+            per_segment = np.rint((raw > upper[:, None]).astype(np.float32) @ onehot).astype(np.int64)
             totals = np.cumsum(per_segment, 1)                      # columns of segments ≤ k
             counted = totals[:, :num] if space else totals[:, -1:] - totals[:, :num]
             above += np.where(use, counted, 0)
-            row, col = np.nonzero(sims[rows] == value[:, None])
+            row, col = np.nonzero((raw > below[:, None]) & (raw <= upper[:, None]))   # mapped score = the value
             inside = (segment[col][:, None] <= k) == space
             for t, keep in enumerate((np.ones(len(row), bool), col < target[row])):
                 np.add.at(ties[t], row[keep], np.where(use[row[keep]] & inside[keep], 1, 0))
-    nonmated = ~mated
-    best = np.full((int(nonmated.sum()), num + 1, 2), -np.inf, np.float32)
+    nonmated = np.flatnonzero(~mated)
+    best = np.full((len(nonmated), num + 1, 2), -np.inf, np.float32)
     for s in range(num + 1):
-        for i, sims in enumerate((new_sims, old_sims)):
-            part = sims[nonmated][:, segment == s]
+        for i, space in enumerate((True, False)):
+            part = sims[space][nonmated][:, segment == s]
             if part.shape[1]:
-                best[:, s, i] = part.max(1)
+                best[:, s, i] = mapped(space, part.max(1), nonmated)
     new_best = np.maximum.accumulate(best[:, :, 0], axis=1)[:, :num]
     old_best = np.maximum.accumulate(best[:, ::-1, 1], axis=1)[:, ::-1][:, 1:]
     depth = min(SEARCH_DEPTH, len(segment))
-    score = np.where(target_new, new_sims[rows, target][:, None], old_sims[rows, target][:, None])
+    score = np.where(target_new, value[True][:, None], value[False][:, None])
     return [(mated, np.minimum(above[:, j] + ties[1][:, j], depth), score[:, j], above[:, j] + ties[0][:, j] == 1,
              np.maximum(new_best[:, j], old_best[:, j])) for j in range(num)]
+
+
+def _bounds(mapped, value, raw):
+    """Per row of ``raw`` (float32 scores) the largest float32 x with mapped(x) < value and the largest
+    with mapped(x) ≤ value (``mapped(x, rows)`` nondecreasing in x), searched by bisection over the
+    float32 values between the row's extremes: mapped(raw) > value ⇔ raw > the second bound, and
+    mapped(raw) = value ⇔ the first bound < raw ≤ the second."""
+    rows = np.arange(len(raw))
+    low0 = _key(raw.min(1, initial=np.inf)) - 1
+    high0 = _key(raw.max(1, initial=-np.inf)) + 1
+    out = []
+    for strict in (True, False):
+        low, high = low0.copy(), high0.copy()                      # mapped(low) below (or at) value, high not
+        while True:
+            open_rows = np.flatnonzero(high - low > 1)
+            if not len(open_rows):
+                break
+            mid = (low[open_rows] + high[open_rows]) // 2
+            y = mapped(_value(mid), rows[open_rows])
+            ok = y < value[open_rows] if strict else y <= value[open_rows]
+            low[open_rows] = np.where(ok, mid, low[open_rows])
+            high[open_rows] = np.where(ok, high[open_rows], mid)
+        out.append(_value(low))
+    return out
+
+
+def _key(x):
+    """Integers in the order of the float32 values ``x`` (−0 and +0 equal)."""
+    bits = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _value(key):
+    """The float32 value of :func:`_key` ``key``."""
+    return np.where(key >= 0, key, -key + (1 << 31)).astype(np.uint32).view(np.float32)
 
 
 # ------------------------------------------------------------------------------------------- flips
