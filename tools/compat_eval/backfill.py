@@ -234,14 +234,18 @@ def _chain_search(sims, mapped, segment, num, mated, target):
         for space in (True, False):
             raw = sims[space][rows]
             below, upper = _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
-            per_segment = np.rint((raw > upper[:, None]).astype(np.float32) @ onehot).astype(np.int64)
-            totals = np.cumsum(per_segment, 1)                      # columns of segments ≤ k
-            counted = totals[:, :num] if space else totals[:, -1:] - totals[:, :num]
-            above += np.where(use, counted, 0)
-            row, col = np.nonzero((raw > below[:, None]) & (raw <= upper[:, None]))   # mapped score = the value
-            inside = (segment[col][:, None] <= k) == space
-            for t, keep in enumerate((np.ones(len(row), bool), col < target[row])):
-                np.add.at(ties[t], row[keep], np.where(use[row[keep]] & inside[keep], 1, 0))
+            higher = np.rint((raw > upper[:, None]).astype(np.float32) @ onehot).astype(np.int64)
+            level = np.rint((raw > below[:, None]).astype(np.float32) @ onehot).astype(np.int64) - higher
+            for counts, out in ((higher, above), (level, ties[0])):           # per segment → per state
+                totals = np.cumsum(counts, 1)                                 # columns of segments ≤ k
+                out += np.where(use, totals[:, :num] if space else totals[:, -1:] - totals[:, :num], 0)
+            own = raw[np.arange(len(rows)), target]
+            own = (own > below) & (own <= upper)
+            tied = np.flatnonzero(level.sum(1) > own)                         # rows with a tie besides the target
+            row, col = np.nonzero((raw[tied] > below[tied, None]) & (raw[tied] <= upper[tied, None]))
+            row, keep = tied[row], col < target[tied[row]]
+            row, col = row[keep], col[keep]
+            np.add.at(ties[1], row, np.where(use[row] & ((segment[col][:, None] <= k) == space), 1, 0))
     nonmated = np.flatnonzero(~mated)
     best = np.full((len(nonmated), num + 1, 2), -np.inf, np.float32)
     for s in range(num + 1):
