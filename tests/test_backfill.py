@@ -39,6 +39,9 @@ def test_endpoints_equal_the_cross_test_and_the_new_self_test(case):
             assert entry["metrics"][name][position] == figures[name]
             assert [entry["ci_low"][name][position], entry["ci_high"][name][position]] == intervals[name]
     assert entry["fractions"] == list(bf.FRACTIONS) and len(entry["negative_flips"]) == 11
+    for key in bf.TOP1_FLIPS + bf.PAIR_FLIPS:
+        assert len(entry[key]) == len(entry[f"{key}_ci_low"]) == len(entry[f"{key}_ci_high"]) == 11
+    assert entry["negative_flips"][0] - 1e-12 <= entry["negative_flips_ci_high"][0]
 
 
 def test_mixed_gallery_search_and_scores_against_brute_force(case):
@@ -60,6 +63,68 @@ def test_mixed_gallery_search_and_scores_against_brute_force(case):
     np.testing.assert_array_equal(found.rank, np.minimum(ranks, cp.SEARCH_DEPTH))
     nonmated = [i for i in p.probe_images if labels[i] not in templates]
     np.testing.assert_allclose(found.nonmated_best, [max(matrix @ new[i]) for i in nonmated], atol=1e-6)
+
+
+@pytest.mark.parametrize("merge", bf.MERGES)
+def test_mixed_outcomes_equal_the_per_fraction_evaluation(case, merge):
+    """Scores of each space computed once give every state's pair scores and search as evaluating the
+    mixed gallery itself (small blocks: several probe blocks)."""
+    p, labels, old, new = case["protocol"], case["labels"], case["old"], case["new"]
+    calibration = bf.Calibration(p, old, new) if merge == "calibrated" else None
+    chains = [[bf.refreshed_identities(order, p, f) for f in bf.FRACTIONS]
+              for order in (bf.random_order(16, 3), np.arange(16))]
+    got = bf.mixed_outcomes(p, old, new, chains, calibration, block=30)
+    for state, (scores, found) in zip(chains[0] + chains[1], got[0] + got[1]):
+        want_scores, want = p.outcomes(new, bf.mixed_features(old, new, labels, state),
+                                       None if calibration is None else calibration.at(state))
+        np.testing.assert_array_equal(scores, want_scores)
+        for field in ("mated", "rank", "correct"):
+            np.testing.assert_array_equal(getattr(found, field), getattr(want, field))
+        np.testing.assert_allclose(found.score, want.score, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(found.nonmated_best, want.nonmated_best, rtol=1e-6, atol=1e-6)
+        assert p.figures(scores, found)[0] == p.figures(want_scores, want)[0]
+
+
+def test_mixed_outcomes_with_exact_ties():
+    """Features on a coarse grid (many equal scores, in both spaces): ranks, ties before the target and
+    the correct flag equal the per-state evaluation; scores to the float32 rounding of a dot product."""
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(40), 3)
+    old, new = (np.sign(rng.integers(-1, 2, (len(labels), 4))).astype(np.float32) + 0.0 for _ in range(2))
+    old[:, 0] += 0.5
+    new[:, 1] += 0.5                      # no zero rows
+    p = cp.Protocol(labels, impostors=300, nonmated_share=0.2, seed=2)
+    for calibration in (None, bf.Calibration(p, old, new)):
+        chain = [bf.refreshed_identities(bf.random_order(40, 1), p, f) for f in bf.FRACTIONS]
+        got = bf.mixed_outcomes(p, old, new, [chain], calibration, block=64)[0]
+        for state, (scores, found) in zip(chain, got):
+            want_scores, want = p.outcomes(new, bf.mixed_features(old, new, labels, state),
+                                           None if calibration is None else calibration.at(state))
+            np.testing.assert_array_equal(scores, want_scores)
+            for field in ("mated", "rank", "correct"):
+                np.testing.assert_array_equal(getattr(found, field), getattr(want, field))
+            for field in ("score", "nonmated_best"):   # the search takes a target outside its top 8 from a dot
+                np.testing.assert_allclose(getattr(found, field), getattr(want, field), atol=3e-7)   # product
+    with pytest.raises(UserError, match="nested"):
+        bf.mixed_outcomes(p, old, new, [chain[::-1]])
+
+
+def test_curves_equal_the_per_fraction_loop(case):
+    """backfill_curves (each space scored once) gives the figures, flips and intervals of the loop
+    that evaluates the mixed gallery of every fraction."""
+    p, labels, old, new = case["protocol"], case["labels"], case["old"], case["new"]
+    counts = bootstrap.subject_counts(16, 10, 0)
+    orders = {"random": bf.random_order(16), "reverse": np.arange(16)[::-1]}
+    entries = bf.backfill_curves(p, old, new, orders, ["v1", "v2"], counts)
+    assert [(e["order"], e["merge"]) for e in entries] == [(o, m) for o in orders for m in bf.MERGES]
+    calibration = bf.Calibration(p, old, new)
+    for e in entries:
+        outcomes = [p.outcomes(new, bf.mixed_features(old, new, labels, state),
+                               None if e["merge"] == "plain" else calibration.at(state))
+                    for state in (bf.refreshed_identities(orders[e["order"]], p, f) for f in bf.FRACTIONS)]
+        want = bf.backfill_curve(p, old, new, orders[e["order"]], counts, e["merge"], calibration=calibration,
+                                 outcomes=outcomes)
+        assert {k: v for k, v in e.items() if k not in ("order", "query", "gallery")} == want
 
 
 def test_refreshed_identities_take_the_share_of_each_gallery():
@@ -85,13 +150,43 @@ def test_flips_by_hand():
     def ranks(r):
         return Search(np.ones(len(r), bool), np.array(r), None, None, None, 10)
 
-    assert bf.top1_flips(ranks([0, 0, 3, 1]), ranks([0, 2, 0, 1])) == (0.25, 0.25)
+    # right before: probes 0, 1; right after: 0, 2. Old error 2/4, new error 2/4
+    flips = bf.top1_flips(ranks([0, 0, 3, 1]), ranks([0, 2, 0, 1]))
+    assert flips == {"negative_flips": 0.25, "positive_flips": 0.25, "relative_negative_flips": 0.25 / (0.5 * 0.5)}
+    weighted = bf.top1_flips(ranks([0, 0, 3, 1]), ranks([0, 2, 0, 1]), [0, 3, 1, 0])   # probe 1 thrice, probe 2 once
+    assert weighted["negative_flips"] == 0.75 and weighted["positive_flips"] == 0.25
+    assert weighted["relative_negative_flips"] == pytest.approx(0.75 / (0.75 * 0.75))
     genuine = np.array([True, True, False, False])
     # old threshold: the impostor score of rank floor(2·0.5) − 1 = 0, i.e. 0.5; new: 0.6 (accept: score above it)
     old, new = np.array([0.9, 0.2, 0.1, 0.5]), np.array([0.3, 0.8, 0.6, 0.05])
     np.testing.assert_array_equal(bf.decisions(genuine, old, 0.5), [True, False, True, True])
     np.testing.assert_array_equal(bf.decisions(genuine, new, 0.5), [False, True, True, True])
-    assert bf.pair_flips(genuine, old, new, 0.5) == (0.25, 0.25)
+    figures, reps = bf.pair_flips(genuine, old, new, 0.5)
+    # genuine: pair 0 accepted → rejected, pair 1 rejected → accepted; impostors: both rejected before and after
+    assert figures == {"negative_flips_genuine": 0.5, "positive_flips_genuine": 0.5,
+                       "negative_flips_impostor": 0.0, "positive_flips_impostor": 0.0} and reps is None
+
+
+def test_pair_flips_each_kind_over_its_own_count():
+    """Impostor pairs do not dilute the genuine pairs' flips; resampled thresholds follow the weights."""
+    genuine = np.r_[True, True, np.zeros(98, bool)]
+    old = np.r_[0.9, 0.1, np.linspace(0, 0.5, 98)]
+    new = np.r_[0.2, 0.95, np.linspace(0, 0.5, 98)[::-1]]
+    figures, _ = bf.pair_flips(genuine, old, new, 0.01)   # threshold: the top impostor (0.5) on both
+    assert figures["negative_flips_genuine"] == 0.5 and figures["positive_flips_genuine"] == 0.5
+    assert figures["negative_flips_impostor"] == 0.0 and figures["positive_flips_impostor"] == 0.0
+    # a resample repeating impostor 97 (old 0.4948, new 0.0052) 50 times: n = 147, rank floor(1.47) − 1 = 0 → 0.5
+    # on both sides; and one dropping the top old impostor (index 99: old 0.5 → threshold 0.4948)
+    heavy, dropped = np.ones(100), np.ones(100)
+    heavy[97], dropped[99] = 50, 0
+    _, reps = bf.pair_flips(genuine, old, new, 0.01, [heavy, dropped])
+    assert reps["negative_flips_impostor"][0] == 0.0
+    # without old impostor 99 (new score 0): old threshold 0.4948, new still 0.5 (impostor 2) → no flip either
+    assert reps["positive_flips_impostor"][1] == 0.0
+    want = [bf.pair_flips(genuine[w > 0].repeat(w[w > 0].astype(int)), old[w > 0].repeat(w[w > 0].astype(int)),
+                          new[w > 0].repeat(w[w > 0].astype(int)), 0.01)[0] for w in (heavy, dropped)]
+    for key in bf.PAIR_FLIPS:
+        np.testing.assert_allclose(reps[key], [w[key] for w in want])
 
 
 def test_flips_close_the_top1_gap(case):
@@ -167,6 +262,17 @@ def test_generation_figures_by_hand():
     assert out["oldest_compatible"] == {"a": "a", "b": "a", "c": "b"}
     assert out["average_compatibility_ci_low"] == pytest.approx(1 / 3 + 0.025 / 3)   # replicates 2/3 and 1/3
     assert out["average_multimodel_accuracy_ci_high"] < 3.9 / 6 + 1e-9
+
+
+def test_oldest_compatible_needs_every_generation_between():
+    """v3 reaches v1's self-test but not v2's: it is compatible back to itself only, not to v1."""
+    m = np.array([[0.5, 0.0, 0.0], [0.6, 0.7, 0.0], [0.55, 0.65, 0.9]])
+    value = {(q, g): m[q, g] for q in range(3) for g in range(3)}
+    out = cp.generations_summary(["v1", "v2", "v3"], value)
+    assert out["oldest_compatible"] == {"v1": "v1", "v2": "v1", "v3": "v3"}
+    m[2, 1] = 0.7                                                             # now reaches v2 (≥) as well
+    out = cp.generations_summary(["v1", "v2", "v3"], {(q, g): m[q, g] for q in range(3) for g in range(3)})
+    assert out["oldest_compatible"]["v3"] == "v1"
 
 
 # -------------------------------------------------------------------------------------- the command

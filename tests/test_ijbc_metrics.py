@@ -83,6 +83,28 @@ def test_image_feature_variants_by_hand():
         metrics.variant_flags("N2D1F1")
 
 
+@pytest.mark.parametrize("values", [np.array([], np.int64), np.array([7]), np.array([3, 1, 3, 2, 1, 1]),
+                                    np.random.default_rng(0).integers(-50, 50, 1000),
+                                    np.random.default_rng(1).normal(size=300).round(1)])
+def test_unique_is_np_unique(values):
+    """The sort-based unique gives np.unique's values, inverse and counts (dtypes included)."""
+    for kw in ({}, {"return_counts": True}, {"return_inverse": True},
+               {"return_inverse": True, "return_counts": True}):
+        want, got = np.unique(values, **kw), metrics.unique(values, **kw)
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (want, got))):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
+        got = metrics.unique(np.sort(values), presorted=True, **kw)
+        want = np.unique(np.sort(values), **kw)
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (want, got))):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_unique_by_hand():
+    values, inverse, counts = metrics.unique([5, 2, 5, 9, 2, 5], return_inverse=True, return_counts=True)
+    assert values.tolist() == [2, 5, 9] and inverse.tolist() == [1, 0, 1, 2, 0, 1] and counts.tolist() == [2, 3, 1]
+
+
 def test_template_is_normalised_sum_of_media_means():
     # template 7: media 1 has frames a, b; media 2 has frame c; template 3: frame d; media ids repeat across templates
     embs = np.array([[1, 0, 0], [3, 0, 0], [0, 2, 0], [0, 0, 5], [0, 1, 1]], np.float32)

@@ -10,8 +10,11 @@ The unit of re-extraction is an **identity**: at a fraction f the first round(f�
 identities of the order (and, for the 1:1 protocol, the first round(f·m) of the m identities held
 out of the 1:N gallery) have every gallery-side image embedded by the new model.
 """
+import math
+
 import numpy as np
 
+from tools.compat_eval.protocol import SEARCH_BLOCK, SEARCH_DEPTH
 from tools.ijbc_eval import bootstrap, metrics
 from utils.errors import UserError, require
 from utils.io import atomic_path
@@ -124,6 +127,16 @@ class Calibration:
                 self.maps[fold, space] = FarMap(metrics.pair_scores(gallery, new, first[fit], second[fit]))
         self.labels, self.refreshed = labels, None
 
+    def space(self, scores, probe_images, space):
+        """``scores`` of one space (True: new-vs-new) mapped by each probe image's fold (``probe_images``
+        broadcast to the scores' shape): the values :meth:`__call__` gives where the gallery side is in ``space``."""
+        scores = np.asarray(scores, np.float64)
+        fold = np.broadcast_to(self.fold[self.labels[probe_images]], scores.shape)
+        out = np.empty(scores.shape)
+        for f in (0, 1):
+            out[fold == f] = self.maps[f, space](scores[fold == f])
+        return out
+
     def at(self, refreshed):
         """This calibration for the gallery state ``refreshed`` (bool per identity)."""
         self.refreshed = refreshed
@@ -140,28 +153,217 @@ class Calibration:
         return out
 
 
+# ---------------------------------------------------------------------------------- mixed galleries
+def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BLOCK):
+    """``[[(pair scores, Search)]]`` of new-model queries against the mixed gallery of each state
+    (bool per identity: re-extracted) of each chain (states each holding the one before, as the
+    fractions of one order), the same as ``protocol.outcomes(new, mixed_features(…),
+    calibration.at(state))`` state by state, from each score space computed once.
+
+    A gallery item is new or old as a whole, so a mixed score is the new-vs-new or the new-vs-old
+    score of the same pair (or probe and template): both spaces are scored once (1:1 pairs, and the
+    probes against both template sets in blocks of probes holding ``block`` similarities at most),
+    and a state only picks per identity which space counts. In a chain a template column is new
+    from its first state on, so each probe's counts above its target score (for either space of
+    the target) are summed once per stretch of columns that turn new together and every state adds
+    up its stretches (:func:`_chain_search`); ranks are capped at the search depth as
+    :func:`protocol.search` reports them. The calibrated merge maps each space monotonically
+    (float32 values, as the search transform gives them), so a count of mapped scores above a
+    mapped target is a count of raw scores above the raw bound found per probe (:func:`_bounds`):
+    only the pair scores, the targets and the non-mated maxima are mapped.
+    """
+    labels, first, second = protocol.labels, protocol.first, protocol.second
+    spaces = {True: new, False: old}
+    pairs = {space: metrics.pair_scores(g, new, first, second) for space, g in spaces.items()}
+    if calibration is not None:
+        pairs = {space: calibration.space(scores, second, space) for space, scores in pairs.items()}
+    weights = np.ones(len(protocol.gallery_images))
+    templates = {space: protocol.templates.features(g[protocol.gallery_images], None, weights, "N0D0F0")
+                 .astype(np.float32) for space, g in spaces.items()}
+    ids = protocol.templates.ids
+    index = metrics.gallery_index(ids)
+    segments = []
+    for chain in chains:
+        columns = np.array([np.asarray(state)[ids] for state in chain]).reshape(len(chain), len(ids))
+        require(not (columns[:-1] & ~columns[1:]).any(), "backfill: the states of a chain must be nested")
+        segments.append(len(chain) - columns.sum(0))     # a column is new from this state on
+    probe_images = protocol.probe_images
+    step = max(1, block // len(ids))
+    parts = [[[] for _ in chain] for chain in chains]
+    for s in range(0, len(probe_images), step):
+        rows = probe_images[s:s + step]
+        query = np.ascontiguousarray(new[rows], np.float32)
+        sims = {space: query @ t.T for space, t in templates.items()}
+
+        def mapped(space, values, at, rows=rows):
+            """float32 scores of ``space`` as the merge sees them; ``at``: their row in the block."""
+            values = np.asarray(values, np.float32)
+            if calibration is None:
+                return values
+            return calibration.space(values, rows[at], space).astype(np.float32)
+
+        pos = np.minimum(np.searchsorted(index.subjects, labels[rows]), len(ids) - 1)
+        mated = index.subjects[pos] == labels[rows]
+        for c, seg in enumerate(segments):
+            found = _chain_search(sims, mapped, seg, len(chains[c]), mated, index.first[pos[mated]])
+            for k, found in enumerate(found):
+                parts[c][k].append(found)
+    out = []
+    for chain, chain_parts in zip(chains, parts):
+        out.append([(np.where(np.asarray(state)[labels[first]], pairs[True], pairs[False]),
+                     metrics.Search(*(np.concatenate(f) for f in zip(*blocks)), num_gallery=len(ids)))
+                    for state, blocks in zip(chain, chain_parts)])
+    return out
+
+
+def _chain_search(sims, mapped, segment, num, mated, target):
+    """Per state k of a chain the (mated, rank, score, correct, nonmated best) of :func:`metrics.search`
+    on the mixed rows (``num`` states): column j in the new space (``sims[True]``) when ``segment[j]``
+    ≤ k, else in the old one, each space's raw scores seen through ``mapped(space, values, rows)``
+    (nondecreasing); ``target``: the target column of each mated row (one column per subject)."""
+    onehot = np.zeros((len(segment), num + 1), np.float32)
+    onehot[np.arange(len(segment)), segment] = 1
+    rows = np.flatnonzero(mated)
+    k = np.arange(num)
+    target_new = segment[target][:, None] <= k                       # mated rows × states
+    value = {space: mapped(space, sims[space][rows, target], rows) for space in (True, False)}
+    above = np.zeros((len(rows), num), np.int64)
+    ties = np.zeros((2, len(rows), num), np.int64)                     # all, before the target column
+    for version in (True, False):                                    # the target's score in either space
+        use = target_new == version
+        for space in (True, False):
+            raw = sims[space][rows]
+            below, upper = _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
+            higher = np.rint((raw > upper[:, None]).astype(np.float32) @ onehot).astype(np.int64)
+            level = np.rint((raw > below[:, None]).astype(np.float32) @ onehot).astype(np.int64) - higher
+            for counts, out in ((higher, above), (level, ties[0])):           # per segment → per state
+                totals = np.cumsum(counts, 1)                                 # columns of segments ≤ k
+                out += np.where(use, totals[:, :num] if space else totals[:, -1:] - totals[:, :num], 0)
+            own = raw[np.arange(len(rows)), target]
+            own = (own > below) & (own <= upper)
+            tied = np.flatnonzero(level.sum(1) > own)                         # rows with a tie besides the target
+            row, col = np.nonzero((raw[tied] > below[tied, None]) & (raw[tied] <= upper[tied, None]))
+            row, keep = tied[row], col < target[tied[row]]
+            row, col = row[keep], col[keep]
+            np.add.at(ties[1], row, np.where(use[row] & ((segment[col][:, None] <= k) == space), 1, 0))
+    nonmated = np.flatnonzero(~mated)
+    best = np.full((len(nonmated), num + 1, 2), -np.inf, np.float32)
+    for s in range(num + 1):
+        for i, space in enumerate((True, False)):
+            part = sims[space][nonmated][:, segment == s]
+            if part.shape[1]:
+                best[:, s, i] = mapped(space, part.max(1), nonmated)
+    new_best = np.maximum.accumulate(best[:, :, 0], axis=1)[:, :num]
+    old_best = np.maximum.accumulate(best[:, ::-1, 1], axis=1)[:, ::-1][:, 1:]
+    depth = min(SEARCH_DEPTH, len(segment))
+    score = np.where(target_new, value[True][:, None], value[False][:, None])
+    return [(mated, np.minimum(above[:, j] + ties[1][:, j], depth), score[:, j], above[:, j] + ties[0][:, j] == 1,
+             np.maximum(new_best[:, j], old_best[:, j])) for j in range(num)]
+
+
+def _bounds(mapped, value, raw):
+    """Per row of ``raw`` (float32 scores) the largest float32 x with mapped(x) < value and the largest
+    with mapped(x) ≤ value (``mapped(x, rows)`` nondecreasing in x), searched by bisection over the
+    float32 values between the row's extremes: mapped(raw) > value ⇔ raw > the second bound, and
+    mapped(raw) = value ⇔ the first bound < raw ≤ the second."""
+    rows = np.arange(len(raw))
+    low0 = _key(raw.min(1, initial=np.inf)) - 1
+    high0 = _key(raw.max(1, initial=-np.inf)) + 1
+    out = []
+    for strict in (True, False):
+        low, high = low0.copy(), high0.copy()                      # mapped(low) below (or at) value, high not
+        while True:
+            open_rows = np.flatnonzero(high - low > 1)
+            if not len(open_rows):
+                break
+            mid = (low[open_rows] + high[open_rows]) // 2
+            y = mapped(_value(mid), rows[open_rows])
+            ok = y < value[open_rows] if strict else y <= value[open_rows]
+            low[open_rows] = np.where(ok, mid, low[open_rows])
+            high[open_rows] = np.where(ok, high[open_rows], mid)
+        out.append(_value(low))
+    return out
+
+
+def _key(x):
+    """Integers in the order of the float32 values ``x`` (−0 and +0 equal)."""
+    bits = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _value(key):
+    """The float32 value of :func:`_key` ``key``."""
+    return np.where(key >= 0, key, -key + (1 << 31)).astype(np.uint32).view(np.float32)
+
+
 # ------------------------------------------------------------------------------------------- flips
-def top1_flips(old_search, new_search):
-    """(negative, positive) flips of 1:N top-1: shares of the mated probes right before (old query, old
-    gallery) and wrong after, and wrong before and right after."""
+TOP1_FLIPS = ("negative_flips", "positive_flips", "relative_negative_flips")
+PAIR_FLIPS = ("negative_flips_genuine", "positive_flips_genuine", "negative_flips_impostor", "positive_flips_impostor")
+
+
+def _share(flag, base, weights):
+    """Weighted share of ``flag`` among ``base`` (NaN on an empty base)."""
+    total = weights[base].sum()
+    return float(weights[flag & base].sum() / total) if total else np.nan
+
+
+def top1_flips(old_search, new_search, weights=None):
+    """1:N top-1 flips over the mated probes (each repeated ``weights`` times, default once):
+    ``negative_flips`` (right before, with old query and old gallery, wrong after), ``positive_flips``
+    (the reverse) and ``relative_negative_flips`` = negative / ((1 − old error) · new error) (Yan et al.)."""
     before, after = old_search.rank == 0, new_search.rank == 0
-    count = max(len(before), 1)
-    return float(np.sum(before & ~after) / count), float(np.sum(~before & after) / count)
+    weights = np.ones(len(before)) if weights is None else np.asarray(weights, np.float64)
+    every = np.ones(len(before), bool)
+    negative, positive = _share(before & ~after, every, weights), _share(~before & after, every, weights)
+    expected = _share(before, every, weights) * _share(~after, every, weights)
+    return {"negative_flips": negative, "positive_flips": positive,
+            "relative_negative_flips": negative / expected if expected else np.nan}
+
+
+def acceptance(genuine, scores, far, resampled=False):
+    """``accepts(weights)``: whether each pair is accepted at the threshold of false accept rate ``far``
+    among the pairs repeated ``weights`` times: its score is above the impostor score of rank
+    max(floor(n·far) − 1, 0) (highest first, n the weighted impostor count). Without ``resampled``
+    every weight is 1 and the threshold is found by a partial sort; with it the impostors are
+    sorted once for any weights."""
+    impostor = np.flatnonzero(~genuine)
+    if not resampled:
+        rank = max(math.floor(len(impostor) * far) - 1, 0)
+        threshold = -np.partition(-scores[impostor], rank)[rank] if len(impostor) else -np.inf
+        return lambda weights: scores > threshold
+    order = impostor[np.argsort(-scores[impostor], kind="stable")]
+    ranked = scores[order]
+    return lambda weights: scores > metrics._threshold(ranked, far, np.cumsum(weights[order]))
 
 
 def decisions(genuine, scores, far):
-    """Whether each pair is decided right at the threshold of false accept rate ``far``: accepted when its
-    score is above the impostor score of rank max(floor(n·far) − 1, 0) (highest first)."""
-    impostors = np.sort(scores[~genuine])[::-1]
-    threshold = metrics._threshold(impostors, far, np.arange(1, len(impostors) + 1))
-    return (scores > threshold) == genuine
+    """Whether each pair is decided right (genuine accepted, impostor rejected) at ``far``, each pair once."""
+    return acceptance(genuine, scores, far)(np.ones(len(scores))) == genuine
 
 
-def pair_flips(genuine, old_scores, new_scores, far):
-    """(negative, positive) flips of 1:1 at ``far``: shares of all pairs decided right by the old model
-    at its threshold and wrong by the updated system at its own (the other way round)."""
-    before, after = decisions(genuine, old_scores, far), decisions(genuine, new_scores, far)
-    return float(np.mean(before & ~after)), float(np.mean(~before & after))
+def pair_flips(genuine, old_scores, new_scores, far, weight_rows=(), before=None):
+    """1:1 flips at ``far``, each kind over its own pairs: ``({kind: share}, {kind: (B,)} or None)``.
+
+    Genuine pairs accepted by the old model at its threshold and rejected by the updated system at its
+    own (``negative_flips_genuine``), the reverse (``positive_flips_genuine``); impostor pairs rejected
+    before and accepted after (``negative_flips_impostor``), the reverse (``positive_flips_impostor``).
+    ``weight_rows``: pair multiplicities of bootstrap resamples (thresholds recomputed on each);
+    ``before``: the old scores' :func:`acceptance` when already made (a curve's points share it).
+    """
+    resampled = len(weight_rows) > 0
+    before = acceptance(genuine, old_scores, far, resampled) if before is None else before
+    after = acceptance(genuine, new_scores, far, resampled)
+
+    def shares(weights):
+        a, b = before(weights), after(weights)
+        return {"negative_flips_genuine": _share(a & ~b, genuine, weights),
+                "positive_flips_genuine": _share(~a & b, genuine, weights),
+                "negative_flips_impostor": _share(~a & b, ~genuine, weights),
+                "positive_flips_impostor": _share(a & ~b, ~genuine, weights)}
+
+    figures = shares(np.ones(len(genuine)))
+    rows = [shares(np.asarray(w, np.float64)) for w in weight_rows]
+    return figures, {key: np.array([r[key] for r in rows]) for key in figures} if rows else None
 
 
 # ------------------------------------------------------------------------------------------- curves
@@ -174,29 +376,40 @@ def area(fractions, values):
 
 
 def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e-3, calibration=None,
-                   fractions=FRACTIONS):
+                   fractions=FRACTIONS, outcomes=None, old_outcomes=None):
     """One curve: the figures of new-model queries against the mixed gallery at each fraction.
 
     ``old``, ``new``: image features of the two generations; ``order``: identities, first re-extracted
-    first. Returns the ``"backfill"`` entry of the report (without ``order``/``query``/``gallery``).
+    first; ``outcomes``: the :func:`mixed_outcomes` of the fractions' states and ``old_outcomes``
+    those of the old system (computed here when not given). Returns the ``"backfill"`` entry of
+    the report (without ``order``/``query``/``gallery``).
     """
     labels = protocol.labels
-    old_scores, old_search = protocol.outcomes(old, old)
+    old_scores, old_search = protocol.outcomes(old, old) if old_outcomes is None else old_outcomes
+    if outcomes is None:
+        outcomes = mixed_outcomes(protocol, old, new, [[refreshed_identities(order, protocol, f) for f in fractions]],
+                                  None if merge == "plain" else calibration)[0]
     rows, reps = {}, {}
-    flips = {key: [] for key in ("negative_flips", "positive_flips", "negative_flips_1to1", "positive_flips_1to1")}
-    for fraction in fractions:
-        refreshed = refreshed_identities(order, protocol, fraction)
-        gallery = mixed_features(old, new, labels, refreshed)
-        scores, found = protocol.outcomes(new, gallery, None if merge == "plain" else calibration.at(refreshed))
+    flips, flip_reps = {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}, {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}
+    mated = labels[protocol.probe_images][old_search.mated]
+    pair_weights = [] if counts is None else [bootstrap.pair_weights(row, labels[protocol.first], labels[protocol.second])
+                                              for row in counts]
+    before = acceptance(protocol.genuine, old_scores, far, counts is not None)
+    for scores, found in outcomes:
         figures, replicates = protocol.figures(scores, found, counts)
         for name in figures:
             rows.setdefault(name, []).append(figures[name])
             if replicates is not None:
                 reps.setdefault(name, []).append(replicates[name])
-        for kind, pair in (("", top1_flips(old_search, found)),
-                           ("_1to1", pair_flips(protocol.genuine, old_scores, scores, far))):
-            flips[f"negative_flips{kind}"].append(pair[0])
-            flips[f"positive_flips{kind}"].append(pair[1])
+        point, point_reps = pair_flips(protocol.genuine, old_scores, scores, far, pair_weights, before)
+        point.update(top1_flips(old_search, found))
+        if counts is not None:
+            resampled = [top1_flips(old_search, found, row[mated]) for row in counts]
+            point_reps.update({key: np.array([r[key] for r in resampled]) for key in TOP1_FLIPS})
+        for key in flips:
+            flips[key].append(point[key])
+            if counts is not None:
+                flip_reps[key].append(point_reps[key])
     entry = {"merge": merge, "fractions": list(fractions), "metrics": rows, **flips,
              "old_self": protocol.figures(old_scores, old_search)[0],
              "flip_far": far, "area": {name: float(area(fractions, rows[name])) for name in rows}}
@@ -209,6 +422,9 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
         area_intervals = {name: bootstrap.percentile_intervals(area(fractions, stacked[name])) for name in rows}
         entry["area_ci_low"] = {name: v[0] for name, v in area_intervals.items()}
         entry["area_ci_high"] = {name: v[1] for name, v in area_intervals.items()}
+        for key, columns in flip_reps.items():
+            bounds = np.array([bootstrap.percentile_intervals(column) for column in columns])
+            entry[f"{key}_ci_low"], entry[f"{key}_ci_high"] = bounds[:, 0].tolist(), bounds[:, 1].tolist()
     return entry
 
 
@@ -216,14 +432,17 @@ def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGE
     """Every (order, merge) curve of gallery generation ``names[0]`` re-extracted by query generation
     ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}."""
     calibration = Calibration(protocol, old, new, seed) if "calibrated" in merges else None
-    curves = []
-    for order_name, order in orders.items():
-        for merge in merges:
-            print(f"backfill curve {len(curves) + 1}/{len(orders) * len(merges)}: {order_name} order, {merge} merge",
-                  flush=True)
-            curves.append({"order": order_name, "query": names[1], "gallery": names[0],
-                           **backfill_curve(protocol, old, new, order, counts, merge, far, calibration)})
-    return curves
+    old_outcomes = protocol.outcomes(old, old)
+    chains = [[refreshed_identities(order, protocol, f) for f in FRACTIONS] for order in orders.values()]
+    entries, total = [], len(orders) * len(merges)
+    for merge in merges:
+        outcomes = mixed_outcomes(protocol, old, new, chains, None if merge == "plain" else calibration)
+        for curve, (name, order) in zip(outcomes, orders.items()):
+            print(f"backfill curve {len(entries) + 1}/{total}: {name} order, {merge} merge", flush=True)
+            entries.append({"order": name, "query": names[1], "gallery": names[0],
+                            **backfill_curve(protocol, old, new, order, counts, merge, far, calibration,
+                                             outcomes=curve, old_outcomes=old_outcomes)})
+    return sorted(entries, key=lambda e: (list(orders).index(e["order"]), list(merges).index(e["merge"])))
 
 
 def flip_far(metric):
@@ -233,23 +452,21 @@ def flip_far(metric):
 
 # ------------------------------------------------------------------------------------------ report
 def format_backfill(entries, main):
-    """Markdown: per curve the main metric and top-1 at each fraction with intervals, the flips, the areas."""
+    """Markdown: per curve the main metric, top-1 and the flips at each fraction with intervals, the areas."""
     lines = []
     for e in entries:
         lines += ["", f"Backfill of {e['gallery']}'s gallery by {e['query']} (order {e['order']}, {e['merge']} merge): "
-                  f"fraction re-extracted, {main} and top1 (95 % intervals), 1:N top-1 flips, 1:1 flips at "
-                  f"FAR={e['flip_far']:g}", "",
-                  f"| fraction | {main} | top1 | negative flips | positive flips | 1:1 negative | 1:1 positive |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"fraction re-extracted, {main} and top1, 1:N top-1 flips over the mated probes (negative, "
+                  f"positive, relative negative), 1:1 flips at FAR={e['flip_far']:g} over the genuine pairs and over "
+                  "the impostor pairs (95 % intervals in brackets)", "",
+                  f"| fraction | {main} | top1 | negative flips | positive flips | relative negative | "
+                  "genuine negative | genuine positive | impostor negative | impostor positive |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for k, fraction in enumerate(e["fractions"]):
-            cells = []
-            for name in (main, "top1"):
-                text = f"{e['metrics'][name][k]:.4f}"
-                if "ci_low" in e:
-                    text += f" [{e['ci_low'][name][k]:.4f}, {e['ci_high'][name][k]:.4f}]"
-                cells.append(text)
-            cells += [f"{e[key][k]:.4f}" for key in ("negative_flips", "positive_flips", "negative_flips_1to1",
-                                                     "positive_flips_1to1")]
+            cells = [_cell(e["metrics"][name][k], e.get("ci_low", {}).get(name), e.get("ci_high", {}).get(name), k)
+                     for name in (main, "top1")]
+            cells += [_cell(e[key][k], e.get(f"{key}_ci_low"), e.get(f"{key}_ci_high"), k)
+                      for key in TOP1_FLIPS + PAIR_FLIPS]
             lines.append(f"| {fraction:.1f} | " + " | ".join(cells) + " |")
         areas = ", ".join(f"{name} {e['area'][name]:.4f}" + _area_interval(e, name) for name in (main, "top1"))
         lines += ["", f"Area under the curve: {areas}; the old system ({e['gallery']} self-test): "
@@ -261,6 +478,11 @@ def format_backfill(entries, main):
     return "\n".join(lines) + "\n"
 
 
+def _cell(value, low, high, k):
+    """``0.1234 [0.1000, 0.1500]`` (the interval when there is one)."""
+    return f"{value:.4f}" + (f" [{low[k]:.4f}, {high[k]:.4f}]" if low is not None else "")
+
+
 def _area_interval(entry, name):
     if "area_ci_low" not in entry:
         return ""
@@ -268,13 +490,13 @@ def _area_interval(entry, name):
 
 
 def plot_backfill(entries, path, main):
-    """PNG: ``main`` and top-1 (with 95 % bands; dashed: the old system's self-test) and the top-1
-    negative-flip share against the fraction re-extracted, one line per curve."""
+    """PNG: ``main`` and top-1 (with 95 % bands; dashed: the old system's self-test), the 1:N negative
+    flips and the genuine pairs' 1:1 negative flips against the fraction re-extracted, one line per curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for e in entries:
         label = f"{e['query']}: {e['order']}, {e['merge']}"
         for ax, name in zip(axes[:2], (main, "top1")):
@@ -283,11 +505,17 @@ def plot_backfill(entries, path, main):
             if "ci_low" in e:
                 ax.fill_between(e["fractions"], e["ci_low"][name], e["ci_high"][name], color=line.get_color(),
                                 alpha=0.12, linewidth=0)
-        axes[2].plot(e["fractions"], e["negative_flips"], marker="o", markersize=3, label=label)
+        for ax, key in zip(axes[2:], ("negative_flips", "negative_flips_genuine")):
+            line, = ax.plot(e["fractions"], e[key], marker="o", markersize=3, label=label)
+            if f"{key}_ci_low" in e:
+                ax.fill_between(e["fractions"], e[f"{key}_ci_low"], e[f"{key}_ci_high"], color=line.get_color(),
+                                alpha=0.12, linewidth=0)
     for ax, name in zip(axes[:2], (main, "top1")):
         for gallery, old_self in {e["gallery"]: e["old_self"][name] for e in entries}.items():
             ax.axhline(old_self, color="k", linestyle="--", linewidth=1, label=f"{gallery} self-test")
-    for ax, title in zip(axes, (main, "top1", "negative flips (share of mated probes)")):
+    far = entries[0]["flip_far"] if entries else 1e-3
+    for ax, title in zip(axes, (main, "top1", "1:N negative flips (share of mated probes)",
+                                f"1:1 negative flips at FAR={far:g} (share of genuine pairs)")):
         ax.set(xlabel="fraction of the gallery re-extracted", title=title, xlim=(0, 1))
         ax.legend(fontsize=6)
     fig.tight_layout()

@@ -249,7 +249,8 @@ def generations_summary(names, value, reps=None):
     ``value[q, g]``: the main metric of query generation q against gallery generation g (indices,
     oldest first); ``reps[q, g]``: its bootstrap replicates. AC = share of the pairs i > j with
     M(i, j) > M(j, j); AM = mean of M(i, j) over j ≤ i. The oldest compatible generation of i is the
-    oldest j ≤ i whose self-test i's cross-test reaches (M(i, j) ≥ M(j, j), the verdicts' rule).
+    oldest j ≤ i such that i's cross-test reaches the self-test of j and of every generation between
+    (M(i, k) ≥ M(k, k) for j ≤ k < i, the verdicts' rule).
     """
     count = len(names)
     later = [(i, j) for i in range(count) for j in range(i)]
@@ -261,12 +262,19 @@ def generations_summary(names, value, reps=None):
 
     compatibility, multimodel = figures(value)
     result = {"average_compatibility": float(compatibility), "average_multimodel_accuracy": float(multimodel),
-              "oldest_compatible": {names[i]: names[min(j for j in range(i + 1) if decision.reaches(value[i, j], value[j, j]))]
-                                    for i in range(count)}}
+              "oldest_compatible": {names[i]: names[_oldest_compatible(value, i)] for i in range(count)}}
     if reps is not None:
         for key, replicate in zip(("average_compatibility", "average_multimodel_accuracy"), figures(reps)):
             result[f"{key}_ci_low"], result[f"{key}_ci_high"] = bootstrap.percentile_intervals(replicate)
     return result
+
+
+def _oldest_compatible(value, i):
+    """The oldest j ≤ i such that generation i reaches the self-test of every generation from j to i − 1."""
+    j = i
+    while j > 0 and decision.reaches(value[i, j - 1], value[j - 1, j - 1]):
+        j -= 1
+    return j
 
 
 def _verdict(value, reps, intervals, metric, query, gallery, reference, cross_cell, self_cell):
