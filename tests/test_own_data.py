@@ -1,5 +1,6 @@
 """Own data end to end through the command lines: a folder of crops and a deployed ONNX old model →
-packed set → old features, prototypes, denoising → MixBCT → gallery transform → compat_eval verdicts."""
+packed set → old features, prototypes, denoising → MixBCT → gallery transform → compat_eval verdicts and
+its decision section."""
 import json
 import os
 
@@ -71,3 +72,8 @@ def test_pack_onnx_old_model_mixbct_transform_compat_eval(tmp_path):
         "earlier_self"]
     assert "margin_interval" in transformed and result["transform"].endswith("h.pt")
     assert "mixbct → deployed + procrustes: " in printed and "vs deployed self" in printed
+    with open(report + ".md") as handle:
+        markdown = handle.read()
+    question = markdown.index("**Can a new generation serve queries against deployed's gallery without re-enrolment?")
+    assert question < markdown.index("|") and "- mixbct queries → deployed gallery: **" in markdown
+    assert "Recommended path: " in markdown and "Recommended path: " in printed
