@@ -24,6 +24,9 @@ def test_quick_demo_end_to_end(tmp_path):
         assert report["seconds"][stage] > 0, stage
         assert f"[{stage}] done" in proc.stdout
     rows = report["rows"]
+    answers = {a["candidate"]: a["answer"] for a in report["decision"]["answers"]}
+    assert set(answers) >= set(METHODS) - {"independent"} and set(answers.values()) <= {"yes", "no", "undecided"}
+    assert report["decision"]["recommended_path"] in (out / "results.md").read_text()
     assert report["seeds"] == 1 and report["bootstrap"]["resamples"] == 20
     assert report["profile"] == "quick"
     assert report["sizes"] == {"identities": 40, "images_per_identity": 10, "ijb_subjects": 24, "old_epochs": 2,

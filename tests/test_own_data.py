@@ -77,3 +77,6 @@ def test_pack_onnx_old_model_mixbct_transform_compat_eval(tmp_path):
     question = markdown.index("**Can a new generation serve queries against deployed's gallery without re-enrolment?")
     assert question < markdown.index("|") and "- mixbct queries → deployed gallery: **" in markdown
     assert "Recommended path: " in markdown and "Recommended path: " in printed
+    assert result["decision"]["recommended_path"] in markdown
+    assert [a["candidate"] for a in result["decision"]["answers"]] == ["mixbct queries → deployed gallery",
+                                                                       "mixbct queries → deployed + procrustes gallery"]

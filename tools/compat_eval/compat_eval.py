@@ -27,7 +27,7 @@ import numpy as np
 from tools.compat_eval import backfill
 from tools.compat_eval.data import FaceSet, build_embedders, embed, image_features, restore
 from tools.compat_eval.protocol import METRICS, Protocol, check_sizes, compatibility
-from tools.compat_eval.report import format_report, plot_matrix
+from tools.compat_eval.report import decision_of, format_report, plot_matrix
 from tools.ijbc_eval import CHUNK_IMAGES, bootstrap
 from utils.chunk_cache import ChunkCache
 from utils.distributed import launched
@@ -187,6 +187,7 @@ def run(args):
         atomic_np_savez(stem + ".npz", generations=np.array(names), labels=faceset.labels,
                         **{f"embs{i}": e[0] for i, e in enumerate(embeddings)},
                         **{f"embs_f{i}": e[1] for i, e in enumerate(embeddings)})
+    result["decision"] = decision_of(result)
     report = format_report(result)
     with atomic_open(stem + ".json") as handle:
         json.dump(result, handle, indent=1)

@@ -92,7 +92,17 @@ def recommendation(trained, transforms):
             "before its queries use it, or gather more test identities if the answers are undecided")
 
 
-def decision_lines(question, rows, path):
-    """Markdown: the question, one line per candidate ``(name, answer, detail)`` and the recommended path."""
-    return ([f"**{question}**", ""] + [f"- {name}: **{said}** ({detail})" for name, said, detail in rows]
-            + ["", f"Recommended path: {path}.", ""])
+def decision_record(question, rows, path):
+    """The decision as the JSON reports carry it: the question, one answer per candidate ``(name, answer,
+    detail)`` and the recommended path."""
+    return {"question": question, "answers": [{"candidate": name, "answer": said, "detail": detail}
+                                              for name, said, detail in rows], "recommended_path": path}
+
+
+def decision_lines(record):
+    """Markdown of a :func:`decision_record` (no lines for none)."""
+    if record is None:
+        return []
+    return ([f"**{record['question']}**", ""]
+            + [f"- {a['candidate']}: **{a['answer']}** ({a['detail']})" for a in record["answers"]]
+            + ["", f"Recommended path: {record['recommended_path']}.", ""])

@@ -7,9 +7,14 @@ from utils.io import atomic_path
 
 
 def decision_section(result):
-    """Markdown: can each later generation (and the transformed gallery) serve queries against the oldest
-    generation's gallery without re-enrolment — yes/no/undecided from the main metric's paired interval, with
-    the top-1 margin as point values — and the recommended path (:mod:`decision`)."""
+    """Markdown of :func:`decision_of`."""
+    return decision.decision_lines(decision_of(result))
+
+
+def decision_of(result):
+    """Can each later generation (and the transformed gallery) serve queries against the oldest generation's
+    gallery without re-enrolment — yes/no/undecided from the main metric's paired interval, with the top-1
+    margin as point values — and the recommended path (:func:`decision.decision_record`; None without verdicts)."""
     names, metric = result["generations"], result["metric"]
     cell = {(c["query"], c["gallery"]): c for c in result["cells"]}
     old = names[0]
@@ -33,11 +38,11 @@ def decision_section(result):
             transforms.append((v["earlier"], said))
         rows.append((f"{v['generation']} queries → {v['earlier']} gallery", said, detail))
     if not rows:
-        return []
-    return decision.decision_lines(f"Can a new generation serve queries against {old}'s gallery without "
-                                   f"re-enrolment? (on {metric}: yes when the paired 95 % interval of its margin "
-                                   "lies above 0, no below 0, undecided when it contains 0)",
-                                   rows, decision.recommendation(trained, transforms))
+        return None
+    return decision.decision_record(f"Can a new generation serve queries against {old}'s gallery without "
+                                    f"re-enrolment? (on {metric}: yes when the paired 95 % interval of its margin "
+                                    "lies above 0, no below 0, undecided when it contains 0)",
+                                    rows, decision.recommendation(trained, transforms))
 
 
 def format_report(result):

@@ -122,8 +122,14 @@ def row_verdict(row):
 
 
 def decision_section(rows):
-    """Markdown: can each new model (or transformed gallery) serve queries against the old gallery without
-    re-enrolment — yes/no/undecided from its TAR@FAR=1e-3 and top-1 verdicts — and the recommended path."""
+    """Markdown of :func:`decision_of`."""
+    return decision.decision_lines(decision_of(rows))
+
+
+def decision_of(rows):
+    """Can each new model (or transformed gallery) serve queries against the old gallery without re-enrolment —
+    yes/no/undecided from its TAR@FAR=1e-3 and top-1 verdicts — and the recommended path
+    (:func:`decision.decision_record`)."""
     row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
     indep = row_of.get(("independent", "self", "TAR@FAR=1e-3"))
     lines, trained, transforms = [], [], []
@@ -142,8 +148,8 @@ def decision_section(rows):
             trained.append((method, said, cost))
             detail += "" if cost is None else f"; self-test {cost:+.3f} against the independent model"
         lines.append((method, said, detail))
-    return decision.decision_lines("Can a new model serve queries against the old gallery without re-enrolment?",
-                                   lines, decision.recommendation(trained, transforms))
+    return decision.decision_record("Can a new model serve queries against the old gallery without re-enrolment?",
+                                    lines, decision.recommendation(trained, transforms))
 
 
 def results_table(rows, scenario, seeds=1, resamples=0, profile="full"):

@@ -84,7 +84,7 @@ def run_pipeline(args):
     results = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "profile": args.profile,
                "quick": bool(args.quick), "sizes": demo.sizes(), "seeds": args.seeds,
                "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
-               "transform_cost": transform_cost}
+               "transform_cost": transform_cost, "decision": report.decision_of(rows)}
     table = report.results_table(rows, args.scenario, args.seeds, resamples, args.profile) + transforms.cost_lines(transform_cost)
     write_results(out, results, table)
     if args.generations == 3:
