@@ -94,7 +94,7 @@ def test_mixbct_method_loss_is_classifier_on_mixed_batch(tmp_path):
     chosen = choose_mixed(torch.from_numpy(mask[indices.numpy()] == 1), 3)
     expected = embeddings.clone()
     expected[chosen] = F.normalize(torch.from_numpy(features[indices.numpy()][chosen.numpy()]))
-    assert parts["mixed"] == 3.0 and bool((torch.from_numpy(mask[indices.numpy()])[chosen] == 1).all())
+    assert parts["mixed_rows"] == 3.0 and bool((torch.from_numpy(mask[indices.numpy()])[chosen] == 1).all())
     assert torch.allclose(loss, ctx.classifier(expected, torch.from_numpy(labels[indices.numpy()])))
 
 
