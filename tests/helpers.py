@@ -1,11 +1,13 @@
 """Small builders shared by the tests: tiny RecordIO datasets and tiny configs."""
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+
+from utils.config import write_config  # noqa: F401  (the tests build their configs with it)
+from utils.distributed import free_port  # noqa: F401  (the master port of spawned ranks)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,22 +61,6 @@ def chunk_files(cache):
     """Sorted paths of the saved chunks (``chunk_*.npz``) anywhere under a resume-cache root."""
     return sorted(os.path.join(folder, name) for folder, _, names in os.walk(cache) for name in names
                   if name.startswith("chunk_"))
-
-
-def free_port():
-    """A TCP port free on 127.0.0.1 now (for a process group of spawned ranks)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_config(path, **keys):
-    """Write an easydict config module setting ``keys``."""
-    lines = ["from easydict import EasyDict as edict", "config = edict()"]
-    lines += [f"config.{key} = {value!r}" for key, value in keys.items()]
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    return str(path)
 
 
 TINY_MODEL = dict(network="r18", network_width=8, input_size=32, embedding_size=16, dropout=0.0)

@@ -1,7 +1,6 @@
 """Steps 2–4 as users run them: get_feature.py, get_avg_feature.py, denoise_credible.py."""
 import importlib.util
 import os
-import socket
 import sys
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import ROOT, TINY_MODEL, chunk_files, make_tiny_rec, python, run, write_config
+from helpers import ROOT, TINY_MODEL, chunk_files, free_port, make_tiny_rec, python, run, write_config
 from utils.errors import UserError
 
 SD = "f16_r18_softmax_class70"
@@ -99,12 +98,6 @@ def test_torchrun_two_ranks_and_avg_with_config(setup):
     assert np.load(files["avg_feature"]).shape == (5, 16)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _embed_worker(rank, world, port, root, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -138,7 +131,7 @@ def test_embed_dataset_two_gloo_ranks_equals_single(setup):
     single = embed_dataset(model, dataset, 5, DistInfo(0, 0, 1, torch.device("cpu")), num_workers=0)
     assert single.shape == (35, 16) and single.dtype == np.float32
     out = str(root / "embed_2.npy")
-    mp.spawn(_embed_worker, args=(2, _free_port(), str(root), out), nprocs=2, join=True)
+    mp.spawn(_embed_worker, args=(2, free_port(), str(root), out), nprocs=2, join=True)
     double = np.load(out)
     np.testing.assert_allclose(double, single, atol=1e-5)
     np.testing.assert_allclose(single, _reference(root)[0], atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backbones import get_model
-from helpers import chunk_files, python
+from helpers import chunk_files, free_port, python
 from tools.ijbc_eval import metrics
 from tools.ijbc_eval.ijbc_eval import build_parser, evaluate, main
 from tools.ijbc_eval.meta import load_cached, load_meta
@@ -287,15 +287,12 @@ def _evaluate_on_rank(rank, world, port, kwargs, out):
 
 
 def test_embedding_shared_by_two_gloo_ranks_gives_the_same_result(ijb, tmp_path):
-    import socket
 
     import torch.multiprocessing as mp
 
     kwargs = dict(TINY, model_file=ijb.new, data_path=ijb.data, model_file_old=ijb.old, network_old="r18",
                   batch_size=4, chunk_size=8, device="cpu", cache_dir=str(tmp_path / "cache"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "result.json")
     mp.spawn(_evaluate_on_rank, args=(2, port, kwargs, out), nprocs=2, join=True)
     with open(out) as handle:

@@ -30,6 +30,18 @@ PATH_KEYS = ("rec", "output", "old_model", "old_embedding", "old_label", "old_pr
              "credible_old_feature")
 
 
+def write_config(path, method=None, **keys):
+    """Write a config module setting ``keys`` at ``path``; with ``method`` a ``base.py`` beside it declares
+    that method's keys (``BCT_methods/<method>/configs/base.py``). Returns the path."""
+    if method:
+        with open(os.path.join(os.path.dirname(str(path)), "base.py"), "w") as handle:
+            handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
+    lines = ["from easydict import EasyDict as edict", "config = edict()"] + [f"config.{k} = {v!r}" for k, v in keys.items()]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return str(path)
+
+
 def add_launcher_args(parser: argparse.ArgumentParser):
     """Accept the ``--local_rank``/``--local-rank`` argument that torch.distributed.launch passes, and
     ``--dist_timeout_minutes``."""

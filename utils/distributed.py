@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import os
 import shutil
+import socket
 import tempfile
 
 import torch
@@ -123,6 +124,13 @@ def _check_one_process_per_gpu(device):
             raise
         raise UserError(f"two processes use the same GPU ({device}, e.g. two nodes of one host): NCCL cannot share a "
                         f"GPU; give each process its own GPU or set {BACKEND_VARIABLE}=gloo") from None
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (the master port of a process group started on this machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def set_timeout(minutes):

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from tools.synthetic import make_synthetic  # noqa: E402
-from utils.distributed import BACKEND_VARIABLE  # noqa: E402
+from utils.config import write_config  # noqa: E402
+from utils.distributed import BACKEND_VARIABLE, free_port  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 FAULTY = os.path.join(ROOT, "tools", "benchmark", "faulty_train.py")
@@ -38,26 +38,16 @@ SCENARIOS = {
 }
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _config(folder, data, device, name, keys):
     keys = dict(network="r18", network_width=8, input_size=32, embedding_size=16, rec=data, batch_size=4, num_epoch=3,
                 num_workers=2, frequent=1, fp16=True, device=device, output=os.path.join(folder, name), **keys)
-    path = os.path.join(folder, f"{len(os.listdir(folder))}.py")
-    with open(path, "w") as handle:
-        handle.write("\n".join(["from easydict import EasyDict as edict", "config = edict()"] +
-                               [f"config.{k} = {v!r}" for k, v in keys.items()]) + "\n")
-    return path
+    return write_config(os.path.join(folder, f"{len(os.listdir(folder))}.py"), **keys)
 
 
 def run_scenario(folder, data, device, name, timeout):
     """Seconds from the fault to each launcher's exit, and their exit statuses."""
     fault, rank, nodes, per_node, keys = SCENARIOS[name]
-    cfg, port = _config(folder, data, device, name.split(",")[0].replace(" ", "_"), keys), _free_port()
+    cfg, port = _config(folder, data, device, name.split(",")[0].replace(" ", "_"), keys), free_port()
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", FAULT=fault, FAULT_STEP="5", FAULT_RANK=str(rank))
     if device == "cuda" and torch.cuda.device_count() < nodes * per_node:   # the "nodes" share this host's GPUs
         env[BACKEND_VARIABLE] = "gloo"

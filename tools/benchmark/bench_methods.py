@@ -41,7 +41,7 @@ import torch
 
 from backbones import get_model
 from losses import CombinedMarginLoss, PartialFC
-from utils.config import get_config
+from utils.config import get_config, write_config
 from utils.errors import require, run_cli
 from utils.feature_stats import class_prototypes, credible_mask
 from utils.trainer import (Method, TrainState, autocast_dtype, backbone_autocast, logits_autocast_dtype,
@@ -79,15 +79,10 @@ def method_config(folder, name, args, paths):
     """Config with the method's published defaults (its configs/base.py), this benchmark's sizes and files."""
     sub = os.path.join(folder, name)
     os.makedirs(sub, exist_ok=True)
-    if name in METHODS:
-        with open(os.path.join(sub, "base.py"), "w") as handle:
-            handle.write(f"from BCT_methods.{name}.configs.base import config  # noqa: F401\n")
-    keys = dict(network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
-                num_classes=args.num_classes, rec="unused", output=os.path.join(folder, "out"))
-    with open(os.path.join(sub, "bench.py"), "w") as handle:
-        handle.write("\n".join(["from easydict import EasyDict as edict", "config = edict()"] +
-                               [f"config.{k} = {v!r}" for k, v in keys.items()]) + "\n")
-    cfg = get_config(os.path.join(sub, "bench.py"))
+    config = write_config(os.path.join(sub, "bench.py"), method=name if name in METHODS else None,
+                          network=args.network, embedding_size=args.embedding_size, batch_size=args.batch_size,
+                          num_classes=args.num_classes, rec="unused", output=os.path.join(folder, "out"))
+    cfg = get_config(config)
     for key, kind in (("old_embedding", "feature"), ("old_prototype", "avg_feature")):
         if key in cfg:
             cfg[key] = paths[kind]

@@ -2,7 +2,6 @@
 over 2 processes (cut and resumed), its features, every method, and one-process trainer variants."""
 import os
 import re
-import socket
 import sys
 
 import numpy as np
@@ -11,6 +10,8 @@ import torch
 from tools.gpu_check.runner import run_limited
 from tools.synthetic import make_synthetic
 from utils.chunk_cache import CHUNK_ROWS
+from utils.config import write_config
+from utils.distributed import free_port
 from utils.feature_stats import class_prototypes, credible_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,23 +37,6 @@ def model_keys(ctx):
                 num_workers=2, seed=3, rec=synthetic_data(ctx))
 
 
-def write_config(path, method=None, **keys):
-    """Write a config module; a method's config gets a ``base.py`` beside it declaring the method's keys."""
-    if method:
-        with open(os.path.join(os.path.dirname(path), "base.py"), "w") as handle:
-            handle.write(f"from BCT_methods.{method}.configs.base import config  # noqa: F401\n")
-    lines = ["from easydict import EasyDict as edict", "config = edict()"] + [f"config.{k} = {v!r}" for k, v in keys.items()]
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    return path
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(ctx, script, *args, processes=2):
     """Run a repository script (``torchrun`` with 2 processes, or python with 1) within the part's remaining
     time; returns its seconds, raises when it fails."""
@@ -60,7 +44,7 @@ def launch(ctx, script, *args, processes=2):
     if not ctx.cuda:
         env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                                    f"--master_port={_free_port()}"] if processes > 1 else [])
+                                    f"--master_port={free_port()}"] if processes > 1 else [])
     command = [*launcher, script, *args]
     print("$ " + " ".join(command), flush=True)
     code, seconds = run_limited(command, ctx.remaining(), env=env, cwd=ROOT)
