@@ -69,8 +69,9 @@ def run_scenario(folder, data, device, name, timeout):
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait()
-        log.seek(0)
-        text += log.read()
+        with log:
+            log.seek(0)
+            text += log.read()
     injected = re.search(r"injecting \w+ at ([\d.]+)", text)
     if injected is None:
         return {"ok": False, "note": "the fault was never reached", "log_tail": text[-1500:]}
