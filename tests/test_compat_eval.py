@@ -223,32 +223,139 @@ def test_report_marks_figures_the_impostor_pairs_cannot_carry(tiny):
     assert "The main metric TAR@FAR=1e-3 is not measurable with this data" in format_report(result)
 
 
-def test_decision_section_on_top_of_the_report():
-    """yes/no/undecided from the paired interval of the main metric's margin over the oldest self-test; a
-    transformed gallery is recommended only when no generation serves the old gallery as it is."""
-    from tools.compat_eval.report import decision_section
+FRACTIONS = [round(0.1 * k, 1) for k in range(11)]
 
-    def cells(*values):
-        return [{"query": q, "gallery": g, "TAR@FAR=1e-2": v, "top1": v} for (q, g), v in values]
 
-    def verdict(generation, gallery, margin, low, high, **extra):
-        return dict(generation=generation, earlier=gallery, margin=margin, margin_interval=[low, high], **extra)
+def curve(query, order, tar, top1, merge="plain", gallery="old"):
+    """A hand-made backfill entry: the two figures along the fractions, the old self-test at 0.5 for both,
+    negative flips k/100 at fraction k/10 (1:N) and k/1000 (1:1 genuine)."""
+    return {"query": query, "gallery": gallery, "order": order, "merge": merge, "fractions": FRACTIONS,
+            "metrics": {"TAR@FAR=1e-2": tar, "top1": top1}, "old_self": {"TAR@FAR=1e-2": 0.5, "top1": 0.5},
+            "negative_flips": [k / 100 for k in range(11)], "negative_flips_genuine": [k / 1000 for k in range(11)],
+            "flip_far": 0.01}
 
-    result = {"generations": ["old", "new"], "metric": "TAR@FAR=1e-2", "protocol": {"impostor_pairs": 1000},
-              "cells": cells((("old", "old"), 0.5), (("new", "new"), 0.7), (("new", "old"), 0.55),
-                             (("new", "old + linear"), 0.6)),
-              "verdicts": [verdict("new", "old", 0.05, 0.01, 0.09)]}
+
+def test_backfill_safety_is_the_fraction_after_the_last_dip():
+    """Below the old level at 20 % and 30 %, never after: from 40 %, with the flips at 40 %; the earliest
+    deployable curve is the answer, every curve is listed; a curve ending below gives no fraction."""
+    from tools.compat_eval import decision
+
+    above = [0.6] * 11
+    dip = [0.52, 0.51, 0.48, 0.49, 0.5, 0.55, 0.6, 0.62, 0.64, 0.66, 0.7]   # equal to the old level counts as not below
+    entries = [curve("new", "random", dip, above), curve("new", "norm", above, [0.55] * 3 + [0.45] + [0.6] * 7),
+               curve("new", "oracle", above, above), curve("other", "random", above, above)]
+    safety = decision.backfill_safety(entries, "new", "old", ["TAR@FAR=1e-2", "top1"])
+    assert [(c["order"], c["from_fraction"]) for c in safety["curves"]] == [("random", 0.4), ("norm", 0.4),
+                                                                             ("oracle", 0.0)]
+    assert (safety["order"], safety["from_fraction"]) == ("random", 0.4)     # the first of the earliest; no oracle
+    assert safety["negative_flips"] == 0.04 and safety["negative_flips_genuine"] == 0.004
+    assert "never falls below the old system from 40 % re-extracted (random order, plain merge; negative flips " \
+           "there: 1:N top-1 0.040, 1:1 genuine at FAR=0.01 0.004)" in decision.backfill_text(safety)
+    only_top1 = decision.backfill_safety(entries[:1], "new", "old", ["top1"])
+    assert only_top1["from_fraction"] == 0.0 and only_top1["negative_flips"] == 0.0
+    ends_below = decision.backfill_safety([curve("new", "random", above, above[:10] + [0.4])], "new", "old", ["top1"])
+    assert ends_below["from_fraction"] is None and "ends below the old system" in decision.backfill_text(ends_below)
+    assert decision.safe_from([[0.6, float("nan"), 0.6]], [0.5]) == 2
+    assert decision.backfill_safety(entries, "new", "elder", ["top1"]) is None
+
+
+def _verdict(generation, gallery, margins, **extra):
+    """A verdict with the margins ``{metric: (margin, low, high)}`` over the self-test of 0.5."""
+    return dict(generation=generation, earlier=gallery, margin=margins["TAR@FAR=1e-2"][0],
+                margins={m: {"cross": 0.5 + v, "self": 0.5, "margin": v, "interval": [lo, hi]}
+                         for m, (v, lo, hi) in margins.items()}, **extra)
+
+
+def test_decision_judges_tar_and_top1_with_backfill_self_test_and_cost():
+    """yes/no/undecided from the paired intervals of both figures; the self-test against --independent,
+    the backfill answer, the measured cost and the recommended path with its reason."""
+    from tools.compat_eval.report import decision_of, decision_section
+
+    cells = [{"query": q, "gallery": g, "TAR@FAR=1e-2": v, "top1": v} for q, g, v in
+             (("old", "old", 0.5), ("new", "new", 0.7), ("free", "free", 0.8), ("new", "old", 0.55),
+              ("free", "old", 0.3), ("free", "old + linear", 0.6), ("old", "new", 0.5), ("new", "free", 0.1),
+              ("free", "new", 0.1), ("old", "free", 0.1))]
+    up, down, across = (0.05, 0.01, 0.09), (-0.05, -0.09, -0.01), (0.01, -0.02, 0.04)
+    result = {"generations": ["old", "new", "free"], "metric": "TAR@FAR=1e-2", "protocol": {"impostor_pairs": 1000},
+              "cells": cells, "independent": "free",
+              "verdicts": [_verdict("new", "old", {"TAR@FAR=1e-2": up, "top1": across}),
+                           _verdict("free", "old", {"TAR@FAR=1e-2": down, "top1": down}),
+                           _verdict("free", "new", {"TAR@FAR=1e-2": down, "top1": down}),
+                           _verdict("free", "old + linear", {"TAR@FAR=1e-2": up, "top1": up}, self_of="old")],
+              "backfill": [curve("new", "random", [0.4] * 3 + [0.6] * 8, [0.6] * 11)],
+              "cost": {"transform_seconds_per_million_features": 0.25,
+                       "reextraction_seconds_per_million_images": {"new": 900.0, "free": 1200.0}}}
+    record = decision_of(result)
+    assert [(a["candidate"], a["kind"], a["answer"]) for a in record["answers"]] == [
+        ("new queries → old gallery", "model", "undecided"), ("free queries → old gallery", "model", "no"),
+        ("free queries → old + linear gallery", "transform", "yes")]     # free → new: not about the oldest gallery
+    new = record["answers"][0]
+    assert new["figures"] == [{"metric": "TAR@FAR=1e-2", "margin": 0.05, "interval": [0.01, 0.09], "verdict": "compatible"},
+                              {"metric": "top1", "margin": 0.01, "interval": [-0.02, 0.04], "verdict": "undecided"}]
+    assert new["self_test_change"] == pytest.approx(-0.1) and new["backfill"]["from_fraction"] == 0.3
     text = "\n".join(decision_section(result))
-    assert "- new queries → old gallery: **yes** (TAR@FAR=1e-2 margin +0.0500 [+0.0100, +0.0900]; top1 margin " \
-           "+0.0500 (point values); self-test +0.2000 against old's)" in text
-    assert "Recommended path: deploy new: its queries search the old gallery as it is" in text
-    result["verdicts"] = [verdict("new", "old", -0.05, -0.09, -0.01),
-                          verdict("new", "old + linear", 0.1, 0.02, 0.15, self_of="old")]
+    assert ("- new queries → old gallery: **undecided** (TAR@FAR=1e-2 +0.050 [+0.010, +0.090] compatible, top1 +0.010 "
+            "[-0.020, +0.040] undecided; self-test -0.100 (TAR@FAR=1e-2) against free; a background backfill never "
+            "falls below the old system from 30 % re-extracted (random order, plain merge; negative flips there: 1:N "
+            "top-1 0.030, 1:1 genuine at FAR=0.01 0.003); cost: re-extraction 900 s per million images)") in text
+    assert "- free queries → old gallery: **no** (TAR@FAR=1e-2 -0.050 [-0.090, -0.010] not compatible" in text
+    assert "backfill not measured; cost: re-extraction 1.2e+03 s per million images" in text
+    assert ("- free queries → old + linear gallery: **yes** (TAR@FAR=1e-2 +0.050 [+0.010, +0.090] compatible, top1 "
+            "+0.050 [+0.010, +0.090] compatible; cost: transform 0.25 s per million features against re-extraction "
+            "1.2e+03 s per million images)") in text
+    assert ("Recommended path: map the stored gallery with free queries → old + linear gallery and search it with the "
+            "new model's queries. Why: no new model is shown to serve the old gallery as it is, and the mapped gallery "
+            "is compatible on TAR@FAR=1e-2 and top1, at 0.25 s per million features against 1.2e+03 s per million "
+            "images for re-extraction.") in text
+
+    result["verdicts"][0] = _verdict("new", "old", {"TAR@FAR=1e-2": up, "top1": up})
+    record = decision_of(result)
+    assert record["recommended_path"] == ("deploy new queries → old gallery: its queries search the old gallery as it "
+                                          "is; re-extract the gallery in the background (never below the old system "
+                                          "from 30 % re-extracted)")
+    assert record["why"] == "its queries are compatible with the old gallery on TAR@FAR=1e-2 and top1, at a self-test " \
+                            "change of -0.100 against free"
+
+    del result["independent"], result["cost"], result["backfill"]
+    result["verdicts"] = result["verdicts"][:2]
+    result["verdicts"][0] = _verdict("new", "old", {"TAR@FAR=1e-2": across, "top1": up})
     text = "\n".join(decision_section(result))
-    assert "- new queries → old gallery: **no**" in text and "- new queries → old + linear gallery: **yes**" in text
-    assert "Recommended path: map the stored gallery with old + linear" in text
+    assert "backfill not measured; cost: re-extraction not measured)" in text and "self-test" not in text
+    assert "Recommended path: re-enrol (backfill) the gallery with the new model before its queries use it. Why: no " \
+           "candidate is shown to serve the old gallery as it is (the undecided ones need more test identities" in text
     result["protocol"]["impostor_pairs"] = 50          # TAR@FAR=1e-2 not measurable: no answer from it
-    assert "**undecided**" in "\n".join(decision_section(result))
+    result["verdicts"][0] = _verdict("new", "old", {"TAR@FAR=1e-2": up, "top1": up})
+    text = "\n".join(decision_section(result))
+    assert "- new queries → old gallery: **undecided** (TAR@FAR=1e-2 n/m, top1 +0.050" in text
+
+
+def test_demo_and_compat_eval_decide_alike():
+    """The same margins, curves and cost give the same answers and figures in the demo and compat_eval."""
+    from tools.compat_eval.report import decision_of as compat_decision
+    from tools.demo.report import decision_of as demo_decision
+
+    up, across = (0.05, 0.01, 0.09), (0.01, -0.02, 0.04)
+    entries = [curve("new", "random", [0.4] * 3 + [0.6] * 8, [0.6] * 11, gallery=g) for g in ("old",)]
+    for entry in entries:
+        entry["metrics"]["TAR@FAR=1e-3"] = entry["metrics"].pop("TAR@FAR=1e-2")
+        entry["old_self"]["TAR@FAR=1e-3"] = entry["old_self"].pop("TAR@FAR=1e-2")
+    margins = {"TAR@FAR=1e-3": up, "top1": across}
+    result = {"generations": ["old", "new"], "metric": "TAR@FAR=1e-3", "protocol": {"impostor_pairs": 5000},
+              "cells": [{"query": q, "gallery": g, "TAR@FAR=1e-3": 0.5, "top1": 0.5} for q in ("old", "new")
+                        for g in ("old", "new")], "backfill": entries,
+              "verdicts": [dict(_verdict("new", "old", {**margins, "TAR@FAR=1e-2": up}),
+                                margins={m: {"margin": v, "interval": [lo, hi]} for m, (v, lo, hi) in margins.items()})],
+              "cost": {"reextraction_seconds_per_million_images": {"new": 800.0}}}
+    rows = [dict(method="old", test="self", metric=m, value=0.5, ci_low=0.4, ci_high=0.6) for m in margins]
+    rows += [dict(method="new", test="cross", metric=m, value=0.5 + v, ci_low=0.4, ci_high=0.6, margin=v,
+                  margin_ci_low=lo, margin_ci_high=hi, **({"impostor_pairs": 5000} if m.startswith("TAR") else {}))
+             for m, (v, lo, hi) in margins.items()]
+    demo = demo_decision(rows, {"protocol": {"impostor_pairs": 5000}, "backfill": entries},
+                         {"seconds_per_million": {}, "backfill_seconds_per_million": 800.0})
+    compat = compat_decision(result)
+    for a, b in zip(demo["answers"], compat["answers"]):
+        assert {k: v for k, v in a.items() if k != "candidate"} == {k: v for k, v in b.items() if k != "candidate"}
+    assert demo["rule"] == compat["rule"] and demo["answers"][0]["answer"] == "undecided"
 
 
 # -------------------------------------------------------------------------------- embedding pass

@@ -143,8 +143,10 @@ def test_figures_the_impostor_pairs_cannot_carry_and_the_smoke_test_heading():
 
 def test_decision_section_answers_and_recommends():
     """yes only when both verdicts are compatible, no when one is not; the compatible method losing the least
-    self-test is recommended, a transform only when no trained model is compatible, else re-enrolment."""
-    from tools.demo.report import decision_section
+    self-test is recommended, a transform only when no trained model is compatible, else re-enrolment (with
+    the backfill fraction from which the new model may query the mixed gallery); the backfill answer and the
+    measured cost of each candidate."""
+    from tools.demo.report import decision_of, decision_section
 
     def rows(method, tar, top1, own=0.5):
         found = [_row(method, "self", "TAR@FAR=1e-3", own, own - 0.02, own + 0.02)] if " + " not in method else []
@@ -153,17 +155,47 @@ def test_decision_section_answers_and_recommends():
                               margin_ci_low=low, margin_ci_high=high))
         return found
 
+    def curve(query, tar):
+        return {"query": query, "gallery": "old", "order": "random", "merge": "plain", "fractions": [0, 0.5, 1],
+                "metrics": {"TAR@FAR=1e-3": tar, "top1": [0.9, 0.9, 0.9]},
+                "old_self": {"TAR@FAR=1e-3": 0.5, "top1": 0.5}, "negative_flips": [0.2, 0.1, 0.05],
+                "negative_flips_genuine": [0.02, 0.01, 0.005], "flip_far": 0.001}
+
     above, below, across = (0.01, 0.05), (-0.05, -0.01), (-0.01, 0.01)
     base = [_row("independent", "self", "TAR@FAR=1e-3", 0.6, 0.58, 0.62)]
     table = rows("L2", above, above, 0.45) + rows("NCCL", across, above) + rows("MixBCT", below, above) + \
         rows("BCT", above, above, 0.55) + rows("independent + linear", above, above)
-    text = "\n".join(decision_section(base + table))
-    assert "- L2: **yes** (TAR@FAR=1e-3 compatible, top1 compatible; self-test -0.150 against" in text
-    assert "- NCCL: **undecided**" in text and "- MixBCT: **no**" in text and "- independent + linear: **yes**" in text
-    assert "Recommended path: deploy BCT: its queries search the old gallery as it is (self-test -0.050" in text
-    text = "\n".join(decision_section(base + rows("NCCL", across, above) + rows("independent + linear", above, above)))
+    backfill = {"protocol": {"impostor_pairs": 10_000}, "backfill": [curve("BCT", [0.45, 0.55, 0.6]),
+                                                                    curve("MixBCT", [0.45, 0.4, 0.6])]}
+    cost = {"seconds_per_million": {"linear": 0.5, "procrustes": 0.4, "fct": 2.0}, "backfill_seconds_per_million": 700}
+    text = "\n".join(decision_section(base + table, backfill, cost))
+    assert ("- L2: **yes** (TAR@FAR=1e-3 +0.030 [+0.010, +0.050] compatible, top1 +0.030 [+0.010, +0.050] compatible; "
+            "self-test -0.150 (TAR@FAR=1e-3) against the independent model; backfill not measured; cost: re-extraction "
+            "700 s per million images)") in text
+    assert "- NCCL: **undecided**" in text and "- MixBCT: **no**" in text
+    assert ("- BCT: **yes** (TAR@FAR=1e-3 +0.030 [+0.010, +0.050] compatible, top1 +0.030 [+0.010, +0.050] compatible; "
+            "self-test -0.050 (TAR@FAR=1e-3) against the independent model; a background backfill never falls below "
+            "the old system from 50 % re-extracted (random order, plain merge; negative flips there: 1:N top-1 0.100, "
+            "1:1 genuine at FAR=0.001 0.010)") in text
+    assert ("- independent + linear: **yes** (TAR@FAR=1e-3 +0.030 [+0.010, +0.050] compatible, top1 +0.030 "
+            "[+0.010, +0.050] compatible; cost: transform 0.5 s per million features against re-extraction 700 s per "
+            "million images)") in text
+    assert ("Recommended path: deploy BCT: its queries search the old gallery as it is; re-extract the gallery in the "
+            "background (never below the old system from 50 % re-extracted). Why: its queries are compatible with "
+            "the old gallery on TAR@FAR=1e-3 and top1, and it gives up the least self-test of the compatible models "
+            "(-0.050 against the independent model).") in text
+    text = "\n".join(decision_section(base + rows("NCCL", across, above) + rows("independent + linear", above, above),
+                                      backfill, cost))
     assert "Recommended path: map the stored gallery with independent + linear" in text
-    assert "re-enrol (backfill)" in "\n".join(decision_section(base + rows("MixBCT", below, above)))
+    record = decision_of(base + rows("MixBCT", below, above), backfill)     # safe only once wholly re-extracted
+    assert record["answers"][0]["backfill"]["from_fraction"] == 1.0
+    assert record["recommended_path"] == "re-enrol (backfill) the gallery with the new model before its queries use it"
+    backfill["backfill"][1]["metrics"]["TAR@FAR=1e-3"][1] = 0.5
+    record = decision_of(base + rows("MixBCT", below, above), backfill)
+    assert record["recommended_path"] == "re-extract the gallery with MixBCT and switch its queries on once 50 % of " \
+                                         "the gallery is re-extracted"
+    assert record["why"] == "no candidate is shown to serve the old gallery as it is, and from there on the mixed " \
+                            "gallery never falls below the old system (random order)"
 
 
 def test_paired_interval_of_two_result_files(tmp_path):

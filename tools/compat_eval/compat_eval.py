@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -25,7 +26,7 @@ sys.path.insert(0, ROOT)
 import numpy as np
 
 from tools.compat_eval import backfill
-from tools.compat_eval.data import FaceSet, build_embedders, embed, image_features, restore
+from tools.compat_eval.data import FaceSet, TimedRunner, build_embedders, embed, image_features, restore
 from tools.compat_eval.protocol import METRICS, Protocol, check_sizes, compatibility
 from tools.compat_eval.report import decision_of, format_report, plot_matrix
 from tools.ijbc_eval import CHUNK_IMAGES, bootstrap
@@ -53,10 +54,10 @@ def preprocessings(texts, count):
 
 
 def load_transform(path):
-    """The saved dict of the ``--transform`` file (refused in one line when it is not a transform)."""
+    """``(model, saved dict)`` of the ``--transform`` file (refused in one line when it is not a transform)."""
     from tools.transform.transforms import load
 
-    return load(path)[1]
+    return load(path)
 
 
 def check_transform_size(path, saved, size):
@@ -80,21 +81,30 @@ def choices(args, names, identity_names):
     return pair, file_order, transform_pair
 
 
-def transformed_gallery(args, names, embeddings, flips, saved, old, new):
-    """``(name, image features, old index, new index)`` of generation ``old`` mapped by ``--transform``."""
-    from tools.ijbc_eval.ijbc_eval import apply_transform
+def transformed_gallery(names, embeddings, flips, transform, old, new):
+    """``((name, image features, old index, new index), seconds per million features)``: generation ``old``'s
+    embeddings (and mirrored ones) mapped by the ``--transform`` ``(model, saved dict)``, the mapping timed."""
+    from tools.transform.transforms import transform_rows
 
-    mapped = apply_transform(args.transform, embeddings[old], embeddings[new][0].shape[1])
-    return f"{names[old]} + {saved['kind']}", image_features(*mapped, flips[old]), old, new
+    model, saved = transform
+    start = time.perf_counter()
+    mapped = [transform_rows(model, part) for part in embeddings[old]]
+    rate = (time.perf_counter() - start) / sum(len(part) for part in mapped) * 1e6
+    return (f"{names[old]} + {saved['kind']}", image_features(*mapped, flips[old]), old, new), rate
 
 
-def _generation(names, text):
+def _generation(names, text, option="--transform_generations"):
     """Index of a generation given by name or 1-based position."""
     if text in names:
         return names.index(text)
     require(text.isdigit() and 1 <= int(text) <= len(names),
-            f"--transform_generations: {text} is neither a generation name ({', '.join(names)}) nor a position 1..{len(names)}")
+            f"{option}: {text} is neither a generation name ({', '.join(names)}) nor a position 1..{len(names)}")
     return int(text) - 1
+
+
+def independent_generation(names, text):
+    """The name of the ``--independent`` generation (None when not given)."""
+    return None if text is None else names[_generation(names, text, "--independent")]
 
 
 def _default_names(models):
@@ -103,9 +113,11 @@ def _default_names(models):
 
 
 def _embed(args, faceset, networks, widths, sizes, transform):
-    """``([(embs, embs_f), …] per model, the chunk cache)``; under torchrun the images are shared
-    among the ranks and ranks other than 0 get ``(None, cache)``. ``transform``: the saved ``--transform``
-    (or None), checked against the models' embedding size before the images are embedded."""
+    """``([(embs, embs_f), …] per model, the chunk cache, seconds per million images of each model)``; under
+    torchrun the images are shared among the ranks and ranks other than 0 get ``(None, cache, …)``.
+    ``transform``: the saved ``--transform`` dict (or None), checked against the models' embedding size before
+    the images are embedded. The seconds are the models' forward passes on this process's images (None
+    when every chunk came from the cache)."""
     with launched(device=args.device) as dist_info:
         device = dist_info.device if dist_info else args.device
         embedders = build_embedders(args.models, networks, widths, sizes, device,
@@ -116,7 +128,9 @@ def _embed(args, faceset, networks, widths, sizes, transform):
         inputs = dict(faces=faceset.describe(), models=[e.describe() for e in embedders])
         cache = ChunkCache("compat_embed", inputs, len(faceset), CHUNK_IMAGES)
         workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
-        return embed(faceset, embedders, args.batch_size, workers, cache, dist_info), cache
+        timed = [TimedRunner(e) for e in embedders]
+        return embed(faceset, timed, args.batch_size, workers, cache, dist_info), cache, \
+            [t.seconds_per_million() for t in timed]
 
 
 def run(args):
@@ -144,12 +158,14 @@ def run(args):
                 f"--names: give {count} distinct names, got {' '.join(names)}")
         faceset = FaceSet(args.data, args.rec, args.image_size, args.resize, sorted(set(sizes)))
         pair, file_order, transform_pair = choices(args, names, faceset.identities)
-        embeddings, cache = _embed(args, faceset, networks, widths, sizes, transform)
+        independent = independent_generation(names, args.independent)
+        embeddings, cache, embedding_rates = _embed(args, faceset, networks, widths, sizes,
+                                                    None if transform is None else transform[1])
         if embeddings is None:   # a rank other than 0 under torchrun: its share of the images is embedded
             return None
         labels = faceset.labels
     else:
-        cache = None
+        cache, embedding_rates = None, []
         faceset = FaceSet(args.data, args.rec, args.image_size, args.resize) if args.data or args.rec else None
         names, labels, embeddings = restore(args.restore_embs, faceset)
         if args.names:
@@ -160,8 +176,9 @@ def run(args):
         identity_names = faceset.identities
     if not args.models:
         pair, file_order, transform_pair = choices(args, names, identity_names)
+        independent = independent_generation(names, args.independent)
         if transform is not None:
-            check_transform_size(args.transform, transform, embeddings[0][0].shape[1])
+            check_transform_size(args.transform, transform[1], embeddings[0][0].shape[1])
     flips = [p.flip_sum for p in preprocessings(args.preprocess, len(names))]
     features = [image_features(*e, flip) for e, flip in zip(embeddings, flips)]
     require(all(np.isfinite(f).all() for f in features), "the embeddings contain NaN or inf")
@@ -169,10 +186,15 @@ def run(args):
     curves = len(args.backfill_merge) * (2 + (file_order is not None)) if pair is not None else 0
     print(f"matrix: {len(names) ** 2 + bool(transform)} cells on {len(identity_names)} identities, "
           f"{args.bootstrap} bootstrap resamples" + (f"; then {curves} backfill curves" if curves else ""), flush=True)
-    transformed = transformed_gallery(args, names, embeddings, flips, transform, *transform_pair) if transform else None
+    transformed, transform_rate = transformed_gallery(names, embeddings, flips, transform, *transform_pair) \
+        if transform else (None, None)
     result = compatibility(features, names, protocol, args.bootstrap, args.seed, args.metric, transformed)
     result["models"] = list(args.models) if args.models else args.restore_embs
     result["transform"] = args.transform
+    result["independent"] = independent
+    result["cost"] = {"transform_seconds_per_million_features": transform_rate,
+                      "reextraction_seconds_per_million_images": {name: rate for name, rate in
+                                                                  zip(names, embedding_rates) if rate is not None}}
     if pair is not None:
         old, new = pair
         orders = {"random": backfill.random_order(len(identity_names), args.seed),
@@ -244,6 +266,9 @@ def build_parser():
                                                        "queries vs the transformed old gallery, and its verdict")
     p.add_argument("--transform_generations", nargs=2, metavar=("OLD", "NEW"),
                    help="the generations the transform maps from and to (names or positions; default first, last)")
+    p.add_argument("--independent", metavar="GEN",
+                   help="a generation trained without compatibility (name or position): the decision states each "
+                        "candidate's self-test against it")
     return p
 
 

@@ -6,6 +6,8 @@ several processes under torchrun, finished chunks kept for a rerun); :func:`rest
 embeddings saved with ``-E``. :func:`verification_pairs` and :func:`identification_split` draw the
 1:1 pairs and the 1:N gallery.
 """
+import time
+
 import cv2
 import numpy as np
 import torch
@@ -19,15 +21,16 @@ from utils.image_folder import list_identities
 from utils.io import numpy_read_errors, safe_np_load
 
 FEATURE_VARIANT = "N1D0F1"      # image feature: embedding + mirrored-image embedding, L2-normalised
-READ_OK, READ_FAILED, WRONG_SIZE = 0, 1, 2
+READ_OK, READ_FAILED, WRONG_SIZE, DAMAGED = 0, 1, 2, 3
 
 
 # ------------------------------------------------------------------------------------------- faces
 class FaceSet(Dataset):
     """Aligned face crops of an image folder or a RecordIO set: ``labels``, ``names`` (for messages).
 
-    ``ds[i] → (uint8 crops 3×S×S, one per size, index, status, height, width)``; an unreadable image
-    or one of the wrong size (without ``resize``) gives zero crops and its status; the caller reports it.
+    ``ds[i] → (uint8 crops 3×S×S, one per size, index, status, height, width)``; an unreadable or damaged
+    image (:func:`decode_image`) or one of the wrong size (without ``resize``) gives zero crops and its
+    status; the caller reports it (:meth:`problem`).
     """
 
     def __init__(self, data=None, rec=None, image_size=112, resize=False, sizes=(112,)):
@@ -53,21 +56,27 @@ class FaceSet(Dataset):
         return len(self.labels)
 
     def _read(self, index):
+        """``(BGR image or None, libjpeg's complaint or "")`` of image ``index``."""
         if self.record is None:
-            return cv2.imread(str(self.names[index]), cv2.IMREAD_COLOR)
-        from utils.recordio import unpack
+            try:
+                with open(str(self.names[index]), "rb") as handle:
+                    data = handle.read()
+            except OSError:
+                return None, ""
+        else:
+            from utils.recordio import unpack
 
-        payload = self.record.read_at(int(self.offsets[index]), int(self.keys[index]))
-        try:
-            data = np.frombuffer(unpack(payload)[1], np.uint8)
-            return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-        except (UserError, cv2.error):
-            return None
+            payload = self.record.read_at(int(self.offsets[index]), int(self.keys[index]))
+            try:
+                data = unpack(payload)[1]
+            except UserError:
+                return None, ""
+        return decode_image(data)
 
     def __getitem__(self, index):
-        bgr = self._read(index)
+        bgr, complaint = self._read(index)
         height, width = bgr.shape[:2] if bgr is not None else (0, 0)
-        status = READ_FAILED if bgr is None else WRONG_SIZE \
+        status = (DAMAGED if complaint else READ_FAILED) if bgr is None else WRONG_SIZE \
             if not self.resize and (height, width) != (self.image_size, self.image_size) else READ_OK
         crops = []
         for size in self.sizes:
@@ -88,10 +97,31 @@ class FaceSet(Dataset):
     def problem(self, index, status, height, width):
         """The one-line message for an image that could not be used."""
         name = self.names[index]
+        if status == DAMAGED:
+            return f"cannot read image {name}: {self._read(index)[1]} (damaged file: re-save or remove it)"
         if status == READ_FAILED:
-            return f"cannot read image {name} (expected a JPEG or PNG file)"
+            return f"cannot read image {name} (expected a JPEG, PNG or BMP file)"
         return (f"{name} is {width}×{height} pixels, expected {self.image_size}×{self.image_size} aligned "
                 f"crops (pass --resize to resize every image, or --image_size to expect another size)")
+
+
+def decode_image(data):
+    """``(BGR image or None, complaint)`` of an encoded image: a JPEG without its end-of-image marker, or one
+    whose decoding makes libjpeg complain (its message on file descriptor 2 captured, off the screen), gives
+    None and the first line of the complaint; an undecodable file None and ""."""
+    from tools.pack_rec import JPEG_END, JPEG_START, native_stderr_captured
+
+    if not data:
+        return None, ""
+    if data.startswith(JPEG_START) and not data.rstrip(b"\0").endswith(JPEG_END):
+        return None, "truncated JPEG file (no end-of-image marker)"
+    with native_stderr_captured() as (_, read):
+        try:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error:
+            image = None
+        complaint = read().strip()
+    return (None, complaint.splitlines()[0]) if complaint else (image, "")
 
 
 # ------------------------------------------------------------------------------------- embeddings
@@ -103,6 +133,28 @@ def build_embedders(models, networks, widths, input_sizes, device, preprocessing
     preprocessings = preprocessings or [None] * len(models)
     return [Embedder(*arguments, device, p, amp=True) for *arguments, p in zip(models, networks, widths, input_sizes,
                                                                                preprocessings)]
+
+
+class TimedRunner:
+    """A model runner (as :class:`tools.ijbc_eval.embed.Embedder`) that adds up the seconds of its calls and
+    the images they embedded: the re-extraction cost of its model."""
+
+    def __init__(self, runner):
+        self.runner, self.seconds, self.images = runner, 0.0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, images):
+        start = time.perf_counter()
+        out = self.runner(images)
+        self.seconds += time.perf_counter() - start
+        self.images += len(images)
+        return out
+
+    def seconds_per_million(self):
+        """Seconds per million images embedded (None before any)."""
+        return self.seconds / self.images * 1e6 if self.images else None
 
 
 def embed(faceset, embedders, batch_size=128, num_workers=2, cache=None, dist_info=None):

@@ -211,8 +211,15 @@ def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="
     counts = bootstrap.subject_counts(int(protocol.labels.max()) + 1, num_resamples, seed) if num_resamples else None
     cells, reps = [], {}
     check_sizes(names, [f.shape[1] for f in features])
+    total = len(names) ** 2 + (transformed is not None)
+
+    def progress(query, gallery):
+        print(f"cell {len(cells) + 1}/{total}: {query} queries, {gallery} gallery"
+              + (f", {num_resamples} bootstrap resamples" if counts is not None else ""), flush=True)
+
     for q, query in enumerate(features):
         for g, gallery in enumerate(features):
+            progress(names[q], names[g])
             figures, reps[q, g] = protocol.cell(query, gallery, counts)
             cell = {"query": names[q], "gallery": names[g], **figures}
             if counts is not None:
@@ -220,11 +227,12 @@ def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="
             cells.append(cell)
     if transformed is not None:
         name, gallery, old, new = transformed
+        progress(names[new], name)
         figures, reps[new, name] = protocol.cell(features[new], gallery, counts)
         cells.append({"query": names[new], "gallery": name, "transform": True, **figures})
         if counts is not None:
             cells[-1]["interval"] = bootstrap.percentile_intervals(reps[new, name])
-    value = {(c["query"], c["gallery"]): c[metric] for c in cells}
+    value = {name: {(c["query"], c["gallery"]): c[name] for c in cells} for name in METRICS}
     verdicts = []
     for later in range(1, len(names)):
         for earlier in range(later):
@@ -236,7 +244,7 @@ def compatibility(features, names, protocol, num_resamples=200, seed=0, metric="
     result = {"metric": metric, "generations": list(names), "protocol": protocol.summary(), "seed": seed,
               "bootstrap": num_resamples, "cells": cells, "verdicts": verdicts}
     if len(names) >= 3:
-        grid = {(q, g): value[names[q], names[g]] for q in range(len(names)) for g in range(len(names))}
+        grid = {(q, g): value[metric][names[q], names[g]] for q in range(len(names)) for g in range(len(names))}
         result.update(generations_summary(names, grid, None if counts is None else
                                           {key: reps[key][metric] for key in grid}))
     return result
@@ -278,8 +286,10 @@ def _oldest_compatible(value, i):
 
 
 def _verdict(value, reps, intervals, metric, query, gallery, reference, cross_cell, self_cell):
-    """``query`` searching ``gallery`` against the self-test of ``reference`` (the earlier generation)."""
-    cross, own = value[query, gallery], value[reference, reference]
+    """``query`` searching ``gallery`` against the self-test of ``reference`` (the earlier generation), on the
+    main metric; ``"margins"``: the margin (and its paired interval) of each of :func:`decision.verdict_metrics`.
+    ``value[name][query, gallery]``: the figure ``name`` of a cell."""
+    cross, own = value[metric][query, gallery], value[metric][reference, reference]
     verdict = {"generation": query, "earlier": gallery, "metric": metric, "cross": cross, "earlier_self": own,
                "margin": cross - own, "compatible": decision.reaches(cross, own)}
     if gallery != reference:
@@ -288,6 +298,13 @@ def _verdict(value, reps, intervals, metric, query, gallery, reference, cross_ce
         low, high = decision.paired_interval(reps[cross_cell][metric], reps[self_cell][metric])
         verdict.update(margin_interval=[low, high],
                        interval_excludes_zero=decision.side_of_zero(low, high) in ("above", "below"))
+    verdict["margins"] = {}
+    for name in decision.verdict_metrics(metric):
+        margin = {"cross": value[name][query, gallery], "self": value[name][reference, reference]}
+        margin["margin"] = margin["cross"] - margin["self"]
+        if intervals:
+            margin["interval"] = list(decision.paired_interval(reps[cross_cell][name], reps[self_cell][name]))
+        verdict["margins"][name] = margin
     return verdict
 
 

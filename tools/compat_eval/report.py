@@ -13,36 +13,36 @@ def decision_section(result):
 
 def decision_of(result):
     """Can each later generation (and the transformed gallery) serve queries against the oldest generation's
-    gallery without re-enrolment — yes/no/undecided from the main metric's paired interval, with the top-1
-    margin as point values — and the recommended path (:func:`decision.decision_record`; None without verdicts)."""
+    gallery without re-enrolment: per candidate the verdicts on the main metric and top-1 (paired
+    intervals of the margins over the oldest self-test), the self-test change against ``--independent``,
+    the backfill answer (:func:`decision.backfill_safety` of the curves of that candidate re-extracting the
+    oldest gallery), the cost (``result["cost"]``), and the recommended path (:func:`decision.decision_record`;
+    None without verdicts)."""
     names, metric = result["generations"], result["metric"]
     cell = {(c["query"], c["gallery"]): c for c in result["cells"]}
-    old = names[0]
-    rows, trained, transforms = [], [], []
+    old, pairs, independent = names[0], result["protocol"]["impostor_pairs"], result.get("independent")
+    cost = result.get("cost") or {}
+    reextraction = cost.get("reextraction_seconds_per_million_images") or {}
+    judged = [m for m in decision.verdict_metrics(metric) if decision.measurable(m, pairs)]
+    answers = []
     for v in result["verdicts"]:
         if v.get("self_of", v["earlier"]) != old:
             continue
-        low, high = v.get("margin_interval", (float("nan"), float("nan")))
-        said = decision.answer([decision.interval_verdict(v["margin"], low, high)])
-        if not decision.measurable(metric, result["protocol"]["impostor_pairs"]):
-            said = "undecided"
-        top1 = cell[v["generation"], v["earlier"]]["top1"] - cell[old, old]["top1"]
-        detail = (f"{metric} margin {v['margin']:+.4f}"
-                  + (f" {decision.signed_interval(low, high, 4)}" if "margin_interval" in v else " (no interval)")
-                  + f"; top1 margin {top1:+.4f} (point values)")
-        if v["earlier"] == old:
-            own = cell[v["generation"], v["generation"]][metric] - cell[old, old][metric]
-            trained.append((v["generation"], said, None))
-            detail += f"; self-test {own:+.4f} against {old}'s"
-        else:
-            transforms.append((v["earlier"], said))
-        rows.append((f"{v['generation']} queries → {v['earlier']} gallery", said, detail))
-    if not rows:
+        figures = [decision.figure(name, m["margin"], *m.get("interval", (float("nan"),) * 2), pairs)
+                   for name, m in v["margins"].items()]
+        model = v["earlier"] == old
+        self_test = None
+        if independent is not None and model:
+            change = cell[v["generation"], v["generation"]][metric] - cell[independent, independent][metric]
+            self_test = (change if decision.measurable(metric, pairs) else None, metric, independent)
+        answers.append(decision.candidate(
+            f"{v['generation']} queries → {v['earlier']} gallery", "model" if model else "transform", figures,
+            self_test, decision.backfill_safety(result.get("backfill"), v["generation"], old, judged) if model else None,
+            None if model else cost.get("transform_seconds_per_million_features"), reextraction.get(v["generation"])))
+    if not answers:
         return None
     return decision.decision_record(f"Can a new generation serve queries against {old}'s gallery without "
-                                    f"re-enrolment? (on {metric}: yes when the paired 95 % interval of its margin "
-                                    "lies above 0, no below 0, undecided when it contains 0)",
-                                    rows, decision.recommendation(trained, transforms))
+                                    "re-enrolment?", answers)
 
 
 def format_report(result):
@@ -75,17 +75,18 @@ def format_report(result):
         lines += ["", f"The main metric {metric} is not measurable with this data: the matrix and the verdicts "
                   "below carry no information on it; choose --metric with a larger FAR or evaluate more identities."]
     if result["verdicts"]:
-        lines += ["", f"Verdicts ({metric}: a later generation is compatible with an earlier one when its "
-                  "cross-test reaches the earlier model's self-test):", ""]
+        lines += ["", "Verdicts (each figure's margin over the earlier generation's self-test with the paired 95 % "
+                  "interval: compatible when it lies above 0, not compatible below 0, undecided when it contains 0):", ""]
     for v in result["verdicts"]:
-        line = (f"- {v['generation']} → {v['earlier']}: {'compatible' if v['compatible'] else 'NOT compatible'}, "
-                f"cross {v['cross']:.4f} vs {v.get('self_of', v['earlier'])} self {v['earlier_self']:.4f}, "
-                f"margin {v['margin']:+.4f}")
-        if "margin_interval" in v:
-            low, high = v["margin_interval"]
-            line += (f", 95 % interval {decision.signed_interval(low, high, 4)} "
-                     + ("excludes 0" if v["interval_excludes_zero"] else "includes 0 (not significant)"))
-        lines.append(line)
+        reference = v.get("self_of", v["earlier"])
+        texts = []
+        for name, m in v["margins"].items():
+            low, high = m.get("interval", (float("nan"),) * 2)
+            word = decision.interval_verdict(m["margin"], low, high) if decision.measurable(name, p["impostor_pairs"]) \
+                else "n/m"
+            texts.append(f"{name} cross {m['cross']:.4f} vs {reference} self {m['self']:.4f}, margin {m['margin']:+.4f}"
+                         + (f" {decision.signed_interval(low, high, 4)}" if "interval" in m else "") + f" {word}")
+        lines.append(f"- {v['generation']} → {v['earlier']}: " + "; ".join(texts))
     if "average_compatibility" in result:
         def interval(key):
             return f" [{result[key + '_ci_low']:.4f}, {result[key + '_ci_high']:.4f}]" if key + "_ci_low" in result else ""
@@ -93,29 +94,39 @@ def format_report(result):
         lines += ["", f"Across the {len(names)} generations ({metric}): Average Compatibility "
                   f"{result['average_compatibility']:.4f}{interval('average_compatibility')}, Average Multi-model "
                   f"accuracy {result['average_multimodel_accuracy']:.4f}{interval('average_multimodel_accuracy')}; "
-                  "oldest generation each one is compatible with: "
+                  "oldest generation each one is compatible with (its cross-test reaches the self-test of every "
+                  "generation from that one on, point values): "
                   + ", ".join(f"{k} → {v}" for k, v in result["oldest_compatible"].items())]
     text = "\n".join(decision_section(result) + lines) + "\n"
     return text + backfill.format_backfill(result["backfill"], metric) if result.get("backfill") else text
 
 
 def plot_matrix(result, path):
-    """Heatmap PNG of the main metric (rows: query, columns: gallery), values written in the cells."""
+    """Heatmap PNG of the main metric (rows: query, columns: gallery): each cell's value and its 95 %
+    bootstrap interval written in it (``n/m`` for a figure the impostor pairs cannot carry); the title
+    names the metric and the data."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, metric = result["generations"], result["metric"]
-    value = {(c["query"], c["gallery"]): c[metric] for c in result["cells"]}
-    grid = np.array([[value[q, g] for g in names] for q in names])
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 1.1 * len(names) + 1.2))
-    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1)
+    names, metric, p = result["generations"], result["metric"], result["protocol"]
+    cell = {(c["query"], c["gallery"]): c for c in result["cells"]}
+    grid = np.array([[cell[q, g][metric] for g in names] for q in names])
+    shown = decision.measurable(metric, p["impostor_pairs"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2.5, 1.2 * len(names) + 1.6))
+    image = ax.imshow(grid if shown else np.full_like(grid, np.nan), cmap="viridis", vmin=0, vmax=1)
     for (r, c), v in np.ndenumerate(grid):
-        ax.text(c, r, f"{v:.3f}", ha="center", va="center", color="w" if v < 0.6 else "k")
+        interval = cell[names[r], names[c]].get("interval", {}).get(metric)
+        text = "n/m" if not shown else f"{v:.3f}" + (f"\n[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+        ax.text(c, r, text, ha="center", va="center", fontsize=8, color="w" if not shown or v < 0.6 else "k")
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
-    ax.set(xlabel="gallery generation", ylabel="query generation", title=metric)
-    fig.colorbar(image, ax=ax)
+    intervals = f"; 95 % interval over identities ({result['bootstrap']} resamples)" if result["bootstrap"] else ""
+    ax.set(xlabel="gallery generation (its model embeds the gallery)", ylabel="query generation (embeds the probes)")
+    ax.set_title(f"{metric}: query vs gallery generation{intervals}\n{p['identities']} identities, "
+                 f"{p['impostor_pairs']:,} impostor pairs" + ("" if shown else f" (n/m: {metric} not measurable)"),
+                 fontsize=9)
+    fig.colorbar(image, ax=ax, label=metric)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

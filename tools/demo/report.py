@@ -113,7 +113,7 @@ def margin_text(row):
     return f"{row['margin']:+.3f}{interval} {verdict(row)}"
 
 
-VERDICT_METRICS = ("TAR@FAR=1e-3", "top1")   # the paper's two kinds of figure: 1:1 and 1:N
+VERDICT_METRICS = decision.verdict_metrics("TAR@FAR=1e-3")   # the paper's two kinds of figure: 1:1 and 1:N
 
 
 def row_verdict(row):
@@ -121,40 +121,51 @@ def row_verdict(row):
     return verdict(row) if measurable(row) else "n/m"
 
 
-def decision_section(rows):
+def decision_section(rows, backfill=None, cost=None):
     """Markdown of :func:`decision_of`."""
-    return decision.decision_lines(decision_of(rows))
+    return decision.decision_lines(decision_of(rows, backfill, cost))
 
 
-def decision_of(rows):
-    """Can each new model (or transformed gallery) serve queries against the old gallery without re-enrolment —
-    yes/no/undecided from its TAR@FAR=1e-3 and top-1 verdicts — and the recommended path
-    (:func:`decision.decision_record`)."""
+def decision_of(rows, backfill=None, cost=None):
+    """Can each new model (or transformed gallery) serve queries against the old gallery without re-enrolment:
+    per candidate its TAR@FAR=1e-3 and top-1 verdicts, the self-test it gives up against the independent
+    model, the backfill answer (:func:`decision.backfill_safety` of its curves in ``backfill``, the report of
+    :func:`tools.demo.backfill.write_curves`), the cost (``cost``: :func:`tools.demo.transforms.transform_paths`'
+    measured seconds) and the recommended path (:func:`decision.decision_record`)."""
+    from tools.demo.transforms import LABELS
+
     row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
     indep = row_of.get(("independent", "self", "TAR@FAR=1e-3"))
-    lines, trained, transforms = [], [], []
+    per_million = {f"independent + {label}": cost["seconds_per_million"][kind] for kind, label in LABELS.items()
+                   if kind in cost.get("seconds_per_million", {})} if cost else {}
+    reextraction = cost.get("backfill_seconds_per_million") if cost else None
+    pairs = backfill["protocol"]["impostor_pairs"] if backfill else None
+    curves = backfill["backfill"] if backfill else None
+    answers = []
     for method in dict.fromkeys(r["method"] for r in rows):
         crosses = [row_of.get((method, "cross", m)) for m in VERDICT_METRICS]
-        if method in ("old", "independent") or not all(c and "margin" in c for c in crosses):
+        if method == "old" or not all(c and "margin" in c for c in crosses):
             continue
-        verdicts = [row_verdict(c) for c in crosses]
-        said = decision.answer(verdicts)
-        detail = ", ".join(f"{m} {v}" for m, v in zip(VERDICT_METRICS, verdicts))
+        figures = [decision.figure(m, c["margin"], c["margin_ci_low"], c["margin_ci_high"], c.get("impostor_pairs"))
+                   for m, c in zip(VERDICT_METRICS, crosses)]
+        transform = " + " in method
+        self_test = None
         own = row_of.get((method, "self", "TAR@FAR=1e-3"))
-        cost = own["value"] - indep["value"] if own and indep and measurable(own) and measurable(indep) else None
-        if " + " in method:
-            transforms.append((method, said))
-        else:
-            trained.append((method, said, cost))
-            detail += "" if cost is None else f"; self-test {cost:+.3f} against the independent model"
-        lines.append((method, said, detail))
+        if not transform and own and indep:
+            self_test = (own["value"] - indep["value"] if measurable(own) and measurable(indep) else None,
+                         "TAR@FAR=1e-3", "the independent model")
+        safety = None if transform else decision.backfill_safety(
+            curves, method, "old", [m for m in VERDICT_METRICS if decision.measurable(m, pairs)])
+        answers.append(decision.candidate(method, "transform" if transform else "model", figures, self_test, safety,
+                                          per_million.get(method), reextraction))
     return decision.decision_record("Can a new model serve queries against the old gallery without re-enrolment?",
-                                    lines, decision.recommendation(trained, transforms))
+                                    answers)
 
 
-def results_table(rows, scenario, seeds=1, resamples=0, profile="full"):
+def results_table(rows, scenario, seeds=1, resamples=0, profile="full", record=None):
     """Markdown table: one row per method and test, with the cross rows' margins over the old self-test
-    and their verdicts (TAR@FAR=1e-3 and top-1) and the self-test cost against the independent model;
+    and their verdicts (TAR@FAR=1e-3 and top-1) and the self-test cost against the independent model,
+    under the decision section (``record``: the :func:`decision_of` to show, default from the rows alone);
     the quick profile's table is headed as a smoke test."""
     row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
     value = {key: r["value"] for key, r in row_of.items()}
@@ -162,7 +173,7 @@ def results_table(rows, scenario, seeds=1, resamples=0, profile="full"):
     indep_self = value.get(("independent", "self", "TAR@FAR=1e-3"))
     smoke = ["**Smoke test** (profile quick: tiny data, 2-epoch models): these numbers show that every stage ran; "
              "they say nothing about the methods. Run the full profile for figures.", ""] if profile == "quick" else []
-    lines = smoke + decision_section(rows) + [
+    lines = smoke + decision.decision_lines(record or decision_of(rows)) + [
         f"Scenario {scenario}, IJB-C-style synthetic evaluation (self: new vs new; cross: new query vs old "
         f"gallery); value [95 % subject-bootstrap percentile interval] ({resamples} resamples)"
         + (f", mean over {seeds} seeds of the new models (sd: across seeds)" if seeds > 1 else ""), "",
@@ -207,12 +218,15 @@ def plot_results(rows, path):
         _bars(ax, found, offset, f"{test}-test", "value", "ci_low", "ci_high")
     if ("old", "self", "TAR@FAR=1e-3") in row_of:
         old = row_of[("old", "self", "TAR@FAR=1e-3")]
-        ax.axhline(old["value"], color="k", linestyle="--", linewidth=1, label="old self-test")
-        ax.axhspan(old["ci_low"], old["ci_high"], color="k", alpha=0.1, linewidth=0)
+        ax.axhline(old["value"], color="k", linestyle="--", linewidth=1, label="old self-test (the level to reach)")
+        ax.axhspan(old["ci_low"], old["ci_high"], color="k", alpha=0.1, linewidth=0,
+                   label="its 95 % interval over subjects")
     ax.set_xticks(range(len(methods)), methods, rotation=30)
-    ax.set_ylabel("TAR@FAR=1e-3")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("TAR@FAR=1e-3 (95 % interval)")
+    ax.set_ylim(*fitted_limits([r[k] for r in rows if r["metric"] == "TAR@FAR=1e-3" for k in ("value", "ci_low", "ci_high")]))
+    ax.set_title("TAR@FAR=1e-3 per model: self-test (new vs new) and cross-test (new queries vs old gallery)",
+                 fontsize=9)
+    ax.legend(fontsize=7)
     crossed = [m for m in methods if m != "independent" and "margin" in row_of.get((m, "cross", "TAR@FAR=1e-3"), {})]
     for offset, metric in ((-0.2, "TAR@FAR=1e-3"), (0.2, "top1")):
         found = [(i, row_of[(m, "cross", metric)]) for i, m in enumerate(crossed) if (m, "cross", metric) in row_of]
@@ -226,6 +240,19 @@ def plot_results(rows, path):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def fitted_limits(values, pad=0.08):
+    """``(low, high)`` y limits around the finite ``values`` (a share ``pad`` of their range added on each side,
+    kept within [0, 1]); ``(0, 1)`` without values."""
+    import numpy as np
+
+    finite = np.asarray([v for v in values if v == v], np.float64)
+    if not len(finite):
+        return 0.0, 1.0
+    low, high = finite.min(), finite.max()
+    margin = max((high - low) * pad, 0.01)
+    return max(0.0, low - margin), min(1.0, high + margin)
 
 
 def _bars(ax, found, offset, label, key, low, high):

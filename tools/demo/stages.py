@@ -75,7 +75,7 @@ def run_pipeline(args):
         resamples, args.quick)
     per_seed += [report.result_rows(name, results, old_results) for name, results in transformed]
     rows = report.combine_seeds([row for rows in per_seed for row in rows])
-    write_backfill(pipe, rows, evaluated, demo, data, out, resamples)
+    curves = write_backfill(pipe, rows, evaluated, demo, data, out, resamples)
 
     if args.generations == 3:
         run_third_generation(pipe, args, demo, data, out, old_model)
@@ -84,8 +84,9 @@ def run_pipeline(args):
     results = {"rows": rows, "seconds": pipe.seconds, "scenario": args.scenario, "profile": args.profile,
                "quick": bool(args.quick), "sizes": demo.sizes(), "seeds": args.seeds,
                "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
-               "transform_cost": transform_cost, "decision": report.decision_of(rows)}
-    table = report.results_table(rows, args.scenario, args.seeds, resamples, args.profile) + transforms.cost_lines(transform_cost)
+               "transform_cost": transform_cost, "decision": report.decision_of(rows, curves, transform_cost)}
+    table = report.results_table(rows, args.scenario, args.seeds, resamples, args.profile, results["decision"]) \
+        + transforms.cost_lines(transform_cost)
     write_results(out, results, table)
     if args.generations == 3:
         with open(os.path.join(out, "compat.md")) as handle:
@@ -165,18 +166,19 @@ def train_and_evaluate(pipe, demo, data, out, old_model, runs, jobs, resamples):
 def write_backfill(pipe, rows, evaluated, demo, data, out, resamples):
     """Backfill curves (:mod:`tools.demo.backfill`) of the most compatible method (highest cross-test
     TAR@FAR=1e-3, first seed) and of the independent model re-extracting the old model's gallery of the
-    IJB-C-style images: ``<out>/backfill.json``, ``backfill.md``, ``backfill.png``."""
+    IJB-C-style images: ``<out>/backfill.json``, ``backfill.md``, ``backfill.png``; returns the report."""
     from tools.demo import backfill
 
     cross = {r["method"]: r["value"] for r in rows if r["test"] == "cross" and r["metric"] == "TAR@FAR=1e-3"}
     best = max((m for m in cross if m in METHODS), key=cross.get, default=None)   # a BCT method
     names = [m for m in (best, "independent") if m in cross]
     start = time.time()
-    backfill.write_curves(data, evaluated["old"][1], {m: evaluated[demo.run_name(m, 0)][1] for m in names}, out,
-                          resamples)
+    curves = backfill.write_curves(data, evaluated["old"][1], {m: evaluated[demo.run_name(m, 0)][1] for m in names},
+                                   out, resamples)
     pipe.seconds["backfill"] = round(time.time() - start, 1)
     print(f"[backfill] {', '.join(names)} against the old gallery: {os.path.join(out, 'backfill.md')} "
           f"({pipe.seconds['backfill']:.1f} s)", flush=True)
+    return curves
 
 
 def run_third_generation(pipe, args, demo, data, out, old_model):
