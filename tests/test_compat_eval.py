@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
-from tests.helpers import chunk_files, free_port, make_tiny_rec
+from tests.helpers import chunk_files, free_port, make_tiny_rec, python
 from tools.compat_eval import compat_eval as ce
 from tools.compat_eval import data
 from tools.compat_eval import protocol as cp
@@ -428,6 +428,28 @@ def test_options_are_checked_before_any_image_is_embedded(tiny, tmp_path, monkey
                            (["--backfill", "v1", "v9"], "--backfill: unknown generation 'v9'")):
         with pytest.raises(UserError, match=message):
             ce.main(["--rec", tiny["rec"], "--models", *tiny["models"][:2], *TINY, "-R", str(tmp_path / "out"), *extra])
+
+
+@pytest.mark.parametrize("damage", ["cut", "cut_with_end_marker"])
+def test_a_damaged_jpeg_is_one_line_without_libjpegs_message(tiny, tmp_path, damage):
+    """A JPEG cut short (no end marker: checked; with one: libjpeg complains on file descriptor 2, captured):
+    the run stops with our line alone on stderr, exit 2, nothing written."""
+    import shutil
+
+    folder = tmp_path / "faces"
+    shutil.copytree(tiny["folder"], folder)
+    image = cv2.imread(str(next((folder / "id0").iterdir())))
+    whole = cv2.imencode(".jpg", image)[1].tobytes()
+    cut = whole[:len(whole) // 2] + (b"\xff\xd9" if damage == "cut_with_end_marker" else b"")
+    (folder / "id0" / "999.jpg").write_bytes(cut)
+    proc = python("tools/compat_eval/compat_eval.py", "--data", str(folder), "--models", *tiny["models"][:2], *TINY,
+                  "-R", str(tmp_path / "out" / "report"), "--bootstrap", "0")
+    reason = ("truncated JPEG file (no end-of-image marker)" if damage == "cut" else
+              "Corrupt JPEG data: premature end of data segment") + " (damaged file: re-save or remove it)"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: cannot read image {folder / 'id0' / '999.jpg'}: {reason}"
+    assert [line for line in proc.stderr.splitlines() if "JPEG" in line] == proc.stderr.strip().splitlines()[-1:]
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
 def test_backfill_prints_a_line_per_curve(tiny, capsys):
