@@ -303,14 +303,13 @@ def test_decision_judges_tar_and_top1_with_backfill_self_test_and_cost():
     assert ("- free queries → old + linear gallery: **yes** (TAR@FAR=1e-2 +0.050 [+0.010, +0.090] compatible, top1 "
             "+0.050 [+0.010, +0.090] compatible; cost: transform 0.25 s per million features against re-extraction "
             "1.2e+03 s per million images)") in text
-    assert ("Recommended path: map the stored gallery with free queries → old + linear gallery and search it with the "
-            "new model's queries. Why: no new model is shown to serve the old gallery as it is, and the mapped gallery "
+    assert ("Recommended path: map the stored gallery with the linear transform and search it with free's queries. Why: no new model is shown to serve the old gallery as it is, and the mapped gallery "
             "is compatible on TAR@FAR=1e-2 and top1, at 0.25 s per million features against 1.2e+03 s per million "
             "images for re-extraction.") in text
 
     result["verdicts"][0] = _verdict("new", "old", {"TAR@FAR=1e-2": up, "top1": up})
     record = decision_of(result)
-    assert record["recommended_path"] == ("deploy new queries → old gallery: its queries search the old gallery as it "
+    assert record["recommended_path"] == ("deploy new: its queries search the old gallery as it "
                                           "is; re-extract the gallery in the background (never below the old system "
                                           "from 30 % re-extracted)")
     assert record["why"] == "its queries are compatible with the old gallery on TAR@FAR=1e-2 and top1, at a self-test " \
@@ -327,6 +326,28 @@ def test_decision_judges_tar_and_top1_with_backfill_self_test_and_cost():
     result["verdicts"][0] = _verdict("new", "old", {"TAR@FAR=1e-2": up, "top1": up})
     text = "\n".join(decision_section(result))
     assert "- new queries → old gallery: **undecided** (TAR@FAR=1e-2 n/m, top1 +0.050" in text
+
+
+def test_heatmap_names_its_metric_and_shows_each_cells_interval(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from tools.compat_eval.report import plot_matrix
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append(fig) or
+                        open(path, "wb").write(b"\x89PNG"))
+    cells = [{"query": q, "gallery": g, "TAR@FAR=1e-2": v, "interval": {"TAR@FAR=1e-2": [v - 0.1, v + 0.05]}}
+             for (q, g), v in ((("a", "a"), 0.5), (("a", "b"), 0.25), (("b", "a"), 0.75), (("b", "b"), 0.125))]
+    result = {"generations": ["a", "b"], "metric": "TAR@FAR=1e-2", "cells": cells, "bootstrap": 50,
+              "protocol": {"identities": 40, "impostor_pairs": 1000}}
+    plot_matrix(result, str(tmp_path / "m.png"))
+    ax = saved[0].axes[0]
+    assert [t.get_text() for t in ax.texts] == ["0.500\n[0.400, 0.550]", "0.250\n[0.150, 0.300]",
+                                                "0.750\n[0.650, 0.800]", "0.125\n[0.025, 0.175]"]
+    assert ax.get_title().startswith("TAR@FAR=1e-2 of each query vs gallery generation\nin brackets: 95 % interval")
+    result["protocol"]["impostor_pairs"] = 50
+    plot_matrix(result, str(tmp_path / "m.png"))
+    assert {t.get_text() for t in saved[1].axes[0].texts} == {"n/m"}
 
 
 def test_demo_and_compat_eval_decide_alike():

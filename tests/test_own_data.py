@@ -1,6 +1,6 @@
 """Own data end to end through the command lines: a folder of crops and a deployed ONNX old model →
-packed set → old features, prototypes, denoising → MixBCT → gallery transform → compat_eval verdicts and
-its decision section."""
+packed set → old features, prototypes, denoising → MixBCT → gallery transform → compat_eval verdicts, backfill
+curves and its decision section."""
 import json
 import os
 
@@ -63,7 +63,8 @@ def test_pack_onnx_old_model_mixbct_transform_compat_eval(tmp_path):
                         "--models", str(tmp_path / "old.onnx"), os.path.join(output, "model.pt"),
                         "--names", "deployed", "mixbct", "--networks", "r18", "--widths", "8", "--input_sizes", "32",
                         "--preprocess", PREPROCESS, "--transform", str(tmp_path / "h.pt"), "--bootstrap", "20",
-                        "--impostors", "2000", "--metric", "TAR@FAR=1e-1", "--num_workers", "0", "-R", report))
+                        "--impostors", "2000", "--metric", "TAR@FAR=1e-1", "--num_workers", "0", "--backfill",
+                        "--backfill_merge", "plain", "-R", report))
     result = json.load(open(report + ".json"))
     verdicts = {(v["generation"], v["earlier"]): v for v in result["verdicts"]}
     assert set(verdicts) == {("mixbct", "deployed"), ("mixbct", "deployed + procrustes")}
@@ -78,5 +79,15 @@ def test_pack_onnx_old_model_mixbct_transform_compat_eval(tmp_path):
     assert question < markdown.index("|") and "- mixbct queries → deployed gallery: **" in markdown
     assert "Recommended path: " in markdown and "Recommended path: " in printed
     assert result["decision"]["recommended_path"] in markdown
-    assert [a["candidate"] for a in result["decision"]["answers"]] == ["mixbct queries → deployed gallery",
-                                                                       "mixbct queries → deployed + procrustes gallery"]
+    model, mapped = result["decision"]["answers"]
+    assert (model["candidate"], mapped["candidate"]) == ("mixbct queries → deployed gallery",
+                                                         "mixbct queries → deployed + procrustes gallery")
+    assert [f["metric"] for f in model["figures"]] == ["TAR@FAR=1e-1", "top1"]
+    assert [(c["order"], c["merge"]) for c in model["backfill"]["curves"]] == [("random", "plain"), ("norm", "plain")]
+    assert model["cost"]["reextraction_seconds_per_million_images"] > 0 and mapped["backfill"] is None
+    assert mapped["cost"]["transform_seconds_per_million_features"] > 0
+    backfill_answer = "never falls below the old system from" if model["backfill"]["from_fraction"] is not None \
+        else "ends below the old system"
+    decision = markdown[:markdown.index("Recommended path: ")]
+    assert f"- mixbct queries → deployed gallery: **{model['answer']}** (" in decision and backfill_answer in decision
+    assert "per million images" in decision and "per million features" in decision and "Why: " in markdown

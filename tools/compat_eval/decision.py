@@ -137,16 +137,18 @@ def backfill_safety(entries, query, gallery, metrics):
     return {"metrics": list(metrics), **earliest, "curves": curves}
 
 
-def candidate(name, kind, figures, self_test=None, backfill=None, transform_seconds=None, reextraction_seconds=None):
-    """One answer of the decision: ``name`` can serve queries against the old gallery without re-enrolment?
+def candidate(name, model, transform, figures, self_test=None, backfill=None, transform_seconds=None,
+              reextraction_seconds=None):
+    """One answer of the decision: can candidate ``name`` serve queries against the old gallery without re-enrolment?
 
-    ``kind``: ``"model"`` (a new model's queries search the old gallery as it is) or ``"transform"`` (the
-    old gallery mapped by a gallery transform); ``figures``: its :func:`figure`\\ s; ``self_test``:
+    ``model``: the new model whose queries search the old gallery, as it is (``transform`` None: kind
+    ``"model"``) or mapped by the gallery transform named ``transform`` (kind ``"transform"``); ``figures``: its :func:`figure`\\ s; ``self_test``:
     ``(change, metric, reference)``, its self-test minus the independent model's, or None; ``backfill``:
     :func:`backfill_safety`; the cost: seconds to transform a million features, to re-extract a million
     images with the new model (None: not measured)."""
     change, metric, reference = self_test if self_test is not None else (None, None, None)
-    record = {"candidate": name, "kind": kind, "answer": answer([f["verdict"] for f in figures]), "figures": figures,
+    record = {"candidate": name, "kind": "model" if transform is None else "transform", "model": model,
+              "transform": transform, "answer": answer([f["verdict"] for f in figures]), "figures": figures,
               "self_test_change": None if change is None else float(change), "self_test_metric": metric,
               "self_test_reference": reference, "backfill": backfill,
               "cost": {"transform_seconds_per_million_features": transform_seconds,
@@ -219,7 +221,7 @@ def recommendation(answers):
     if models:
         best = max(models, key=lambda a: -np.inf if a["self_test_change"] is None else a["self_test_change"])
         safe = best["backfill"] and best["backfill"]["from_fraction"] is not None
-        path = (f"deploy {best['candidate']}: its queries search the old gallery as it is; re-extract the gallery "
+        path = (f"deploy {best['model']}: its queries search the old gallery as it is; re-extract the gallery "
                 "in the background" + (f" (never below the old system from {percent(best['backfill']['from_fraction'])}"
                                        " re-extracted)" if safe else ""))
         why = f"its queries are compatible with the old gallery on {judged(best)}"
@@ -234,7 +236,7 @@ def recommendation(answers):
     if mapped:
         best = mapped[0]
         cost = best["cost"]
-        path = f"map the stored gallery with {best['candidate']} and search it with the new model's queries"
+        path = f"map the stored gallery with the {best['transform']} transform and search it with {best['model']}'s queries"
         why = f"no new model is shown to serve the old gallery as it is, and the mapped gallery is compatible on " \
               f"{judged(best)}"
         if None not in cost.values():
@@ -246,7 +248,7 @@ def recommendation(answers):
     path = "re-enrol (backfill) the gallery with the new model before its queries use it"
     if curves:
         first = min(curves, key=lambda a: a["backfill"]["from_fraction"])
-        path = (f"re-extract the gallery with {first['candidate']} and switch its queries on once "
+        path = (f"re-extract the gallery with {first['model']} and switch its queries on once "
                 f"{percent(first['backfill']['from_fraction'])} of the gallery is re-extracted")
     undecided = any(a["answer"] == "undecided" for a in answers)
     why = "no candidate is shown to serve the old gallery as it is" + (

@@ -36,7 +36,8 @@ def decision_of(result):
             change = cell[v["generation"], v["generation"]][metric] - cell[independent, independent][metric]
             self_test = (change if decision.measurable(metric, pairs) else None, metric, independent)
         answers.append(decision.candidate(
-            f"{v['generation']} queries → {v['earlier']} gallery", "model" if model else "transform", figures,
+            f"{v['generation']} queries → {v['earlier']} gallery", v["generation"],
+            None if model else v["earlier"].split(" + ", 1)[-1], figures,
             self_test, decision.backfill_safety(result.get("backfill"), v["generation"], old, judged) if model else None,
             None if model else cost.get("transform_seconds_per_million_features"), reextraction.get(v["generation"])))
     if not answers:
@@ -121,10 +122,11 @@ def plot_matrix(result, path):
         ax.text(c, r, text, ha="center", va="center", fontsize=8, color="w" if not shown or v < 0.6 else "k")
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
-    intervals = f"; 95 % interval over identities ({result['bootstrap']} resamples)" if result["bootstrap"] else ""
+    intervals = f"in brackets: 95 % interval over identities ({result['bootstrap']} resamples)\n" \
+        if result["bootstrap"] else ""
     ax.set(xlabel="gallery generation (its model embeds the gallery)", ylabel="query generation (embeds the probes)")
-    ax.set_title(f"{metric}: query vs gallery generation{intervals}\n{p['identities']} identities, "
-                 f"{p['impostor_pairs']:,} impostor pairs" + ("" if shown else f" (n/m: {metric} not measurable)"),
+    ax.set_title(f"{metric} of each query vs gallery generation\n{intervals}{p['identities']} identities, "
+                 f"{p['impostor_pairs']:,} impostor pairs" + ("" if shown else f": {metric} not measurable (n/m)"),
                  fontsize=9)
     fig.colorbar(image, ax=ax, label=metric)
     fig.tight_layout()

@@ -156,7 +156,8 @@ def decision_of(rows, backfill=None, cost=None):
                          "TAR@FAR=1e-3", "the independent model")
         safety = None if transform else decision.backfill_safety(
             curves, method, "old", [m for m in VERDICT_METRICS if decision.measurable(m, pairs)])
-        answers.append(decision.candidate(method, "transform" if transform else "model", figures, self_test, safety,
+        model, _, kind = method.partition(" + ")
+        answers.append(decision.candidate(method, model, kind or None, figures, self_test, safety,
                                           per_million.get(method), reextraction))
     return decision.decision_record("Can a new model serve queries against the old gallery without re-enrolment?",
                                     answers)
@@ -202,8 +203,9 @@ def results_table(rows, scenario, seeds=1, resamples=0, profile="full", record=N
 
 
 def plot_results(rows, path):
-    """Left: TAR@FAR=1e-3 (self and cross) per method with 95 % intervals; right: each method's margin
-    over the old self-test (TAR@FAR=1e-3 and top-1) with its paired interval. Saved as PNG."""
+    """Left: TAR@FAR=1e-3 (self and cross) per method with 95 % intervals, the old self-test as a dashed line
+    and its interval as a grey band, the y axis fitted to the figures; right: each method's margin over the
+    old self-test (TAR@FAR=1e-3 and top-1) with its paired interval. Each panel titled, legends below. Saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,7 +213,7 @@ def plot_results(rows, path):
 
     row_of = {(r["method"], r["test"], r["metric"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(1.1 * len(methods) + 6, 4.5), width_ratios=(1, 1))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(1.1 * len(methods) + 6, 5.2), width_ratios=(1, 1))
     for offset, test in ((-0.2, "self"), (0.2, "cross")):
         found = [(i, row_of[(m, test, "TAR@FAR=1e-3")]) for i, m in enumerate(methods)
                  if (m, test, "TAR@FAR=1e-3") in row_of]
@@ -224,9 +226,9 @@ def plot_results(rows, path):
     ax.set_xticks(range(len(methods)), methods, rotation=30)
     ax.set_ylabel("TAR@FAR=1e-3 (95 % interval)")
     ax.set_ylim(*fitted_limits([r[k] for r in rows if r["metric"] == "TAR@FAR=1e-3" for k in ("value", "ci_low", "ci_high")]))
-    ax.set_title("TAR@FAR=1e-3 per model: self-test (new vs new) and cross-test (new queries vs old gallery)",
+    ax.set_title("TAR@FAR=1e-3 of each model\nself-test: new vs new; cross-test: new queries vs the old gallery",
                  fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.4), ncol=2)
     crossed = [m for m in methods if m != "independent" and "margin" in row_of.get((m, "cross", "TAR@FAR=1e-3"), {})]
     for offset, metric in ((-0.2, "TAR@FAR=1e-3"), (0.2, "top1")):
         found = [(i, row_of[(m, "cross", metric)]) for i, m in enumerate(crossed) if (m, "cross", metric) in row_of]
@@ -234,8 +236,9 @@ def plot_results(rows, path):
     bx.axhline(0, color="k", linewidth=1)
     bx.set_xticks(range(len(crossed)), crossed, rotation=30)
     bx.set_ylabel("cross-test − old self-test (paired 95 % interval)")
-    bx.set_title("BCT methods and gallery transforms (above 0 with its interval: compatible)", fontsize=9)
-    bx.legend(fontsize=8)
+    bx.set_title("margin over the old self-test of BCT methods and gallery transforms\n"
+                 "interval above 0: compatible, below 0: not compatible, across 0: undecided", fontsize=9)
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.4), ncol=2)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
