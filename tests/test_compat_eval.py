@@ -179,7 +179,7 @@ def _run(tiny, name, *argv):
 
 
 def test_three_generations_on_a_rec_and_the_same_on_a_folder(tiny):
-    result, out = _run(tiny, "rec3", "--rec", tiny["rec"], "--models", *tiny["models"], "-E")
+    result, out = _run(tiny, "rec3", "--rec", tiny["rec"], "--models", *tiny["models"], "-E", "--independent", "v3")
     assert result["generations"] == ["v1", "v2", "v3"] and len(result["cells"]) == 9
     assert [(v["generation"], v["earlier"]) for v in result["verdicts"]] == [("v2", "v1"), ("v3", "v1"), ("v3", "v2")]
     for suffix in (".json", ".md", ".png", ".npz"):
@@ -191,8 +191,21 @@ def test_three_generations_on_a_rec_and_the_same_on_a_folder(tiny):
     folder, _ = _run(tiny, "folder3", "--data", tiny["folder"], "--models", *tiny["models"])
     for a, b in zip(result["cells"], folder["cells"]):          # PNG crops of the same JPEG decodes
         assert a["TAR@FAR=1e-1"] == pytest.approx(b["TAR@FAR=1e-1"], abs=0.05)
-    restored, _ = _run(tiny, "restored", "--restore_embs", out + ".npz", "--rec", tiny["rec"])
+    restored, _ = _run(tiny, "restored", "--restore_embs", out + ".npz", "--rec", tiny["rec"], "--independent", "3")
     assert restored["cells"] == result["cells"]
+    self_test = {(c["query"], c["gallery"]): c["TAR@FAR=1e-1"] for c in result["cells"]}
+    for run in (result, restored):          # the decision: each candidate against the oldest gallery, v3 the reference
+        answers = {a["candidate"]: a for a in run["decision"]["answers"]}
+        assert list(answers) == ["v2 queries → v1 gallery", "v3 queries → v1 gallery"]
+        assert answers["v2 queries → v1 gallery"]["self_test_change"] == pytest.approx(
+            self_test["v2", "v2"] - self_test["v3", "v3"]) and answers["v3 queries → v1 gallery"]["self_test_change"] == 0
+        v2 = next(v for v in run["verdicts"] if v["generation"] == "v2")
+        assert [f["margin"] for f in answers["v2 queries → v1 gallery"]["figures"]] == [
+            v2["margin"], pytest.approx(v2["margins"]["top1"]["cross"] - v2["margins"]["top1"]["self"])]
+    assert set(result["cost"]["reextraction_seconds_per_million_images"]) == {"v1", "v2", "v3"}
+    assert min(result["cost"]["reextraction_seconds_per_million_images"].values()) > 0
+    assert restored["cost"]["reextraction_seconds_per_million_images"] == {}
+    assert "re-extraction not measured" in restored["decision"]["answers"][0]["detail"]
 
 
 def test_diagonal_is_each_models_self_test_and_a_model_is_compatible_with_itself(tiny):
@@ -446,7 +459,8 @@ def test_options_are_checked_before_any_image_is_embedded(tiny, tmp_path, monkey
                            (["--transform", tiny["models"][0]], "not a gallery transform"),
                            (["--transform", wrong_size], "maps 16-d embeddings to 8-d ones"),
                            (["--transform", good, "--transform_generations", "v1", "v9"], "v9 is neither"),
-                           (["--backfill", "v1", "v9"], "--backfill: unknown generation 'v9'")):
+                           (["--backfill", "v1", "v9"], "--backfill: unknown generation 'v9'"),
+                           (["--independent", "v9"], "--independent: v9 is neither")):
         with pytest.raises(UserError, match=message):
             ce.main(["--rec", tiny["rec"], "--models", *tiny["models"][:2], *TINY, "-R", str(tmp_path / "out"), *extra])
 
@@ -473,11 +487,14 @@ def test_a_damaged_jpeg_is_one_line_without_libjpegs_message(tiny, tmp_path, dam
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
-def test_backfill_prints_a_line_per_curve(tiny, capsys):
+def test_progress_lines_per_matrix_cell_and_backfill_curve(tiny, capsys):
     _run(tiny, "backfill_progress", "--rec", tiny["rec"], "--models", *tiny["models"][:2], "--backfill",
          "--backfill_merge", "plain")
     out = capsys.readouterr().out
     assert "backfill curve 1/2: random order, plain merge" in out and "backfill curve 2/2: norm order" in out
+    cells = [line for line in out.splitlines() if line.startswith("cell ")]     # one line per bootstrapped cell
+    assert cells == [f"cell {k}/4: {q} queries, {g} gallery, 10 bootstrap resamples"
+                     for k, (q, g) in enumerate(itertools.product(("v1", "v2"), repeat=2), 1)]
 
 
 def test_decision_rules_shared_by_compat_eval_and_the_demo():
