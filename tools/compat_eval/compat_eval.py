@@ -35,6 +35,8 @@ from utils.distributed import launched
 from utils.errors import ArgumentParser, UserError, require, run_cli
 from utils.io import atomic_np_savez, atomic_open
 
+TIMED_ROWS = 1 << 14     # features at least in the timing of the transform (the demo's figure: as many)
+
 
 def _per_model(values, count, option, cast):
     """One value per model from ``values`` (one per model, or one for all)."""
@@ -83,14 +85,20 @@ def choices(args, names, identity_names):
 
 def transformed_gallery(names, embeddings, flips, transform, old, new):
     """``((name, image features, old index, new index), seconds per million features)``: generation ``old``'s
-    embeddings (and mirrored ones) mapped by the ``--transform`` ``(model, saved dict)``, the mapping timed."""
+    embeddings (and mirrored ones) mapped by the ``--transform`` ``(model, saved dict)``, the mapping timed
+    (on :data:`TIMED_ROWS` of its rows repeated when it maps fewer: there per-call overheads would dominate)."""
     from tools.transform.transforms import transform_rows
 
     model, saved = transform
     start = time.perf_counter()
     mapped = [transform_rows(model, part) for part in embeddings[old]]
-    rate = (time.perf_counter() - start) / sum(len(part) for part in mapped) * 1e6
-    return (f"{names[old]} + {saved['kind']}", image_features(*mapped, flips[old]), old, new), rate
+    elapsed, rows = time.perf_counter() - start, sum(len(part) for part in mapped)
+    if rows < TIMED_ROWS:
+        repeated = np.resize(embeddings[old][0], (TIMED_ROWS, embeddings[old][0].shape[1]))
+        start = time.perf_counter()
+        transform_rows(model, repeated)
+        elapsed, rows = time.perf_counter() - start, TIMED_ROWS
+    return (f"{names[old]} + {saved['kind']}", image_features(*mapped, flips[old]), old, new), elapsed / rows * 1e6
 
 
 def _generation(names, text, option="--transform_generations"):

@@ -151,7 +151,7 @@ def decision_of(rows, backfill=None, cost=None):
         transform = " + " in method
         self_test = None
         own = row_of.get((method, "self", "TAR@FAR=1e-3"))
-        if not transform and own and indep:
+        if not transform and own and indep and method != "independent":
             self_test = (own["value"] - indep["value"] if measurable(own) and measurable(indep) else None,
                          "TAR@FAR=1e-3", "the independent model")
         safety = None if transform else decision.backfill_safety(
