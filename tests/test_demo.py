@@ -197,7 +197,7 @@ def test_decision_section_answers_and_recommends():
     assert record["recommended_path"] == "re-extract the gallery with MixBCT and switch its queries on once 50 % of " \
                                          "the gallery is re-extracted"
     assert record["why"] == "no candidate is shown to serve the old gallery as it is, and from there on the mixed " \
-                            "gallery never falls below the old system (random order)"
+                            "gallery never falls below the old system (random order, plain merge)"
 
 
 def test_results_plot_fits_its_axis_to_the_figures(tmp_path, monkeypatch):

@@ -254,7 +254,8 @@ def recommendation(answers):
     why = "no candidate is shown to serve the old gallery as it is" + (
         " (the undecided ones need more test identities to decide)" if undecided else "")
     if curves:
-        why += f", and from there on the mixed gallery never falls below the old system ({first['backfill']['order']} order)"
+        why += (f", and from there on the mixed gallery never falls below the old system ({first['backfill']['order']} "
+                f"order, {first['backfill']['merge']} merge)")
     return path, why
 
 
