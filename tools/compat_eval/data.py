@@ -100,7 +100,7 @@ class FaceSet(Dataset):
         if status == DAMAGED:
             return f"cannot read image {name}: {self._read(index)[1]} (damaged file: re-save or remove it)"
         if status == READ_FAILED:
-            return f"cannot read image {name} (expected a JPEG, PNG or BMP file)"
+            return f"cannot read image {name} (expected a JPEG or PNG file)"
         return (f"{name} is {width}×{height} pixels, expected {self.image_size}×{self.image_size} aligned "
                 f"crops (pass --resize to resize every image, or --image_size to expect another size)")
 
