@@ -258,8 +258,8 @@ def test_backfill_safety_is_the_fraction_after_the_last_dip():
     entries = [curve("new", "random", dip, above), curve("new", "norm", above, [0.55] * 3 + [0.45] + [0.6] * 7),
                curve("new", "oracle", above, above), curve("other", "random", above, above)]
     safety = decision.backfill_safety(entries, "new", "old", ["TAR@FAR=1e-2", "top1"])
-    assert [(c["order"], c["from_fraction"]) for c in safety["curves"]] == [("random", 0.4), ("norm", 0.4),
-                                                                             ("oracle", 0.0)]
+    assert [(c["order"], c["from_fraction"]) for c in safety["curves"]] == [
+        ("random", 0.4), ("norm", 0.4), ("oracle", 0.0)]
     assert (safety["order"], safety["from_fraction"]) == ("random", 0.4)     # the first of the earliest; no oracle
     assert safety["negative_flips"] == 0.04 and safety["negative_flips_genuine"] == 0.004
     assert "never falls below the old system from 40 % re-extracted (random order, plain merge; negative flips " \
@@ -316,7 +316,8 @@ def test_decision_judges_tar_and_top1_with_backfill_self_test_and_cost():
     assert ("- free queries → old + linear gallery: **yes** (TAR@FAR=1e-2 +0.050 [+0.010, +0.090] compatible, top1 "
             "+0.050 [+0.010, +0.090] compatible; cost: transform 0.25 s per million features against re-extraction "
             "1.2e+03 s per million images)") in text
-    assert ("Recommended path: map the stored gallery with the linear transform and search it with free's queries. Why: no new model is shown to serve the old gallery as it is, and the mapped gallery "
+    assert ("Recommended path: map the stored gallery with the linear transform and search it with free's queries. "
+            "Why: no new model is shown to serve the old gallery as it is, and the mapped gallery "
             "is compatible on TAR@FAR=1e-2 and top1, at 0.25 s per million features against 1.2e+03 s per million "
             "images for re-extraction.") in text
 

@@ -165,8 +165,8 @@ def test_decision_section_answers_and_recommends():
     base = [_row("independent", "self", "TAR@FAR=1e-3", 0.6, 0.58, 0.62)]
     table = rows("L2", above, above, 0.45) + rows("NCCL", across, above) + rows("MixBCT", below, above) + \
         rows("BCT", above, above, 0.55) + rows("independent + linear", above, above)
-    backfill = {"protocol": {"impostor_pairs": 10_000}, "backfill": [curve("BCT", [0.45, 0.55, 0.6]),
-                                                                    curve("MixBCT", [0.45, 0.4, 0.6])]}
+    backfill = {"protocol": {"impostor_pairs": 10_000},
+                "backfill": [curve("BCT", [0.45, 0.55, 0.6]), curve("MixBCT", [0.45, 0.4, 0.6])]}
     cost = {"seconds_per_million": {"linear": 0.5, "procrustes": 0.4, "fct": 2.0}, "backfill_seconds_per_million": 700}
     text = "\n".join(decision_section(base + table, backfill, cost))
     assert ("- L2: **yes** (TAR@FAR=1e-3 +0.030 [+0.010, +0.050] compatible, top1 +0.030 [+0.010, +0.050] compatible; "
