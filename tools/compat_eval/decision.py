@@ -142,10 +142,10 @@ def candidate(name, model, transform, figures, self_test=None, backfill=None, tr
     """One answer of the decision: can candidate ``name`` serve queries against the old gallery without re-enrolment?
 
     ``model``: the new model whose queries search the old gallery, as it is (``transform`` None: kind
-    ``"model"``) or mapped by the gallery transform named ``transform`` (kind ``"transform"``); ``figures``: its :func:`figure`\\ s; ``self_test``:
-    ``(change, metric, reference)``, its self-test minus the independent model's, or None; ``backfill``:
-    :func:`backfill_safety`; the cost: seconds to transform a million features, to re-extract a million
-    images with the new model (None: not measured)."""
+    ``"model"``) or mapped by the gallery transform named ``transform`` (kind ``"transform"``);
+    ``figures``: its :func:`figure`\\ s; ``self_test``: ``(change, metric, reference)``, its self-test minus
+    the independent model's, or None; ``backfill``: :func:`backfill_safety`; the cost: seconds to transform
+    a million features, to re-extract a million images with the new model (None: not measured)."""
     change, metric, reference = self_test if self_test is not None else (None, None, None)
     record = {"candidate": name, "kind": "model" if transform is None else "transform", "model": model,
               "transform": transform, "answer": answer([f["verdict"] for f in figures]), "figures": figures,
