@@ -198,7 +198,7 @@ def test_three_generations_on_a_rec_and_the_same_on_a_folder(tiny):
         answers = {a["candidate"]: a for a in run["decision"]["answers"]}
         assert list(answers) == ["v2 queries → v1 gallery", "v3 queries → v1 gallery"]
         assert answers["v2 queries → v1 gallery"]["self_test_change"] == pytest.approx(
-            self_test["v2", "v2"] - self_test["v3", "v3"]) and answers["v3 queries → v1 gallery"]["self_test_metric"] is None
+            self_test["v2", "v2"] - self_test["v3", "v3"]) and answers["v3 queries → v1 gallery"]["self_test_change"] == 0
         v2 = next(v for v in run["verdicts"] if v["generation"] == "v2")
         assert [f["margin"] for f in answers["v2 queries → v1 gallery"]["figures"]] == [
             v2["margin"], pytest.approx(v2["margins"]["top1"]["cross"] - v2["margins"]["top1"]["self"])]
@@ -312,16 +312,21 @@ def test_decision_judges_tar_and_top1_with_backfill_self_test_and_cost():
             "falls below the old system from 30 % re-extracted (random order, plain merge; negative flips there: 1:N "
             "top-1 0.030, 1:1 genuine at FAR=0.01 0.003); cost: re-extraction 900 s per million images)") in text
     assert "- free queries → old gallery: **no** (TAR@FAR=1e-2 -0.050 [-0.090, -0.010] not compatible" in text
-    assert "not compatible; backfill not measured; cost: re-extraction 1.2e+03 s per million images" in text
+    assert ("not compatible; self-test +0.000 (TAR@FAR=1e-2) against free; backfill not measured; cost: re-extraction "
+            "1.2e+03 s per million images") in text
     assert ("- free queries → old + linear gallery: **yes** (TAR@FAR=1e-2 +0.050 [+0.010, +0.090] compatible, top1 "
-            "+0.050 [+0.010, +0.090] compatible; cost: transform 0.25 s per million features against re-extraction "
-            "1.2e+03 s per million images)") in text
+            "+0.050 [+0.010, +0.090] compatible; self-test +0.000 (TAR@FAR=1e-2) against free; cost: transform 0.25 s "
+            "per million features against re-extraction 1.2e+03 s per million images)") in text
     assert ("Recommended path: map the stored gallery with the linear transform and search it with free's queries. "
-            "Why: no new model is shown to serve the old gallery as it is, and the mapped gallery "
-            "is compatible on TAR@FAR=1e-2 and top1, at 0.25 s per million features against 1.2e+03 s per million "
-            "images for re-extraction.") in text
+            "Why: the mapped gallery is compatible with free's queries on TAR@FAR=1e-2 and top1, at a self-test change "
+            "of +0.000 against free; mapping takes 0.25 s per million features against 1.2e+03 s per million images "
+            "for re-extraction.") in text
 
-    result["verdicts"][0] = _verdict("new", "old", {"TAR@FAR=1e-2": up, "top1": up})
+    result["verdicts"][0] = _verdict("new", "old", {"TAR@FAR=1e-2": up, "top1": up})   # compatible, but -0.1 self-test
+    record = decision_of(result)
+    assert record["recommended_path"].startswith("map the stored gallery with the linear transform")
+    assert ", and free gives up the least self-test of the compatible candidates (+0.000 against free)" in record["why"]
+    result["verdicts"].pop()                          # no transform: the compatible new model
     record = decision_of(result)
     assert record["recommended_path"] == ("deploy new: its queries search the old gallery as it "
                                           "is; re-extract the gallery in the background (never below the old system "

@@ -211,37 +211,36 @@ def _detail(record):
 def recommendation(answers):
     """``(path, why)``: the recommended path and one sentence of why, from the :func:`candidate` answers.
 
-    A compatible new model first (the one giving up the least self-test), then a compatible gallery
-    transform, else re-enrolment (with the backfill fraction from which the new model may query the
-    mixed gallery, when a curve says)."""
-    def judged(a):
-        return " and ".join(f["metric"] for f in a["figures"])
-
-    models = [a for a in answers if a["kind"] == "model" and a["answer"] == "yes"]
-    if models:
-        best = max(models, key=lambda a: -np.inf if a["self_test_change"] is None else a["self_test_change"])
-        safe = best["backfill"] and best["backfill"]["from_fraction"] is not None
-        path = (f"deploy {best['model']}: its queries search the old gallery as it is; re-extract the gallery "
-                "in the background" + (f" (never below the old system from {percent(best['backfill']['from_fraction'])}"
-                                       " re-extracted)" if safe else ""))
-        why = f"its queries are compatible with the old gallery on {judged(best)}"
+    Of the candidates answered yes, the one whose model gives up the least self-test (a new model before
+    a transform at equal or unknown self-test: it needs no mapping): deploy it, or map the stored gallery
+    with its transform; without one, re-extraction (with the backfill fraction from which the new
+    model may query the mixed gallery, when a curve says)."""
+    ready = [a for a in answers if a["answer"] == "yes"]
+    if ready:
+        best = max(ready, key=lambda a: (-np.inf if a["self_test_change"] is None else a["self_test_change"],
+                                         a["kind"] == "model"))
+        judged = " and ".join(f["metric"] for f in best["figures"])
+        if best["kind"] == "model":
+            safe = best["backfill"] and best["backfill"]["from_fraction"] is not None
+            path = (f"deploy {best['model']}: its queries search the old gallery as it is; re-extract the gallery in "
+                    "the background" + (f" (never below the old system from "
+                                        f"{percent(best['backfill']['from_fraction'])} re-extracted)" if safe else ""))
+            why = f"its queries are compatible with the old gallery on {judged}"
+        else:
+            path = f"map the stored gallery with the {best['transform']} transform and search it with " \
+                   f"{best['model']}'s queries"
+            why = f"the mapped gallery is compatible with {best['model']}'s queries on {judged}"
         change = best["self_test_change"]
-        if change is not None and len(models) > 1:
-            why += (f", and it gives up the least self-test of the compatible models ({change:+.3f} against "
-                    f"{best['self_test_reference']})")
+        if change is not None and len(ready) > 1:
+            why += (f", and {best['model']} gives up the least self-test of the compatible candidates ({change:+.3f} "
+                    f"against {best['self_test_reference']})")
         elif change is not None:
             why += f", at a self-test change of {change:+.3f} against {best['self_test_reference']}"
-        return path, why
-    mapped = [a for a in answers if a["kind"] == "transform" and a["answer"] == "yes"]
-    if mapped:
-        best = mapped[0]
         cost = best["cost"]
-        path = f"map the stored gallery with the {best['transform']} transform and search it with {best['model']}'s queries"
-        why = f"no new model is shown to serve the old gallery as it is, and the mapped gallery is compatible on " \
-              f"{judged(best)}"
-        if None not in cost.values():
-            why += (f", at {seconds(cost['transform_seconds_per_million_features'])} per million features against "
-                    f"{seconds(cost['reextraction_seconds_per_million_images'])} per million images for re-extraction")
+        if best["kind"] == "transform" and None not in cost.values():
+            why += (f"; mapping takes {seconds(cost['transform_seconds_per_million_features'])} per million features "
+                    f"against {seconds(cost['reextraction_seconds_per_million_images'])} per million images for "
+                    "re-extraction")
         return path, why
     curves = [a for a in answers if a["kind"] == "model" and a["backfill"] and a["backfill"]["from_fraction"] is not None
               and a["backfill"]["from_fraction"] < 1]

@@ -32,7 +32,7 @@ def decision_of(result):
                    for name, m in v["margins"].items()]
         model = v["earlier"] == old
         self_test = None
-        if independent not in (None, v["generation"]) and model:
+        if independent is not None:
             change = cell[v["generation"], v["generation"]][metric] - cell[independent, independent][metric]
             self_test = (change if decision.measurable(metric, pairs) else None, metric, independent)
         answers.append(decision.candidate(

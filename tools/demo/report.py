@@ -148,15 +148,14 @@ def decision_of(rows, backfill=None, cost=None):
             continue
         figures = [decision.figure(m, c["margin"], c["margin_ci_low"], c["margin_ci_high"], c.get("impostor_pairs"))
                    for m, c in zip(VERDICT_METRICS, crosses)]
-        transform = " + " in method
+        model, _, kind = method.partition(" + ")
         self_test = None
-        own = row_of.get((method, "self", "TAR@FAR=1e-3"))
-        if not transform and own and indep and method != "independent":
+        own = row_of.get((model, "self", "TAR@FAR=1e-3"))
+        if own and indep:
             self_test = (own["value"] - indep["value"] if measurable(own) and measurable(indep) else None,
                          "TAR@FAR=1e-3", "the independent model")
-        safety = None if transform else decision.backfill_safety(
+        safety = None if kind else decision.backfill_safety(
             curves, method, "old", [m for m in VERDICT_METRICS if decision.measurable(m, pairs)])
-        model, _, kind = method.partition(" + ")
         answers.append(decision.candidate(method, model, kind or None, figures, self_test, safety,
                                           per_million.get(method), reextraction))
     return decision.decision_record("Can a new model serve queries against the old gallery without re-enrolment?",
