@@ -13,6 +13,8 @@ out of the 1:N gallery) have every gallery-side image embedded by the new model.
 import math
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from tools.compat_eval.protocol import SEARCH_BLOCK, SEARCH_DEPTH
 from tools.ijbc_eval import bootstrap, metrics
@@ -158,25 +160,31 @@ def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BL
     """``[[(pair scores, Search)]]`` of new-model queries against the mixed gallery of each state
     (bool per identity: re-extracted) of each chain (states each holding the one before, as the
     fractions of one order), the same as ``protocol.outcomes(new, mixed_features(…),
-    calibration.at(state))`` state by state, from each score space computed once.
+    calibration.at(state))`` state by state, from each score space computed once: the one merge
+    of :func:`merged_outcomes`."""
+    return merged_outcomes(protocol, old, new, chains, [calibration], block)[0]
+
+
+def merged_outcomes(protocol, old, new, chains, calibrations, block=SEARCH_BLOCK):
+    """:func:`mixed_outcomes` of each merge of ``calibrations`` (None: the plain merge) in one pass
+    over the probes: ``out[merge][chain][state]`` = (pair scores, Search).
 
     A gallery item is new or old as a whole, so a mixed score is the new-vs-new or the new-vs-old
     score of the same pair (or probe and template): both spaces are scored once (1:1 pairs, and the
-    probes against both template sets in blocks of probes holding ``block`` similarities at most),
-    and a state only picks per identity which space counts. In a chain a template column is new
-    from its first state on, so each probe's counts above its target score (for either space of
-    the target) are summed once per stretch of columns that turn new together and every state adds
-    up its stretches (:func:`_chain_search`); ranks are capped at the search depth as
-    :func:`protocol.search` reports them. The calibrated merge maps each space monotonically
-    (float32 values, as the search transform gives them), so a count of mapped scores above a
-    mapped target is a count of raw scores above the raw bound found per probe (:func:`_bounds`):
-    only the pair scores, the targets and the non-mated maxima are mapped.
+    probes against both template sets in blocks of probes holding ``block`` similarities at most,
+    shared by the merges), and a state only picks per identity which space counts. In a chain a
+    template column is new from its first state on, so each probe's counts above its target score
+    (for either space of the target) are summed once per stretch of columns that turn new together
+    and every state adds up its stretches; the comparisons with the targets are made once for all
+    chains (:func:`_chain_search`). Ranks are capped at the search depth as :func:`protocol.search`
+    reports them. The calibrated merge maps each space monotonically (float32 values, as the search
+    transform gives them), so a count of mapped scores above a mapped target is a count of raw
+    scores above the raw bound found per probe (:func:`_bounds`): only the pair scores, the targets
+    and the non-mated maxima are mapped.
     """
     labels, first, second = protocol.labels, protocol.first, protocol.second
     spaces = {True: new, False: old}
-    pairs = {space: metrics.pair_scores(g, new, first, second) for space, g in spaces.items()}
-    if calibration is not None:
-        pairs = {space: calibration.space(scores, second, space) for space, scores in pairs.items()}
+    raw_pairs = {space: metrics.pair_scores(g, new, first, second) for space, g in spaces.items()}
     weights = np.ones(len(protocol.gallery_images))
     templates = {space: protocol.templates.features(g[protocol.gallery_images], None, weights, "N0D0F0")
                  .astype(np.float32) for space, g in spaces.items()}
@@ -189,76 +197,97 @@ def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BL
         segments.append(len(chain) - columns.sum(0))     # a column is new from this state on
     probe_images = protocol.probe_images
     step = max(1, block // len(ids))
-    parts = [[[] for _ in chain] for chain in chains]
-    for s in range(0, len(probe_images), step):
+    parts = [[[[] for _ in chain] for chain in chains] for _ in calibrations]
+    for s in tqdm(range(0, len(probe_images), step), desc="backfill search", unit="block", leave=False,
+                  disable=len(probe_images) <= step):
         rows = probe_images[s:s + step]
         query = np.ascontiguousarray(new[rows], np.float32)
-        sims = {space: query @ t.T for space, t in templates.items()}
-
-        def mapped(space, values, at, rows=rows):
-            """float32 scores of ``space`` as the merge sees them; ``at``: their row in the block."""
-            values = np.asarray(values, np.float32)
-            if calibration is None:
-                return values
-            return calibration.space(values, rows[at], space).astype(np.float32)
-
+        sims = {space: query @ t.T for space, t in templates.items()}    # numpy's product, as the search's exact pass
         pos = np.minimum(np.searchsorted(index.subjects, labels[rows]), len(ids) - 1)
         mated = index.subjects[pos] == labels[rows]
-        for c, seg in enumerate(segments):
-            found = _chain_search(sims, mapped, seg, len(chains[c]), mated, index.first[pos[mated]])
-            for k, found in enumerate(found):
-                parts[c][k].append(found)
+        for merge, calibration in enumerate(calibrations):
+            found = _chain_search(sims, calibration, rows, segments, [len(c) for c in chains], mated,
+                                  index.first[pos[mated]])
+            for c, chain_found in enumerate(found):
+                for k, state_found in enumerate(chain_found):
+                    parts[merge][c][k].append(state_found)
     out = []
-    for chain, chain_parts in zip(chains, parts):
-        out.append([(np.where(np.asarray(state)[labels[first]], pairs[True], pairs[False]),
-                     metrics.Search(*(np.concatenate(f) for f in zip(*blocks)), num_gallery=len(ids)))
-                    for state, blocks in zip(chain, chain_parts)])
+    for calibration, merge_parts in zip(calibrations, parts):
+        pairs = raw_pairs if calibration is None else \
+            {space: calibration.space(scores, second, space) for space, scores in raw_pairs.items()}
+        out.append([[(np.where(np.asarray(state)[labels[first]], pairs[True], pairs[False]),
+                      metrics.Search(*(np.concatenate(f) for f in zip(*blocks)), num_gallery=len(ids)))
+                     for state, blocks in zip(chain, chain_parts)]
+                    for chain, chain_parts in zip(chains, merge_parts)])
     return out
 
 
-def _chain_search(sims, mapped, segment, num, mated, target):
-    """Per state k of a chain the (mated, rank, score, correct, nonmated best) of :func:`metrics.search`
-    on the mixed rows (``num`` states): column j in the new space (``sims[True]``) when ``segment[j]``
-    ≤ k, else in the old one, each space's raw scores seen through ``mapped(space, values, rows)``
-    (nondecreasing); ``target``: the target column of each mated row (one column per subject)."""
-    onehot = np.zeros((len(segment), num + 1), np.float32)
-    onehot[np.arange(len(segment)), segment] = 1
+def _chain_search(sims, calibration, probe_images, segments, nums, mated, target):
+    """Per chain c and state k < ``nums[c]`` the (mated, rank, score, correct, nonmated best) of
+    :func:`metrics.search` on the mixed rows of one block: column j in the new space (``sims[True]``)
+    when ``segments[c][j]`` ≤ k, else in the old one, each space's float32 scores mapped by
+    ``calibration`` (None: as they are); ``probe_images``: the block's rows; ``target``: the target
+    column of each mated row (one column per subject).
+
+    Each row's scores in each space are compared once with its target's score in either space: the
+    scores above it are counted per stretch of columns of every chain at once (a product with the
+    chains' one-hot segments), the scores equal to it (few: the target itself and exact ties) are
+    listed."""
+    def mapped(space, values, at):
+        values = np.asarray(values, np.float32)
+        return values if calibration is None else calibration.space(values, probe_images[at], space).astype(np.float32)
+
+    num_columns = len(segments[0])
+    offsets = np.r_[0, np.cumsum([num + 1 for num in nums])]
+    onehot = np.zeros((num_columns, offsets[-1]), np.float32)
+    for seg, offset in zip(segments, offsets):
+        onehot[np.arange(num_columns), offset + seg] = 1
+    onehot = torch.from_numpy(onehot)
     rows = np.flatnonzero(mated)
-    k = np.arange(num)
-    target_new = segment[target][:, None] <= k                       # mated rows × states
     value = {space: mapped(space, sims[space][rows, target], rows) for space in (True, False)}
-    above = np.zeros((len(rows), num), np.int64)
-    ties = np.zeros((2, len(rows), num), np.int64)                     # all, before the target column
-    for version in (True, False):                                    # the target's score in either space
-        use = target_new == version
-        for space in (True, False):
-            raw = sims[space][rows]
-            below, upper = _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
-            higher = np.rint((raw > upper[:, None]).astype(np.float32) @ onehot).astype(np.int64)
-            level = np.rint((raw > below[:, None]).astype(np.float32) @ onehot).astype(np.int64) - higher
-            for counts, out in ((higher, above), (level, ties[0])):           # per segment → per state
-                totals = np.cumsum(counts, 1)                                 # columns of segments ≤ k
-                out += np.where(use, totals[:, :num] if space else totals[:, -1:] - totals[:, :num], 0)
-            own = raw[np.arange(len(rows)), target]
-            own = (own > below) & (own <= upper)
-            tied = np.flatnonzero(level.sum(1) > own)                         # rows with a tie besides the target
-            row, col = np.nonzero((raw[tied] > below[tied, None]) & (raw[tied] <= upper[tied, None]))
-            row, keep = tied[row], col < target[tied[row]]
-            row, col = row[keep], col[keep]
-            np.add.at(ties[1], row, np.where(use[row] & ((segment[col][:, None] <= k) == space), 1, 0))
+    target_new = [seg[target][:, None] <= np.arange(num) for seg, num in zip(segments, nums)]   # rows × states
+    above = [np.zeros((len(rows), num), np.int64) for num in nums]
+    ties = [np.zeros((2, len(rows), num), np.int64) for num in nums]   # all, before the target column
+    buffer = torch.empty((len(rows), num_columns), dtype=torch.float32)
+    for space in (True, False):
+        raw = np.ascontiguousarray(sims[space][rows])
+        for version in (True, False):                                  # the target's score in either space
+            if calibration is None:          # raw > below ⇔ raw ≥ the target; raw > upper ⇔ raw > it
+                upper = value[version]
+                below = np.nextafter(upper, np.float32(-np.inf))
+            else:
+                below, upper = _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
+            torch.gt(torch.from_numpy(raw), torch.from_numpy(upper)[:, None], out=buffer)
+            higher = torch.mm(buffer, onehot).round_().to(torch.int64).numpy()   # exact: counts below 2**24
+            row, col = np.nonzero((raw > below[:, None]) & (raw <= upper[:, None]))     # equal to the target
+            for c, (seg, num) in enumerate(zip(segments, nums)):
+                use = target_new[c] == version
+                totals = np.cumsum(higher[:, offsets[c]:offsets[c + 1]], 1)   # columns of segments ≤ k
+                above[c] += np.where(use, totals[:, :num] if space else totals[:, -1:] - totals[:, :num], 0)
+                count = use[row] & ((seg[col][:, None] <= np.arange(num)) == space)
+                np.add.at(ties[c][0], row, count)
+                before = col < target[row]
+                np.add.at(ties[c][1], row[before], count[before])
     nonmated = np.flatnonzero(~mated)
-    best = np.full((len(nonmated), num + 1, 2), -np.inf, np.float32)
-    for s in range(num + 1):
-        for i, space in enumerate((True, False)):
-            part = sims[space][nonmated][:, segment == s]
-            if part.shape[1]:
-                best[:, s, i] = mapped(space, part.max(1), nonmated)
-    new_best = np.maximum.accumulate(best[:, :, 0], axis=1)[:, :num]
-    old_best = np.maximum.accumulate(best[:, ::-1, 1], axis=1)[:, ::-1][:, 1:]
-    depth = min(SEARCH_DEPTH, len(segment))
-    score = np.where(target_new, value[True][:, None], value[False][:, None])
-    return [(mated, np.minimum(above[:, j] + ties[1][:, j], depth), score[:, j], above[:, j] + ties[0][:, j] == 1,
-             np.maximum(new_best[:, j], old_best[:, j])) for j in range(num)]
+    nonmated_sims = {space: sims[space][nonmated] for space in (True, False)}
+    depth = min(SEARCH_DEPTH, num_columns)
+    found = []
+    for c, (seg, num) in enumerate(zip(segments, nums)):
+        best = np.full((len(nonmated), num + 1, 2), -np.inf, np.float32)
+        filled = np.flatnonzero(np.bincount(seg, minlength=num + 1))          # segments with columns
+        order = np.argsort(seg, kind="stable")
+        starts = np.searchsorted(seg[order], filled)
+        if len(nonmated):
+            for i, space in enumerate((True, False)):                         # each segment's best column
+                stretch_best = np.maximum.reduceat(nonmated_sims[space][:, order], starts, axis=1)
+                best[:, filled, i] = mapped(space, stretch_best, nonmated[:, None])
+        new_best = np.maximum.accumulate(best[:, :, 0], axis=1)[:, :num]
+        old_best = np.maximum.accumulate(best[:, ::-1, 1], axis=1)[:, ::-1][:, 1:]
+        score = np.where(target_new[c], value[True][:, None], value[False][:, None])
+        found.append([(mated, np.minimum(above[c][:, j] + ties[c][1][:, j], depth), score[:, j],
+                       above[c][:, j] + ties[c][0][:, j] == 1, np.maximum(new_best[:, j], old_best[:, j]))
+                      for j in range(num)])
+    return found
 
 
 def _bounds(mapped, value, raw):
@@ -435,8 +464,8 @@ def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGE
     old_outcomes = protocol.outcomes(old, old)
     chains = [[refreshed_identities(order, protocol, f) for f in FRACTIONS] for order in orders.values()]
     entries, total = [], len(orders) * len(merges)
-    for merge in merges:
-        outcomes = mixed_outcomes(protocol, old, new, chains, None if merge == "plain" else calibration)
+    merged = merged_outcomes(protocol, old, new, chains, [None if merge == "plain" else calibration for merge in merges])
+    for merge, outcomes in zip(merges, merged):
         for curve, (name, order) in zip(outcomes, orders.items()):
             print(f"backfill curve {len(entries) + 1}/{total}: {name} order, {merge} merge", flush=True)
             entries.append({"order": name, "query": names[1], "gallery": names[0],
