@@ -69,6 +69,32 @@ def read_order(path, identity_names, seed=0):
     return np.r_[listed, rest[~np.isin(rest, listed)]].astype(np.int64)
 
 
+def oracle_order(protocol, gallery, new, far, seed=0):
+    """The oracle order, an upper reference computed from the ground truth (not a usable policy):
+    identities by decreasing gain of re-extracting them, ties in the seeded random order.
+
+    The gain of identity c: of the 1:1 pairs whose gallery-side image is c's, how many more are
+    decided right (genuine accepted, impostor rejected) with c re-extracted than without, each space
+    at its own threshold of false accept rate ``far`` (new-vs-new: the new self-test's, new-vs-``gallery``:
+    the cross-test's). Counted at those fixed thresholds the right decisions of a mixed gallery add
+    up over identities, so this order has the most of them at every fraction (its own figure,
+    :func:`endpoint_decisions`); on the curves' figures it is the reference an informed order is
+    judged against. ``gallery``: the features of the items not yet re-extracted (the old model's,
+    or the transformed old gallery's)."""
+    decided = endpoint_decisions(protocol, gallery, new, far)
+    num = int(protocol.labels.max()) + 1
+    gain = np.bincount(protocol.labels[protocol.first], decided[True].astype(np.int64) - decided[False], num)
+    ties = random_order(num, seed)
+    return ties[np.argsort(-gain[ties], kind="stable")]
+
+
+def endpoint_decisions(protocol, gallery, new, far):
+    """{True: whether each 1:1 pair is decided right in the new self-test, False: in the cross-test (new
+    query, ``gallery``)}, each at its own threshold of false accept rate ``far``."""
+    return {space: decisions(protocol.genuine, metrics.pair_scores(g, new, protocol.first, protocol.second), far)
+            for space, g in ((True, new), (False, gallery))}
+
+
 def refreshed_identities(order, protocol, fraction):
     """bool per identity: re-extracted at ``fraction`` — the first round(f·n) of the n 1:N gallery
     identities in ``order`` and the first round(f·m) of the m other identities (1:1 gallery side)."""
@@ -405,18 +431,21 @@ def area(fractions, values):
 
 
 def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e-3, calibration=None,
-                   fractions=FRACTIONS, outcomes=None, old_outcomes=None):
+                   fractions=FRACTIONS, outcomes=None, old_outcomes=None, gallery=None):
     """One curve: the figures of new-model queries against the mixed gallery at each fraction.
 
     ``old``, ``new``: image features of the two generations; ``order``: identities, first re-extracted
-    first; ``outcomes``: the :func:`mixed_outcomes` of the fractions' states and ``old_outcomes``
-    those of the old system (computed here when not given). Returns the ``"backfill"`` entry of
-    the report (without ``order``/``query``/``gallery``).
+    first; ``gallery``: the features of the items not yet re-extracted (default ``old``; the FastFill
+    setting: the old gallery mapped by a transform); ``outcomes``: the :func:`mixed_outcomes` of the
+    fractions' states and ``old_outcomes`` those of the old system (old query, old gallery; computed
+    here when not given). Returns the ``"backfill"`` entry of the report (without
+    ``order``/``query``/``gallery``/``old``/``fastfill``).
     """
     labels = protocol.labels
     old_scores, old_search = protocol.outcomes(old, old) if old_outcomes is None else old_outcomes
     if outcomes is None:
-        outcomes = mixed_outcomes(protocol, old, new, [[refreshed_identities(order, protocol, f) for f in fractions]],
+        outcomes = mixed_outcomes(protocol, old if gallery is None else gallery, new,
+                                  [[refreshed_identities(order, protocol, f) for f in fractions]],
                                   None if merge == "plain" else calibration)[0]
     rows, reps = {}, {}
     flips, flip_reps = {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}, {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}
@@ -457,18 +486,29 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
     return entry
 
 
-def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGES, far=1e-3, seed=0):
+def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGES, far=1e-3, seed=0, gallery=None,
+                    gallery_name=None):
     """Every (order, merge) curve of gallery generation ``names[0]`` re-extracted by query generation
-    ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}."""
-    calibration = Calibration(protocol, old, new, seed) if "calibrated" in merges else None
+    ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}.
+
+    ``gallery``: the features of the items not yet re-extracted when they are not the old model's —
+    the FastFill setting, the old gallery mapped by a transform h (named ``gallery_name``, e.g.
+    ``v1 + linear``): the curve runs from the cross-test against h(old) to the new self-test. The
+    flips and ``old_self`` stay those of the old system (old query, old gallery)."""
+    fastfill = gallery is not None
+    gallery = old if gallery is None else gallery
+    calibration = Calibration(protocol, gallery, new, seed) if "calibrated" in merges else None
     old_outcomes = protocol.outcomes(old, old)
     chains = [[refreshed_identities(order, protocol, f) for f in FRACTIONS] for order in orders.values()]
     entries, total = [], len(orders) * len(merges)
-    merged = merged_outcomes(protocol, old, new, chains, [None if merge == "plain" else calibration for merge in merges])
+    merged = merged_outcomes(protocol, gallery, new, chains,
+                             [None if merge == "plain" else calibration for merge in merges])
+    setting = "FastFill curve" if fastfill else "backfill curve"
     for merge, outcomes in zip(merges, merged):
         for curve, (name, order) in zip(outcomes, orders.items()):
-            print(f"backfill curve {len(entries) + 1}/{total}: {name} order, {merge} merge", flush=True)
-            entries.append({"order": name, "query": names[1], "gallery": names[0],
+            print(f"{setting} {len(entries) + 1}/{total}: {name} order, {merge} merge", flush=True)
+            entries.append({"order": name, "query": names[1], "gallery": gallery_name if fastfill else names[0],
+                            "old": names[0], "fastfill": fastfill,
                             **backfill_curve(protocol, old, new, order, counts, merge, far, calibration,
                                              outcomes=curve, old_outcomes=old_outcomes)})
     return sorted(entries, key=lambda e: (list(orders).index(e["order"]), list(merges).index(e["merge"])))
@@ -480,11 +520,37 @@ def flip_far(metric):
 
 
 # ------------------------------------------------------------------------------------------ report
+ORDER_WORDS = {"random": "random order", "norm": "smallest old-feature norm first",
+               "oracle": "oracle order (ground truth, upper reference)", "file": "your order (--backfill_order)"}
+MERGE_WORDS = {"plain": "scores merged as they are", "calibrated": "scores calibrated to one FAR scale"}
+
+
+def metric_words(name):
+    """A figure's name in words: ``TAR@FAR=1e-4`` → ``TAR at FAR=1e-4 (1:1)``."""
+    if name.startswith("TAR@FAR="):
+        return f"TAR at FAR={name.split('=')[1]} (1:1 verification)"
+    if name.startswith("TPIR@FPIR="):
+        return f"TPIR at FPIR={name.split('=')[1]} (1:N open set)"
+    if name.startswith("top"):
+        return f"top-{name[3:]} identification rate (1:N)"
+    return "area under the ROC (1:1)" if name == "AUC" else name
+
+
+def curve_words(entry):
+    """One curve in words: queries, gallery, order and merge."""
+    gallery = f"{entry['old']}'s gallery" + (f" transformed ({entry['gallery']})" if entry.get("fastfill") else "")
+    return (f"{entry['query']} queries, {gallery}: {ORDER_WORDS.get(entry['order'], entry['order'] + ' order')}, "
+            f"{MERGE_WORDS.get(entry['merge'], entry['merge'])}")
+
+
 def format_backfill(entries, main):
     """Markdown: per curve the main metric, top-1 and the flips at each fraction with intervals, the areas."""
     lines = []
     for e in entries:
-        lines += ["", f"Backfill of {e['gallery']}'s gallery by {e['query']} (order {e['order']}, {e['merge']} merge): "
+        old = e.get("old", e["gallery"])
+        setting = (f"FastFill: {old}'s gallery transformed ({e['gallery']}) until re-extracted" if e.get("fastfill")
+                   else f"Backfill of {e['gallery']}'s gallery")
+        lines += ["", f"{setting} by {e['query']} (order {e['order']}, {e['merge']} merge): "
                   f"fraction re-extracted, {main} and top1, 1:N top-1 flips over the mated probes (negative, "
                   f"positive, relative negative), 1:1 flips at FAR={e['flip_far']:g} over the genuine pairs and over "
                   "the impostor pairs (95 % intervals in brackets)", "",
@@ -498,7 +564,7 @@ def format_backfill(entries, main):
                       for key in TOP1_FLIPS + PAIR_FLIPS]
             lines.append(f"| {fraction:.1f} | " + " | ".join(cells) + " |")
         areas = ", ".join(f"{name} {e['area'][name]:.4f}" + _area_interval(e, name) for name in (main, "top1"))
-        lines += ["", f"Area under the curve: {areas}; the old system ({e['gallery']} self-test): "
+        lines += ["", f"Area under the curve: {areas}; the old system ({old} self-test): "
                   f"{main} {e['old_self'][main]:.4f}, top1 {e['old_self']['top1']:.4f}"]
     if entries:
         lines += ["", "Areas side by side (" + main + " / top1):", ""]
@@ -519,35 +585,63 @@ def _area_interval(entry, name):
 
 
 def plot_backfill(entries, path, main):
-    """PNG: ``main`` and top-1 (with 95 % bands; dashed: the old system's self-test), the 1:N negative
-    flips and the genuine pairs' 1:1 negative flips against the fraction re-extracted, one line per curve."""
+    """PNG readable on its own: ``main`` and top-1 (with 95 % bands; dashed: the old system's
+    self-test), the 1:N negative flips and the genuine pairs' 1:1 negative flips against the share of
+    the gallery re-extracted, one line per curve, each named in words (queries, gallery, order, merge,
+    areas) in one legend under the panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    legend_inches = 0.22 * len(entries) + 0.4
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10 + legend_inches))
+    axes = axes.ravel()
+    styles = {"plain": "-", "calibrated": ":"}
+    curves = list(dict.fromkeys((e["query"], e.get("fastfill", False), e["order"]) for e in entries))
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    handles = []
     for e in entries:
-        label = f"{e['query']}: {e['order']}, {e['merge']}"
-        for ax, name in zip(axes[:2], (main, "top1")):
-            line, = ax.plot(e["fractions"], e["metrics"][name], marker="o", markersize=3,
-                            label=f"{label} (area {e['area'][name]:.3f})")
-            if "ci_low" in e:
-                ax.fill_between(e["fractions"], e["ci_low"][name], e["ci_high"][name], color=line.get_color(),
-                                alpha=0.12, linewidth=0)
-        for ax, key in zip(axes[2:], ("negative_flips", "negative_flips_genuine")):
-            line, = ax.plot(e["fractions"], e[key], marker="o", markersize=3, label=label)
-            if f"{key}_ci_low" in e:
-                ax.fill_between(e["fractions"], e[f"{key}_ci_low"], e[f"{key}_ci_high"], color=line.get_color(),
-                                alpha=0.12, linewidth=0)
+        label = f"{curve_words(e)} — area {e['area'][main]:.3f} ({main}), {e['area']['top1']:.3f} (top-1)"
+        colour = colours(curves.index((e["query"], e.get("fastfill", False), e["order"])))
+        for i, (ax, key) in enumerate(zip(axes, (main, "top1", "negative_flips", "negative_flips_genuine"))):
+            values, low, high = ((e["metrics"][key], e.get("ci_low", {}).get(key), e.get("ci_high", {}).get(key))
+                                 if i < 2 else (e[key], e.get(f"{key}_ci_low"), e.get(f"{key}_ci_high")))
+            line, = ax.plot(e["fractions"], values, marker="s" if e.get("fastfill") else "o", markersize=4,
+                            linewidth=1.6, linestyle=styles.get(e["merge"], "-"), color=colour, label=label)
+            if i == 0:
+                handles.append(line)
+            if low is not None:
+                ax.fill_between(e["fractions"], low, high, color=colour, alpha=0.08, linewidth=0)
     for ax, name in zip(axes[:2], (main, "top1")):
-        for gallery, old_self in {e["gallery"]: e["old_self"][name] for e in entries}.items():
-            ax.axhline(old_self, color="k", linestyle="--", linewidth=1, label=f"{gallery} self-test")
+        for old, old_self in {e.get("old", e["gallery"]): e["old_self"][name] for e in entries}.items():
+            ax.axhline(old_self, color="k", linestyle="--", linewidth=1.2)
+            ax.annotate(f"old system ({old} queries, {old} gallery): {old_self:.3f}", (0.01, old_self),
+                        xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 4), fontsize=10)
     far = entries[0]["flip_far"] if entries else 1e-3
-    for ax, title in zip(axes, (main, "top1", "1:N negative flips (share of mated probes)",
-                                f"1:1 negative flips at FAR={far:g} (share of genuine pairs)")):
-        ax.set(xlabel="fraction of the gallery re-extracted", title=title, xlim=(0, 1))
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+    for ax, (title, ylabel) in zip(axes, (
+            (metric_words(main), f"{main} (higher is better)"),
+            ("1:N identification: top-1 rate", "top-1 identification rate (higher is better)"),
+            ("1:N negative flips: probes the old system got right at top-1, the updated one gets wrong",
+             "share of mated probes (lower is better)"),
+            (f"1:1 negative flips at FAR={far:g}: genuine pairs accepted before, rejected now",
+             "share of genuine pairs (lower is better)"))):
+        ax.set_title(title, fontsize=11.5)
+        ax.set_xlabel("share of the gallery's identities re-extracted with the new model", fontsize=11)
+        ax.set_ylabel(ylabel, fontsize=11)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=10)
+        ax.grid(alpha=0.3)
+    queries = ", ".join(dict.fromkeys(e["query"] for e in entries))
+    olds = ", ".join(dict.fromkeys(e.get("old", e["gallery"]) for e in entries))
+    notes = ["share 0: the cross-test, share 1: the new model's self-test"]
+    if any(e["merge"] == "calibrated" for e in entries):
+        notes.append("solid lines: scores merged as they are, dotted: calibrated")
+    if any(e.get("fastfill") for e in entries):
+        notes.append("squares: FastFill, the gallery transformed until re-extracted")
+    fig.suptitle(f"Backfill: {olds}'s gallery re-extracted bit by bit with the new model ({queries}) while its "
+                 "queries search it\n" + "; ".join(notes[:2]) + "".join("\n" + n for n in notes[2:]), fontsize=12.5)
+    fig.legend(handles=handles, loc="lower center", ncol=1, fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / (10 + legend_inches), 1, 0.94))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
