@@ -274,18 +274,25 @@ def _chain_search(sims, calibration, probe_images, segments, nums, mated, target
     target_new = [seg[target][:, None] <= np.arange(num) for seg, num in zip(segments, nums)]   # rows × states
     above = [np.zeros((len(rows), num), np.int64) for num in nums]
     ties = [np.zeros((2, len(rows), num), np.int64) for num in nums]   # all, before the target column
-    buffer = torch.empty((len(rows), num_columns), dtype=torch.float32)
+    buffer = torch.empty(len(rows) * num_columns, dtype=torch.float32)
+    every = np.arange(len(rows))
     for space in (True, False):
         raw = np.ascontiguousarray(sims[space][rows])
+        bounds = {version: (np.nextafter(value[version], np.float32(-np.inf)), value[version]) if calibration is None
+                  else _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
+                  for version in (True, False)}    # raw > below ⇔ mapped ≥ the target, raw > upper ⇔ mapped > it
+        raw[every, target] = -np.inf       # the target column itself: counted below where it is in this space
+        highest = raw.max(1)
         for version in (True, False):                                  # the target's score in either space
-            if calibration is None:          # raw > below ⇔ raw ≥ the target; raw > upper ⇔ raw > it
-                upper = value[version]
-                below = np.nextafter(upper, np.float32(-np.inf))
-            else:
-                below, upper = _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
-            torch.gt(torch.from_numpy(raw), torch.from_numpy(upper)[:, None], out=buffer)
-            higher = torch.mm(buffer, onehot).round_().to(torch.int64).numpy()   # exact: counts below 2**24
-            row, col = np.nonzero((raw > below[:, None]) & (raw <= upper[:, None]))     # equal to the target
+            below, upper = bounds[version]
+            busy = np.flatnonzero(highest > below)           # rows with another column at or above the target
+            part = raw[busy]
+            compared = buffer[:part.size].view(part.shape)
+            torch.gt(torch.from_numpy(part), torch.from_numpy(upper[busy])[:, None], out=compared)
+            higher = np.zeros((len(rows), onehot.shape[1]), np.int64)
+            higher[busy] = torch.mm(compared, onehot).round_().to(torch.int64).numpy()   # exact below 2**24
+            row, col = np.nonzero((part > below[busy, None]) & (part <= upper[busy, None]))   # equal to the target
+            row = busy[row]
             for c, (seg, num) in enumerate(zip(segments, nums)):
                 use = target_new[c] == version
                 totals = np.cumsum(higher[:, offsets[c]:offsets[c + 1]], 1)   # columns of segments ≤ k
@@ -294,6 +301,8 @@ def _chain_search(sims, calibration, probe_images, segments, nums, mated, target
                 np.add.at(ties[c][0], row, count)
                 before = col < target[row]
                 np.add.at(ties[c][1], row[before], count[before])
+                if version == space:           # the target, in this space exactly where its score is this one
+                    ties[c][0] += use
     nonmated = np.flatnonzero(~mated)
     nonmated_sims = {space: sims[space][nonmated] for space in (True, False)}
     depth = min(SEARCH_DEPTH, num_columns)
@@ -431,14 +440,15 @@ def area(fractions, values):
 
 
 def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e-3, calibration=None,
-                   fractions=FRACTIONS, outcomes=None, old_outcomes=None, gallery=None):
+                   fractions=FRACTIONS, outcomes=None, old_outcomes=None, gallery=None, figures=None):
     """One curve: the figures of new-model queries against the mixed gallery at each fraction.
 
     ``old``, ``new``: image features of the two generations; ``order``: identities, first re-extracted
     first; ``gallery``: the features of the items not yet re-extracted (default ``old``; the FastFill
     setting: the old gallery mapped by a transform); ``outcomes``: the :func:`mixed_outcomes` of the
     fractions' states and ``old_outcomes`` those of the old system (old query, old gallery; computed
-    here when not given). Returns the ``"backfill"`` entry of the report (without
+    here when not given); ``figures``: each point's ``protocol.figures`` when already counted (curves
+    of one merge share their first and last points). Returns the ``"backfill"`` entry of the report (without
     ``order``/``query``/``gallery``/``old``/``fastfill``).
     """
     labels = protocol.labels
@@ -453,10 +463,10 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
     pair_weights = [] if counts is None else [bootstrap.pair_weights(row, labels[protocol.first], labels[protocol.second])
                                               for row in counts]
     before = acceptance(protocol.genuine, old_scores, far, counts is not None)
-    for scores, found in outcomes:
-        figures, replicates = protocol.figures(scores, found, counts)
-        for name in figures:
-            rows.setdefault(name, []).append(figures[name])
+    for k, (scores, found) in enumerate(outcomes):
+        point_figures, replicates = protocol.figures(scores, found, counts) if figures is None else figures[k]
+        for name in point_figures:
+            rows.setdefault(name, []).append(point_figures[name])
             if replicates is not None:
                 reps.setdefault(name, []).append(replicates[name])
         point, point_reps = pair_flips(protocol.genuine, old_scores, scores, far, pair_weights, before)
@@ -505,12 +515,18 @@ def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGE
                              [None if merge == "plain" else calibration for merge in merges])
     setting = "FastFill curve" if fastfill else "backfill curve"
     for merge, outcomes in zip(merges, merged):
-        for curve, (name, order) in zip(outcomes, orders.items()):
+        counted = {}                                   # a state's figures, counted once for all orders
+        for curve, chain, (name, order) in zip(outcomes, chains, orders.items()):
             print(f"{setting} {len(entries) + 1}/{total}: {name} order, {merge} merge", flush=True)
+            figures = []
+            for state, point in zip(chain, curve):
+                if state.tobytes() not in counted:
+                    counted[state.tobytes()] = protocol.figures(*point, counts)
+                figures.append(counted[state.tobytes()])
             entries.append({"order": name, "query": names[1], "gallery": gallery_name if fastfill else names[0],
                             "old": names[0], "fastfill": fastfill,
                             **backfill_curve(protocol, old, new, order, counts, merge, far, calibration,
-                                             outcomes=curve, old_outcomes=old_outcomes)})
+                                             outcomes=curve, old_outcomes=old_outcomes, figures=figures)})
     return sorted(entries, key=lambda e: (list(orders).index(e["order"]), list(merges).index(e["merge"])))
 
 
