@@ -554,7 +554,8 @@ def metric_words(name):
 
 def curve_words(entry):
     """One curve in words: queries, gallery, order and merge."""
-    gallery = f"{entry['old']}'s gallery" + (f" transformed ({entry['gallery']})" if entry.get("fastfill") else "")
+    old = entry.get("old", entry["gallery"])
+    gallery = f"{old}'s gallery transformed ({entry['gallery']})" if entry.get("fastfill") else f"{old}'s gallery"
     return (f"{entry['query']} queries, {gallery}: {ORDER_WORDS.get(entry['order'], entry['order'] + ' order')}, "
             f"{MERGE_WORDS.get(entry['merge'], entry['merge'])}")
 
