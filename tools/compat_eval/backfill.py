@@ -241,7 +241,11 @@ def merged_outcomes(protocol, old, new, chains, calibrations, block=SEARCH_BLOCK
     for calibration, merge_parts in zip(calibrations, parts):
         pairs = raw_pairs if calibration is None else \
             {space: calibration.space(scores, second, space) for space, scores in raw_pairs.items()}
-        out.append([[(np.where(np.asarray(state)[labels[first]], pairs[True], pairs[False]),
+        mixed = {}                                           # a state's pair scores, once for all chains
+        for state in (np.asarray(state) for chain in chains for state in chain):
+            if state.tobytes() not in mixed:
+                mixed[state.tobytes()] = np.where(state[labels[first]], pairs[True], pairs[False])
+        out.append([[(mixed[np.asarray(state).tobytes()],
                       metrics.Search(*(np.concatenate(f) for f in zip(*blocks)), num_gallery=len(ids)))
                      for state, blocks in zip(chain, chain_parts)]
                     for chain, chain_parts in zip(chains, merge_parts)])
