@@ -290,12 +290,14 @@ def _chain_search(sims, calibration, probe_images, segments, nums, mated, target
         for version in (True, False):                                  # the target's score in either space
             below, upper = bounds[version]
             busy = np.flatnonzero(highest > below)           # rows with another column at or above the target
-            part = raw[busy]
+            part = raw[busy] if 2 * len(busy) < len(rows) else raw          # (all rows when most are busy)
+            busy = busy if part is not raw else every
             compared = buffer[:part.size].view(part.shape)
             torch.gt(torch.from_numpy(part), torch.from_numpy(upper[busy])[:, None], out=compared)
             higher = np.zeros((len(rows), onehot.shape[1]), np.int64)
             higher[busy] = torch.mm(compared, onehot).round_().to(torch.int64).numpy()   # exact below 2**24
-            row, col = np.nonzero((part > below[busy, None]) & (part <= upper[busy, None]))   # equal to the target
+            row, col = np.nonzero(part == upper[busy, None] if calibration is None else      # equal to the target
+                                  (part > below[busy, None]) & (part <= upper[busy, None]))
             row = busy[row]
             for c, (seg, num) in enumerate(zip(segments, nums)):
                 use = target_new[c] == version
