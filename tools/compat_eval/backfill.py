@@ -3,8 +3,10 @@
 A deployment re-extracts its gallery with the new model bit by bit (backfilling, or hot refresh)
 while new-model queries search it. :func:`backfill_curves` measures the figures of
 :mod:`~tools.compat_eval.protocol` at fractions 0, 0.1, …, 1 of the gallery re-extracted, for
-several orders of re-extraction and two ways of merging the two score scales, with the negative
-and positive flips of each point and the area under each curve. Definitions and sources: docs/compat.md.
+several orders of re-extraction (random, old-feature norm, a file, and the ground-truth oracle as
+an upper reference) and two ways of merging the two score scales, with the negative and positive
+flips of each point and the area under each curve; in the FastFill setting the items not yet
+re-extracted are the old gallery mapped by a transform. Definitions and sources: docs/compat.md.
 
 The unit of re-extraction is an **identity**: at a fraction f the first round(f·n) gallery
 identities of the order (and, for the 1:1 protocol, the first round(f·m) of the m identities held
