@@ -327,7 +327,7 @@ def test_backfill_prints_a_line_per_curve(tiny, capsys):
     _run(tiny, "backfill_progress", "--rec", tiny["rec"], "--models", *tiny["models"][:2], "--backfill",
          "--backfill_merge", "plain")
     out = capsys.readouterr().out
-    assert "backfill curve 1/2: random order, plain merge" in out and "backfill curve 2/2: norm order" in out
+    assert "backfill curve 1/3: random order, plain merge" in out and "backfill curve 3/3: oracle order" in out
 
 
 def test_decision_rules_shared_by_compat_eval_and_the_demo():
