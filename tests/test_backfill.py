@@ -124,7 +124,78 @@ def test_curves_equal_the_per_fraction_loop(case):
                     for state in (bf.refreshed_identities(orders[e["order"]], p, f) for f in bf.FRACTIONS)]
         want = bf.backfill_curve(p, old, new, orders[e["order"]], counts, e["merge"], calibration=calibration,
                                  outcomes=outcomes)
-        assert {k: v for k, v in e.items() if k not in ("order", "query", "gallery")} == want
+        assert {k: v for k, v in e.items() if k not in ("order", "query", "gallery", "old", "fastfill")} == want
+
+
+def test_fastfill_endpoints_equal_the_transformed_cross_test_and_the_new_self_test(case):
+    """The FastFill setting: items not yet re-extracted are h(old); f = 0 is the cross-test against the
+    transformed gallery, f = 1 the new self-test, a middle point the evaluation of its mixed gallery."""
+    p, labels, old, new = case["protocol"], case["labels"], case["old"], case["new"]
+    rotation = np.linalg.qr(np.random.default_rng(3).normal(size=(8, 8)))[0].astype(np.float32)
+    mapped = (0.5 * old @ rotation + 0.5 * new)
+    mapped /= np.linalg.norm(mapped, axis=1, keepdims=True)
+    counts = bootstrap.subject_counts(16, 10, 0)
+    orders = {"random": bf.random_order(16), "reverse": np.arange(16)[::-1]}
+    entries = bf.backfill_curves(p, old, new, orders, ["v1", "v2"], counts, gallery=mapped, gallery_name="v1 + h")
+    cross, self_test, old_self = p.cell(new, mapped, counts), p.cell(new, new, counts), p.cell(old, old)[0]
+    for e in entries:
+        assert (e["query"], e["gallery"], e["old"], e["fastfill"]) == ("v2", "v1 + h", "v1", True)
+        assert e["old_self"] == old_self
+        if e["merge"] == "plain":
+            for position, (figures, reps) in ((0, cross), (-1, self_test)):
+                intervals = bootstrap.percentile_intervals(reps)
+                for name in cp.METRICS:
+                    assert e["metrics"][name][position] == figures[name]
+                    assert [e["ci_low"][name][position], e["ci_high"][name][position]] == intervals[name]
+        else:                 # one space at the ends: each probe's ranking as in the plain merge
+            assert e["metrics"]["top1"][0] == cross[0]["top1"] and e["metrics"]["top1"][-1] == self_test[0]["top1"]
+    state = bf.refreshed_identities(orders["reverse"], p, 0.4)
+    calibration = bf.Calibration(p, mapped, new)
+    for merge in bf.MERGES:
+        scores, found = p.outcomes(new, bf.mixed_features(mapped, new, labels, state),
+                                   None if merge == "plain" else calibration.at(state))
+        middle = next(e for e in entries if (e["order"], e["merge"]) == ("reverse", merge))
+        assert {name: middle["metrics"][name][4] for name in cp.METRICS} == p.figures(scores, found)[0]
+    plain = bf.backfill_curves(p, old, new, orders, ["v1", "v2"], merges=("plain",))
+    assert not plain[0]["fastfill"] and plain[0]["gallery"] == plain[0]["old"] == "v1"
+    assert plain[0]["metrics"]["top1"][0] != entries[0]["metrics"]["top1"][0]    # the transformed gallery counts
+
+
+def test_oracle_order_maximises_its_own_figure(case):
+    """The oracle's gains against a pair-by-pair count; its right 1:1 decisions at the endpoint
+    thresholds (its own figure) reach those of every other order at every fraction."""
+    p, labels, old, new = case["protocol"], case["labels"], case["old"], case["new"]
+    far = 0.05
+
+    def right(gallery):                                    # pair by pair, the threshold by its definition
+        scores = [float(gallery[a] @ new[b]) for a, b in zip(p.first, p.second)]
+        impostor = sorted((s for s, g in zip(scores, p.genuine) if not g), reverse=True)
+        threshold = impostor[max(math.floor(len(impostor) * far) - 1, 0)]
+        return [(s > threshold) == g for s, g in zip(scores, p.genuine)]
+
+    after, before = right(new), right(old)
+    gain = [0] * 16
+    for a, r_after, r_before in zip(p.first, after, before):
+        gain[labels[a]] += int(r_after) - int(r_before)
+    order = bf.oracle_order(p, old, new, far)
+    assert [gain[c] for c in order] == sorted(gain, reverse=True)
+    ties = bf.random_order(16)
+    for high, low in zip(order[:-1], order[1:]):           # equal gains keep the random order
+        if gain[high] == gain[low]:
+            assert list(ties).index(high) < list(ties).index(low)
+
+    def own_figure(order, fraction):
+        state = bf.refreshed_identities(order, p, fraction)
+        return sum(a_ if state[labels[a]] else b_ for a, a_, b_ in zip(p.first, after, before))
+
+    rng = np.random.default_rng(0)
+    others = [bf.random_order(16), np.arange(16), *(rng.permutation(16) for _ in range(30))]
+    strictly = False
+    for fraction in bf.FRACTIONS:
+        best = own_figure(order, fraction)
+        assert all(best >= own_figure(o, fraction) for o in others)
+        strictly |= best > own_figure(others[0], fraction)
+    assert strictly                                         # the case tells the orders apart
 
 
 def test_refreshed_identities_take_the_share_of_each_gallery():
@@ -296,7 +367,7 @@ def test_command_writes_the_backfill_report(tmp_path):
     with open(out + ".json") as handle:
         saved_result = json.load(handle)
     entries = saved_result["backfill"]
-    assert [(e["order"], e["merge"]) for e in entries] == [(o, m) for o in ("random", "norm", "file")
+    assert [(e["order"], e["merge"]) for e in entries] == [(o, m) for o in ("random", "norm", "oracle", "file")
                                                            for m in ("plain", "calibrated")]
     for e in entries:
         assert (e["query"], e["gallery"]) == ("v3", "v1") and len(e["metrics"]["TAR@FAR=1e-1"]) == 11
@@ -312,6 +383,37 @@ def test_command_writes_the_backfill_report(tmp_path):
     assert os.path.getsize(out + "_backfill.png") > 0
     with pytest.raises(UserError, match="--backfill: unknown generation 'v9'"):
         ce.main(["--restore_embs", saved, "-R", out, "--backfill", "v1", "v9"])
+
+
+def test_command_draws_fastfill_curves_with_a_transform(tmp_path):
+    """--backfill with --transform: the FastFill curves start at the transformed cell and end at the new self-test."""
+    from tools.transform import transforms
+
+    saved = _saved(tmp_path / "embs.npz")
+    h = transforms.save(transforms.build("linear", 16, 16), str(tmp_path / "h.pt"))
+    out = str(tmp_path / "r")
+    result = ce.main(["--restore_embs", saved, "-R", out, "--bootstrap", "0", "--impostors", "300", "--metric",
+                      "TAR@FAR=1e-1", "--backfill", "v1", "v3", "--transform", h, "--transform_generations", "v1", "v3",
+                      "--backfill_merge", "plain"])
+    fastfill = [e for e in result["backfill"] if e["fastfill"]]
+    assert [e["order"] for e in fastfill] == ["random", "norm", "oracle"] and len(result["backfill"]) == 6
+    cells = {(c["query"], c["gallery"]): c for c in result["cells"]}
+    for e in fastfill:
+        assert (e["query"], e["gallery"], e["old"]) == ("v3", "v1 + linear", "v1")
+        for name in cp.METRICS:
+            assert e["metrics"][name][0] == cells["v3", "v1 + linear"][name]
+            assert e["metrics"][name][-1] == cells["v3", "v3"][name]
+    with open(out + ".md") as handle:
+        assert "FastFill: v1's gallery transformed (v1 + linear) until re-extracted by v3" in handle.read()
+
+
+def test_figure_words():
+    entry = {"query": "v3", "gallery": "v1 + linear", "old": "v1", "fastfill": True, "order": "oracle",
+             "merge": "calibrated"}
+    assert bf.curve_words(entry) == ("v3 queries, v1's gallery transformed (v1 + linear): oracle order (ground "
+                                     "truth, upper reference), scores calibrated to one FAR scale")
+    assert bf.metric_words("TAR@FAR=1e-4") == "TAR at FAR=1e-4 (1:1 verification)"
+    assert bf.metric_words("top5") == "top-5 identification rate (1:N)"
 
 
 def test_demo_backfill_on_ijb_style_images(tmp_path):

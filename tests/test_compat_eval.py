@@ -497,7 +497,7 @@ def test_progress_lines_per_matrix_cell_and_backfill_curve(tiny, capsys):
     _run(tiny, "backfill_progress", "--rec", tiny["rec"], "--models", *tiny["models"][:2], "--backfill",
          "--backfill_merge", "plain")
     out = capsys.readouterr().out
-    assert "backfill curve 1/2: random order, plain merge" in out and "backfill curve 2/2: norm order" in out
+    assert "backfill curve 1/3: random order, plain merge" in out and "backfill curve 3/3: oracle order" in out
     cells = [line for line in out.splitlines() if line.startswith("cell ")]     # one line per bootstrapped cell
     assert cells == [f"cell {k}/4: {q} queries, {g} gallery, 10 bootstrap resamples"
                      for k, (q, g) in enumerate(itertools.product(("v1", "v2"), repeat=2), 1)]

@@ -3,8 +3,10 @@
 A deployment re-extracts its gallery with the new model bit by bit (backfilling, or hot refresh)
 while new-model queries search it. :func:`backfill_curves` measures the figures of
 :mod:`~tools.compat_eval.protocol` at fractions 0, 0.1, …, 1 of the gallery re-extracted, for
-several orders of re-extraction and two ways of merging the two score scales, with the negative
-and positive flips of each point and the area under each curve. Definitions and sources: docs/compat.md.
+several orders of re-extraction (random, old-feature norm, a file, and the ground-truth oracle as
+an upper reference) and two ways of merging the two score scales, with the negative and positive
+flips of each point and the area under each curve; in the FastFill setting the items not yet
+re-extracted are the old gallery mapped by a transform. Definitions and sources: docs/compat.md.
 
 The unit of re-extraction is an **identity**: at a fraction f the first round(f·n) gallery
 identities of the order (and, for the 1:1 protocol, the first round(f·m) of the m identities held
@@ -13,6 +15,8 @@ out of the 1:N gallery) have every gallery-side image embedded by the new model.
 import math
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from tools.compat_eval.protocol import SEARCH_BLOCK, SEARCH_DEPTH
 from tools.ijbc_eval import bootstrap, metrics
@@ -65,6 +69,32 @@ def read_order(path, identity_names, seed=0):
     require(listed, f"{path}: lists no identity (expected one identity name per line)")
     rest = random_order(len(identity_names), seed)
     return np.r_[listed, rest[~np.isin(rest, listed)]].astype(np.int64)
+
+
+def oracle_order(protocol, gallery, new, far, seed=0):
+    """The oracle order, an upper reference computed from the ground truth (not a usable policy):
+    identities by decreasing gain of re-extracting them, ties in the seeded random order.
+
+    The gain of identity c: of the 1:1 pairs whose gallery-side image is c's, how many more are
+    decided right (genuine accepted, impostor rejected) with c re-extracted than without, each space
+    at its own threshold of false accept rate ``far`` (new-vs-new: the new self-test's, new-vs-``gallery``:
+    the cross-test's). Counted at those fixed thresholds the right decisions of a mixed gallery add
+    up over identities, so this order has the most of them at every fraction (its own figure,
+    :func:`endpoint_decisions`); on the curves' figures it is the reference an informed order is
+    judged against. ``gallery``: the features of the items not yet re-extracted (the old model's,
+    or the transformed old gallery's)."""
+    decided = endpoint_decisions(protocol, gallery, new, far)
+    num = int(protocol.labels.max()) + 1
+    gain = np.bincount(protocol.labels[protocol.first], decided[True].astype(np.int64) - decided[False], num)
+    ties = random_order(num, seed)
+    return ties[np.argsort(-gain[ties], kind="stable")]
+
+
+def endpoint_decisions(protocol, gallery, new, far):
+    """{True: whether each 1:1 pair is decided right in the new self-test, False: in the cross-test (new
+    query, ``gallery``)}, each at its own threshold of false accept rate ``far``."""
+    return {space: decisions(protocol.genuine, metrics.pair_scores(g, new, protocol.first, protocol.second), far)
+            for space, g in ((True, new), (False, gallery))}
 
 
 def refreshed_identities(order, protocol, fraction):
@@ -158,25 +188,31 @@ def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BL
     """``[[(pair scores, Search)]]`` of new-model queries against the mixed gallery of each state
     (bool per identity: re-extracted) of each chain (states each holding the one before, as the
     fractions of one order), the same as ``protocol.outcomes(new, mixed_features(…),
-    calibration.at(state))`` state by state, from each score space computed once.
+    calibration.at(state))`` state by state, from each score space computed once: the one merge
+    of :func:`merged_outcomes`."""
+    return merged_outcomes(protocol, old, new, chains, [calibration], block)[0]
+
+
+def merged_outcomes(protocol, old, new, chains, calibrations, block=SEARCH_BLOCK):
+    """:func:`mixed_outcomes` of each merge of ``calibrations`` (None: the plain merge) in one pass
+    over the probes: ``out[merge][chain][state]`` = (pair scores, Search).
 
     A gallery item is new or old as a whole, so a mixed score is the new-vs-new or the new-vs-old
     score of the same pair (or probe and template): both spaces are scored once (1:1 pairs, and the
-    probes against both template sets in blocks of probes holding ``block`` similarities at most),
-    and a state only picks per identity which space counts. In a chain a template column is new
-    from its first state on, so each probe's counts above its target score (for either space of
-    the target) are summed once per stretch of columns that turn new together and every state adds
-    up its stretches (:func:`_chain_search`); ranks are capped at the search depth as
-    :func:`protocol.search` reports them. The calibrated merge maps each space monotonically
-    (float32 values, as the search transform gives them), so a count of mapped scores above a
-    mapped target is a count of raw scores above the raw bound found per probe (:func:`_bounds`):
-    only the pair scores, the targets and the non-mated maxima are mapped.
+    probes against both template sets in blocks of probes holding ``block`` similarities at most,
+    shared by the merges), and a state only picks per identity which space counts. In a chain a
+    template column is new from its first state on, so each probe's counts above its target score
+    (for either space of the target) are summed once per stretch of columns that turn new together
+    and every state adds up its stretches; the comparisons with the targets are made once for all
+    chains (:func:`_chain_search`). Ranks are capped at the search depth as :func:`protocol.search`
+    reports them. The calibrated merge maps each space monotonically (float32 values, as the search
+    transform gives them), so a count of mapped scores above a mapped target is a count of raw
+    scores above the raw bound found per probe (:func:`_bounds`): only the pair scores, the targets
+    and the non-mated maxima are mapped.
     """
     labels, first, second = protocol.labels, protocol.first, protocol.second
     spaces = {True: new, False: old}
-    pairs = {space: metrics.pair_scores(g, new, first, second) for space, g in spaces.items()}
-    if calibration is not None:
-        pairs = {space: calibration.space(scores, second, space) for space, scores in pairs.items()}
+    raw_pairs = {space: metrics.pair_scores(g, new, first, second) for space, g in spaces.items()}
     weights = np.ones(len(protocol.gallery_images))
     templates = {space: protocol.templates.features(g[protocol.gallery_images], None, weights, "N0D0F0")
                  .astype(np.float32) for space, g in spaces.items()}
@@ -189,76 +225,112 @@ def mixed_outcomes(protocol, old, new, chains, calibration=None, block=SEARCH_BL
         segments.append(len(chain) - columns.sum(0))     # a column is new from this state on
     probe_images = protocol.probe_images
     step = max(1, block // len(ids))
-    parts = [[[] for _ in chain] for chain in chains]
-    for s in range(0, len(probe_images), step):
+    parts = [[[[] for _ in chain] for chain in chains] for _ in calibrations]
+    for s in tqdm(range(0, len(probe_images), step), desc="backfill search", unit="block", leave=False,
+                  disable=len(probe_images) <= step):
         rows = probe_images[s:s + step]
         query = np.ascontiguousarray(new[rows], np.float32)
-        sims = {space: query @ t.T for space, t in templates.items()}
-
-        def mapped(space, values, at, rows=rows):
-            """float32 scores of ``space`` as the merge sees them; ``at``: their row in the block."""
-            values = np.asarray(values, np.float32)
-            if calibration is None:
-                return values
-            return calibration.space(values, rows[at], space).astype(np.float32)
-
+        sims = {space: query @ t.T for space, t in templates.items()}    # numpy's product, as the search's exact pass
         pos = np.minimum(np.searchsorted(index.subjects, labels[rows]), len(ids) - 1)
         mated = index.subjects[pos] == labels[rows]
-        for c, seg in enumerate(segments):
-            found = _chain_search(sims, mapped, seg, len(chains[c]), mated, index.first[pos[mated]])
-            for k, found in enumerate(found):
-                parts[c][k].append(found)
+        for merge, calibration in enumerate(calibrations):
+            found = _chain_search(sims, calibration, rows, segments, [len(c) for c in chains], mated,
+                                  index.first[pos[mated]])
+            for c, chain_found in enumerate(found):
+                for k, state_found in enumerate(chain_found):
+                    parts[merge][c][k].append(state_found)
     out = []
-    for chain, chain_parts in zip(chains, parts):
-        out.append([(np.where(np.asarray(state)[labels[first]], pairs[True], pairs[False]),
-                     metrics.Search(*(np.concatenate(f) for f in zip(*blocks)), num_gallery=len(ids)))
-                    for state, blocks in zip(chain, chain_parts)])
+    for calibration, merge_parts in zip(calibrations, parts):
+        pairs = raw_pairs if calibration is None else \
+            {space: calibration.space(scores, second, space) for space, scores in raw_pairs.items()}
+        mixed = {}                                           # a state's pair scores, once for all chains
+        for state in (np.asarray(state) for chain in chains for state in chain):
+            if state.tobytes() not in mixed:
+                mixed[state.tobytes()] = np.where(state[labels[first]], pairs[True], pairs[False])
+        out.append([[(mixed[np.asarray(state).tobytes()],
+                      metrics.Search(*(np.concatenate(f) for f in zip(*blocks)), num_gallery=len(ids)))
+                     for state, blocks in zip(chain, chain_parts)]
+                    for chain, chain_parts in zip(chains, merge_parts)])
     return out
 
 
-def _chain_search(sims, mapped, segment, num, mated, target):
-    """Per state k of a chain the (mated, rank, score, correct, nonmated best) of :func:`metrics.search`
-    on the mixed rows (``num`` states): column j in the new space (``sims[True]``) when ``segment[j]``
-    ≤ k, else in the old one, each space's raw scores seen through ``mapped(space, values, rows)``
-    (nondecreasing); ``target``: the target column of each mated row (one column per subject)."""
-    onehot = np.zeros((len(segment), num + 1), np.float32)
-    onehot[np.arange(len(segment)), segment] = 1
+def _chain_search(sims, calibration, probe_images, segments, nums, mated, target):
+    """Per chain c and state k < ``nums[c]`` the (mated, rank, score, correct, nonmated best) of
+    :func:`metrics.search` on the mixed rows of one block: column j in the new space (``sims[True]``)
+    when ``segments[c][j]`` ≤ k, else in the old one, each space's float32 scores mapped by
+    ``calibration`` (None: as they are); ``probe_images``: the block's rows; ``target``: the target
+    column of each mated row (one column per subject).
+
+    Each row's scores in each space are compared once with its target's score in either space: the
+    scores above it are counted per stretch of columns of every chain at once (a product with the
+    chains' one-hot segments), the scores equal to it (few: the target itself and exact ties) are
+    listed."""
+    def mapped(space, values, at):
+        values = np.asarray(values, np.float32)
+        return values if calibration is None else calibration.space(values, probe_images[at], space).astype(np.float32)
+
+    num_columns = len(segments[0])
+    offsets = np.r_[0, np.cumsum([num + 1 for num in nums])]
+    onehot = np.zeros((num_columns, offsets[-1]), np.float32)
+    for seg, offset in zip(segments, offsets):
+        onehot[np.arange(num_columns), offset + seg] = 1
+    onehot = torch.from_numpy(onehot)
     rows = np.flatnonzero(mated)
-    k = np.arange(num)
-    target_new = segment[target][:, None] <= k                       # mated rows × states
     value = {space: mapped(space, sims[space][rows, target], rows) for space in (True, False)}
-    above = np.zeros((len(rows), num), np.int64)
-    ties = np.zeros((2, len(rows), num), np.int64)                     # all, before the target column
-    for version in (True, False):                                    # the target's score in either space
-        use = target_new == version
-        for space in (True, False):
-            raw = sims[space][rows]
-            below, upper = _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
-            higher = np.rint((raw > upper[:, None]).astype(np.float32) @ onehot).astype(np.int64)
-            level = np.rint((raw > below[:, None]).astype(np.float32) @ onehot).astype(np.int64) - higher
-            for counts, out in ((higher, above), (level, ties[0])):           # per segment → per state
-                totals = np.cumsum(counts, 1)                                 # columns of segments ≤ k
-                out += np.where(use, totals[:, :num] if space else totals[:, -1:] - totals[:, :num], 0)
-            own = raw[np.arange(len(rows)), target]
-            own = (own > below) & (own <= upper)
-            tied = np.flatnonzero(level.sum(1) > own)                         # rows with a tie besides the target
-            row, col = np.nonzero((raw[tied] > below[tied, None]) & (raw[tied] <= upper[tied, None]))
-            row, keep = tied[row], col < target[tied[row]]
-            row, col = row[keep], col[keep]
-            np.add.at(ties[1], row, np.where(use[row] & ((segment[col][:, None] <= k) == space), 1, 0))
+    target_new = [seg[target][:, None] <= np.arange(num) for seg, num in zip(segments, nums)]   # rows × states
+    above = [np.zeros((len(rows), num), np.int64) for num in nums]
+    ties = [np.zeros((2, len(rows), num), np.int64) for num in nums]   # all, before the target column
+    buffer = torch.empty(len(rows) * num_columns, dtype=torch.float32)
+    every = np.arange(len(rows))
+    for space in (True, False):
+        raw = np.ascontiguousarray(sims[space][rows])
+        bounds = {version: (np.nextafter(value[version], np.float32(-np.inf)), value[version]) if calibration is None
+                  else _bounds(lambda x, at: mapped(space, x, rows[at]), value[version], raw)
+                  for version in (True, False)}    # raw > below ⇔ mapped ≥ the target, raw > upper ⇔ mapped > it
+        raw[every, target] = -np.inf       # the target column itself: counted below where it is in this space
+        highest = raw.max(1)
+        for version in (True, False):                                  # the target's score in either space
+            below, upper = bounds[version]
+            busy = np.flatnonzero(highest > below)           # rows with another column at or above the target
+            part = raw[busy] if 2 * len(busy) < len(rows) else raw          # (all rows when most are busy)
+            busy = busy if part is not raw else every
+            compared = buffer[:part.size].view(part.shape)
+            torch.gt(torch.from_numpy(part), torch.from_numpy(upper[busy])[:, None], out=compared)
+            higher = np.zeros((len(rows), onehot.shape[1]), np.int64)
+            higher[busy] = torch.mm(compared, onehot).round_().to(torch.int64).numpy()   # exact below 2**24
+            row, col = np.nonzero(part == upper[busy, None] if calibration is None else      # equal to the target
+                                  (part > below[busy, None]) & (part <= upper[busy, None]))
+            row = busy[row]
+            for c, (seg, num) in enumerate(zip(segments, nums)):
+                use = target_new[c] == version
+                totals = np.cumsum(higher[:, offsets[c]:offsets[c + 1]], 1)   # columns of segments ≤ k
+                above[c] += np.where(use, totals[:, :num] if space else totals[:, -1:] - totals[:, :num], 0)
+                count = use[row] & ((seg[col][:, None] <= np.arange(num)) == space)
+                np.add.at(ties[c][0], row, count)
+                before = col < target[row]
+                np.add.at(ties[c][1], row[before], count[before])
+                if version == space:           # the target, in this space exactly where its score is this one
+                    ties[c][0] += use
     nonmated = np.flatnonzero(~mated)
-    best = np.full((len(nonmated), num + 1, 2), -np.inf, np.float32)
-    for s in range(num + 1):
-        for i, space in enumerate((True, False)):
-            part = sims[space][nonmated][:, segment == s]
-            if part.shape[1]:
-                best[:, s, i] = mapped(space, part.max(1), nonmated)
-    new_best = np.maximum.accumulate(best[:, :, 0], axis=1)[:, :num]
-    old_best = np.maximum.accumulate(best[:, ::-1, 1], axis=1)[:, ::-1][:, 1:]
-    depth = min(SEARCH_DEPTH, len(segment))
-    score = np.where(target_new, value[True][:, None], value[False][:, None])
-    return [(mated, np.minimum(above[:, j] + ties[1][:, j], depth), score[:, j], above[:, j] + ties[0][:, j] == 1,
-             np.maximum(new_best[:, j], old_best[:, j])) for j in range(num)]
+    nonmated_sims = {space: sims[space][nonmated] for space in (True, False)}
+    depth = min(SEARCH_DEPTH, num_columns)
+    found = []
+    for c, (seg, num) in enumerate(zip(segments, nums)):
+        best = np.full((len(nonmated), num + 1, 2), -np.inf, np.float32)
+        filled = np.flatnonzero(np.bincount(seg, minlength=num + 1))          # segments with columns
+        order = np.argsort(seg, kind="stable")
+        starts = np.searchsorted(seg[order], filled)
+        if len(nonmated):
+            for i, space in enumerate((True, False)):                         # each segment's best column
+                stretch_best = np.maximum.reduceat(nonmated_sims[space][:, order], starts, axis=1)
+                best[:, filled, i] = mapped(space, stretch_best, nonmated[:, None])
+        new_best = np.maximum.accumulate(best[:, :, 0], axis=1)[:, :num]
+        old_best = np.maximum.accumulate(best[:, ::-1, 1], axis=1)[:, ::-1][:, 1:]
+        score = np.where(target_new[c], value[True][:, None], value[False][:, None])
+        found.append([(mated, np.minimum(above[c][:, j] + ties[c][1][:, j], depth), score[:, j],
+                       above[c][:, j] + ties[c][0][:, j] == 1, np.maximum(new_best[:, j], old_best[:, j]))
+                      for j in range(num)])
+    return found
 
 
 def _bounds(mapped, value, raw):
@@ -376,18 +448,22 @@ def area(fractions, values):
 
 
 def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e-3, calibration=None,
-                   fractions=FRACTIONS, outcomes=None, old_outcomes=None):
+                   fractions=FRACTIONS, outcomes=None, old_outcomes=None, gallery=None, figures=None):
     """One curve: the figures of new-model queries against the mixed gallery at each fraction.
 
     ``old``, ``new``: image features of the two generations; ``order``: identities, first re-extracted
-    first; ``outcomes``: the :func:`mixed_outcomes` of the fractions' states and ``old_outcomes``
-    those of the old system (computed here when not given). Returns the ``"backfill"`` entry of
-    the report (without ``order``/``query``/``gallery``).
+    first; ``gallery``: the features of the items not yet re-extracted (default ``old``; the FastFill
+    setting: the old gallery mapped by a transform); ``outcomes``: the :func:`mixed_outcomes` of the
+    fractions' states and ``old_outcomes`` those of the old system (old query, old gallery; computed
+    here when not given); ``figures``: each point's ``protocol.figures`` when already counted (curves
+    of one merge share their first and last points). Returns the ``"backfill"`` entry of the report (without
+    ``order``/``query``/``gallery``/``old``/``fastfill``).
     """
     labels = protocol.labels
     old_scores, old_search = protocol.outcomes(old, old) if old_outcomes is None else old_outcomes
     if outcomes is None:
-        outcomes = mixed_outcomes(protocol, old, new, [[refreshed_identities(order, protocol, f) for f in fractions]],
+        outcomes = mixed_outcomes(protocol, old if gallery is None else gallery, new,
+                                  [[refreshed_identities(order, protocol, f) for f in fractions]],
                                   None if merge == "plain" else calibration)[0]
     rows, reps = {}, {}
     flips, flip_reps = {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}, {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}
@@ -395,10 +471,10 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
     pair_weights = [] if counts is None else [bootstrap.pair_weights(row, labels[protocol.first], labels[protocol.second])
                                               for row in counts]
     before = acceptance(protocol.genuine, old_scores, far, counts is not None)
-    for scores, found in outcomes:
-        figures, replicates = protocol.figures(scores, found, counts)
-        for name in figures:
-            rows.setdefault(name, []).append(figures[name])
+    for k, (scores, found) in enumerate(outcomes):
+        point_figures, replicates = protocol.figures(scores, found, counts) if figures is None else figures[k]
+        for name in point_figures:
+            rows.setdefault(name, []).append(point_figures[name])
             if replicates is not None:
                 reps.setdefault(name, []).append(replicates[name])
         point, point_reps = pair_flips(protocol.genuine, old_scores, scores, far, pair_weights, before)
@@ -428,20 +504,37 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
     return entry
 
 
-def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGES, far=1e-3, seed=0):
+def backfill_curves(protocol, old, new, orders, names, counts=None, merges=MERGES, far=1e-3, seed=0, gallery=None,
+                    gallery_name=None):
     """Every (order, merge) curve of gallery generation ``names[0]`` re-extracted by query generation
-    ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}."""
-    calibration = Calibration(protocol, old, new, seed) if "calibrated" in merges else None
+    ``names[1]``: the report's ``"backfill"`` list. ``orders``: {name: identities, first re-extracted first}.
+
+    ``gallery``: the features of the items not yet re-extracted when they are not the old model's —
+    the FastFill setting, the old gallery mapped by a transform h (named ``gallery_name``, e.g.
+    ``v1 + linear``): the curve runs from the cross-test against h(old) to the new self-test. The
+    flips and ``old_self`` stay those of the old system (old query, old gallery)."""
+    fastfill = gallery is not None
+    gallery = old if gallery is None else gallery
+    calibration = Calibration(protocol, gallery, new, seed) if "calibrated" in merges else None
     old_outcomes = protocol.outcomes(old, old)
     chains = [[refreshed_identities(order, protocol, f) for f in FRACTIONS] for order in orders.values()]
     entries, total = [], len(orders) * len(merges)
-    for merge in merges:
-        outcomes = mixed_outcomes(protocol, old, new, chains, None if merge == "plain" else calibration)
-        for curve, (name, order) in zip(outcomes, orders.items()):
-            print(f"backfill curve {len(entries) + 1}/{total}: {name} order, {merge} merge", flush=True)
-            entries.append({"order": name, "query": names[1], "gallery": names[0],
+    merged = merged_outcomes(protocol, gallery, new, chains,
+                             [None if merge == "plain" else calibration for merge in merges])
+    setting = "FastFill curve" if fastfill else "backfill curve"
+    for merge, outcomes in zip(merges, merged):
+        counted = {}                                   # a state's figures, counted once for all orders
+        for curve, chain, (name, order) in zip(outcomes, chains, orders.items()):
+            print(f"{setting} {len(entries) + 1}/{total}: {name} order, {merge} merge", flush=True)
+            figures = []
+            for state, point in zip(chain, curve):
+                if state.tobytes() not in counted:
+                    counted[state.tobytes()] = protocol.figures(*point, counts)
+                figures.append(counted[state.tobytes()])
+            entries.append({"order": name, "query": names[1], "gallery": gallery_name if fastfill else names[0],
+                            "old": names[0], "fastfill": fastfill,
                             **backfill_curve(protocol, old, new, order, counts, merge, far, calibration,
-                                             outcomes=curve, old_outcomes=old_outcomes)})
+                                             outcomes=curve, old_outcomes=old_outcomes, figures=figures)})
     return sorted(entries, key=lambda e: (list(orders).index(e["order"]), list(merges).index(e["merge"])))
 
 
@@ -451,11 +544,38 @@ def flip_far(metric):
 
 
 # ------------------------------------------------------------------------------------------ report
+ORDER_WORDS = {"random": "random order", "norm": "smallest old-feature norm first",
+               "oracle": "oracle order (ground truth, upper reference)", "file": "your order (--backfill_order)"}
+MERGE_WORDS = {"plain": "scores merged as they are", "calibrated": "scores calibrated to one FAR scale"}
+
+
+def metric_words(name):
+    """A figure's name in words: ``TAR@FAR=1e-4`` → ``TAR at FAR=1e-4 (1:1)``."""
+    if name.startswith("TAR@FAR="):
+        return f"TAR at FAR={name.split('=')[1]} (1:1 verification)"
+    if name.startswith("TPIR@FPIR="):
+        return f"TPIR at FPIR={name.split('=')[1]} (1:N open set)"
+    if name.startswith("top"):
+        return f"top-{name[3:]} identification rate (1:N)"
+    return "area under the ROC (1:1)" if name == "AUC" else name
+
+
+def curve_words(entry):
+    """One curve in words: queries, gallery, order and merge."""
+    old = entry.get("old", entry["gallery"])
+    gallery = f"{old}'s gallery transformed ({entry['gallery']})" if entry.get("fastfill") else f"{old}'s gallery"
+    return (f"{entry['query']} queries, {gallery}: {ORDER_WORDS.get(entry['order'], entry['order'] + ' order')}, "
+            f"{MERGE_WORDS.get(entry['merge'], entry['merge'])}")
+
+
 def format_backfill(entries, main):
     """Markdown: per curve the main metric, top-1 and the flips at each fraction with intervals, the areas."""
     lines = []
     for e in entries:
-        lines += ["", f"Backfill of {e['gallery']}'s gallery by {e['query']} (order {e['order']}, {e['merge']} merge): "
+        old = e.get("old", e["gallery"])
+        setting = (f"FastFill: {old}'s gallery transformed ({e['gallery']}) until re-extracted" if e.get("fastfill")
+                   else f"Backfill of {e['gallery']}'s gallery")
+        lines += ["", f"{setting} by {e['query']} (order {e['order']}, {e['merge']} merge): "
                   f"fraction re-extracted, {main} and top1, 1:N top-1 flips over the mated probes (negative, "
                   f"positive, relative negative), 1:1 flips at FAR={e['flip_far']:g} over the genuine pairs and over "
                   "the impostor pairs (95 % intervals in brackets)", "",
@@ -469,7 +589,7 @@ def format_backfill(entries, main):
                       for key in TOP1_FLIPS + PAIR_FLIPS]
             lines.append(f"| {fraction:.1f} | " + " | ".join(cells) + " |")
         areas = ", ".join(f"{name} {e['area'][name]:.4f}" + _area_interval(e, name) for name in (main, "top1"))
-        lines += ["", f"Area under the curve: {areas}; the old system ({e['gallery']} self-test): "
+        lines += ["", f"Area under the curve: {areas}; the old system ({old} self-test): "
                   f"{main} {e['old_self'][main]:.4f}, top1 {e['old_self']['top1']:.4f}"]
     if entries:
         lines += ["", "Areas side by side (" + main + " / top1):", ""]
@@ -490,35 +610,63 @@ def _area_interval(entry, name):
 
 
 def plot_backfill(entries, path, main):
-    """PNG: ``main`` and top-1 (with 95 % bands; dashed: the old system's self-test), the 1:N negative
-    flips and the genuine pairs' 1:1 negative flips against the fraction re-extracted, one line per curve."""
+    """PNG readable on its own: ``main`` and top-1 (with 95 % bands; dashed: the old system's
+    self-test), the 1:N negative flips and the genuine pairs' 1:1 negative flips against the share of
+    the gallery re-extracted, one line per curve, each named in words (queries, gallery, order, merge,
+    areas) in one legend under the panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    legend_inches = 0.22 * len(entries) + 0.4
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10 + legend_inches))
+    axes = axes.ravel()
+    styles = {"plain": "-", "calibrated": ":"}
+    curves = list(dict.fromkeys((e["query"], e.get("fastfill", False), e["order"]) for e in entries))
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    handles = []
     for e in entries:
-        label = f"{e['query']}: {e['order']}, {e['merge']}"
-        for ax, name in zip(axes[:2], (main, "top1")):
-            line, = ax.plot(e["fractions"], e["metrics"][name], marker="o", markersize=3,
-                            label=f"{label} (area {e['area'][name]:.3f})")
-            if "ci_low" in e:
-                ax.fill_between(e["fractions"], e["ci_low"][name], e["ci_high"][name], color=line.get_color(),
-                                alpha=0.12, linewidth=0)
-        for ax, key in zip(axes[2:], ("negative_flips", "negative_flips_genuine")):
-            line, = ax.plot(e["fractions"], e[key], marker="o", markersize=3, label=label)
-            if f"{key}_ci_low" in e:
-                ax.fill_between(e["fractions"], e[f"{key}_ci_low"], e[f"{key}_ci_high"], color=line.get_color(),
-                                alpha=0.12, linewidth=0)
+        label = f"{curve_words(e)} — area {e['area'][main]:.3f} ({main}), {e['area']['top1']:.3f} (top-1)"
+        colour = colours(curves.index((e["query"], e.get("fastfill", False), e["order"])))
+        for i, (ax, key) in enumerate(zip(axes, (main, "top1", "negative_flips", "negative_flips_genuine"))):
+            values, low, high = ((e["metrics"][key], e.get("ci_low", {}).get(key), e.get("ci_high", {}).get(key))
+                                 if i < 2 else (e[key], e.get(f"{key}_ci_low"), e.get(f"{key}_ci_high")))
+            line, = ax.plot(e["fractions"], values, marker="s" if e.get("fastfill") else "o", markersize=4,
+                            linewidth=1.6, linestyle=styles.get(e["merge"], "-"), color=colour, label=label)
+            if i == 0:
+                handles.append(line)
+            if low is not None:
+                ax.fill_between(e["fractions"], low, high, color=colour, alpha=0.08, linewidth=0)
     for ax, name in zip(axes[:2], (main, "top1")):
-        for gallery, old_self in {e["gallery"]: e["old_self"][name] for e in entries}.items():
-            ax.axhline(old_self, color="k", linestyle="--", linewidth=1, label=f"{gallery} self-test")
+        for old, old_self in {e.get("old", e["gallery"]): e["old_self"][name] for e in entries}.items():
+            ax.axhline(old_self, color="k", linestyle="--", linewidth=1.2)
+            ax.annotate(f"old system ({old} queries, {old} gallery): {old_self:.3f}", (0.01, old_self),
+                        xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 4), fontsize=10)
     far = entries[0]["flip_far"] if entries else 1e-3
-    for ax, title in zip(axes, (main, "top1", "1:N negative flips (share of mated probes)",
-                                f"1:1 negative flips at FAR={far:g} (share of genuine pairs)")):
-        ax.set(xlabel="fraction of the gallery re-extracted", title=title, xlim=(0, 1))
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+    for ax, (title, ylabel) in zip(axes, (
+            (metric_words(main), f"{main} (higher is better)"),
+            ("1:N identification: top-1 rate", "top-1 identification rate (higher is better)"),
+            ("1:N negative flips: probes the old system got right at top-1, the updated one gets wrong",
+             "share of mated probes (lower is better)"),
+            (f"1:1 negative flips at FAR={far:g}: genuine pairs accepted before, rejected now",
+             "share of genuine pairs (lower is better)"))):
+        ax.set_title(title, fontsize=11.5)
+        ax.set_xlabel("share of the gallery's identities re-extracted with the new model", fontsize=11)
+        ax.set_ylabel(ylabel, fontsize=11)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=10)
+        ax.grid(alpha=0.3)
+    queries = ", ".join(dict.fromkeys(e["query"] for e in entries))
+    olds = ", ".join(dict.fromkeys(e.get("old", e["gallery"]) for e in entries))
+    notes = ["share 0: the cross-test, share 1: the new model's self-test"]
+    if any(e["merge"] == "calibrated" for e in entries):
+        notes.append("solid lines: scores merged as they are, dotted: calibrated")
+    if any(e.get("fastfill") for e in entries):
+        notes.append("squares: FastFill, the gallery transformed until re-extracted")
+    fig.suptitle(f"Backfill: {olds}'s gallery re-extracted bit by bit with the new model ({queries}) while its "
+                 "queries search it\n" + "; ".join(notes[:2]) + "".join("\n" + n for n in notes[2:]), fontsize=12.5)
+    fig.legend(handles=handles, loc="lower center", ncol=1, fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / (10 + legend_inches), 1, 0.94))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

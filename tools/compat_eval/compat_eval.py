@@ -101,6 +101,17 @@ def transformed_gallery(names, embeddings, flips, transform, old, new):
     return (f"{names[old]} + {saved['kind']}", image_features(*mapped, flips[old]), old, new), elapsed / rows * 1e6
 
 
+def backfill_orders(args, protocol, num_identities, old_embeddings, new, gallery, labels, file_order, far):
+    """The re-extraction orders of a backfill: random, norm (of the old model's raw embeddings), the
+    oracle (of the gallery items not yet re-extracted) and ``--backfill_order``'s file order."""
+    orders = {"random": backfill.random_order(num_identities, args.seed),
+              "norm": backfill.norm_order(old_embeddings[0] + old_embeddings[1], labels, protocol.gallery_images),
+              "oracle": backfill.oracle_order(protocol, gallery, new, far, args.seed)}
+    if file_order is not None:
+        orders["file"] = file_order
+    return orders
+
+
 def _generation(names, text, option="--transform_generations"):
     """Index of a generation given by name or 1-based position."""
     if text in names:
@@ -191,7 +202,7 @@ def run(args):
     features = [image_features(*e, flip) for e, flip in zip(embeddings, flips)]
     require(all(np.isfinite(f).all() for f in features), "the embeddings contain NaN or inf")
     protocol = Protocol(labels, args.max_genuine, args.impostors, args.gallery_per_id, args.nonmated_share, args.seed)
-    curves = len(args.backfill_merge) * (2 + (file_order is not None)) if pair is not None else 0
+    curves = len(args.backfill_merge) * (3 + (file_order is not None)) * (1 + bool(transform)) if pair is not None else 0
     print(f"matrix: {len(names) ** 2 + bool(transform)} cells on {len(identity_names)} identities, "
           f"{args.bootstrap} bootstrap resamples" + (f"; then {curves} backfill curves" if curves else ""), flush=True)
     transformed, transform_rate = transformed_gallery(names, embeddings, flips, transform, *transform_pair) \
@@ -204,15 +215,16 @@ def run(args):
                       "reextraction_seconds_per_million_images": {name: rate for name, rate in
                                                                   zip(names, embedding_rates) if rate is not None}}
     if pair is not None:
-        old, new = pair
-        orders = {"random": backfill.random_order(len(identity_names), args.seed),
-                  "norm": backfill.norm_order(embeddings[old][0] + embeddings[old][1], labels, protocol.gallery_images)}
-        if file_order is not None:
-            orders["file"] = file_order
         counts = bootstrap.subject_counts(len(identity_names), args.bootstrap, args.seed) if args.bootstrap else None
-        result["backfill"] = backfill.backfill_curves(protocol, features[old], features[new], orders,
-                                                      [names[old], names[new]], counts, args.backfill_merge,
-                                                      backfill.flip_far(args.metric), args.seed)
+        far = backfill.flip_far(args.metric)
+        settings = [(*pair, None, None)] + ([(*transformed[2:], transformed[1], transformed[0])] if transformed else [])
+        result["backfill"] = []
+        for old, new, gallery, gallery_name in settings:     # backfill; FastFill: the transformed gallery
+            orders = backfill_orders(args, protocol, len(identity_names), embeddings[old], features[new],
+                                     features[old] if gallery is None else gallery, labels, file_order, far)
+            result["backfill"] += backfill.backfill_curves(protocol, features[old], features[new], orders,
+                                                           [names[old], names[new]], counts, args.backfill_merge, far,
+                                                           args.seed, gallery, gallery_name)
     if args.save_embeddings:
         atomic_np_savez(stem + ".npz", generations=np.array(names), labels=faceset.labels,
                         **{f"embs{i}": e[0] for i, e in enumerate(embeddings)},
@@ -254,7 +266,8 @@ def build_parser():
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of identities (0: no intervals)")
     p.add_argument("--metric", default="TAR@FAR=1e-4", help=f"main metric: one of {', '.join(METRICS)}")
     p.add_argument("--backfill", nargs="*", metavar="GEN",
-                   help="backfill curves: OLD NEW generation names (default: the last two); docs/compat.md")
+                   help="backfill curves: OLD NEW generation names (default: the last two); with --transform also "
+                        "the FastFill curves of the transformed gallery; docs/compat.md")
     p.add_argument("--backfill_order", metavar="FILE",
                    help="also the order of FILE: one identity name per line, first re-extracted first")
     p.add_argument("--backfill_merge", nargs="+", choices=backfill.MERGES, default=list(backfill.MERGES),
