@@ -270,6 +270,43 @@ def test_flips_close_the_top1_gap(case):
             entry["positive_flips"][k] - entry["negative_flips"][k])
 
 
+def _open_search(mated, score, correct, nonmated_best):
+    from tools.ijbc_eval.metrics import Search
+
+    mated = np.array(mated, bool)
+    return Search(mated, np.zeros(mated.sum(), np.int64), np.array(score), np.array(correct, bool),
+                  np.array(nonmated_best), 10)
+
+
+def test_open_set_flips_by_hand():
+    mated = [True, False, True, False, True, False, False]
+    # FPIR 0.5 over 4 non-mated probes: the threshold is the non-mated best of rank floor(2) − 1 = 1 (0.5 before,
+    # 0.7 after); identified = right subject first and score above it, alarm = best above it
+    old = _open_search(mated, [0.6, 0.4, 0.9], [True, True, False], [0.9, 0.5, 0.3, 0.1])   # identified: 0; alarm: 0
+    new = _open_search(mated, [0.6, 0.9, 0.95], [True, True, True], [0.2, 0.8, 0.7, 0.1])   # identified: 1, 2; alarm: 1
+    assert bf.open_set_flips(old, new, 0.5) == {"negative_flips_open_mated": 1 / 3, "positive_flips_open_mated": 2 / 3,
+                                                "negative_flips_open_nonmated": 0.25,
+                                                "positive_flips_open_nonmated": 0.25}
+    # mated probe 0 twice, non-mated probe 2 dropped: thresholds from 3 non-mated (rank floor(1.5) − 1 = 0: 0.9 before,
+    # 0.8 after): identified before none, after mated 1 and 2 (2 of 4 mated probes); no alarm on either side
+    weighted = bf.open_set_flips(old, new, 0.5, [2, 1, 1, 1, 1, 0, 1])
+    assert weighted == {"negative_flips_open_mated": 0.0, "positive_flips_open_mated": 0.5,
+                        "negative_flips_open_nonmated": 0.0, "positive_flips_open_nonmated": 0.0}
+
+
+def test_open_set_flips_close_the_tpir_gap(case):
+    """TPIR@FPIR=1e-1(updated) − TPIR@FPIR=1e-1(old system) = positive − negative open-set mated flips."""
+    p, old, new = case["protocol"], case["old"], case["new"]
+    entry = bf.backfill_curve(p, old, new, bf.random_order(16), counts=bootstrap.subject_counts(16, 5, 0))
+    assert entry["flip_fpir"] == 0.1
+    old_tpir = p.cell(old, old)[0]["TPIR@FPIR=1e-1"]
+    for k in range(len(entry["fractions"])):
+        assert entry["metrics"]["TPIR@FPIR=1e-1"][k] - old_tpir == pytest.approx(
+            entry["positive_flips_open_mated"][k] - entry["negative_flips_open_mated"][k])
+        for key in bf.OPEN_FLIPS:
+            assert entry[f"{key}_ci_low"][k] <= entry[key][k] + 1e-12 or math.isnan(entry[f"{key}_ci_low"][k])
+
+
 # ------------------------------------------------------------------------------------------- orders
 def test_orders(tmp_path):
     assert sorted(bf.random_order(6, 1)) == list(range(6))

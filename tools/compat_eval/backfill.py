@@ -371,6 +371,9 @@ def _value(key):
 # ------------------------------------------------------------------------------------------- flips
 TOP1_FLIPS = ("negative_flips", "positive_flips", "relative_negative_flips")
 PAIR_FLIPS = ("negative_flips_genuine", "positive_flips_genuine", "negative_flips_impostor", "positive_flips_impostor")
+OPEN_FLIPS = ("negative_flips_open_mated", "positive_flips_open_mated", "negative_flips_open_nonmated",
+              "positive_flips_open_nonmated")
+FLIP_FPIR = 0.1   # the FPIR of the open-set 1:N flips (the demo's TPIR@FPIR=1e-1)
 
 
 def _share(flag, base, weights):
@@ -390,6 +393,34 @@ def top1_flips(old_search, new_search, weights=None):
     expected = _share(before, every, weights) * _share(~after, every, weights)
     return {"negative_flips": negative, "positive_flips": positive,
             "relative_negative_flips": negative / expected if expected else np.nan}
+
+
+def open_set_accepts(search, fpir, weights):
+    """``(mated, nonmated)``: which mated probes are identified (right subject first and above the
+    threshold) and which non-mated probes raise an alarm (best score above it), at the threshold of
+    false positive identification rate ``fpir`` among the non-mated probes repeated ``weights`` times
+    (per probe) — the threshold and rule of TPIR@FPIR (:func:`metrics.search_summary`)."""
+    best = search.nonmated_best
+    order = np.argsort(-best, kind="stable")
+    threshold = metrics._threshold(best[order], fpir, np.cumsum(weights[~search.mated][order]))
+    return search.correct & (search.score > threshold), best > threshold
+
+
+def open_set_flips(old_search, new_search, fpir=FLIP_FPIR, weights=None):
+    """Open-set 1:N flips at ``fpir``, each system at its own threshold: ``negative_flips_open_mated``
+    (mated probes identified by the old system and missed after: newly rejected or misidentified) and
+    ``positive_flips_open_mated`` (the reverse), over the mated probes; ``negative_flips_open_nonmated``
+    (non-mated probes silent before and raising an alarm after) and ``positive_flips_open_nonmated``
+    (the reverse), over the non-mated probes. ``weights``: each probe's multiplicity (default once)."""
+    weights = np.ones(len(old_search.mated), np.int64) if weights is None else np.asarray(weights, np.int64)
+    (mated_before, alarm_before), (mated_after, alarm_after) = (open_set_accepts(s, fpir, weights)
+                                                                for s in (old_search, new_search))
+    on_mated, on_nonmated = weights[old_search.mated], weights[~old_search.mated]
+    every_mated, every_nonmated = np.ones(len(on_mated), bool), np.ones(len(on_nonmated), bool)
+    return {"negative_flips_open_mated": _share(mated_before & ~mated_after, every_mated, on_mated),
+            "positive_flips_open_mated": _share(~mated_before & mated_after, every_mated, on_mated),
+            "negative_flips_open_nonmated": _share(~alarm_before & alarm_after, every_nonmated, on_nonmated),
+            "positive_flips_open_nonmated": _share(alarm_before & ~alarm_after, every_nonmated, on_nonmated)}
 
 
 def acceptance(genuine, scores, far, resampled=False):
@@ -466,8 +497,9 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
                                   [[refreshed_identities(order, protocol, f) for f in fractions]],
                                   None if merge == "plain" else calibration)[0]
     rows, reps = {}, {}
-    flips, flip_reps = {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}, {key: [] for key in TOP1_FLIPS + PAIR_FLIPS}
-    mated = labels[protocol.probe_images][old_search.mated]
+    flips, flip_reps = ({key: [] for key in TOP1_FLIPS + PAIR_FLIPS + OPEN_FLIPS} for _ in range(2))
+    probe_labels = labels[protocol.probe_images]
+    mated = probe_labels[old_search.mated]
     pair_weights = [] if counts is None else [bootstrap.pair_weights(row, labels[protocol.first], labels[protocol.second])
                                               for row in counts]
     before = acceptance(protocol.genuine, old_scores, far, counts is not None)
@@ -479,16 +511,18 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
                 reps.setdefault(name, []).append(replicates[name])
         point, point_reps = pair_flips(protocol.genuine, old_scores, scores, far, pair_weights, before)
         point.update(top1_flips(old_search, found))
+        point.update(open_set_flips(old_search, found))
         if counts is not None:
-            resampled = [top1_flips(old_search, found, row[mated]) for row in counts]
-            point_reps.update({key: np.array([r[key] for r in resampled]) for key in TOP1_FLIPS})
+            resampled = [{**top1_flips(old_search, found, row[mated]),
+                          **open_set_flips(old_search, found, weights=row[probe_labels])} for row in counts]
+            point_reps.update({key: np.array([r[key] for r in resampled]) for key in TOP1_FLIPS + OPEN_FLIPS})
         for key in flips:
             flips[key].append(point[key])
             if counts is not None:
                 flip_reps[key].append(point_reps[key])
     entry = {"merge": merge, "fractions": list(fractions), "metrics": rows, **flips,
              "old_self": protocol.figures(old_scores, old_search)[0],
-             "flip_far": far, "area": {name: float(area(fractions, rows[name])) for name in rows}}
+             "flip_far": far, "flip_fpir": FLIP_FPIR, "area": {name: float(area(fractions, rows[name])) for name in rows}}
     if counts is not None:
         stacked = {name: np.stack(reps[name], 1) for name in rows}   # resamples × fractions
         intervals = {name: np.array([bootstrap.percentile_intervals(column) for column in stacked[name].T])
@@ -578,15 +612,17 @@ def format_backfill(entries, main):
         lines += ["", f"{setting} by {e['query']} (order {e['order']}, {e['merge']} merge): "
                   f"fraction re-extracted, {main} and top1, 1:N top-1 flips over the mated probes (negative, "
                   f"positive, relative negative), 1:1 flips at FAR={e['flip_far']:g} over the genuine pairs and over "
-                  "the impostor pairs (95 % intervals in brackets)", "",
+                  f"the impostor pairs, open-set 1:N flips at FPIR={e.get('flip_fpir', FLIP_FPIR):g} over the mated "
+                  "and over the non-mated probes (95 % intervals in brackets)", "",
                   f"| fraction | {main} | top1 | negative flips | positive flips | relative negative | "
-                  "genuine negative | genuine positive | impostor negative | impostor positive |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "genuine negative | genuine positive | impostor negative | impostor positive | "
+                  "open mated negative | open mated positive | open non-mated negative | open non-mated positive |",
+                  "|---" * 14 + "|"]
         for k, fraction in enumerate(e["fractions"]):
             cells = [_cell(e["metrics"][name][k], e.get("ci_low", {}).get(name), e.get("ci_high", {}).get(name), k)
                      for name in (main, "top1")]
             cells += [_cell(e[key][k], e.get(f"{key}_ci_low"), e.get(f"{key}_ci_high"), k)
-                      for key in TOP1_FLIPS + PAIR_FLIPS]
+                      for key in TOP1_FLIPS + PAIR_FLIPS + OPEN_FLIPS]
             lines.append(f"| {fraction:.1f} | " + " | ".join(cells) + " |")
         areas = ", ".join(f"{name} {e['area'][name]:.4f}" + _area_interval(e, name) for name in (main, "top1"))
         lines += ["", f"Area under the curve: {areas}; the old system ({old} self-test): "
