@@ -209,3 +209,14 @@ def test_commands_fit_and_apply(tmp_path, capsys):
     with pytest.raises(UserError, match="differ: the features are of different images or orders"):
         fit_transform.main(["--old", str(tmp_path / "old_feature.npy"), "--new", str(tmp_path / "new_feature.npy"),
                             "--kind", "linear", "-o", str(tmp_path / "h2.pt")])
+
+
+@pytest.mark.parametrize("options, message", [(["--heldout", "1"], "--heldout must be a share between 0 and 1"),
+                                              (["--steps", "5", "--epochs", "2"], "give --steps or --epochs, not both"),
+                                              (["--patience", "-1"], "--patience must be 0 or more")])
+def test_fit_command_refuses_bad_options(tmp_path, options, message):
+    np.save(tmp_path / "old_feature.npy", np.ones((10, 4), np.float32))
+    with pytest.raises(UserError, match=message):
+        fit_transform.main(["--old", str(tmp_path / "old_feature.npy"), "--new", str(tmp_path / "old_feature.npy"),
+                            "--kind", "fct", "-o", str(tmp_path / "h.pt"), *options])
+    assert not os.path.exists(tmp_path / "h.pt")

@@ -3,7 +3,7 @@ each kind fits held-out identities on a problem a linear map solves.
 
     python tools/benchmark/bench_transform.py [--dim 512] [--pairs 20000] [--rows 65536] [--fct_steps 100]
     python tools/benchmark/bench_transform.py --linear_problem [--identities 1400] [--per_identity 8]
-        [--dim 128] [--noise 0.22] [--recipes default no_skip published]
+        [--dim 128] [--noise 0.22] [--offset 0] [--recipes default no_skip published]
 
 Cost (the first form): random unit features stand in for the two models' (a transform's cost does
 not depend on what the features mean); each kind (``fct`` with its default recipe) is fitted on
@@ -12,7 +12,7 @@ not depend on what the features mean); each kind (``fct`` with its default recip
 and apply seconds and seconds per million features.
 
 Held-out fit (``--linear_problem``): :func:`linear_problem` (``--identities`` × ``--per_identity``
-old features, the new ones a random rotation of them plus noise), each kind fitted by
+old features, the new ones a random rotation of them plus noise and ``--offset``), each kind fitted by
 ``fit_transform``'s path (a fifth of the identities held out) and FCT with each of ``--recipes``
 (``default``; ``no_skip``: the default budget without the skip path, run to its end; ``published``:
 ml-fct's recipe, slow: 720 steps of 1,024 pairs through the 2,048-wide mixer). Prints
@@ -37,23 +37,27 @@ from utils.errors import require, run_cli
 RECIPES = {"default": {}, "no_skip": {"skip": False, "patience": 0}, "published": transforms.FCT_RECIPES["published"]}
 
 
-def linear_problem(identities=1400, per_identity=8, dim=128, noise=0.22, spread=0.6, seed=0):
+def linear_problem(identities=1400, per_identity=8, dim=128, noise=0.22, offset=0.0, spread=0.6, seed=0):
     """``(old, new, labels)``: float32 old features of ``identities`` × ``per_identity`` images (a random
-    centre per identity plus ``spread`` of within-identity noise, unit rows) and new ones ``old R + ε``
-    with ``R`` a random rotation and ``ε`` Gaussian of norm about ``noise``; the best map is linear."""
+    centre per identity plus ``spread`` of within-identity noise, unit rows) and new ones ``old R + o + ε``
+    with ``R`` a random rotation, ``o`` a fixed random vector of norm ``offset`` and ``ε`` Gaussian of
+    norm about ``noise``; the best map is linear."""
     from scipy.stats import ortho_group
 
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(identities), per_identity)
     old = rng.normal(size=(identities, dim))[labels] + spread * rng.normal(size=(len(labels), dim))
     old /= np.linalg.norm(old, axis=1, keepdims=True)
-    new = old @ ortho_group.rvs(dim, random_state=seed) + noise / np.sqrt(dim) * rng.normal(size=old.shape)
+    shift = rng.normal(size=dim)
+    new = old @ ortho_group.rvs(dim, random_state=seed) + offset * shift / np.linalg.norm(shift)
+    new += noise / np.sqrt(dim) * rng.normal(size=old.shape)
     return old.astype(np.float32), new.astype(np.float32), labels
 
 
 def heldout_figures(args):
     """Held-out fit of every kind on :func:`linear_problem` (FCT once per recipe of ``args.recipes``)."""
-    old, new, labels = linear_problem(args.identities, args.per_identity, args.dim, args.noise, seed=args.seed)
+    old, new, labels = linear_problem(args.identities, args.per_identity, args.dim, args.noise, args.offset,
+                                      seed=args.seed)
     figures = {}
     runs = [(kind, kind, {}) for kind in transforms.KINDS if kind != "fct"]
     runs += [("fct", f"fct {name}", RECIPES[name]) for name in args.recipes]
@@ -97,14 +101,15 @@ def main(argv=None):
     parser.add_argument("--identities", type=int, default=1400, help="identities of the linear problem")
     parser.add_argument("--per_identity", type=int, default=8, help="images per identity of the linear problem")
     parser.add_argument("--noise", type=float, default=0.22, help="noise of the linear problem's new features")
-    parser.add_argument("--recipes", nargs="+", default=["default", "no_skip"], choices=list(RECIPES),
+    parser.add_argument("--offset", type=float, default=0.0, help="norm of the linear problem's offset")
+    parser.add_argument("--recipes", nargs="*", default=["default", "no_skip"], choices=list(RECIPES),
                         help="FCT recipes of the linear problem")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.dim = args.dim or (128 if args.linear_problem else 512)
     require(min(args.dim, args.pairs, args.rows, args.fct_steps, args.identities, args.per_identity) >= 1,
             "all sizes must be at least 1")
-    require(args.noise >= 0, f"--noise must be 0 or more, got {args.noise}")
+    require(min(args.noise, args.offset) >= 0, "--noise and --offset must be 0 or more")
     figures = heldout_figures(args) if args.linear_problem else cost_figures(args)
     print(json.dumps(dict(vars(args), kinds=figures)))
 

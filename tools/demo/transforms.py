@@ -19,7 +19,8 @@ from tools.demo.commands import with_config
 from utils.errors import require
 from utils.scenarios import sd_name
 
-LABELS = {"linear": "linear", "procrustes": "Procrustes", "fct": "FCT (no side information)"}
+NAMES = {"linear": "linear", "procrustes": "Procrustes", "fct": "FCT"}
+LABELS = dict(NAMES, fct="FCT (no side information)")   # the table's rows: ml-fct's released configs use side information
 FCT_QUICK_STEPS = 200        # the quick profile's FCT budget (the full one: fit_transform's default recipe)
 TIMED_ROWS = 1 << 14                          # features transformed to time a kind (the gallery, repeated)
 TIMED_IMAGES = 1024                           # crops embedded to time a backfill
@@ -119,12 +120,12 @@ def cost_lines(cost):
                for kind, fits in cost["heldout"].items()}
     per = cost["seconds_per_million"]
     return ("\nUpgrade cost on this machine: transforming a stored gallery takes "
-            + ", ".join(f"{per[k]:.2f} s ({LABELS[k]})" for k in LABELS)
+            + ", ".join(f"{per[k]:.2f} s ({NAMES[k]})" for k in NAMES)
             + f" per million features; a backfill (re-embedding it with the new model, forward pass only) "
             f"{cost['backfill_seconds_per_million']:.0f} s per million images. Fitting (the stage, start-up included): "
-            + ", ".join((f"{cost['fit_seconds'][k]:.0f} s" if cost["fit_seconds"][k] else "reused") + f" ({LABELS[k]})"
-                        for k in LABELS) + ".\n"
+            + ", ".join((f"{cost['fit_seconds'][k]:.0f} s" if cost["fit_seconds"][k] else "reused") + f" ({NAMES[k]})"
+                        for k in NAMES) + ".\n"
             + "\nHeld-out fit of each transform on a fifth of the identities of the independent model's training "
             "split, kept out of its fit (mean cosine of h(old) and the new feature; MSE per coordinate): "
-            + ", ".join(f"{heldout[k]['cosine']:.3f} / {heldout[k]['mse']:.6f} ({LABELS[k]})" for k in LABELS)
+            + ", ".join(f"{heldout[k]['cosine']:.3f} / {heldout[k]['mse']:.6f} ({NAMES[k]})" for k in NAMES)
             + f"; predicting zero: MSE {heldout['linear']['zero_mse']:.6f}.\n")

@@ -80,20 +80,23 @@ def main(argv=None):
     fct = parser.add_argument_group("fct (defaults: the default recipe, or with --published ml-fct's)")
     fct.add_argument("--published", action="store_true", help="ml-fct's released recipe: no skip path, mixer 2048, "
                      "batch 1024, 80 epochs, 5 warm-up epochs, BatchNorm frozen for the second half, no early stop")
-    fct.add_argument("--steps", type=int, help="optimiser steps (default 2000)")
+    fct.add_argument("--steps", type=int, help=f"optimiser steps (default {transforms.FCT['steps']})")
     fct.add_argument("--epochs", type=int, help="passes over the training pairs instead of --steps (the schedule "
                                                 "then moves per epoch, --warmup in epochs)")
-    fct.add_argument("--warmup", type=int, help="linear warm-up steps (epochs with --epochs)")
-    fct.add_argument("--inner_dim", type=int, help="width of the mixer")
-    fct.add_argument("--batch_size", type=int, help="pairs per step")
-    fct.add_argument("--lr", type=float, help="Adam's learning rate (5e-4)")
-    fct.add_argument("--weight_decay", type=float, help="Adam's weight decay (2^-15)")
-    fct.add_argument("--freeze_batchnorm", type=float, help="last share of the run with BatchNorm in eval mode")
+    fct.add_argument("--warmup", type=int, help=f"linear warm-up steps (default {transforms.FCT['warmup']}; epochs with --epochs)")
+    fct.add_argument("--inner_dim", type=int, help=f"width of the mixer (default {transforms.FCT['inner_dim']})")
+    fct.add_argument("--batch_size", type=int, help=f"pairs per step (default {transforms.FCT['batch_size']})")
+    fct.add_argument("--lr", type=float, help=f"Adam's learning rate (default {transforms.FCT['lr']})")
+    fct.add_argument("--weight_decay", type=float, help=f"Adam's weight decay (default {transforms.FCT['weight_decay']})")
+    fct.add_argument("--freeze_batchnorm", type=float, help=f"last share of the run with BatchNorm in eval mode "
+                                                                f"(default {transforms.FCT['freeze_batchnorm']})")
     fct.add_argument("--skip", action=argparse.BooleanOptionalAction, default=None,
-                     help="add a skip path fixed at the least-squares map (the MLP learns the residual)")
+                     help="a skip path fixed at the least-squares map, the MLP learning the residual "
+                          "(default: on; --published: off)")
     fct.add_argument("--eval_every", type=int, help="steps between held-out checks (default: one pass)")
-    fct.add_argument("--patience", type=int, help="held-out checks without a lower loss before stopping; the best "
-                                                  "weights are kept (0: run the whole budget, keep the last)")
+    fct.add_argument("--patience", type=int, help=f"held-out checks without a lower loss before stopping; the best "
+                                                  f"weights are kept (default {transforms.FCT['patience']}; 0: run the "
+                                                  "whole budget, keep the last)")
     args = parser.parse_args(argv)
     require(0 < args.heldout < 1, f"--heldout must be a share between 0 and 1, got {args.heldout}")
     for name in ("steps", "epochs", "warmup", "inner_dim", "batch_size", "eval_every"):
