@@ -89,7 +89,7 @@ def main(argv=None):
     fct.add_argument("--lr", type=float, help=f"Adam's learning rate (default {transforms.FCT['lr']})")
     fct.add_argument("--weight_decay", type=float, help=f"Adam's weight decay (default {transforms.FCT['weight_decay']})")
     fct.add_argument("--freeze_batchnorm", type=float, help=f"last share of the run with BatchNorm in eval mode "
-                                                                f"(default {transforms.FCT['freeze_batchnorm']})")
+                                                            f"(default {transforms.FCT['freeze_batchnorm']})")
     fct.add_argument("--skip", action=argparse.BooleanOptionalAction, default=None,
                      help="a skip path fixed at the least-squares map, the MLP learning the residual "
                           "(default: on; --published: off)")
