@@ -246,7 +246,7 @@ def train_fct(old, new, rows=None, heldout_rows=None, seed=0, log=print, **recip
             stale += 1
         return 0 < recipe["patience"] <= stale
 
-    order, cursor, total = rng.permutation(rows), 0, 0.0
+    order, cursor, total, since = rng.permutation(rows), 0, 0.0, 0
     stop = check(0)
     for step in tqdm(range(steps), desc="fct", unit="step", mininterval=10, disable=stop):
         if stop:
@@ -263,13 +263,13 @@ def train_fct(old, new, rows=None, heldout_rows=None, seed=0, log=print, **recip
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        total += float(loss.detach())
+        total, since = total + float(loss.detach()), since + 1
         history["steps"] = step + 1
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             if heldout_rows is None:
                 log(f"fct step {step + 1}/{steps}: lr {optimiser.param_groups[0]['lr']:.2e}, "
-                    f"training mse {total / eval_every:.6f}")
-            total = 0.0
+                    f"training mse {total / since:.6f}")
+            total, since = 0.0, 0
             stop = check(step + 1)
     if best is not None and recipe["patience"] > 0:
         model.load_state_dict(best[1])
