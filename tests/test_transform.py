@@ -220,3 +220,16 @@ def test_fit_command_refuses_bad_options(tmp_path, options, message):
         fit_transform.main(["--old", str(tmp_path / "old_feature.npy"), "--new", str(tmp_path / "old_feature.npy"),
                             "--kind", "fct", "-o", str(tmp_path / "h.pt"), *options])
     assert not os.path.exists(tmp_path / "h.pt")
+
+
+def test_demo_cost_lines_average_the_heldout_fit_over_seeds():
+    from tools.demo.transforms import LABELS, cost_lines
+
+    fits = {kind: [{"cosine": 0.5 + i / 10, "mse": 0.002 + i / 1000, "zero_mse": 0.0078} for i in range(2)]
+            for kind in LABELS}
+    fits["fct"][1]["cosine"] = 0.9
+    text = cost_lines({"seconds_per_million": dict.fromkeys(LABELS, 1.0), "fit_seconds": dict.fromkeys(LABELS, 0),
+                       "backfill_seconds_per_million": 100.0, "heldout": fits})
+    assert "0.550 / 0.002500 (linear)" in text and "0.700 / 0.002500 (FCT)" in text
+    assert "predicting zero: MSE 0.007800" in text and "reused (FCT)" in text
+    assert LABELS["fct"] == "FCT (no side information)"
