@@ -135,13 +135,13 @@ def test_fct_defaults_reach_the_linear_fit_on_the_linear_problem():
     """The default recipe's held-out cosine is within 0.02 of the linear map's on new = rotation of old
     + noise, identities held out (a small version of bench_transform.py --linear_problem)."""
     old, new, labels = linear_problem(identities=150, per_identity=6, dim=32, noise=0.22)
-    _, figures = transforms.fit_measured("fct", old, new, labels, log=lambda _: None, steps=300)
+    _, figures = transforms.fit_measured("fct", old, new, labels, log=lambda _: None)
     assert figures["split"] == "identities" and figures["heldout_pairs"] == 30 * 6
     assert figures["linear_cosine"] > 0.9
     assert figures["cosine"] >= figures["linear_cosine"] - 0.02
     assert figures["zero_mse"] == pytest.approx(1 / 32, rel=1e-5)
     _, plain = transforms.fit_measured("fct", old, new, labels, log=lambda _: None, steps=300, skip=False)
-    assert plain["cosine"] < figures["cosine"]                   # the same budget without the skip path
+    assert plain["cosine"] < figures["linear_cosine"] - 0.02     # 300 steps without the skip path fall short
 
 
 def test_fct_early_stopping_keeps_the_best_weights():
