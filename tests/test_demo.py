@@ -56,7 +56,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert [(c["query"], c["order"]) for c in curves] == [(n, o) for n in (best, "independent") for o in ("random", "norm")]
     assert report["seconds"]["backfill"] > 0 and (out / "backfill.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    for label in ("linear", "Procrustes", "FCT"):      # forward compatibility: gallery transforms
+    for label in ("linear", "Procrustes", "FCT (no side information)"):      # forward compatibility: gallery transforms
         assert {(f"independent + {label}", "cross", m) for m in METRICS} <= seen
     assert set(report["transform_cost"]["seconds_per_million"]) == {"linear", "procrustes", "fct"}
     assert "per million features" in table

@@ -70,9 +70,8 @@ def run_pipeline(args):
     old_results = evaluated["old"][0]
     per_seed = [report.result_rows("old", old_results)]
     per_seed += [report.result_rows(name, evaluated[run][0], old_results) for name, run, _ in runs]
-    transformed, transform_cost = transforms.transform_paths(   # the independent model + gallery transforms
-        pipe, demo, out, evaluated["old"][1], os.path.join(out, "eval", "independent_cross_embs.npz"), "independent",
-        resamples, args.quick)
+    transformed, transform_cost = transforms.transform_paths(   # each seed's independent model + gallery transforms
+        pipe, demo, out, evaluated["old"][1], resamples, args.seeds, args.quick)
     per_seed += [report.result_rows(name, results, old_results) for name, results in transformed]
     rows = report.combine_seeds([row for rows in per_seed for row in rows])
     curves = write_backfill(pipe, rows, evaluated, demo, data, out, resamples)
