@@ -83,11 +83,15 @@ def test_pack_onnx_old_model_mixbct_transform_compat_eval(tmp_path):
     assert (model["candidate"], mapped["candidate"]) == ("mixbct queries → deployed gallery",
                                                          "mixbct queries → deployed + procrustes gallery")
     assert [f["metric"] for f in model["figures"]] == ["TAR@FAR=1e-1", "top1"]
-    assert [(c["order"], c["merge"]) for c in model["backfill"]["curves"]] == [("random", "plain"), ("norm", "plain")]
-    assert model["cost"]["reextraction_seconds_per_million_images"] > 0 and mapped["backfill"] is None
+    orders = [("random", "plain"), ("norm", "plain"), ("oracle", "plain")]
+    assert [(c["order"], c["merge"]) for c in model["backfill"]["curves"]] == orders
+    assert [(c["order"], c["merge"]) for c in mapped["backfill"]["curves"]] == orders    # FastFill: h(old) until re-extracted
+    assert model["backfill"]["order"] != "oracle" and mapped["backfill"]["order"] != "oracle"
+    assert model["cost"]["reextraction_seconds_per_million_images"] > 0
     assert mapped["cost"]["transform_seconds_per_million_features"] > 0
     backfill_answer = "never falls below the old system from" if model["backfill"]["from_fraction"] is not None \
         else "ends below the old system"
     decision = markdown[:markdown.index("Recommended path: ")]
     assert f"- mixbct queries → deployed gallery: **{model['answer']}** (" in decision and backfill_answer in decision
+    assert "FastFill (the mapped gallery re-extracted bit by bit): a background backfill " in decision
     assert "per million images" in decision and "per million features" in decision and "Why: " in markdown

@@ -195,6 +195,8 @@ def _detail(record):
         parts.append(f"self-test change against {record['self_test_reference']}: n/m")
     if record["kind"] == "model":
         parts.append(backfill_text(record["backfill"]) or "backfill not measured")
+    elif record["backfill"]:
+        parts.append("FastFill (the mapped gallery re-extracted bit by bit): " + backfill_text(record["backfill"]))
     cost = record["cost"]
     reextraction = cost["reextraction_seconds_per_million_images"]
     again = "re-extraction not measured" if reextraction is None else \

@@ -16,7 +16,7 @@ def decision_of(result):
     gallery without re-enrolment: per candidate the verdicts on the main metric and top-1 (paired
     intervals of the margins over the oldest self-test), the self-test change against ``--independent``,
     the backfill answer (:func:`decision.backfill_safety` of the curves of that candidate re-extracting the
-    oldest gallery), the cost (``result["cost"]``), and the recommended path (:func:`decision.decision_record`;
+    oldest gallery; for a transformed gallery its FastFill curves), the cost (``result["cost"]``), and the recommended path (:func:`decision.decision_record`;
     None without verdicts)."""
     names, metric = result["generations"], result["metric"]
     cell = {(c["query"], c["gallery"]): c for c in result["cells"]}
@@ -38,7 +38,7 @@ def decision_of(result):
         answers.append(decision.candidate(
             f"{v['generation']} queries → {v['earlier']} gallery", v["generation"],
             None if model else v["earlier"].split(" + ", 1)[-1], figures,
-            self_test, decision.backfill_safety(result.get("backfill"), v["generation"], old, judged) if model else None,
+            self_test, decision.backfill_safety(result.get("backfill"), v["generation"], old if model else v["earlier"], judged),
             None if model else cost.get("transform_seconds_per_million_features"), reextraction.get(v["generation"])))
     if not answers:
         return None
