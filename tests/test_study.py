@@ -112,3 +112,13 @@ def test_stored_evaluations_are_reused_only_when_fresh(tmp_path):
     os.utime(model, (stamp + 5, stamp + 5))                                                       # retrained since
     assert pipe._stored_results(str(tmp_path / "eval"), "run", str(model), str(old), 5) is None
     assert Pipeline(str(tmp_path), {}, True)._stored_results(str(tmp_path / "eval"), "run", str(model), None, 5) is None
+
+
+BAD_OPTIONS = [("--methods", "MixBCT,Foo", "--methods: unknown method 'Foo'"),
+               ("--seeds", "0", "--seeds must be at least 1, got 0")]
+
+
+@pytest.mark.parametrize("option, value, message", BAD_OPTIONS)
+def test_study_refuses_bad_options(tmp_path, option, value, message):
+    proc = python("tools/demo_study.py", "--study", "old_quality", "--quick", option, value, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists()

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs.demo.settings import PROFILES
-from tools.demo.study import METHODS, STUDIES, run_study
+from tools.demo.stages import METHODS
+from tools.demo.study import STUDIES, run_study
 from utils.errors import run_cli
 
 

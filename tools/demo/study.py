@@ -28,15 +28,14 @@ import re
 import shutil
 import time
 
-from configs.demo.settings import METHOD_FEATURES, Demo
+from configs.demo.settings import Demo
 from tools.demo import report
 from tools.demo.runner import Pipeline
-from tools.demo.stages import BOOTSTRAP, old_model_stages, train_and_evaluate, write_results
+from tools.demo.stages import BOOTSTRAP, check_options, old_model_stages, train_and_evaluate, write_results
 from utils.errors import require
 from utils.io import atomic_open
 from utils.scenarios import SCENARIOS
 
-METHODS = tuple(METHOD_FEATURES)
 STUDIES = ("old_quality", "denoise", "scenarios")
 # old_quality: the old model's (stem width, epochs), weak to strong; the middle one is the profile's
 OLD_LEVELS = {"full": ((4, 2), (8, 2), (12, 6)), "quick": ((4, 1), (8, 2), (12, 3))}
@@ -247,11 +246,8 @@ def differences(record, study):
 
 def run_study(args):
     """Every point of ``args.study``, then ``<out>/<study>/results.json``, ``results.md``, ``results.png``."""
-    require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
-    require(args.jobs >= 1, f"--jobs must be at least 1, got {args.jobs}")
-    require(args.bootstrap is None or args.bootstrap >= 0, f"--bootstrap must be 0 or more, got {args.bootstrap}")
-    for method in args.methods:
-        require(method in METHODS, f"--methods: unknown method '{method}' (expected some of {', '.join(METHODS)})")
+    args.generations = 2   # a study trains no third generation; the demo's checks of the other options apply
+    check_options(args)
     points = study_points(args.study, args.profile, args.methods)
     args.out, data = os.path.abspath(args.out), os.path.abspath(args.data)
     points_dir = os.path.join(args.out, "points")
