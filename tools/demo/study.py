@@ -246,7 +246,7 @@ def differences(record, study):
 
 def run_study(args):
     """Every point of ``args.study``, then ``<out>/<study>/results.json``, ``results.md``, ``results.png``."""
-    args.generations = 2   # a study trains no third generation; the demo's checks of the other options apply
+    args.generations, args.generation_method = 2, None   # no third generation; the demo's other checks apply
     check_options(args)
     points = study_points(args.study, args.profile, args.methods)
     args.out, data = os.path.abspath(args.out), os.path.abspath(args.data)
