@@ -20,6 +20,7 @@ def test_quick_old_quality_study_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "old_quality" / "results.json").read_text())
     assert results["study"] == "old_quality" and results["seeds"] == 1 and results["bootstrap"]["resamples"] == 10
+    assert results["complete"] and results["points_planned"] == 3
     names = [p["name"] for p in results["points"]]
     assert names == ["OPclass_old4x1", "OPclass_old8x2", "OPclass_old12x3"]   # weak to strong
     for point in results["points"]:

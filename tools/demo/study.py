@@ -263,19 +263,27 @@ def run_study(args):
         record["wall_seconds"] = round(time.time() - point_start, 1)
         records.append(record)
         print(f"[point {point.name}] done in {record['wall_seconds']:.0f} s", flush=True)
+        results = write_study(args, records, len(points), resamples, time.time() - started)
+    print("\n" + study_table(results))
+    print(f"study {args.study}: {os.path.join(args.out, args.study)}/results.md, results.json, results.png "
+          f"({results['wall_seconds']:.0f} s)")
+    return results
+
+
+def write_study(args, records, total_points, resamples, seconds):
+    """``<out>/<study>/results.json``, ``results.md`` and ``results.png`` of the points done so far
+    (rewritten after each point: a stopped study keeps its finished points, ``complete`` false)."""
     results = {"study": args.study, "profile": args.profile, "seeds": args.seeds, "methods": args.methods,
                "bootstrap": {"resamples": resamples, "level": 0.95, "unit": "subject"},
-               "wall_seconds": round(time.time() - started, 1), "points": records}
+               "wall_seconds": round(seconds, 1), "complete": len(records) == total_points,
+               "points_planned": total_points, "points": records}
     folder = os.path.join(args.out, args.study)
     os.makedirs(folder, exist_ok=True)
-    table = study_table(results)
     with atomic_open(os.path.join(folder, "results.json")) as handle:
         json.dump(results, handle, indent=1)
     with atomic_open(os.path.join(folder, "results.md")) as handle:
-        handle.write(table)
+        handle.write(study_table(results))
     plot_study(results, os.path.join(folder, "results.png"))
-    print("\n" + table)
-    print(f"study {args.study}: {folder}/results.md, results.json, results.png ({results['wall_seconds']:.0f} s)")
     return results
 
 
@@ -301,7 +309,10 @@ def study_table(results):
              f"Profile {results['profile']}; IJB-C-style synthetic evaluation; value [95 % subject-bootstrap "
              f"percentile interval] ({results['bootstrap']['resamples']} resamples); "
              + (f"mean over {seeds} seeds of the new models; " if seeds > 1 else "one seed; ")
-             + f"wall time {results['wall_seconds']:.0f} s.", "",
+             + f"wall time {results['wall_seconds']:.0f} s"
+             + ("." if results["complete"] else
+                f"; **{len(results['points'])} of {results['points_planned']} points done** (the study was stopped)."),
+             "",
              "margin: cross-test − old self-test (paired interval; compatible above 0, not compatible below, "
              "undecided containing 0). self − independent: the model's self-test minus the independent model's "
              "(paired). loss: the last logged classification loss (mean of the last logged steps), beside "
