@@ -311,7 +311,7 @@ def study_table(results):
              + (f"mean over {seeds} seeds of the new models; " if seeds > 1 else "one seed; ")
              + f"wall time {results['wall_seconds']:.0f} s"
              + ("." if results["complete"] else
-                f"; **{len(results['points'])} of {results['points_planned']} points done** (the study was stopped)."),
+                f"; **{len(results['points'])} of {results['points_planned']} points done** (the others not yet run)."),
              "",
              "margin: cross-test − old self-test (paired interval; compatible above 0, not compatible below, "
              "undecided containing 0). self − independent: the model's self-test minus the independent model's "
