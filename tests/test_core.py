@@ -102,6 +102,15 @@ def test_poly_schedule_values():
     assert lr_multiplier(55, 100, warmup_steps=10) == pytest.approx(0.25)
 
 
+def test_warmup_starts_at_one_step_of_w():
+    """Ours: step k of w warm-up steps at (k + 1)/w, so step 0 at 1/w and step w − 1 at the full rate (the
+    published k/w starts at 0; docs/methods.md, differences row 17)."""
+    w = 8
+    assert lr_multiplier(0, 100, warmup_steps=w) == pytest.approx(1 / w)
+    assert lr_multiplier(w - 1, 100, warmup_steps=w) == 1.0
+    assert lr_multiplier(w, 100, warmup_steps=w) == 1.0   # the decay starts from the full rate
+
+
 def test_step_schedule_values():
     kw = dict(total_steps=400, schedule="step", steps_per_epoch=10, lr_steps=(20, 26, 32))
     assert lr_multiplier(199, **kw) == 1.0

@@ -70,6 +70,24 @@ def test_mixbct_replaces_exactly_k_credible_rows():
     assert bool((picks.float().mean(0)[credible] > 0.25).all())  # every credible row gets drawn
 
 
+def test_mixbct_draw_is_the_published_uniform_k_subset():
+    """With at least k credible rows every k-subset of them is drawn equally often (the published draw's
+    distribution); with fewer, all credible rows are taken where the published draw raises ValueError
+    (docs/methods.md, differences row 19)."""
+    credible = torch.tensor([True, False, True, True, False, True, True])   # 5 credible rows: C(5, 2) = 10 pairs
+    draws = 3000
+    counts = {}
+    for seed in range(draws):
+        chosen = choose_mixed(credible, 2, torch.Generator().manual_seed(seed))
+        key = tuple(torch.nonzero(chosen).flatten().tolist())
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == math.comb(5, 2) and all(all(credible[i] for i in pair) for pair in counts)
+    expected = draws / len(counts)
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 27.9   # the 0.001 quantile of chi-square with 9 degrees of freedom
+    assert torch.equal(choose_mixed(credible, 6, torch.Generator().manual_seed(0)), credible)
+
+
 def test_mix_embeddings_rows_and_gradients():
     embeddings = torch.randn(4, 3, requires_grad=True)
     chosen = torch.tensor([False, True, False, True])

@@ -178,6 +178,21 @@ def test_hand_computed_cross_entropy():
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
 
 
+def test_loss_beyond_the_published_log_cap_is_exact():
+    """A sample whose target probability is e^-100: the loss is the exact 100 (the published code logs
+    −log 1e-30 = 69.08 for it; docs/methods.md, differences row 18) and the gradient is softmax − one-hot."""
+    pfc = PartialFC(None, 2, 2)
+    with torch.no_grad():
+        pfc.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    emb = torch.tensor([[100.0, 0.0]], requires_grad=True)
+    loss = pfc(emb, torch.tensor([0]))   # logits [0, 100], target 0
+    assert loss.item() == pytest.approx(100.0, abs=1e-4) and loss.item() > -math.log(1e-30)
+    loss.backward()
+    # dL/dz = [p0 − 1, p1] = [−1, 1] (to e^-100); dz/dx = W, so dL/dx = W1 − W0
+    torch.testing.assert_close(emb.grad, torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(pfc.weight.grad, torch.tensor([[-100.0, 0.0], [100.0, 0.0]]))
+
+
 def test_plain_softmax_equals_linear_cross_entropy():
     torch.manual_seed(0)
     pfc = PartialFC(None, 8, 10)

@@ -1,5 +1,6 @@
 """The demo's stage runner: :class:`Pipeline` runs each stage as a subprocess with its own log, and evaluates models in process."""
 import contextlib
+import json
 import os
 import shlex
 import subprocess
@@ -13,10 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class Pipeline:
-    """Runs stages in order, one log file each, timing them; ``--reuse`` skips finished stages."""
+    """Runs stages in order, one log file each, timing them; ``--reuse`` skips finished stages.
 
-    def __init__(self, out, env, reuse, input_size=None):
+    ``reuse_evaluations`` (the studies): :meth:`evaluate` also reads back a model's stored results
+    when all of them are newer than the model and the old embeddings and hold the same resamples.
+    """
+
+    def __init__(self, out, env, reuse, input_size=None, reuse_evaluations=False):
         self.out, self.env, self.reuse, self.input_size = out, env, reuse, input_size
+        self.reuse_evaluations = reuse_evaluations
         self.seconds = {}
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
@@ -86,6 +92,11 @@ class Pipeline:
         folder = os.path.join(self.out, "eval")
         os.makedirs(folder, exist_ok=True)
         stage, log = f"eval_{name}", os.path.join(self.logs, f"eval_{name}.log")
+        stored = self._stored_results(folder, name, model, old_embeddings, resamples)
+        if stored is not None:
+            print(f"[{stage}] reused ({os.path.relpath(folder, ROOT)}/{name}_*.json)", flush=True)
+            self.seconds[stage] = 0.0
+            return stored
         print(f"[{stage}] running … (log: {os.path.relpath(log, ROOT)})", flush=True)
         start = time.time()
         options = dict(data_path=data, resamples=resamples)
@@ -112,6 +123,26 @@ class Pipeline:
         self.seconds[stage] = round(time.time() - start, 1)
         print(f"[{stage}] done in {self.seconds[stage]:.1f} s", flush=True)
         return results, first
+
+    def _stored_results(self, folder, name, model, old_embeddings, resamples):
+        """:meth:`evaluate`'s return value read from the result files of an earlier call, or None unless
+        evaluations are reused and every file is there, newer than its inputs and of ``resamples``."""
+        if not self.reuse_evaluations:
+            return None
+        tests = [("self", "11"), ("self", "1N")] + ([("cross", "11"), ("cross", "1N")] if old_embeddings else [])
+        stems = [(test, os.path.join(folder, f"{name}_{test}_{tag}")) for test, tag in tests]
+        inputs = [p for p in (model, old_embeddings) if p is not None]
+        if not all(os.path.exists(stem + ".json") and os.path.exists(stem + ".npz") for _, stem in stems) or \
+                min(os.path.getmtime(stem + ".json") for _, stem in stems) < max(map(os.path.getmtime, inputs)):
+            return None
+        results = []
+        for test, stem in stems:
+            with open(stem + ".json") as handle:
+                result = json.load(handle)
+            if result.get("bootstrap", {}).get("resamples", 0) != resamples:
+                return None
+            results.append((test, result, stem + ".npz"))
+        return results, stems[0][1] + ".npz"
 
 
 @contextlib.contextmanager

@@ -133,10 +133,11 @@ def old_model_stages(pipe, demo, data, out, scenario):
     return old_model
 
 
-def train_and_evaluate(pipe, demo, data, out, old_model, runs, jobs, resamples):
+def train_and_evaluate(pipe, demo, data, out, old_model, runs, jobs, resamples, extra=None):
     """Train every new model of ``runs`` (``(config name, run name, seed index)``), ``jobs`` at a time,
     and evaluate the old model and each new one (:meth:`Pipeline.evaluate`); returns ``{run: (results,
-    embeddings file)}``, the old model under ``"old"``."""
+    embeddings file)}``, the old model under ``"old"``. ``extra``: ``{run: keys}`` set over a run's
+    demo config (a study's variants; ``output`` must then be ``<out>/<run>``)."""
     models = [("old", old_model, demo.OLD_NETWORK, demo.OLD_WIDTH)]
     models += [(run, os.path.join(out, run, "model.pt"), demo.NEW_NETWORK, demo.NEW_WIDTH) for _, run, _ in runs]
     evaluated = {}
@@ -155,7 +156,8 @@ def train_and_evaluate(pipe, demo, data, out, old_model, runs, jobs, resamples):
         return True
 
     # the models are evaluated in this process as soon as the last round of training leaves a core free
-    pipe.parallel([(f"train_{run}", train_command(demo.seeded(k), name), [os.path.join(out, run, "model.pt")])
+    pipe.parallel([(f"train_{run}", train_command(demo.seeded(k), name, (extra or {}).get(run)),
+                    [os.path.join(out, run, "model.pt")])
                    for name, run, k in runs], jobs=jobs, idle_work=evaluate_next)
     while evaluate_next(set(pipe.seconds)):
         pass
