@@ -103,7 +103,8 @@ def main():
     demo = Demo(args.profile, data, out, report["scenario"], **report["sizes"])
 
     folder = os.path.join(out, "switches")
-    pipe = Pipeline(folder, dict(os.environ, PYTHONUNBUFFERED="1"), args.reuse, demo.INPUT_SIZE)
+    pipe = Pipeline(folder, dict(os.environ, PYTHONUNBUFFERED="1"), args.reuse, demo.INPUT_SIZE,
+                    reuse_evaluations=args.reuse)
     mask = None
     if "6" in tags:   # the published features, denoised without column normalisation, in a folder of their own
         features = os.path.join(folder, "feature_no_column_norm")

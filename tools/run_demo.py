@@ -40,7 +40,9 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "demo"))
     parser.add_argument("--data", default=None, help="synthetic data folder (default: dataset/synthetic, "
                                                      "dataset/synthetic_quick with --quick)")
-    parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs exist")
+    parser.add_argument("--reuse", action="store_true",
+                        help="skip stages whose outputs exist (a model's evaluation too, when its result files are "
+                             "newer than the model and hold the same resamples)")
     parser.add_argument("--seeds", type=int, default=1, help="train every new model with K seeds (mean ± sd)")
     parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
                         help=f"subject resamples of the 95 %% intervals (default {BOOTSTRAP['full']}, "

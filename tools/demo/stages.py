@@ -61,7 +61,8 @@ def run_pipeline(args):
     demo = settings(args, data, out)
     os.environ.setdefault("BCT_CACHE_DIR", os.path.join(out, "cache"))   # resume caches of the stages
     resamples = BOOTSTRAP["quick" if args.quick else "full"] if args.bootstrap is None else args.bootstrap
-    pipe = Pipeline(out, dict(os.environ, PYTHONUNBUFFERED="1"), args.reuse, demo.INPUT_SIZE)
+    pipe = Pipeline(out, dict(os.environ, PYTHONUNBUFFERED="1"), args.reuse, demo.INPUT_SIZE,
+                    reuse_evaluations=args.reuse)
     started = time.time()
 
     old_model = old_model_stages(pipe, demo, data, out, args.scenario)
