@@ -406,15 +406,17 @@ def open_set_accepts(search, fpir, weights):
     return search.correct & (search.score > threshold), best > threshold
 
 
-def open_set_flips(old_search, new_search, fpir=FLIP_FPIR, weights=None):
+def open_set_flips(old_search, new_search, fpir=FLIP_FPIR, weights=None, before=None):
     """Open-set 1:N flips at ``fpir``, each system at its own threshold: ``negative_flips_open_mated``
     (mated probes identified by the old system and missed after: newly rejected or misidentified) and
     ``positive_flips_open_mated`` (the reverse), over the mated probes; ``negative_flips_open_nonmated``
     (non-mated probes silent before and raising an alarm after) and ``positive_flips_open_nonmated``
-    (the reverse), over the non-mated probes. ``weights``: each probe's multiplicity (default once)."""
+    (the reverse), over the non-mated probes. ``weights``: each probe's multiplicity (default once);
+    ``before``: the old system's :func:`open_set_accepts` at these weights when already made (a curve's
+    points share it)."""
     weights = np.ones(len(old_search.mated), np.int64) if weights is None else np.asarray(weights, np.int64)
-    (mated_before, alarm_before), (mated_after, alarm_after) = (open_set_accepts(s, fpir, weights)
-                                                                for s in (old_search, new_search))
+    mated_before, alarm_before = open_set_accepts(old_search, fpir, weights) if before is None else before
+    mated_after, alarm_after = open_set_accepts(new_search, fpir, weights)
     on_mated, on_nonmated = weights[old_search.mated], weights[~old_search.mated]
     every_mated, every_nonmated = np.ones(len(on_mated), bool), np.ones(len(on_nonmated), bool)
     return {"negative_flips_open_mated": _share(mated_before & ~mated_after, every_mated, on_mated),
@@ -503,6 +505,9 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
     pair_weights = [] if counts is None else [bootstrap.pair_weights(row, labels[protocol.first], labels[protocol.second])
                                               for row in counts]
     before = acceptance(protocol.genuine, old_scores, far, counts is not None)
+    probe_weights = [] if counts is None else [np.asarray(row[probe_labels], np.int64) for row in counts]
+    open_before = open_set_accepts(old_search, FLIP_FPIR, np.ones(len(probe_labels), np.int64))
+    open_before_reps = [open_set_accepts(old_search, FLIP_FPIR, w) for w in probe_weights]
     for k, (scores, found) in enumerate(outcomes):
         point_figures, replicates = protocol.figures(scores, found, counts) if figures is None else figures[k]
         for name in point_figures:
@@ -511,10 +516,11 @@ def backfill_curve(protocol, old, new, order, counts=None, merge="plain", far=1e
                 reps.setdefault(name, []).append(replicates[name])
         point, point_reps = pair_flips(protocol.genuine, old_scores, scores, far, pair_weights, before)
         point.update(top1_flips(old_search, found))
-        point.update(open_set_flips(old_search, found))
+        point.update(open_set_flips(old_search, found, before=open_before))
         if counts is not None:
             resampled = [{**top1_flips(old_search, found, row[mated]),
-                          **open_set_flips(old_search, found, weights=row[probe_labels])} for row in counts]
+                          **open_set_flips(old_search, found, weights=w, before=b)}
+                         for row, w, b in zip(counts, probe_weights, open_before_reps)]
             point_reps.update({key: np.array([r[key] for r in resampled]) for key in TOP1_FLIPS + OPEN_FLIPS})
         for key in flips:
             flips[key].append(point[key])
